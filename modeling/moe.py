@@ -1,0 +1,242 @@
+# Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
+"""Mixture-of-experts building blocks shared by every hf-moe model family.
+
+This file travels to the Hub next to the model code (``trust_remote_code``): it imports only torch and
+transformers. It mirrors transformers' Mixtral MoE (router, packed experts, sparse block, balance loss)
+with the pieces our families need on top: bias-carrying non-gated experts (the CLIP MLP), expert
+dropout, a switch to turn off top-k renormalisation, and the balance loss computed over the tokens
+of all MoE layers of a tower at once, padding excluded.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+
+
+@dataclass(kw_only=True)
+class MoEConfigFields:
+    """Mixture-of-experts fields shared by the configs of every hf-moe family (mixed into them).
+
+    Args:
+        num_local_experts (`int`, defaults to 4): Experts per MoE layer.
+        num_experts_per_tok (`int`, defaults to 2): Experts each token is routed to (top-k).
+        moe_layers (`int` or `list[int]`, *optional*): Which blocks are MoE. `None`: all of them (the
+            CLIP-MoE paper); an `int` n: the last n blocks; a list: those block indices.
+        norm_topk_prob (`bool`, defaults to `True`): Renormalise the k routing weights to sum to 1.
+        router_jitter_noise (`float`, defaults to 0.0): Multiplicative uniform noise on the router input,
+            in training only.
+        expert_dropout (`float`, defaults to 0.0): Dropout inside each expert, after the activation.
+        router_aux_loss_coef (`float`, defaults to 0.01): Weight of the balance loss in the training loss.
+        router_z_loss_coef (`float`, defaults to 0.0): Weight of the router z-loss (off by default).
+        output_router_logits (`bool`, defaults to `False`): Return the router logits (and the aux loss).
+    """
+
+    num_local_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_layers: int | list[int] | None = None
+    norm_topk_prob: bool = True
+    router_jitter_noise: float = 0.0
+    expert_dropout: float = 0.0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    output_router_logits: bool = False
+
+    def validate_moe(self):
+        """Raise a `ValueError` naming the offending field when the MoE fields are inconsistent."""
+        if self.num_local_experts < 1:
+            raise ValueError(f"num_local_experts must be at least 1, got {self.num_local_experts}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok (top-k) must be between 1 and num_local_experts={self.num_local_experts}, "
+                f"got {self.num_experts_per_tok}."
+            )
+        self.moe_layer_indices()  # validates moe_layers
+
+    def moe_layer_indices(self) -> list[int]:
+        """The indices of the MoE blocks, resolved from `moe_layers`."""
+        num_layers = self.num_hidden_layers
+        if self.moe_layers is None:
+            return list(range(num_layers))
+        if isinstance(self.moe_layers, int):
+            if not 0 <= self.moe_layers <= num_layers:
+                raise ValueError(f"moe_layers={self.moe_layers} must be between 0 and num_hidden_layers={num_layers}.")
+            return list(range(num_layers - self.moe_layers, num_layers))
+        bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"moe_layers holds block indices {bad} outside [0, {num_layers}).")
+        return sorted(set(self.moe_layers))
+
+
+MOE_FIELD_NAMES = [name for name in MoEConfigFields.__dataclass_fields__ if name != "moe_layers"]
+
+
+class MoETopKRouter(nn.Module):
+    """Bias-free linear router: fp32 softmax over all experts, top-k, optional renormalisation."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        # Routing decisions are made in fp32 whatever the model dtype: bf16 logits flip top-k choices.
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            router_logits = F.linear(hidden_states.float(), self.weight.float())  # (num_tokens, num_experts)
+        router_probs = router_logits.softmax(dim=-1)
+        router_scores, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (num_tokens, top_k)
+        if self.norm_topk_prob:
+            router_scores = router_scores / router_scores.sum(dim=-1, keepdim=True)
+        return router_logits, router_scores, router_indices
+
+
+class ActivationWithDropout(nn.Module):
+    """The expert's activation followed by dropout, so every experts implementation applies both."""
+
+    def __init__(self, hidden_act: str, dropout: float):
+        super().__init__()
+        self.act = ACT2FN[hidden_act]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.act(hidden_states))
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class MoEMLPExperts(nn.Module):
+    """Non-gated two-layer MLP experts with biases (the CLIP / ViT MLP), packed as 3-D parameters."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
+        self.up_proj_bias = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+        self.act_fn = ActivationWithDropout(config.hidden_act, getattr(config, "expert_dropout", 0.0))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, top_k, T)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current = F.linear(hidden_states[token_idx], self.up_proj[expert_idx], self.up_proj_bias[expert_idx])
+            current = self.act_fn(current)
+            current = F.linear(current, self.down_proj[expert_idx], self.down_proj_bias[expert_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class MoESparseBlock(nn.Module):
+    """Route every token to its top-k experts and sum their weighted outputs."""
+
+    def __init__(self, config, experts_class: type[nn.Module] = MoEMLPExperts):
+        super().__init__()
+        self.jitter_noise = config.router_jitter_noise
+        self.router = MoETopKRouter(config)
+        self.experts = experts_class(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, input_shape[-1])  # (num_tokens, hidden)
+        router_input = hidden_states
+        if self.training and self.jitter_noise > 0:
+            # Switch-Transformer jitter: perturbs the routing decision only, not what the experts see.
+            router_input = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+        _, top_k_weights, top_k_index = self.router(router_input)
+        hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
+        return hidden_states.reshape(input_shape)
+
+
+def _token_mask(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask repeated once per MoE layer, as a float column aligned with the concatenated logits."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.reshape(-1).to(router_logits[0].device, torch.float32)
+    return mask.repeat(len(router_logits))
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...] | None,
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | int:
+    """Switch/Mixtral balance loss over the tokens of all MoE layers of a tower together.
+
+    With p = softmax(logits), f[e] = share of (token, choice) slots routed to e summed over the k choices and
+    P[e] = mean router probability of e, the loss is ``num_experts * sum_e f[e] * P[e]`` (= k when balanced).
+
+    Args:
+        router_logits: one `(batch_size * sequence_length, num_experts)` tensor per MoE layer.
+        attention_mask: `(batch_size, sequence_length)`; tokens where it is 0 (padding) are excluded.
+    """
+    if not router_logits:
+        return 0
+    logits = torch.cat([layer.to(router_logits[0].device) for layer in router_logits]).float()  # (L * T, E)
+    probs = logits.softmax(dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices  # (L * T, k)
+    choices = F.one_hot(selected, num_experts).sum(dim=1).float()  # (L * T, E)
+    mask = _token_mask(router_logits, attention_mask)
+    if mask is None:
+        tokens_per_expert = choices.mean(dim=0)
+        router_prob_per_expert = probs.mean(dim=0)
+    else:
+        total = mask.sum()
+        tokens_per_expert = (choices * mask[:, None]).sum(dim=0) / total
+        router_prob_per_expert = (probs * mask[:, None]).sum(dim=0) / total
+    return num_experts * torch.sum(tokens_per_expert * router_prob_per_expert)
+
+
+def router_z_loss(
+    router_logits: tuple[torch.Tensor, ...] | None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor | int:
+    """ST-MoE router z-loss: mean over (non-padding) tokens of logsumexp(logits)^2."""
+    if not router_logits:
+        return 0
+    logits = torch.cat([layer.to(router_logits[0].device) for layer in router_logits]).float()
+    z = torch.logsumexp(logits, dim=-1) ** 2
+    mask = _token_mask(router_logits, attention_mask)
+    return z.mean() if mask is None else (z * mask).sum() / mask.sum()
+
+
+def expert_load(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-layer fraction of routing slots each expert received: `(num_layers, num_experts)`, rows sum to 1."""
+    loads = []
+    for layer in router_logits:
+        choices = F.one_hot(layer.topk(top_k, dim=-1).indices, layer.shape[-1]).sum(dim=1).float()
+        if attention_mask is not None:
+            choices = choices * attention_mask.reshape(-1, 1).to(choices)
+        loads.append(choices.sum(dim=0) / choices.sum().clamp(min=1))
+    return torch.stack(loads)
+
+
+__all__ = [
+    "MOE_FIELD_NAMES",
+    "MoEConfigFields",
+    "MoEMLPExperts",
+    "MoESparseBlock",
+    "MoETopKRouter",
+    "expert_load",
+    "load_balancing_loss",
+    "router_z_loss",
+]
