@@ -1,0 +1,4 @@
+"""Converters that build hf-moe models from existing checkpoints (dense upcycling, official releases)."""
+
+from .convert_clip_moe_original import convert_clip_moe_original
+from .upcycle_clip import upcycle_clip

@@ -1,0 +1,189 @@
+"""Build a CLIPMoEModel from dense CLIP checkpoints.
+
+* One base: sparse upcycling. Every expert is a copy of the dense MLP of its block; the routers start
+  small and random, so the MoE computes exactly the dense function until the routers are trained.
+* N bases (for example the N stage checkpoints of MCL): expert i of every MoE block is the MLP of base i.
+  The bases must agree on every other weight (MCL trains only MLPs); otherwise we refuse and name the
+  tensors that differ.
+
+    hf-moe upcycle-clip openai/clip-vit-large-patch14 --num_experts 4 --top_k 2 --output_dir clip-moe
+    hf-moe upcycle-clip mcl/stage0 mcl/stage1 mcl/stage2 mcl/stage3 --top_k 2 --long_text --output_dir clip-moe
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor, CLIPConfig, CLIPModel
+from transformers.utils import logging
+
+from ..fileio import atomic_output_dir, check_output_dir
+from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
+from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
+
+
+logger = logging.get_logger(__name__)
+
+# `text_model.encoder.layers.3.mlp.fc1.weight` -> packed expert parameter `...layers.3.mlp.experts.up_proj`
+DENSE_MLP_KEY = re.compile(r"^(?P<tower>text_model|vision_model)\.encoder\.layers\.(?P<layer>\d+)\.mlp\.(?P<param>fc[12]\.(weight|bias))$")
+EXPERT_PARAM = {"fc1.weight": "up_proj", "fc1.bias": "up_proj_bias", "fc2.weight": "down_proj", "fc2.bias": "down_proj_bias"}
+TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
+
+
+def load_dense_clip(base: str | Path) -> CLIPModel:
+    """Load a dense `CLIPModel` from a Hub id or a local folder, with an error that names `base` on failure."""
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except Exception as err:
+        raise OSError(f"Could not read a model config from '{base}': {err}") from err
+    if not isinstance(config, CLIPConfig):
+        raise ValueError(f"'{base}' is a '{config.model_type}' model; upcycling needs a dense CLIP (model_type 'clip').")
+    try:
+        return CLIPModel.from_pretrained(base, config=config)
+    except Exception as err:
+        raise OSError(f"Could not load the CLIP weights of '{base}' (missing or corrupt checkpoint?): {err}") from err
+
+
+def clip_moe_config_from_dense(
+    dense_config: CLIPConfig, text_moe_layers=None, vision_moe_layers=None, **moe_kwargs
+) -> CLIPMoEConfig:
+    """A CLIPMoEConfig with the architecture of `dense_config`, the given MoE fields and, per tower, which
+    blocks are MoE (`None`: all; an int n: the last n; a list: those indices)."""
+
+    def tower(sub_config, moe_layers):
+        fields = sub_config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "dtype"):
+            fields.pop(key, None)
+        return {**fields, "moe_layers": moe_layers}
+
+    return CLIPMoEConfig(
+        text_config=tower(dense_config.text_config, text_moe_layers),
+        vision_config=tower(dense_config.vision_config, vision_moe_layers),
+        projection_dim=dense_config.projection_dim,
+        logit_scale_init_value=dense_config.logit_scale_init_value,
+        initializer_factor=dense_config.initializer_factor,
+        **moe_kwargs,
+    )
+
+
+def differing_shared_tensors(state_dicts: list[dict[str, torch.Tensor]], names: list[str]) -> list[str]:
+    """Describe every non-MLP tensor that is not identical across the bases (empty when they all agree)."""
+    reference, problems = state_dicts[0], []
+    for other, name in zip(state_dicts[1:], names[1:]):
+        if other.keys() != reference.keys():
+            missing = sorted(reference.keys() - other.keys())[:5]
+            extra = sorted(other.keys() - reference.keys())[:5]
+            problems.append(f"{name}: different parameters (missing {missing}, extra {extra})")
+            continue
+        for key, tensor in reference.items():
+            if other[key].shape != tensor.shape:
+                problems.append(f"{key}: shape {tuple(other[key].shape)} in {name} vs {tuple(tensor.shape)} in {names[0]}")
+            elif not DENSE_MLP_KEY.match(key) and not torch.equal(other[key], tensor):
+                problems.append(f"{key} differs between {names[0]} and {name}")
+    return problems
+
+
+def upcycle_state_dict(config: CLIPMoEConfig, expert_state_dicts: list[dict[str, torch.Tensor]]) -> dict:
+    """The CLIPMoEModel state dict (routers excepted): shared weights from the first dense state dict, expert i
+    of every MoE block from the MLP of dense state dict i, text positions stretched for Long-CLIP."""
+    moe_layers = {
+        "text_model": set(config.text_config.moe_layer_indices()),
+        "vision_model": set(config.vision_config.moe_layer_indices()),
+    }
+    state_dict = {}
+    for key, tensor in expert_state_dicts[0].items():
+        match = DENSE_MLP_KEY.match(key)
+        if match and int(match["layer"]) in moe_layers[match["tower"]]:
+            packed = f"{key.rsplit('.mlp.', 1)[0]}.mlp.experts.{EXPERT_PARAM[match['param']]}"
+            state_dict[packed] = torch.stack([sd[key] for sd in expert_state_dicts])
+        else:
+            state_dict[key] = tensor
+    positions = state_dict[TEXT_POSITIONS_KEY]
+    target = config.text_config.max_position_embeddings
+    if positions.shape[0] != target:
+        if (positions.shape[0], target) != (CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH):
+            raise ValueError(f"{TEXT_POSITIONS_KEY} has {positions.shape[0]} positions; cannot make {target}.")
+        state_dict[TEXT_POSITIONS_KEY] = stretch_text_positions(positions)
+    return state_dict
+
+
+def upcycle_clip(
+    bases: list[str | Path] | str | Path,
+    output_dir: str | Path,
+    num_experts: int | None = None,
+    top_k: int = 2,
+    long_text: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    **moe_kwargs,
+) -> CLIPMoEModel:
+    """Upcycle one or several dense CLIP checkpoints into a CLIPMoEModel saved in `output_dir`.
+
+    Args:
+        bases: Hub ids or local folders of `CLIPModel`s. One base: every expert copies its MLP (sparse
+            upcycling). Several: expert i comes from base i, all other weights must be identical.
+        output_dir: Where the model, its remote code and the base's processor files are written
+            (atomically: nothing is left behind on error).
+        num_experts: Experts per MoE block; required for one base, defaults to the number of bases.
+        top_k: Experts per token.
+        long_text: Stretch the text positions 77 -> 248 as Long-CLIP does.
+        seed: Seed of the random router initialisation.
+        moe_kwargs: Further `CLIPMoEConfig` fields (`expert_dropout`, `router_aux_loss_coef`, ...) and
+            per-tower `moe_layers` as `text_moe_layers` / `vision_moe_layers`.
+
+    Returns:
+        The upcycled model (also saved in `output_dir`).
+    """
+    bases = [bases] if isinstance(bases, (str, Path)) else list(bases)
+    if not bases:
+        raise ValueError("upcycle_clip needs at least one base checkpoint.")
+    if len(bases) == 1 and num_experts is None:
+        raise ValueError("num_experts is required when upcycling a single base (sparse upcycling).")
+    if len(bases) > 1 and num_experts not in (None, len(bases)):
+        raise ValueError(f"num_experts={num_experts} but {len(bases)} bases were given: expert i comes from base i.")
+    num_experts = num_experts or len(bases)
+    check_output_dir(output_dir, overwrite)
+
+    dense_models = [load_dense_clip(base) for base in bases]
+    config = clip_moe_config_from_dense(
+        dense_models[0].config,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        long_text=long_text,
+        **moe_kwargs,
+    )
+    state_dicts = [model.state_dict() for model in dense_models]
+    problems = differing_shared_tensors(state_dicts, [str(base) for base in bases])
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"The bases must share every non-MLP weight, but:\n  {shown}{more}")
+    expert_state_dicts = state_dicts if len(bases) > 1 else state_dicts * num_experts
+
+    dtype = next(dense_models[0].parameters()).dtype
+    torch.manual_seed(seed)
+    model = CLIPMoEModel(config)
+    missing, unexpected = model.load_state_dict(upcycle_state_dict(config, expert_state_dicts), strict=False)
+    not_routers = [key for key in missing if not key.endswith(".mlp.router.weight")]
+    if not_routers or unexpected:
+        raise RuntimeError(f"Upcycled state dict does not fit CLIPMoEModel: missing {not_routers}, unexpected {unexpected}")
+    model = model.to(dtype).eval()
+    model.config.name_or_path = ""
+
+    processor = _load_processor(bases[0])
+    if processor is not None and long_text:
+        processor.tokenizer.model_max_length = LONG_CLIP_TEXT_LENGTH
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+    logger.info(f"Saved a {num_experts}-expert top-{top_k} CLIP-MoE from {len(bases)} base(s) to {output_dir}")
+    return model
+
+
+def _load_processor(base: str | Path):
+    try:
+        return AutoProcessor.from_pretrained(base)
+    except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
+        logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
+        return None
