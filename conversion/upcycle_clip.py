@@ -32,6 +32,8 @@ TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
 
 def load_dense_clip(base: str | Path) -> CLIPModel:
     """Load a dense `CLIPModel` from a Hub id or a local folder, with an error that names `base` on failure."""
+    if str(base).startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
+        raise FileNotFoundError(f"Base checkpoint folder '{base}' does not exist.")
     try:
         config = AutoConfig.from_pretrained(base)
     except Exception as err:
@@ -141,7 +143,12 @@ def upcycle_clip(
         raise ValueError("num_experts is required when upcycling a single base (sparse upcycling).")
     if len(bases) > 1 and num_experts not in (None, len(bases)):
         raise ValueError(f"num_experts={num_experts} but {len(bases)} bases were given: expert i comes from base i.")
-    num_experts = num_experts or len(bases)
+    num_experts = len(bases) if num_experts is None else num_experts
+    # Checked before any checkpoint is loaded (the config checks again, for users who build one by hand).
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be at least 1, got {num_experts}.")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}.")
     check_output_dir(output_dir, overwrite)
 
     dense_models = [load_dense_clip(base) for base in bases]

@@ -88,11 +88,8 @@ class CLIPMoEConfig(CLIPConfig):
                 )
         for name in MOE_FIELD_NAMES:
             value = getattr(self, name)
-            if value is None:
-                setattr(self, name, getattr(self.text_config, name))
-            else:
-                setattr(self.text_config, name, value)
-                setattr(self.vision_config, name, value)
+            # Given: pushed into both towers (by __setattr__); not given: read from the text tower.
+            setattr(self, name, getattr(self.text_config, name) if value is None else value)
         if self.long_text:
             self.text_config.max_position_embeddings = LONG_CLIP_TEXT_LENGTH
         if not getattr(self, "auto_map", None):
@@ -102,6 +99,15 @@ class CLIPMoEConfig(CLIPConfig):
                 "AutoModel": "modeling_clip_moe.CLIPMoEModel",
                 "AutoModelForZeroShotImageClassification": "modeling_clip_moe.CLIPMoEModel",
             }
+
+    def __setattr__(self, name, value):
+        # A shared MoE field set on the joint config (also by `from_pretrained(..., expert_dropout=0.1)`)
+        # applies to both towers, which are what the modules read.
+        super().__setattr__(name, value)
+        if name in MOE_FIELD_NAMES and value is not None:
+            for tower in (getattr(self, "text_config", None), getattr(self, "vision_config", None)):
+                if isinstance(tower, MoEConfigFields):
+                    setattr(tower, name, value)
 
     def validate_moe(self):
         # The towers validated themselves; re-check after the shared fields were pushed into them.
