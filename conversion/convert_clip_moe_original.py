@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from ..fileio import atomic_output_dir, check_output_dir
+from ..fileio import check_output_dir
 from ..modeling import CLIPMoEModel
 from ..modeling.configuration_clip_moe import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_TEXT_LENGTH
-from .upcycle_clip import _load_processor, clip_moe_config_from_dense, load_dense_clip
+from .upcycle_clip import clip_moe_config_from_dense, load_dense_clip, save_with_processor
 
 
 logger = logging.get_logger(__name__)
@@ -183,12 +183,6 @@ def convert_clip_moe_original(
     model.load_state_dict(converted)
     model.eval()
 
-    processor = _load_processor(base)
-    if processor is not None:
-        processor.tokenizer.model_max_length = text_positions
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+    save_with_processor(model, base, output_dir, overwrite)
     logger.info(f"Converted {checkpoint} ({num_experts} experts, top-{top_k}) to {output_dir}")
     return model

@@ -177,20 +177,21 @@ def upcycle_clip(
     model = model.to(dtype).eval()
     model.config.name_or_path = ""
 
-    processor = _load_processor(bases[0])
-    if processor is not None and long_text:
-        processor.tokenizer.model_max_length = LONG_CLIP_TEXT_LENGTH
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+    save_with_processor(model, bases[0], output_dir, overwrite)
     logger.info(f"Saved a {num_experts}-expert top-{top_k} CLIP-MoE from {len(bases)} base(s) to {output_dir}")
     return model
 
 
-def _load_processor(base: str | Path):
+def save_with_processor(model: CLIPMoEModel, base: str | Path, output_dir: str | Path, overwrite: bool) -> None:
+    """Write `model` and the processor of `base` (its tokenizer truncating at the model's text length)
+    atomically to `output_dir`, so the folder is complete for `pipeline()` and the Hub."""
     try:
-        return AutoProcessor.from_pretrained(base)
+        processor = AutoProcessor.from_pretrained(base)
+        processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
     except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
         logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
-        return None
+        processor = None
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)

@@ -18,11 +18,13 @@ from transformers.models.clip.modeling_clip import (
     CLIPOutput,
     CLIPPreTrainedModel,
     CLIPTextEmbeddings,
+    CLIPTextModelOutput,
     CLIPVisionEmbeddings,
+    CLIPVisionModelOutput,
     _get_vector_norm,
     image_text_contrastive_loss,
 )
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -66,33 +68,23 @@ class CLIPMoEModelOutputWithPooling(BaseModelOutputWithPooling):
 
 
 @dataclass
-class CLIPMoETextModelOutput(ModelOutput):
+class CLIPMoETextModelOutput(CLIPTextModelOutput):
     r"""
-    text_embeds (`torch.FloatTensor` of shape `(batch_size, output_dim)`): The projected pooled output.
     aux_loss (`torch.FloatTensor`, *optional*): Balance loss of this tower (unscaled), with router logits.
     router_logits (`tuple(torch.FloatTensor)`, *optional*): Router logits per MoE block.
     """
 
-    text_embeds: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
-class CLIPMoEVisionModelOutput(ModelOutput):
+class CLIPMoEVisionModelOutput(CLIPVisionModelOutput):
     r"""
-    image_embeds (`torch.FloatTensor` of shape `(batch_size, output_dim)`): The projected pooled output.
     aux_loss (`torch.FloatTensor`, *optional*): Balance loss of this tower (unscaled), with router logits.
     router_logits (`tuple(torch.FloatTensor)`, *optional*): Router logits per MoE block.
     """
 
-    image_embeds: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
