@@ -42,7 +42,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import torch
@@ -361,7 +361,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     base = SHAPES[args.shape]
-    shape = Shape(**{**asdict(base), "batch_size": args.batch_size or base.batch_size, "dtype": args.dtype or base.dtype})
+    shape = replace(base, batch_size=args.batch_size or base.batch_size, dtype=args.dtype or base.dtype)
     device, dtype = torch.device(args.device), DTYPES[shape.dtype]
     torch.manual_seed(SEED)
 

@@ -6,7 +6,8 @@ fused `attn.in_proj_weight`, `(d, out)` projections, and Long-CLIP's split text 
 (`positional_embedding` for positions < 20, `positional_embedding_res` for the rest). A dense CLIP of the
 same architecture (`--base`, e.g. openai/clip-vit-large-patch14) supplies the config and the processor.
 
-    hf-moe convert-clip-moe-original clip-moe-4-2-sharegpt4v.pt --base openai/clip-vit-large-patch14 --output_dir clip-moe-sharegpt4v
+    hf-moe convert-clip-moe-original clip-moe-4-2-sharegpt4v.pt \
+        --base openai/clip-vit-large-patch14 --output_dir clip-moe-sharegpt4v
 """
 
 import re
@@ -27,7 +28,12 @@ logger = logging.get_logger(__name__)
 BLOCK_KEY = re.compile(r"^(?P<tower>visual\.transformer|transformer)\.resblocks\.(?P<layer>\d+)\.(?P<rest>.+)$")
 EXPERT_KEY = re.compile(r"^experts\.(?P<expert>\d+)\.(?P<fc>c_fc|c_proj)\.(?P<kind>weight|bias)$")
 HF_TOWER = {"visual.transformer": "vision_model", "transformer": "text_model"}
-EXPERT_PARAM = {("c_fc", "weight"): "up_proj", ("c_fc", "bias"): "up_proj_bias", ("c_proj", "weight"): "down_proj", ("c_proj", "bias"): "down_proj_bias"}
+EXPERT_PARAM = {
+    ("c_fc", "weight"): "up_proj",
+    ("c_fc", "bias"): "up_proj_bias",
+    ("c_proj", "weight"): "down_proj",
+    ("c_proj", "bias"): "down_proj_bias",
+}
 BLOCK_PARAMS = {
     "ln_1.weight": "layer_norm1.weight",
     "ln_1.bias": "layer_norm1.bias",
@@ -67,7 +73,9 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"Could not read {checkpoint} as a PyTorch state dict (corrupt or not a checkpoint?): {err}") from err
+        raise ValueError(
+            f"Could not read {checkpoint} as a PyTorch state dict (corrupt or not a checkpoint?): {err}"
+        ) from err
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
@@ -135,7 +143,9 @@ def _text_positions(original: dict[str, torch.Tensor]) -> torch.Tensor:
     if residual is None:
         return positions
     if residual.shape != positions.shape:
-        raise ValueError(f"positional_embedding {tuple(positions.shape)} vs positional_embedding_res {tuple(residual.shape)}.")
+        raise ValueError(
+            f"positional_embedding {tuple(positions.shape)} vs positional_embedding_res {tuple(residual.shape)}."
+        )
     return torch.cat([positions[:LONG_CLIP_KEPT_POSITIONS], residual[LONG_CLIP_KEPT_POSITIONS:]])
 
 

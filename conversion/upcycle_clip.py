@@ -25,8 +25,15 @@ from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_L
 logger = logging.get_logger(__name__)
 
 # `text_model.encoder.layers.3.mlp.fc1.weight` -> packed expert parameter `...layers.3.mlp.experts.up_proj`
-DENSE_MLP_KEY = re.compile(r"^(?P<tower>text_model|vision_model)\.encoder\.layers\.(?P<layer>\d+)\.mlp\.(?P<param>fc[12]\.(weight|bias))$")
-EXPERT_PARAM = {"fc1.weight": "up_proj", "fc1.bias": "up_proj_bias", "fc2.weight": "down_proj", "fc2.bias": "down_proj_bias"}
+DENSE_MLP_KEY = re.compile(
+    r"^(?P<tower>text_model|vision_model)\.encoder\.layers\.(?P<layer>\d+)\.mlp\.(?P<param>fc[12]\.(weight|bias))$"
+)
+EXPERT_PARAM = {
+    "fc1.weight": "up_proj",
+    "fc1.bias": "up_proj_bias",
+    "fc2.weight": "down_proj",
+    "fc2.bias": "down_proj_bias",
+}
 TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
 
 
@@ -39,7 +46,9 @@ def load_dense_clip(base: str | Path) -> CLIPModel:
     except Exception as err:
         raise OSError(f"Could not read a model config from '{base}': {err}") from err
     if not isinstance(config, CLIPConfig):
-        raise ValueError(f"'{base}' is a '{config.model_type}' model; upcycling needs a dense CLIP (model_type 'clip').")
+        raise ValueError(
+            f"'{base}' is a '{config.model_type}' model; upcycling needs a dense CLIP (model_type 'clip')."
+        )
     try:
         return CLIPModel.from_pretrained(base, config=config)
     except Exception as err:
@@ -79,7 +88,9 @@ def differing_shared_tensors(state_dicts: list[dict[str, torch.Tensor]], names: 
             continue
         for key, tensor in reference.items():
             if other[key].shape != tensor.shape:
-                problems.append(f"{key}: shape {tuple(other[key].shape)} in {name} vs {tuple(tensor.shape)} in {names[0]}")
+                problems.append(
+                    f"{key}: shape {tuple(other[key].shape)} in {name} vs {tuple(tensor.shape)} in {names[0]}"
+                )
             elif not DENSE_MLP_KEY.match(key) and not torch.equal(other[key], tensor):
                 problems.append(f"{key} differs between {names[0]} and {name}")
     return problems
@@ -173,7 +184,9 @@ def upcycle_clip(
     missing, unexpected = model.load_state_dict(upcycle_state_dict(config, expert_state_dicts), strict=False)
     not_routers = [key for key in missing if not key.endswith(".mlp.router.weight")]
     if not_routers or unexpected:
-        raise RuntimeError(f"Upcycled state dict does not fit CLIPMoEModel: missing {not_routers}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"Upcycled state dict does not fit CLIPMoEModel: missing {not_routers}, unexpected {unexpected}"
+        )
     model = model.to(dtype).eval()
     model.config.name_or_path = ""
 

@@ -16,7 +16,9 @@ from transformers import HfArgumentParser
 @dataclass
 class UpcycleClipArguments:
     output_dir: str = field(metadata={"help": "Folder to write the CLIP-MoE model to (must be new or empty)."})
-    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoE block (default: number of BASEs)."})
+    num_experts: int | None = field(
+        default=None, metadata={"help": "Experts per MoE block (default: number of BASEs)."}
+    )
     top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
     long_text: bool = field(default=False, metadata={"help": "Stretch text positions 77 -> 248 (Long-CLIP)."})
     expert_dropout: float = field(default=0.0, metadata={"help": "Dropout inside experts (0.1 for router training)."})

@@ -86,14 +86,20 @@ def run(output_dir: Path) -> dict:
         image.save(path)
     child = subprocess.run(
         [sys.executable, "-c", HUB_USER_SCRIPT, str(moe_dir), str(dense_dir), *image_paths],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if child.returncode != 0:
         raise RuntimeError(f"Loading {moe_dir} without hf_moe failed:\n{child.stderr}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     correct = sum(p == label for p, label in zip(result["predictions"], labels))
-    print(f"   loaded {result['class']}: {result['parameters']:,} parameters ({result['expert_parameters']:,} in experts)")
-    print(f"   max |MoE - dense| image feature = {result['max_abs_difference']:.2e} (upcycling keeps the dense function)")
+    print(
+        f"   loaded {result['class']}: {result['parameters']:,} parameters ({result['expert_parameters']:,} in experts)"
+    )
+    print(
+        f"   max |MoE - dense| image feature = {result['max_abs_difference']:.2e} (upcycling keeps the dense function)"
+    )
     print(f"   true:      {' '.join(map(str, labels))}")
     print(f"   predicted: {' '.join(map(str, result['predictions']))}   ({correct}/{len(labels)} right: the toy model")
     print("   is untrained, so this shows the plumbing, not accuracy)")
@@ -102,8 +108,12 @@ def run(output_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hf-moe demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", "--output-dir", default="outputs/demo", help="Where the demo writes its models.")
+    parser = argparse.ArgumentParser(
+        prog="hf-moe demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output_dir", "--output-dir", default="outputs/demo", help="Where the demo writes its models."
+    )
     args = parser.parse_args(argv)
     run(Path(args.output_dir))
 

@@ -33,7 +33,9 @@ def toy_clip_config(
         num_attention_heads=max(1, hidden_size // 16),
         projection_dim=projection_dim,
     )
-    text = dict(shared, vocab_size=tokenizer_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        shared, vocab_size=tokenizer_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
+    )
     vision = dict(shared, image_size=image_size, patch_size=patch_size)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 

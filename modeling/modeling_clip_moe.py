@@ -150,7 +150,9 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
             # Each expert initialised like transformers' CLIPMLP.
             config = module.config
             init.normal_(module.up_proj, std=(2 * config.hidden_size) ** -0.5 * factor)
-            init.normal_(module.down_proj, std=config.hidden_size**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor)
+            init.normal_(
+                module.down_proj, std=config.hidden_size**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
+            )
             init.zeros_(module.up_proj_bias)
             init.zeros_(module.down_proj_bias)
         elif isinstance(module, MoETopKRouter):

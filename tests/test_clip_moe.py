@@ -6,8 +6,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassif
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import hf_moe  # noqa: F401  (registers the Auto classes)
-from conftest import experts_implementations
-from helpers import clip_inputs
 from hf_moe.modeling import (
     CLIPMoEConfig,
     CLIPMoEModel,
@@ -15,6 +13,9 @@ from hf_moe.modeling import (
     CLIPMoEVisionModelWithProjection,
     stretch_text_positions,
 )
+
+from conftest import experts_implementations
+from helpers import clip_inputs
 
 
 @pytest.mark.parametrize("implementation", experts_implementations())
@@ -133,7 +134,9 @@ def test_tower_models_with_projection_match_the_joint_model(upcycled_dir):
     inputs = clip_inputs(joint.config)
     with torch.no_grad():
         image_out = vision(pixel_values=inputs["pixel_values"], output_router_logits=True)
-        torch.testing.assert_close(image_out.image_embeds, joint.get_image_features(inputs["pixel_values"]).pooler_output)
+        torch.testing.assert_close(
+            image_out.image_embeds, joint.get_image_features(inputs["pixel_values"]).pooler_output
+        )
         assert image_out.aux_loss is not None and len(image_out.router_logits) == 2
         text_out = text(input_ids=inputs["input_ids"])
         torch.testing.assert_close(text_out.text_embeds, joint.get_text_features(inputs["input_ids"]).pooler_output)
@@ -147,9 +150,9 @@ def long_clip_reference(positional_embedding, keep_len=20):
         out[i] = positional_embedding[i]
     for i in range(length - 1 - keep_len):
         for j in range(4):
-            out[4 * i + j + keep_len] = (
-                (4 - j) * positional_embedding[i + keep_len] / 4 + j * positional_embedding[i + 1 + keep_len] / 4
-            )
+            out[4 * i + j + keep_len] = (4 - j) * positional_embedding[i + keep_len] / 4 + j * positional_embedding[
+                i + 1 + keep_len
+            ] / 4
     for j in range(4):
         last, before = positional_embedding[length - 1], positional_embedding[length - 2]
         out[length - 1 + 3 * (length - 1 - keep_len) + j] = last + j * (last - before) / 4

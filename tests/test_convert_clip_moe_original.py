@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from helpers import clip_inputs
 from hf_moe.cli import main
 from hf_moe.conversion import convert_clip_moe_original
+
+from helpers import clip_inputs
 
 
 def openai_naming(dense: CLIPModel, num_experts: int, moe_layers: int, expert_noise: float, long_text: bool, seed=0):
@@ -65,14 +66,30 @@ def test_converted_release_with_identical_experts_is_the_dense_clip(toy_clip_dir
     model = convert_clip_moe_original(tmp_path / "r.pt", toy_clip_dir, tmp_path / "out").eval()
     inputs = clip_inputs(dense.config, pad=2)
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits_per_image, dense(**inputs).logits_per_image, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model(**inputs).logits_per_image, dense(**inputs).logits_per_image, atol=1e-5, rtol=0
+        )
 
 
 def test_converted_release_keeps_experts_gates_dense_blocks_and_long_positions(toy_clip_dir, tmp_path):
     dense = CLIPModel.from_pretrained(toy_clip_dir).eval()
     original = openai_naming(dense, num_experts=3, moe_layers=1, expert_noise=0.1, long_text=True)
     torch.save({"state_dict": {f"module.{k}": v for k, v in original.items()}}, tmp_path / "r.pt")
-    assert main(["convert-clip-moe-original", str(tmp_path / "r.pt"), "--base", str(toy_clip_dir), "--output-dir", str(tmp_path / "out"), "--top-k", "2"]) == 0
+    assert (
+        main(
+            [
+                "convert-clip-moe-original",
+                str(tmp_path / "r.pt"),
+                "--base",
+                str(toy_clip_dir),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(tmp_path / "out")
@@ -84,18 +101,27 @@ def test_converted_release_keeps_experts_gates_dense_blocks_and_long_positions(t
     torch.testing.assert_close(positions[20:], original["positional_embedding_res"][20:])
     layer = model.vision_model.encoder.layers[1].mlp
     for e in range(3):
-        torch.testing.assert_close(layer.experts.up_proj[e], original[f"visual.transformer.resblocks.1.experts.{e}.c_fc.weight"])
-        torch.testing.assert_close(layer.experts.down_proj_bias[e], original[f"visual.transformer.resblocks.1.experts.{e}.c_proj.bias"])
+        torch.testing.assert_close(
+            layer.experts.up_proj[e], original[f"visual.transformer.resblocks.1.experts.{e}.c_fc.weight"]
+        )
+        torch.testing.assert_close(
+            layer.experts.down_proj_bias[e], original[f"visual.transformer.resblocks.1.experts.{e}.c_proj.bias"]
+        )
     torch.testing.assert_close(layer.router.weight, original["visual.transformer.resblocks.1.gate.weight"])
-    torch.testing.assert_close(model.text_model.encoder.layers[0].mlp.fc1.weight, original["transformer.resblocks.0.mlp.c_fc.weight"])
+    torch.testing.assert_close(
+        model.text_model.encoder.layers[0].mlp.fc1.weight, original["transformer.resblocks.0.mlp.c_fc.weight"]
+    )
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing", "does not exist"),
-    ("corrupt", "Could not read"),
-    ("not_moe", "not a CLIP-MoE checkpoint"),
-    ("wrong_base", "does not fit the architecture"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "does not exist"),
+        ("corrupt", "Could not read"),
+        ("not_moe", "not a CLIP-MoE checkpoint"),
+        ("wrong_base", "does not fit the architecture"),
+    ],
+)
 def test_bad_release_files_are_refused_and_nothing_is_written(toy_clip_dir, tmp_path, case, match):
     from hf_moe.toy import save_toy_clip
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from conftest import experts_implementations
 from hf_moe.modeling import MoESparseBlock, MoETopKRouter, expert_load, load_balancing_loss, router_z_loss
+
+from conftest import experts_implementations
 
 
 def moe_config(**overrides):

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from helpers import clip_inputs
 from hf_moe.modeling import CLIPMoEModel
+
+from helpers import clip_inputs
 
 
 FRESH_PROCESS = textwrap.dedent(

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import CLIPModel
 
-from helpers import clip_inputs
 from hf_moe.cli import main
 from hf_moe.conversion import upcycle_clip
 from hf_moe.modeling import CLIPMoEModel
+
+from helpers import clip_inputs
 
 
 def save_variant(base_dir, output_dir, seed, prefix=".mlp."):
@@ -71,7 +72,9 @@ def test_multiplet_model_routes_through_each_bases_mlp(stage_dirs, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits_per_image, reference(**inputs).logits_per_image)
         # ...and it is not simply the first base's function.
-        assert not torch.allclose(model(**inputs).logits_per_image, CLIPModel.from_pretrained(stage_dirs[0])(**inputs).logits_per_image)
+        assert not torch.allclose(
+            model(**inputs).logits_per_image, CLIPModel.from_pretrained(stage_dirs[0])(**inputs).logits_per_image
+        )
 
 
 def test_top_k_routing_block_matches_a_reference_over_the_bases(stage_dirs, tmp_path):
@@ -82,10 +85,12 @@ def test_top_k_routing_block_matches_a_reference_over_the_bases(stage_dirs, tmp_
     probs = F.linear(hidden, block.router.weight).softmax(-1)
     weights, chosen = probs.topk(2)
     weights = weights / weights.sum(-1, keepdim=True)
-    expected = torch.stack([
-        sum(w * bases[e].vision_model.encoder.layers[0].mlp(token) for w, e in zip(ws, es))
-        for token, ws, es in zip(hidden, weights, chosen.tolist())
-    ])
+    expected = torch.stack(
+        [
+            sum(w * bases[e].vision_model.encoder.layers[0].mlp(token) for w, e in zip(ws, es))
+            for token, ws, es in zip(hidden, weights, chosen.tolist())
+        ]
+    )
     with torch.no_grad():
         torch.testing.assert_close(block(hidden[None])[0], expected, atol=1e-5, rtol=1e-5)
 
@@ -146,7 +151,9 @@ def test_bad_input_is_refused_and_nothing_is_written(toy_clip_dir, tmp_path, cas
 
 
 def test_command_reports_bad_input_without_traceback(toy_clip_dir, tmp_path, capsys):
-    code = main(["upcycle-clip", str(toy_clip_dir), "--num_experts", "2", "--top_k", "3", "--output_dir", str(tmp_path / "o")])
+    code = main(
+        ["upcycle-clip", str(toy_clip_dir), "--num_experts", "2", "--top_k", "3", "--output_dir", str(tmp_path / "o")]
+    )
     assert code == 1
     assert "top_k must be between 1 and num_experts=2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
