@@ -3,6 +3,8 @@ and `--num-experts` both work, as in transformers' examples.
 
     hf-moe upcycle-clip BASE [BASE ...] --num_experts N --top_k K --output_dir DIR [--long_text]
     hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR
+    hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
+    hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
 """
 
 import logging as pylogging
@@ -55,6 +57,19 @@ def convert_clip_moe_original_command(argv: list[str]) -> None:
     print(f"Converted {positional.checkpoint} into {args.output_dir}")
 
 
+def mcl_command(argv: list[str]) -> None:
+    from .mcl import main as mcl_main
+
+    mcl_main(argv)
+
+
+def train_router_command(argv: list[str]) -> None:
+    from .train_router import main as train_router_main
+
+    output_dir = train_router_main(argv)
+    print(f"Trained routers; the model is in {output_dir}")
+
+
 def demo_command(argv: list[str]) -> None:
     from .demo import main as demo_main
 
@@ -64,6 +79,8 @@ def demo_command(argv: list[str]) -> None:
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "upcycle-clip": (upcycle_clip_command, "Upcycle dense CLIP checkpoint(s) into a CLIP-MoE model."),
     "convert-clip-moe-original": (convert_clip_moe_original_command, "Convert an official CLIP-MoE .pt release."),
+    "mcl": (mcl_command, "MCL expert extraction from a dense CLIP, then the CLIP-MoE in DIR/moe."),
+    "train-router": (train_router_command, "Train the routers of a CLIP-MoE (CLIP loss + balance loss)."),
     "demo": (demo_command, "Build, upcycle, save, reload and run a small CLIP-MoE on bundled images."),
 }
 

@@ -1,0 +1,276 @@
+"""Multistage Contrastive Learning (MCL): N diverse CLIP experts from one dense CLIP, then the CLIP-MoE.
+
+Stage 0 is the base model itself (positions stretched for Long-CLIP). Stage s (1 <= s < N):
+1. extract L2-normalised image and text features of the whole training set with the stage s-1 model;
+2. k-means on image features (k=3) and on text features (k=3) separately -> joint label 3 * text + image,
+   accumulated across stages: label = previous_label * 9 + stage_label;
+3. train a fresh copy of the BASE model, MLP parameters only, on batches that each come from one accumulated
+   cluster (the InfoNCE denominator then only holds samples of that cluster).
+The N stage checkpoints share every non-MLP weight, and `upcycle_clip` turns them into `DIR/moe`.
+
+Every step is resumable: finished stages, labels and feature shards are kept, and a stage's training resumes
+from its last Trainer checkpoint.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, CLIPModel
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .clustering import kmeans
+from .conversion.upcycle_clip import load_dense_clip, save_with_processor, upcycle_clip
+from .data import ImageTextCollator, add_index_column, load_image_text_dataset
+from .modeling import stretch_text_positions
+from .modeling.configuration_clip_moe import LONG_CLIP_TEXT_LENGTH
+from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MCLArguments:
+    base: str = field(metadata={"help": "Dense CLIP to diversify (Hub id or folder)."})
+    data: str = field(metadata={"help": "Image-caption data (image folder with metadata.jsonl, img2dataset, shards)."})
+    num_experts: int = field(default=4, metadata={"help": "Experts N: N - 1 MCL stages after the base."})
+    top_k: int = field(default=2, metadata={"help": "Experts per token of the final CLIP-MoE."})
+    image_clusters: int = field(default=3, metadata={"help": "k of the image-feature k-means per stage."})
+    text_clusters: int = field(default=3, metadata={"help": "k of the text-feature k-means per stage."})
+    long_text: bool = field(default=False, metadata={"help": "Long-CLIP: stretch text positions 77 -> 248."})
+    feature_batch_size: int = field(default=256, metadata={"help": "Per-device batch size of feature extraction."})
+    feature_shard_size: int = field(default=8192, metadata={"help": "Samples per feature shard file."})
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns an output with the projected `pooler_output`; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.inference_mode()
+def extract_features(
+    model: CLIPModel, dataset, collator, output_dir: Path, batch_size: int = 256, shard_size: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text features of every row of `dataset`, in row order.
+
+    Shards of `shard_size` rows are spread over the processes and written to `output_dir` as safetensors;
+    shards already there are reused, so an interrupted extraction resumes where it stopped.
+    """
+    state = PartialState()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(state.device).eval()
+    num_shards = math.ceil(len(dataset) / shard_size)
+    shard_path = lambda shard: output_dir / f"shard-{shard:06d}-of-{num_shards:06d}.safetensors"  # noqa: E731
+    todo = [s for s in range(state.process_index, num_shards, state.num_processes) if not shard_path(s).exists()]
+    for shard in tqdm(todo, desc="feature shards", disable=not state.is_local_main_process):
+        rows = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
+        images, texts = [], []
+        for start in range(rows.start, rows.stop, batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, rows.stop))])
+            pixel_values = batch["pixel_values"].to(state.device, model.dtype)
+            images.append(_features(model.get_image_features(pixel_values=pixel_values)).float().cpu())
+            texts.append(
+                _features(
+                    model.get_text_features(
+                        input_ids=batch["input_ids"].to(state.device),
+                        attention_mask=batch["attention_mask"].to(state.device),
+                    )
+                ).float().cpu()
+            )
+        tmp = shard_path(shard).with_suffix(".tmp")
+        save_file({"image": torch.cat(images), "text": torch.cat(texts)}, tmp)
+        tmp.rename(shard_path(shard))
+    state.wait_for_everyone()
+    shards = [load_file(shard_path(s)) for s in range(num_shards)]
+    image = torch.nn.functional.normalize(torch.cat([s["image"] for s in shards]), dim=-1)
+    text = torch.nn.functional.normalize(torch.cat([s["text"] for s in shards]), dim=-1)
+    return image, text
+
+
+def joint_cluster_labels(
+    image_features: torch.Tensor, text_features: torch.Tensor, image_clusters: int = 3, text_clusters: int = 3, seed=0
+) -> torch.Tensor:
+    """MCL's stage label: k-means on image and on text features separately, joined as `k_i * text + image`."""
+    image_labels, _ = kmeans(image_features, image_clusters, seed=seed)
+    text_labels, _ = kmeans(text_features, text_clusters, seed=seed)
+    return image_clusters * text_labels + image_labels
+
+
+class ClusterBatchSampler(Sampler[list[int]]):
+    """Batches in which every GLOBAL batch (all processes together) comes from a single cluster.
+
+    Each cluster is shuffled and cut into global batches of `batch_size * num_replicas` (remainders dropped);
+    the global batches of all clusters are shuffled together, and process `rank` yields its slice of each.
+    Clusters smaller than a global batch cannot form one and are skipped (and logged).
+    """
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
+        self.global_batch_size = batch_size * num_replicas
+        self.epoch = 0
+        labels = torch.as_tensor(labels)
+        self.clusters, skipped = [], {}
+        for label in labels.unique().tolist():
+            members = (labels == label).nonzero().flatten()
+            if len(members) >= self.global_batch_size:
+                self.clusters.append(members)
+            else:
+                skipped[label] = len(members)
+        if skipped:
+            logger.warning(
+                f"Skipping {len(skipped)} clusters smaller than a global batch of {self.global_batch_size} "
+                f"({sum(skipped.values())} samples): {dict(sorted(skipped.items()))}"
+            )
+        if not self.clusters:
+            raise ValueError(f"No cluster holds a global batch of {self.global_batch_size} samples; lower the batch size.")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(members) // self.global_batch_size for members in self.clusters)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        global_batches = []
+        for members in self.clusters:
+            shuffled = members[torch.randperm(len(members), generator=generator)]
+            usable = len(members) // self.global_batch_size * self.global_batch_size
+            global_batches.extend(shuffled[:usable].split(self.global_batch_size))
+        start = self.rank * self.batch_size
+        for order in torch.randperm(len(global_batches), generator=generator).tolist():
+            yield global_batches[order][start : start + self.batch_size].tolist()
+
+
+class MCLStageTrainer(CLIPMoETrainer):
+    """Trains one MCL stage: batches from `ClusterBatchSampler` over the accumulated cluster labels."""
+
+    def __init__(self, *args, cluster_labels: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cluster_labels = cluster_labels
+
+    def get_train_dataloader(self) -> DataLoader:
+        # Not passed through accelerate's sharding: the sampler already gives each process its slice of a
+        # single-cluster global batch, which re-sharding would mix across clusters.
+        sampler = ClusterBatchSampler(
+            self.cluster_labels,
+            self.args.per_device_train_batch_size,
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
+            seed=self.args.seed,
+        )
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
+
+def save_stage0(base: str, output_dir: Path, long_text: bool) -> None:
+    """Expert 0: the base itself, with Long-CLIP's stretched text positions when asked for."""
+    dense = load_dense_clip(base)
+    if long_text and dense.config.text_config.max_position_embeddings != LONG_CLIP_TEXT_LENGTH:
+        config = dense.config
+        config.text_config.max_position_embeddings = LONG_CLIP_TEXT_LENGTH
+        state_dict = dense.state_dict()
+        key = "text_model.embeddings.position_embedding.weight"
+        state_dict[key] = stretch_text_positions(state_dict[key])
+        dense = CLIPModel(config)
+        dense.load_state_dict(state_dict)
+    save_with_processor(dense, base, output_dir, overwrite=True)
+
+
+def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> Path:
+    """Run (or resume) MCL in `training_args.output_dir`: stage0..stage{N-1} and the CLIP-MoE in `moe/`."""
+    if mcl_args.num_experts < 2:
+        raise ValueError(f"MCL needs num_experts >= 2 (one stage per expert after the base), got {mcl_args.num_experts}.")
+    root, state = Path(training_args.output_dir), PartialState()
+    stage_dirs = [root / f"stage{s}" for s in range(mcl_args.num_experts)]
+    if not stage_dirs[0].exists():
+        if state.is_main_process:
+            save_stage0(mcl_args.base, stage_dirs[0], mcl_args.long_text)
+        state.wait_for_everyone()
+
+    processor = AutoProcessor.from_pretrained(stage_dirs[0])
+    dataset = add_index_column(load_image_text_dataset(mcl_args.data, streaming=False))
+    collator = ImageTextCollator(processor)
+    labels = torch.zeros(len(dataset), dtype=torch.long)
+    clusters_per_stage = mcl_args.image_clusters * mcl_args.text_clusters
+    for stage in range(1, mcl_args.num_experts):
+        labels = labels * clusters_per_stage + _stage_labels(mcl_args, root, stage, dataset, collator, training_args)
+        if stage_dirs[stage].exists():
+            logger.info(f"MCL stage {stage} already trained in {stage_dirs[stage]}")
+            continue
+        _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, labels)
+
+    moe_dir = root / "moe"
+    if not moe_dir.exists() and state.is_main_process:
+        upcycle_clip(stage_dirs, moe_dir, top_k=mcl_args.top_k)
+    state.wait_for_everyone()
+    return moe_dir
+
+
+def _stage_labels(mcl_args, root: Path, stage: int, dataset, collator, training_args) -> torch.Tensor:
+    """The clusters of the stage-1 model's features (computed once, then read back from `labels/`)."""
+    path, state = root / "labels" / f"stage{stage}.safetensors", PartialState()
+    if not path.exists():
+        model = CLIPModel.from_pretrained(root / f"stage{stage - 1}")
+        image, text = extract_features(
+            model,
+            dataset,
+            collator,
+            root / "features" / f"stage{stage - 1}",
+            mcl_args.feature_batch_size,
+            mcl_args.feature_shard_size,
+        )
+        if state.is_main_process:
+            stage_labels = joint_cluster_labels(
+                image.to(state.device),
+                text.to(state.device),
+                mcl_args.image_clusters,
+                mcl_args.text_clusters,
+                seed=training_args.seed + stage,
+            ).cpu()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"labels": stage_labels}, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").rename(path)
+        state.wait_for_everyone()
+    return load_file(path)["labels"]
+
+
+def _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, labels) -> None:
+    """Train stage `stage` from the base (stage 0), MLPs only, then save it atomically."""
+    run_dir = stage_dirs[stage].with_name(f"{stage_dirs[stage].name}-run")
+    args = dataclasses.replace(training_args, output_dir=str(run_dir), trainable_parameters=[r"\.mlp\."])
+    trainer = MCLStageTrainer(
+        model=CLIPModel.from_pretrained(stage_dirs[0]),
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        cluster_labels=labels,
+    )
+    last = get_last_checkpoint(run_dir) if run_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    if trainer.is_world_process_zero():
+        save_with_processor(trainer.model, stage_dirs[0], stage_dirs[stage], overwrite=True)
+    PartialState().wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((MCLArguments, CLIPMoETrainingArguments), prog="hf-moe mcl")
+    mcl_args, training_args = parser.parse_args_into_dataclasses(argv)
+    moe_dir = run_mcl(mcl_args, training_args)
+    logger.warning(f"MCL finished: stage checkpoints and the CLIP-MoE are in {training_args.output_dir} (moe/: {moe_dir})")
+    return moe_dir
