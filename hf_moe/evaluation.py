@@ -1,0 +1,621 @@
+"""Zero-shot classification and image-text retrieval evaluation of CLIP-like models.
+
+Works for transformers' dense `CLIPModel` and every CLIP-like model of hf-moe: anything with
+`get_image_features(pixel_values=...)` and `get_text_features(input_ids=..., attention_mask=...)`, returning
+either the projected embeddings or an output whose `pooler_output` holds them (transformers 5).
+Metrics go through `evaluate` with the local metric scripts in `hf_moe/metrics` (no Hub access).
+
+    hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--templates default|imagenet|FILE] [--output FILE]
+    hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--output FILE]
+
+`--output` defaults to `<MODEL>/eval_<task>.json` when MODEL is a local folder, else `./eval_<task>.json`.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .metrics import load_metric
+
+
+# OpenAI's 80 prompt templates for ImageNet (CLIP repository, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+# A compact, domain-neutral ensemble (a subset of the above): photo-style prompts with no ImageNet-specific
+# renditions (origami, plushie, video game, ...), cheap enough for any class count.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a low resolution photo of a {}.",
+    "itap of a {}.",
+)
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_TEMPLATES, "imagenet": IMAGENET_TEMPLATES}
+RETRIEVAL_K: tuple[int, ...] = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_image_dataset(data, split: str | None = None):
+    """A `datasets.Dataset` from an image folder path (datasets' `imagefolder` builder), a `DatasetDict` or a
+    `Dataset`. With several splits, `split` picks one (default: `test`, else `validation`, else the only one)."""
+    import datasets
+
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"Data folder '{data}' does not exist.")
+        data = datasets.load_dataset("imagefolder", data_dir=str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split is None:
+            if len(data) == 1:
+                split = next(iter(data))
+            else:
+                split = next((name for name in ("test", "validation") if name in data), None)
+                if split is None:
+                    raise ValueError(f"The data has splits {list(data)}; choose one with split=... (--split).")
+        if split not in data:
+            raise ValueError(f"The data has no split '{split}'; it has {list(data)}.")
+        data = data[split]
+    elif split is not None and isinstance(data, datasets.Dataset) and data.split is not None:
+        if str(data.split) != split:
+            raise ValueError(f"split='{split}' was asked for but the Dataset given is split '{data.split}'.")
+    if not isinstance(data, datasets.Dataset):
+        raise TypeError(f"data must be a folder path, a datasets.Dataset or a DatasetDict, not {type(data).__name__}.")
+    if "image" not in data.column_names:
+        raise ValueError(f"The data has no 'image' column (columns: {data.column_names}).")
+    return data
+
+
+def _to_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        pil = image
+    elif isinstance(image, (str, os.PathLike)):
+        pil = Image.open(image)
+    elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):  # datasets.Image(decode=False)
+        import io
+
+        pil = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+    else:
+        raise TypeError(f"Cannot read an image from a {type(image).__name__}.")
+    return pil if pil.mode == "RGB" else pil.convert("RGB")
+
+
+def _image_batches(dataset, batch_size: int) -> Iterator[list[Image.Image]]:
+    for batch in dataset.select_columns(["image"]).iter(batch_size=batch_size):
+        yield [_to_pil(image) for image in batch["image"]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _embeddings(output) -> torch.Tensor:
+    """The projected embeddings from a `get_*_features` return: a tensor, or an output with `pooler_output`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(
+        f"get_image_features / get_text_features returned a {type(output).__name__} that is neither a tensor nor "
+        "an output with a `pooler_output` tensor."
+    )
+
+
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters(), None)
+    device = getattr(model, "device", None) or (parameter.device if parameter is not None else torch.device("cpu"))
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    return torch.device(device), dtype
+
+
+def text_max_length(model, tokenizer) -> int:
+    """Tokens the text tower takes: the tokenizer's `model_max_length`, capped by the model's text positions."""
+    limits = [getattr(tokenizer, "model_max_length", None)]
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", config)
+    limits.append(getattr(text_config, "max_position_embeddings", None))
+    limits = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+    if not limits:
+        raise ValueError("Cannot tell the model's text length: neither the tokenizer nor the config gives one.")
+    return min(limits)
+
+
+@torch.inference_mode()
+def encode_texts(
+    model, processor, texts: Sequence[str], batch_size: int = 64, device=None, progress: bool = True
+) -> torch.Tensor:
+    """L2-normalised text embeddings (float32, on CPU), one row per text; texts truncated to the model's length."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    max_length = text_max_length(model, tokenizer)
+    device = torch.device(device) if device is not None else _model_device_dtype(model)[0]
+    chunks = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="Encoding texts", unit="batch", disable=not progress):
+        tokens = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        features = model.get_text_features(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+        )
+        chunks.append(torch.nn.functional.normalize(_embeddings(features).float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+@torch.inference_mode()
+def encode_images(model, processor, dataset, batch_size: int = 64, device=None, progress: bool = True) -> torch.Tensor:
+    """L2-normalised image embeddings (float32, on CPU) of the `image` column of `dataset`, in row order."""
+    image_processor = getattr(processor, "image_processor", processor)
+    model_device, dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
+    chunks = []
+    total = math.ceil(len(dataset) / batch_size)
+    for images in tqdm(
+        _image_batches(dataset, batch_size), total=total, desc="Encoding images", unit="batch", disable=not progress
+    ):
+        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        features = model.get_image_features(pixel_values=pixel_values.to(device=device, dtype=dtype))
+        chunks.append(torch.nn.functional.normalize(_embeddings(features).float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+class _EvalMode:
+    """Put the model in eval mode (and optionally on `device`) for the block; restore its training flag after."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        if self.device is not None:
+            self.model.to(self.device)
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_templates(templates) -> tuple[str, ...]:
+    """`None` -> `DEFAULT_TEMPLATES`; a name in `TEMPLATE_SETS`; a single template string; or a sequence of them.
+    Every template must hold one `{}` for the class name."""
+    if templates is None:
+        templates = DEFAULT_TEMPLATES
+    elif isinstance(templates, str):
+        templates = TEMPLATE_SETS.get(templates, (templates,))
+    templates = tuple(templates)
+    if not templates:
+        raise ValueError("At least one prompt template is needed.")
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(
+                f"Prompt template {template!r} must contain '{{}}' exactly once (or name one of {list(TEMPLATE_SETS)})."
+            )
+    return templates
+
+
+def class_names_of(dataset, class_names: Sequence[str] | None = None) -> list[str]:
+    """Class names indexed by label id: `class_names` if given, else the names of the `label` ClassLabel feature
+    (image-folder sub-folder names) with underscores read as spaces."""
+    import datasets
+
+    if "label" not in dataset.column_names:
+        raise ValueError(f"The data has no 'label' column (columns: {dataset.column_names}).")
+    feature = dataset.features["label"]
+    if class_names is not None:
+        names = [str(name) for name in class_names]
+        if isinstance(feature, datasets.ClassLabel) and len(names) != feature.num_classes:
+            raise ValueError(f"{len(names)} class names given for {feature.num_classes} classes in the data.")
+        return names
+    if not isinstance(feature, datasets.ClassLabel):
+        raise ValueError("The 'label' column is not a ClassLabel with class names; pass class_names=[...].")
+    return [name.replace("_", " ") for name in feature.names]
+
+
+def class_embeddings(model, processor, class_names, templates, batch_size=64, device=None, progress=True):
+    """Prompt ensembling (CLIP): every template through the text tower, L2-normalise, average over templates,
+    normalise again. Returns (classes, dim) float32."""
+    texts = [template.format(name) for name in class_names for template in templates]
+    embeddings = encode_texts(model, processor, texts, batch_size=batch_size, device=device, progress=progress)
+    embeddings = embeddings.reshape(len(class_names), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(embeddings, dim=-1)
+
+
+def zero_shot_classification(
+    model,
+    processor,
+    data,
+    templates: str | Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    split: str | None = None,
+    return_predictions: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot top-1 accuracy of a CLIP-like model on labelled images.
+
+    Args:
+        model: A CLIP-like model (`get_image_features` / `get_text_features`).
+        processor: Its processor (a tokenizer and an image processor, e.g. `AutoProcessor.from_pretrained`).
+        data: An image folder with one sub-folder per class (datasets' `imagefolder`; class names are the
+            folder names, `_` read as a space), or a `datasets.Dataset` / `DatasetDict` with `image` and `label`.
+        templates: Prompt templates with `{}` for the class name: a sequence, `"default"` (`DEFAULT_TEMPLATES`,
+            the default), `"imagenet"` (OpenAI's 80 `IMAGENET_TEMPLATES`) or a single template.
+        class_names: Names indexed by label id (required when `label` is not a ClassLabel).
+        batch_size: Images or prompts per forward pass.
+        device: Move the model there first; default: leave it where it is.
+        split: Split to use when `data` has several (default `test`, else `validation`).
+        return_predictions: Also return the predicted label id of every image (`predictions`).
+        progress: Show tqdm progress bars.
+
+    Returns:
+        `{"top1_accuracy", "num_images", "num_classes", "num_templates"}` (+ `predictions`).
+    """
+    _check_batch_size(batch_size)
+    dataset = load_image_dataset(data, split)
+    names = class_names_of(dataset, class_names)
+    templates = resolve_templates(templates)
+    with _EvalMode(model, device):
+        classes = class_embeddings(model, processor, names, templates, batch_size, device, progress)
+        images = encode_images(model, processor, dataset, batch_size, device, progress)
+    references = [int(label) for label in dataset.select_columns(["label"])[:]["label"]]
+    if any(not 0 <= label < len(names) for label in references):
+        raise ValueError(f"Labels must be class ids in [0, {len(names)}); the data has {sorted(set(references))}.")
+    # Cosine similarity; the logit scale does not change the argmax.
+    predictions = (images @ classes.T).argmax(dim=-1).tolist() if len(references) else []
+    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    results = {
+        "top1_accuracy": float(accuracy),
+        "num_images": len(references),
+        "num_classes": len(names),
+        "num_templates": len(templates),
+    }
+    if return_predictions:
+        results["predictions"] = predictions
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image-text retrieval
+# --------------------------------------------------------------------------------------------------------------
+
+
+def captions_of(dataset) -> tuple[list[str], list[list[int]], list[int]]:
+    """Flatten the `text` column (a caption or a list of captions per image) into (captions, caption ids of each
+    image, image id of each caption)."""
+    if "text" not in dataset.column_names:
+        raise ValueError(f"The data has no 'text' column of captions (columns: {dataset.column_names}).")
+    captions: list[str] = []
+    image_captions: list[list[int]] = []
+    caption_image: list[int] = []
+    for index, text in enumerate(dataset.select_columns(["text"])[:]["text"]):
+        texts = [text] if isinstance(text, str) else list(text or [])
+        if not texts or not all(isinstance(caption, str) for caption in texts):
+            raise ValueError(f"Image {index} has no caption or a caption that is not a string: {text!r}.")
+        image_captions.append(list(range(len(captions), len(captions) + len(texts))))
+        caption_image.extend([index] * len(texts))
+        captions.extend(texts)
+    return captions, image_captions, caption_image
+
+
+def _top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int = 1024) -> list[list[int]]:
+    """Per query, the ids of its k most similar candidates, best first (blockwise: no full similarity matrix)."""
+    k = min(k, candidates.shape[0])
+    ranked = []
+    for start in range(0, queries.shape[0], block):
+        similarities = queries[start : start + block] @ candidates.T
+        ranked.extend(similarities.topk(k, dim=-1).indices.tolist())
+    return ranked
+
+
+def image_text_retrieval(
+    model,
+    processor,
+    data,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    k_values: Sequence[int] = RETRIEVAL_K,
+    split: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image->text and text->image retrieval recall@k of a CLIP-like model on captioned images.
+
+    Every image is a query over all captions, and is retrieved correctly at k when ANY of its captions is among
+    the k most similar; every caption is a query over all images, correct when its own image is among the k
+    most similar (the COCO / Flickr30k protocol).
+
+    Args:
+        model, processor: As for `zero_shot_classification`.
+        data: A captioned image folder (`metadata.jsonl` rows with `file_name` and `text`, a caption or a list of
+            captions), or a `datasets.Dataset` / `DatasetDict` with `image` and `text`.
+        batch_size: Images or captions per forward pass.
+        device: Move the model there first; default: leave it where it is.
+        k_values: The cut-offs k.
+        split: Split to use when `data` has several (default `test`, else `validation`).
+        progress: Show tqdm progress bars.
+
+    Returns:
+        `{"image_to_text_R@1", ..., "text_to_image_R@1", ..., "num_images", "num_texts"}`.
+    """
+    _check_batch_size(batch_size)
+    k_values = sorted({int(k) for k in k_values})
+    if not k_values or k_values[0] < 1:
+        raise ValueError(f"k_values must be positive integers, got {k_values}.")
+    dataset = load_image_dataset(data, split)
+    captions, image_captions, caption_image = captions_of(dataset)
+    with _EvalMode(model, device):
+        images = encode_images(model, processor, dataset, batch_size, device, progress)
+        texts = encode_texts(model, processor, captions, batch_size, device, progress)
+    recall = load_metric("recall_at_k")
+    results: dict[str, Any] = {}
+    directions = {
+        "image_to_text": (images, texts, image_captions),
+        "text_to_image": (texts, images, [[image] for image in caption_image]),
+    }
+    for direction, (queries, candidates, relevant) in directions.items():
+        ranked = _top_k(queries, candidates, k_values[-1]) if len(relevant) else []
+        scores = recall.compute(predictions=ranked, references=relevant, k=k_values)
+        results.update({f"{direction}_R@{k}": float(scores[f"recall@{k}"]) for k in k_values})
+    results["num_images"] = len(image_captions)
+    results["num_texts"] = len(captions)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results and command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_results(results: dict, path: str | os.PathLike) -> Path:
+    """Write `results` as indented JSON to `path` atomically: a temporary file in the same folder, fsynced, then
+    renamed over `path`, so readers never see a partial file."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            json.dump(results, handle, indent=2, default=_json_default)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class EvalArguments:
+    model: str = field(metadata={"help": "CLIP-like model: a folder or Hub id (loaded with trust_remote_code)."})
+    data: str = field(metadata={"help": "Image folder (imagefolder layout) to evaluate on."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file for the results (default: MODEL/eval_<task>.json for a local MODEL folder, "
+            "else ./eval_<task>.json)."
+        },
+    )
+    batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype, e.g. bfloat16 (default: as saved)."})
+    split: str | None = field(default=None, metadata={"help": "Split, when the data has several (default: test)."})
+
+
+@dataclass
+class ZeroShotEvalArguments(EvalArguments):
+    templates: str = field(
+        default="default",
+        metadata={
+            "help": "Prompt templates: 'default' (8), 'imagenet' (OpenAI's 80) or a text file with one "
+            "template per line, '{}' standing for the class name."
+        },
+    )
+
+
+@dataclass
+class RetrievalEvalArguments(EvalArguments):
+    pass
+
+
+EVAL_TASKS = {
+    "zero-shot": (ZeroShotEvalArguments, "Zero-shot classification top-1 accuracy on class sub-folders."),
+    "retrieval": (RetrievalEvalArguments, "Image<->text retrieval R@1/5/10 on a captioned image folder."),
+}
+
+
+def default_output_path(model: str, task: str) -> Path:
+    """`<model>/eval_<task>.json` for a local model folder, else `./eval_<task>.json`."""
+    model_dir = Path(model).expanduser()
+    return (model_dir if model_dir.is_dir() else Path.cwd()) / f"eval_{task}.json"
+
+
+def _templates_option(value: str) -> str | list[str]:
+    if value in TEMPLATE_SETS:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--templates must be one of {list(TEMPLATE_SETS)} or a text file; '{value}' is neither.")
+    templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    resolve_templates(templates)  # validate before loading the model
+    return templates
+
+
+def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
+    """`hf-moe eval {zero-shot,retrieval} --model M --data DATA [...]`: evaluate, print the results JSON, write it
+    to `--output`, and return it (None for `--help` / no task)."""
+    from transformers import AutoModel, AutoProcessor, HfArgumentParser
+
+    tasks = "\n".join(f"  {name:<12}{help_text}" for name, (_, help_text) in EVAL_TASKS.items())
+    usage = f"usage: hf-moe eval TASK --model MODEL --data DATA [options]\n\ntasks:\n{tasks}"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return None
+    task = argv[0]
+    if task not in EVAL_TASKS:
+        raise ValueError(f"Unknown evaluation task '{task}'; choose one of {', '.join(EVAL_TASKS)}.")
+    arguments_class, help_text = EVAL_TASKS[task]
+    parser = HfArgumentParser(arguments_class, prog=f"hf-moe eval {task}", description=help_text)
+    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
+    templates = _templates_option(args.templates) if task == "zero-shot" else None
+
+    load_kwargs: dict[str, Any] = {"trust_remote_code": True}
+    if args.dtype is not None:
+        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+            raise ValueError(f"--dtype '{args.dtype}' is not a torch dtype (e.g. float32, bfloat16, float16).")
+        load_kwargs["dtype"] = getattr(torch, args.dtype)
+    model = AutoModel.from_pretrained(args.model, **load_kwargs)
+    processor = AutoProcessor.from_pretrained(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if task == "zero-shot":
+        metrics = zero_shot_classification(
+            model,
+            processor,
+            args.data,
+            templates=templates,
+            batch_size=args.batch_size,
+            device=device,
+            split=args.split,
+        )
+    else:
+        metrics = image_text_retrieval(
+            model, processor, args.data, batch_size=args.batch_size, device=device, split=args.split
+        )
+    options = {key: value for key, value in asdict(args).items() if key not in ("model", "data", "output")}
+    options["device"] = device
+    if task == "zero-shot" and not isinstance(templates, str):
+        options["templates"] = templates
+    results = {"task": task, "model": args.model, "data": args.data, **metrics, "options": options}
+    output = Path(args.output) if args.output else default_output_path(args.model, task)
+    write_results(results, output)
+    print(json.dumps(results, indent=2, default=_json_default))
+    print(f"Wrote {output}", file=sys.stderr)
+    return results

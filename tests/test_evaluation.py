@@ -1,0 +1,267 @@
+"""Zero-shot classification and retrieval evaluation against brute-force references computed here, one image
+and one text at a time, for a dense CLIP folder and its upcycled CLIP-MoE loaded through trust_remote_code."""
+
+import json
+import shutil
+import socket
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor, CLIPModel
+
+from hf_moe.evaluation import (
+    DEFAULT_TEMPLATES,
+    IMAGENET_TEMPLATES,
+    class_names_of,
+    evaluate_command,
+    image_text_retrieval,
+    resolve_templates,
+    write_results,
+    zero_shot_classification,
+)
+from hf_moe.metrics import load_metric
+from hf_moe.toy import toy_clip_config
+from hf_moe.toy_data import DIGIT_NAMES, save_digit_caption_folder, save_digit_class_folders
+
+
+@pytest.fixture(scope="module")
+def varied_clip_dir(toy_clip_dir, tmp_path_factory):
+    """A toy CLIP initialised with 3x the usual weight scale: at the default scale a random CLIP gives every
+    digit image the same class, which would make the zero-shot comparison trivial; here predictions spread
+    over several classes (checked in the test)."""
+    torch.manual_seed(0)
+    config = toy_clip_config()
+    for sub_config in (config, config.text_config, config.vision_config):
+        sub_config.initializer_factor = 3.0
+    output = tmp_path_factory.mktemp("eval") / "clip"
+    CLIPModel(config).eval().save_pretrained(output)
+    AutoProcessor.from_pretrained(toy_clip_dir).save_pretrained(output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def varied_moe_dir(varied_clip_dir, tmp_path_factory):
+    from hf_moe.conversion import upcycle_clip
+
+    output = tmp_path_factory.mktemp("eval") / "clip-moe"
+    upcycle_clip(varied_clip_dir, output, num_experts=4, top_k=2, seed=0)
+    return output
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    return save_digit_class_folders(tmp_path_factory.mktemp("eval") / "classes", count=30)
+
+
+@pytest.fixture(scope="module")
+def caption_folder(tmp_path_factory):
+    return save_digit_caption_folder(tmp_path_factory.mktemp("eval") / "captions", count=12, captions_per_image=2)
+
+
+def load(model_dir):
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+MODELS = ["varied_clip_dir", "varied_moe_dir"]
+
+
+# ---------------------------------------------------------------- references: one image / one text at a time
+
+
+def features(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def embed_image(model, processor, image):
+    pixel_values = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
+    embedding = features(model.eval().get_image_features(pixel_values=pixel_values))[0]
+    return embedding / embedding.norm()
+
+
+@torch.no_grad()
+def embed_text(model, processor, text):
+    tokens = processor.tokenizer([text], truncation=True, return_tensors="pt")
+    output = model.eval().get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    embedding = features(output)[0]
+    return embedding / embedding.norm()
+
+
+def first_hit_rank(similarities, relevant):
+    """0-based rank of the best-ranked relevant candidate in a full descending sort."""
+    order = sorted(range(len(similarities)), key=lambda j: -float(similarities[j]))
+    return min(order.index(j) for j in relevant)
+
+
+# ---------------------------------------------------------------- templates and metric scripts
+
+
+def test_templates():
+    assert len(IMAGENET_TEMPLATES) == 80 and len(set(IMAGENET_TEMPLATES)) == 80
+    assert 6 <= len(DEFAULT_TEMPLATES) <= 10 and set(DEFAULT_TEMPLATES) <= set(IMAGENET_TEMPLATES)
+    assert all(template.count("{}") == 1 for template in IMAGENET_TEMPLATES)
+    assert resolve_templates(None) == DEFAULT_TEMPLATES
+    assert resolve_templates("imagenet") == IMAGENET_TEMPLATES
+    assert resolve_templates("a {} digit") == ("a {} digit",)
+    with pytest.raises(ValueError, match="exactly once"):
+        resolve_templates(["no placeholder"])
+
+
+def test_local_metric_scripts_need_no_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the metric scripts must load without network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    accuracy = load_metric("accuracy")
+    assert accuracy.compute(predictions=[0, 1, 2, 1], references=[0, 1, 1, 1]) == {"accuracy": 0.75}
+    recall = load_metric("recall_at_k")
+    scores = recall.compute(predictions=[[2, 0, 1], [1, 2, 0], [0, 2, 1]], references=[[0], [0, 2], [1]], k=[1, 2, 3])
+    assert scores == pytest.approx({"recall@1": 0.0, "recall@2": 2 / 3, "recall@3": 1.0})
+
+
+# ---------------------------------------------------------------- zero-shot classification
+
+
+@pytest.mark.parametrize("model_fixture", MODELS)
+def test_zero_shot_matches_reference_loop(model_fixture, class_folders, request):
+    model, processor = load(request.getfixturevalue(model_fixture))
+    assert type(model).__name__ == ("CLIPMoEModel" if "moe" in model_fixture else "CLIPModel")
+    model.train()
+    results = zero_shot_classification(
+        model, processor, class_folders, batch_size=7, return_predictions=True, progress=False
+    )
+    assert model.training, "the model's training flag is restored"
+
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(class_folders), split="train")
+    names = dataset.features["label"].names
+    class_embeddings = []
+    for name in names:
+        per_template = torch.stack([embed_text(model, processor, t.format(name)) for t in DEFAULT_TEMPLATES])
+        mean = per_template.mean(dim=0)
+        class_embeddings.append(mean / mean.norm())
+    class_embeddings = torch.stack(class_embeddings)
+    predictions, labels = [], []
+    for row in dataset:
+        predictions.append(int((class_embeddings @ embed_image(model, processor, row["image"])).argmax()))
+        labels.append(row["label"])
+
+    assert len(set(predictions)) >= 3, "the reference must not predict one class for every image"
+    assert results["predictions"] == predictions
+    assert results["top1_accuracy"] == pytest.approx(sum(p == y for p, y in zip(predictions, labels)) / len(labels))
+    assert results["num_images"] == 30 and results["num_classes"] == 10
+    assert results["num_templates"] == len(DEFAULT_TEMPLATES)
+
+
+def test_zero_shot_on_a_dataset_with_class_names(varied_clip_dir, class_folders):
+    model, processor = load(varied_clip_dir)
+    from_folder = zero_shot_classification(
+        model, processor, class_folders, templates="a {} digit", return_predictions=True, progress=False
+    )
+    folder = datasets.load_dataset("imagefolder", data_dir=str(class_folders), split="train")
+    # The same images with plain int labels, in digit order, and the class names passed explicitly.
+    folder_names = folder.features["label"].names
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [Image.open(path) for path in sorted(class_folders.rglob("*.png"))],
+            "label": [DIGIT_NAMES.index(path.parent.name) for path in sorted(class_folders.rglob("*.png"))],
+        }
+    )
+    from_dataset = zero_shot_classification(
+        model, processor, dataset, templates=["a {} digit"], class_names=DIGIT_NAMES, progress=False
+    )
+    assert from_dataset["top1_accuracy"] == pytest.approx(from_folder["top1_accuracy"])
+    assert from_folder["predictions"] != [from_folder["predictions"][0]] * 30
+    assert set(folder_names) == set(DIGIT_NAMES)
+
+    with pytest.raises(ValueError, match="class_names"):
+        zero_shot_classification(model, processor, dataset, progress=False)
+    named = datasets.Dataset.from_dict(
+        {"image": dataset["image"][:2], "label": [0, 1]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["big_cat", "dog"])}),
+    )
+    assert class_names_of(named) == ["big cat", "dog"]
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+@pytest.mark.parametrize("model_fixture", MODELS)
+def test_retrieval_matches_brute_force(model_fixture, caption_folder, request):
+    model, processor = load(request.getfixturevalue(model_fixture))
+    k_values = (1, 2, 5, 10, 12, 24)
+    results = image_text_retrieval(model, processor, caption_folder, batch_size=5, k_values=k_values, progress=False)
+
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(caption_folder), split="train")
+    images = torch.stack([embed_image(model, processor, row["image"]) for row in dataset])
+    captions, caption_image = [], []
+    for index, row in enumerate(dataset):
+        assert len(row["text"]) == 2
+        captions.extend(row["text"])
+        caption_image.extend([index, index])
+    texts = torch.stack([embed_text(model, processor, caption) for caption in captions])
+    similarities = images @ texts.T  # (12 images, 24 captions)
+
+    image_ranks = [
+        first_hit_rank(similarities[i], [j for j, owner in enumerate(caption_image) if owner == i])
+        for i in range(len(dataset))
+    ]
+    text_ranks = [first_hit_rank(similarities[:, j], [caption_image[j]]) for j in range(len(captions))]
+    for k in k_values:
+        assert results[f"image_to_text_R@{k}"] == pytest.approx(sum(r < k for r in image_ranks) / len(image_ranks))
+        assert results[f"text_to_image_R@{k}"] == pytest.approx(sum(r < k for r in text_ranks) / len(text_ranks))
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = [results[f"{direction}_R@{k}"] for k in k_values]
+        assert recalls == sorted(recalls), "R@k grows with k"
+        assert 0 < recalls[0] < 1, "a non-trivial case"
+    assert results["text_to_image_R@12"] == 1.0  # 12 images
+    assert results["image_to_text_R@24"] == 1.0  # 24 captions
+    assert results["num_images"] == 12 and results["num_texts"] == 24
+
+    default = image_text_retrieval(model, processor, caption_folder, progress=False)
+    assert set(default) == {
+        f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+    } | {"num_images", "num_texts"}
+    assert all(default[key] == pytest.approx(results[key]) for key in default)
+
+
+# ---------------------------------------------------------------- results file and command
+
+
+def test_write_results_is_atomic(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    write_results({"a": 1.0}, path)
+    write_results({"b": torch.tensor(0.5)}, path)
+    assert json.loads(path.read_text()) == {"b": 0.5}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+    with pytest.raises(TypeError):
+        write_results({"c": object()}, path)
+    assert json.loads(path.read_text()) == {"b": 0.5}, "a failed write leaves the old file"
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_evaluate_command(varied_moe_dir, class_folders, caption_folder, tmp_path, capsys):
+    output = tmp_path / "zero_shot.json"
+    argv = ["zero-shot", "--model", str(varied_moe_dir), "--data", str(class_folders)]
+    results = evaluate_command(argv + ["--output", str(output), "--batch_size", "16", "--templates", "imagenet"])
+    assert json.loads(output.read_text()) == results
+    assert json.loads(capsys.readouterr().out) == results
+    assert results["task"] == "zero-shot" and results["num_templates"] == 80 and results["num_images"] == 30
+    assert results["options"]["batch_size"] == 16
+
+    # Default output: inside the (local) model folder; the other spelling of the batch-size option.
+    model_copy = shutil.copytree(varied_moe_dir, tmp_path / "model")
+    results = evaluate_command(
+        ["retrieval", "--model", str(model_copy), "--data", str(caption_folder), "--batch-size", "5"]
+    )
+    assert json.loads((model_copy / "eval_retrieval.json").read_text()) == results
+    assert results["options"]["batch_size"] == 5 and results["num_texts"] == 24
+    assert 0.0 <= results["image_to_text_R@1"] <= results["image_to_text_R@10"] <= 1.0
+
+    with pytest.raises(ValueError, match="Unknown evaluation task"):
+        evaluate_command(["segmentation", "--model", "m", "--data", "d"])
+    with pytest.raises(ValueError, match="--templates"):
+        evaluate_command(argv + ["--templates", "no-such-set"])
