@@ -5,6 +5,8 @@ and `--num-experts` both work, as in transformers' examples.
     hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR
     hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
     hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
+    hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--templates default|imagenet|FILE] [--output FILE]
+    hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--output FILE]
 """
 
 import logging as pylogging
@@ -70,6 +72,12 @@ def train_router_command(argv: list[str]) -> None:
     print(f"Trained routers; the model is in {output_dir}")
 
 
+def eval_command(argv: list[str]) -> None:
+    from .evaluation import evaluate_command
+
+    evaluate_command(argv)
+
+
 def demo_command(argv: list[str]) -> None:
     from .demo import main as demo_main
 
@@ -81,6 +89,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "convert-clip-moe-original": (convert_clip_moe_original_command, "Convert an official CLIP-MoE .pt release."),
     "mcl": (mcl_command, "MCL expert extraction from a dense CLIP, then the CLIP-MoE in DIR/moe."),
     "train-router": (train_router_command, "Train the routers of a CLIP-MoE (CLIP loss + balance loss)."),
+    "eval": (eval_command, "Zero-shot classification or image-text retrieval evaluation (eval zero-shot|retrieval)."),
     "demo": (demo_command, "Build, upcycle, save, reload and run a small CLIP-MoE on bundled images."),
 }
 
