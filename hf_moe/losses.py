@@ -17,7 +17,10 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def clip_contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float, label_smoothing: float = 0.1
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    label_smoothing: float = 0.1,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch.
 

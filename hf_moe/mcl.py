@@ -83,7 +83,9 @@ def extract_features(
                         input_ids=batch["input_ids"].to(state.device),
                         attention_mask=batch["attention_mask"].to(state.device),
                     )
-                ).float().cpu()
+                )
+                .float()
+                .cpu()
             )
         tmp = shard_path(shard).with_suffix(".tmp")
         save_file({"image": torch.cat(images), "text": torch.cat(texts)}, tmp)
@@ -130,7 +132,9 @@ class ClusterBatchSampler(Sampler[list[int]]):
                 f"({sum(skipped.values())} samples): {dict(sorted(skipped.items()))}"
             )
         if not self.clusters:
-            raise ValueError(f"No cluster holds a global batch of {self.global_batch_size} samples; lower the batch size.")
+            raise ValueError(
+                f"No cluster holds a global batch of {self.global_batch_size} samples; lower the batch size."
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,7 +197,9 @@ def save_stage0(base: str, output_dir: Path, long_text: bool) -> None:
 def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> Path:
     """Run (or resume) MCL in `training_args.output_dir`: stage0..stage{N-1} and the CLIP-MoE in `moe/`."""
     if mcl_args.num_experts < 2:
-        raise ValueError(f"MCL needs num_experts >= 2 (one stage per expert after the base), got {mcl_args.num_experts}.")
+        raise ValueError(
+            f"MCL needs num_experts >= 2 (one stage per expert after the base), got {mcl_args.num_experts}."
+        )
     root, state = Path(training_args.output_dir), PartialState()
     stage_dirs = [root / f"stage{s}" for s in range(mcl_args.num_experts)]
     if not stage_dirs[0].exists():
@@ -272,5 +278,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((MCLArguments, CLIPMoETrainingArguments), prog="hf-moe mcl")
     mcl_args, training_args = parser.parse_args_into_dataclasses(argv)
     moe_dir = run_mcl(mcl_args, training_args)
-    logger.warning(f"MCL finished: stage checkpoints and the CLIP-MoE are in {training_args.output_dir} (moe/: {moe_dir})")
+    logger.warning(
+        f"MCL finished: stage checkpoints and the CLIP-MoE are in {training_args.output_dir} (moe/: {moe_dir})"
+    )
     return moe_dir

@@ -30,9 +30,13 @@ class RouterTrainingArguments:
 def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETrainingArguments) -> Path:
     """Train the routers of `script_args.model` on `script_args.data`; save the model and its processor in
     `training_args.output_dir`, resuming from the last checkpoint there if a previous run was interrupted."""
-    model = AutoModel.from_pretrained(script_args.model, trust_remote_code=True, expert_dropout=script_args.expert_dropout)
+    model = AutoModel.from_pretrained(
+        script_args.model, trust_remote_code=True, expert_dropout=script_args.expert_dropout
+    )
     if not hasattr(model.config, "num_local_experts"):
-        raise ValueError(f"{script_args.model} is a '{model.config.model_type}' model, not a CLIP-MoE: it has no routers.")
+        raise ValueError(
+            f"{script_args.model} is a '{model.config.model_type}' model, not a CLIP-MoE: it has no routers."
+        )
     processor = AutoProcessor.from_pretrained(script_args.model)
     dataset = load_image_text_dataset(script_args.data, streaming=script_args.streaming)
     trainer = CLIPMoETrainer(

@@ -64,7 +64,9 @@ class CLIPMoETrainer(Trainer):
         super().__init__(*args, **kwargs)
         trainable = freeze_all_but(self.model, self.args.trainable_parameters)
         count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        logger.info(f"Training {len(trainable)} tensors ({count:,} parameters) matching {self.args.trainable_parameters}")
+        logger.info(
+            f"Training {len(trainable)} tensors ({count:,} parameters) matching {self.args.trainable_parameters}"
+        )
         self._metric_sums = defaultdict(float)
         self._metric_counts = defaultdict(int)
 
@@ -117,7 +119,9 @@ class CLIPMoETrainer(Trainer):
         if self._metric_counts and "loss" in logs:
             for name, total in self._metric_sums.items():
                 mean = torch.tensor(total / self._metric_counts[name], device=self.args.device)
-                value = self.accelerator.reduce(mean, reduction="mean").item() if self.args.world_size > 1 else mean.item()
+                value = (
+                    self.accelerator.reduce(mean, reduction="mean").item() if self.args.world_size > 1 else mean.item()
+                )
                 if not math.isnan(value):
                     logs[name] = round(value, 6)
             self._metric_sums.clear()
