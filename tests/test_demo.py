@@ -11,7 +11,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert result["max_abs_difference"] <= 1e-5
     assert len(result["predictions"]) == 10 and all(0 <= p <= 9 for p in result["predictions"])
     assert (result["model_dir"] / "model.safetensors").is_file()
-    assert "The CLIP-MoE folder is" in capsys.readouterr().out
+    assert "The trained CLIP-MoE folder is" in capsys.readouterr().out
 
 
 def test_demo_command_is_wired(tmp_path):
