@@ -149,3 +149,16 @@ def test_trained_model_evaluates(recipe, tmp_path):
     retrieval = json.loads((tmp_path / "r.json").read_text())
     assert zero_shot["num_images"] == 30 and 0 <= zero_shot["top1_accuracy"] <= 1
     assert retrieval["text_to_image_R@10"] >= retrieval["text_to_image_R@1"]
+
+
+def test_router_training_resumes_from_its_last_checkpoint(recipe, tmp_path, caplog):
+    out = tmp_path / "resumed"
+    args = ["--model", str(recipe["moe"]), "--data", str(recipe["data"]), "--output_dir", str(out)]
+    flags = ["--per_device_train_batch_size", "16", "--report_to", "none", "--use_cpu", "--save_steps", "2"]
+    assert main(["train-router", *args, *flags, "--max_steps", "2"]) == 0  # "interrupted" after step 2
+    assert (out / "checkpoint-2").is_dir()
+    with caplog.at_level("WARNING"):
+        assert main(["train-router", *args, *flags, "--max_steps", "4"]) == 0
+    assert f"Resuming router training from {out / 'checkpoint-2'}" in caplog.text
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4

@@ -1,0 +1,47 @@
+"""The example scripts run under plain `python` and as several processes (torchrun, as `accelerate launch`
+starts them on GPUs; on CPU-only machines accelerate starts a single process, so torchrun stands in)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from hf_moe.toy_data import save_digit_caption_folder
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+COMMON = ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0"]
+
+
+def run(command, cwd):
+    subprocess.run(command, cwd=cwd, check=True, timeout=600, capture_output=True)
+
+
+def test_router_training_script_runs_under_plain_python(upcycled_dir, tmp_path):
+    data = save_digit_caption_folder(tmp_path / "captions", count=32)
+    out = tmp_path / "routed"
+    args = ["--model", str(upcycled_dir), "--data", str(data), "--output_dir", str(out), "--max_steps", "2"]
+    run(
+        [sys.executable, str(EXAMPLES / "train_clip_moe.py"), *args, "--per_device_train_batch_size", "8", *COMMON],
+        tmp_path,
+    )
+    before, after = load_file(upcycled_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = [key for key in after if not torch.equal(after[key], before[key])]
+    assert changed and all(key.endswith("router.weight") for key in changed)
+
+
+def test_mcl_script_runs_as_two_processes(toy_clip_dir, tmp_path):
+    data = save_digit_caption_folder(tmp_path / "captions", count=64)
+    out = tmp_path / "mcl"
+    args = ["--base", str(toy_clip_dir), "--data", str(data), "--output_dir", str(out), "--num_experts", "2"]
+    args += ["--image_clusters", "2", "--text_clusters", "1", "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    args += ["--feature_shard_size", "16"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run([*launcher, str(EXAMPLES / "train_clip_mcl.py"), *args, *COMMON], tmp_path)
+    assert len(list((out / "features" / "stage0").glob("shard-*.safetensors"))) == 4  # both ranks wrote shards
+    base, stage1 = load_file(out / "stage0" / "model.safetensors"), load_file(out / "stage1" / "model.safetensors")
+    changed = [key for key in stage1 if not torch.equal(stage1[key], base[key])]
+    assert changed and all(".mlp." in key for key in changed)
+    assert (out / "moe" / "model.safetensors").is_file()
