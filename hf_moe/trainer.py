@@ -3,7 +3,8 @@
 loss = CLIP contrastive loss (features all-gathered with gradient, label smoothing, fixed logit scale)
        + router_aux_loss_coef * (image balance loss + text balance loss) [+ router_z_loss_coef * z-losses]
 
-Only the parameters matching `trainable_parameters` train (the routers, by default). The contrastive loss,
+Only the parameters matching `trainable_parameters` train (the routers, by default; for a PEFT model pass
+`hf_moe.peft_utils.lora_trainable_parameters(lora_config)`). The contrastive loss,
 the aux loss and each MoE layer's expert-load fractions go to the Trainer's `report_to` targets.
 """
 
