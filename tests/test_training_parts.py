@@ -75,7 +75,10 @@ def test_cluster_sampler_refuses_when_no_cluster_fills_a_batch():
 def reference_contrastive(image, text, scale, smoothing):
     logits = scale * image @ text.T
     targets = torch.arange(len(image))
-    return (F.cross_entropy(logits, targets, label_smoothing=smoothing) + F.cross_entropy(logits.T, targets, label_smoothing=smoothing)) / 2
+    return (
+        F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        + F.cross_entropy(logits.T, targets, label_smoothing=smoothing)
+    ) / 2
 
 
 def embeddings(batch=8, dim=6, seed=0):
@@ -87,7 +90,9 @@ def embeddings(batch=8, dim=6, seed=0):
 
 def test_contrastive_loss_single_process_matches_reference():
     image, text = embeddings()
-    torch.testing.assert_close(clip_contrastive_loss(image, text, 100.0, 0.1), reference_contrastive(image, text, 100.0, 0.1))
+    torch.testing.assert_close(
+        clip_contrastive_loss(image, text, 100.0, 0.1), reference_contrastive(image, text, 100.0, 0.1)
+    )
 
 
 def _distributed_worker(rank: int, world_size: int, port: int, results: dict):
