@@ -1,6 +1,33 @@
-"""Inputs and small reference implementations shared by the tests."""
+"""Inputs, small reference implementations and a fresh-process runner shared by the tests."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
+
+
+# Prepended to scripts run by `run_without_hf_moe`: importing hf_moe fails, as on a Hub user's machine.
+BLOCK_HF_MOE = """
+import importlib.abc, sys
+
+class BlockHfMoe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_moe" or name.startswith("hf_moe."):
+            raise ImportError("hf_moe is deliberately not importable here")
+
+sys.meta_path.insert(0, BlockHfMoe())
+"""
+
+
+def run_without_hf_moe(script: str, args: list[str], workdir) -> None:
+    """Run `script` in a fresh interpreter where hf_moe cannot be imported (remote code comes from the folder)."""
+    path = workdir / "fresh.py"
+    path.write_text(BLOCK_HF_MOE + textwrap.dedent(script))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, str(path), *map(str, args)], cwd=workdir, env=env, check=True, timeout=300)
 
 
 def clip_inputs(config, batch_size: int = 3, seq_len: int = 9, seed: int = 0, pad: int = 0):

@@ -2,9 +2,6 @@
 training through CLIPMoETrainer, every experts implementation seeing the adapters, and merging back into a plain
 CLIP-MoE folder that loads with and without hf-moe's classes."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,19 +15,11 @@ from hf_moe.toy_data import digit_caption, digit_images
 from hf_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments, freeze_all_but
 
 from conftest import experts_implementations
-from helpers import clip_inputs
+from helpers import clip_inputs, run_without_hf_moe
 
 
 FRESH_PROCESS = textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class BlockHfMoe(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_moe" or name.startswith("hf_moe."):
-                raise ImportError("hf_moe is deliberately not importable here")
-
-    sys.meta_path.insert(0, BlockHfMoe())
     import torch
     from transformers import AutoModel
 
@@ -243,16 +232,7 @@ def test_merged_folder_matches_the_peft_model(trained, upcycled_dir, tmp_path):
             torch.testing.assert_close(getattr(out, field), getattr(expected, field), atol=1e-5, rtol=1e-5)
     # A fresh process without hf_moe (and never importing peft) loads the folder through its remote code.
     torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "fresh.py").write_text(FRESH_PROCESS)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "merged"), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        check=True,
-        timeout=300,
-    )
+    run_without_hf_moe(FRESH_PROCESS, [tmp_path / "merged", tmp_path], tmp_path)
     fresh_logits = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(fresh_logits, expected.logits_per_image, atol=1e-5, rtol=1e-5)
 

@@ -2,9 +2,6 @@
 `AutoModel` and `pipeline(..., trust_remote_code=True)`, with outputs identical to the in-process model."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,19 +11,12 @@ from transformers import pipeline
 
 from hf_moe.modeling import CLIPMoEModel
 
-from helpers import clip_inputs
+from helpers import clip_inputs, run_without_hf_moe
 
 
 FRESH_PROCESS = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockHfMoe(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_moe" or name.startswith("hf_moe."):
-                raise ImportError("hf_moe is deliberately not importable here")
-
-    sys.meta_path.insert(0, BlockHfMoe())
+    import json
     import torch
     from PIL import Image
     from transformers import AutoModel, pipeline
@@ -58,13 +48,7 @@ def test_fresh_process_without_hf_moe_loads_through_auto_model_and_pipeline(upcy
     torch.save(inputs, tmp_path / "inputs.pt")
     image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
     image.save(tmp_path / "image.png")
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH_PROCESS)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    subprocess.run(
-        [sys.executable, str(script), str(upcycled_dir), str(tmp_path)], cwd=tmp_path, env=env, check=True, timeout=300
-    )
+    run_without_hf_moe(FRESH_PROCESS, [upcycled_dir, tmp_path], tmp_path)
 
     remote = torch.load(tmp_path / "outputs.pt")
     assert remote["class"] == "CLIPMoEModel" and remote["module"].startswith("transformers_modules")
