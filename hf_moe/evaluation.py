@@ -189,7 +189,7 @@ def _image_batches(dataset, batch_size: int) -> Iterator[list[Image.Image]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _embeddings(output) -> torch.Tensor:
+def projected_embeddings(output) -> torch.Tensor:
     """The projected embeddings from a `get_*_features` return: a tensor, or an output with `pooler_output`."""
     if isinstance(output, torch.Tensor):
         return output
@@ -242,7 +242,7 @@ def encode_texts(
         features = model.get_text_features(
             input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
         )
-        chunks.append(torch.nn.functional.normalize(_embeddings(features).float(), dim=-1).cpu())
+        chunks.append(torch.nn.functional.normalize(projected_embeddings(features).float(), dim=-1).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -259,7 +259,7 @@ def encode_images(model, processor, dataset, batch_size: int = 64, device=None, 
     ):
         pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
         features = model.get_image_features(pixel_values=pixel_values.to(device=device, dtype=dtype))
-        chunks.append(torch.nn.functional.normalize(_embeddings(features).float(), dim=-1).cpu())
+        chunks.append(torch.nn.functional.normalize(projected_embeddings(features).float(), dim=-1).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 

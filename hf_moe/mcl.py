@@ -29,6 +29,7 @@ from transformers.utils import logging
 from .clustering import kmeans
 from .conversion.upcycle_clip import load_dense_clip, save_with_processor, upcycle_clip
 from .data import ImageTextCollator, add_index_column, load_image_text_dataset
+from .evaluation import projected_embeddings
 from .modeling import stretch_text_positions
 from .modeling.configuration_clip_moe import LONG_CLIP_TEXT_LENGTH
 from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments
@@ -48,11 +49,6 @@ class MCLArguments:
     long_text: bool = field(default=False, metadata={"help": "Long-CLIP: stretch text positions 77 -> 248."})
     feature_batch_size: int = field(default=256, metadata={"help": "Per-device batch size of feature extraction."})
     feature_shard_size: int = field(default=8192, metadata={"help": "Samples per feature shard file."})
-
-
-def _features(output) -> torch.Tensor:
-    """transformers 5 returns an output with the projected `pooler_output`; older versions a tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 @torch.inference_mode()
@@ -76,9 +72,9 @@ def extract_features(
         for start in range(rows.start, rows.stop, batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, rows.stop))])
             pixel_values = batch["pixel_values"].to(state.device, model.dtype)
-            images.append(_features(model.get_image_features(pixel_values=pixel_values)).float().cpu())
+            images.append(projected_embeddings(model.get_image_features(pixel_values=pixel_values)).float().cpu())
             texts.append(
-                _features(
+                projected_embeddings(
                     model.get_text_features(
                         input_ids=batch["input_ids"].to(state.device),
                         attention_mask=batch["attention_mask"].to(state.device),
