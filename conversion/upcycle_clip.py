@@ -195,15 +195,18 @@ def upcycle_clip(
     return model
 
 
-def save_with_processor(model: CLIPMoEModel, base: str | Path, output_dir: str | Path, overwrite: bool) -> None:
+def save_with_processor(model: CLIPMoEModel, base: str | Path | None, output_dir: str | Path, overwrite: bool) -> None:
     """Write `model` and the processor of `base` (its tokenizer truncating at the model's text length)
     atomically to `output_dir`, so the folder is complete for `pipeline()` and the Hub."""
-    try:
-        processor = AutoProcessor.from_pretrained(base)
-        processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
-    except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
-        logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
-        processor = None
+    processor = None
+    if base is None:
+        logger.warning(f"No base folder is known, so {output_dir} gets no processor.")
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(base)
+            processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
+        except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
+            logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
     with atomic_output_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if processor is not None:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoProcessor
 from transformers.utils import logging
 
-from .fileio import atomic_output_dir, check_output_dir
+from .conversion.upcycle_clip import save_with_processor
+from .fileio import check_output_dir
 from .modeling import CLIPMoEConfig, CLIPMoEModel
 
 
@@ -175,18 +175,7 @@ def merge_lora_into_folder(
         raise RuntimeError(f"PEFT weights survived merge_and_unload: {leftovers[:5]}")
     merged.eval()
 
-    processor = None
-    if base_model_dir is not None:
-        try:
-            processor = AutoProcessor.from_pretrained(base_model_dir)
-        except Exception as err:  # the merged model is still complete, only not ready for pipeline()
-            logger.warning(f"No processor could be loaded from '{base_model_dir}' ({err}); the folder will lack one.")
-    else:
-        logger.warning("No base_model_dir is known, so the merged folder gets no processor.")
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        merged.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+    save_with_processor(merged, base_model_dir, output_dir, overwrite)
     logger.info(f"Saved the merged CLIP-MoE to {output_dir}")
     return merged
 
