@@ -81,6 +81,10 @@ class MoETopKRouter(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
+        if not 1 <= self.top_k <= self.num_experts:  # also reached by from_pretrained(..., num_experts_per_tok=k)
+            raise ValueError(
+                f"num_experts_per_tok={self.top_k} must be between 1 and num_local_experts={self.num_experts}."
+            )
         self.norm_topk_prob = config.norm_topk_prob
         self.hidden_dim = config.hidden_size
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))

@@ -182,3 +182,8 @@ def test_long_text_upcycling_gives_248_positions(toy_clip_dir, tmp_path):
     assert ids.shape[1] == 248
     with torch.no_grad():
         assert model.get_text_features(input_ids=ids).pooler_output.isfinite().all()
+
+
+def test_loading_with_an_impossible_top_k_is_refused(upcycled_dir):
+    with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and num_local_experts=4"):
+        CLIPMoEModel.from_pretrained(upcycled_dir, num_experts_per_tok=5)

@@ -131,3 +131,32 @@ def test_contrastive_loss_gathers_features_with_gradient_across_two_processes():
     for rank in range(2):
         torch.testing.assert_close(results[rank][1] / 2, image.grad[rank * 4 : rank * 4 + 4], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(results[rank][2] / 2, text.grad[rank * 4 : rank * 4 + 4], atol=1e-6, rtol=1e-5)
+
+
+def test_feature_extraction_reuses_finished_shards(toy_clip_dir, tmp_path):
+    from transformers import AutoProcessor, CLIPModel
+
+    from hf_moe.data import ImageTextCollator, load_image_text_dataset
+    from hf_moe.mcl import extract_features
+    from hf_moe.toy_data import save_digit_caption_folder
+
+    dataset = load_image_text_dataset(save_digit_caption_folder(tmp_path / "data", count=20))
+    collator = ImageTextCollator(AutoProcessor.from_pretrained(toy_clip_dir))
+    model = CLIPModel.from_pretrained(toy_clip_dir)
+    image, text = extract_features(model, dataset, collator, tmp_path / "features", batch_size=3, shard_size=8)
+    shards = sorted((tmp_path / "features").glob("shard-*.safetensors"))
+    assert len(shards) == 3 and image.shape == (20, model.config.projection_dim)
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(20))
+    with torch.no_grad():
+        batch = collator([dataset[i] for i in range(20)])
+        expected = F.normalize(model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output, dim=-1)
+    torch.testing.assert_close(image, expected, atol=1e-5, rtol=1e-5)
+    # An interrupted run: one shard missing. Only it is recomputed (by a changed model, to tell them apart).
+    shards[1].unlink()
+    with torch.no_grad():
+        for parameter in model.visual_projection.parameters():
+            parameter.mul_(-1)
+    image2, _ = extract_features(model, dataset, collator, tmp_path / "features", batch_size=3, shard_size=8)
+    torch.testing.assert_close(image2[:8], image[:8])
+    torch.testing.assert_close(image2[8:16], -image[8:16], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image2[16:], image[16:])
