@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,14 +20,18 @@ def run(command, cwd):
     subprocess.run(command, cwd=cwd, check=True, timeout=600, capture_output=True)
 
 
-def test_router_training_script_runs_under_plain_python(upcycled_dir, tmp_path):
+# On a machine without GPUs, accelerate launch starts one process; the two-process case is torchrun's below.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+ACCELERATE += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize("launcher", [[sys.executable], ACCELERATE], ids=["python", "accelerate-launch"])
+def test_router_training_script_runs_under_python_and_accelerate_launch(upcycled_dir, tmp_path, launcher):
     data = save_digit_caption_folder(tmp_path / "captions", count=32)
     out = tmp_path / "routed"
     args = ["--model", str(upcycled_dir), "--data", str(data), "--output_dir", str(out), "--max_steps", "2"]
-    run(
-        [sys.executable, str(EXAMPLES / "train_clip_moe.py"), *args, "--per_device_train_batch_size", "8", *COMMON],
-        tmp_path,
-    )
+    script = [str(EXAMPLES / "train_clip_moe.py"), *args, "--per_device_train_batch_size", "8", *COMMON]
+    run([*launcher, *script], tmp_path)
     before, after = load_file(upcycled_dir / "model.safetensors"), load_file(out / "model.safetensors")
     changed = [key for key in after if not torch.equal(after[key], before[key])]
     assert changed and all(key.endswith("router.weight") for key in changed)
