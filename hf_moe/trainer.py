@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .losses import clip_contrastive_loss
-from .modeling import expert_load, router_z_loss
+from .modeling import expert_load
 
 
 logger = logging.get_logger(__name__)
@@ -86,14 +86,10 @@ class CLIPMoETrainer(Trainer):
         loss = contrastive
         self._record("contrastive_loss", contrastive)
         if is_moe:
-            loss = loss + config.router_aux_loss_coef * outputs.aux_loss
+            # The model owns the router terms (balance loss, z-loss) and their weights.
+            loss = loss + outputs.router_loss
             self._record("aux_loss", outputs.aux_loss)
-            if config.router_z_loss_coef > 0:
-                z_loss = router_z_loss(outputs.vision_router_logits) + router_z_loss(
-                    outputs.text_router_logits, inputs.get("attention_mask")
-                )
-                loss = loss + config.router_z_loss_coef * z_loss
-                self._record("z_loss", z_loss)
+            self._record("router_loss", outputs.router_loss)
             if self.args.log_expert_load:
                 self._record_expert_load(config, outputs, inputs.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss

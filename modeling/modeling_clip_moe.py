@@ -95,11 +95,14 @@ class CLIPMoEOutput(CLIPOutput):
     loss (`torch.FloatTensor`, *optional*, returned when `return_loss=True`): The contrastive loss, plus
         `router_aux_loss_coef * aux_loss` (and the z-loss term) when router logits are output.
     aux_loss (`torch.FloatTensor`, *optional*): Image balance loss + text balance loss, unscaled.
+    router_loss (`torch.FloatTensor`, *optional*): The weighted router terms of the training loss:
+        `router_aux_loss_coef * aux_loss` plus `router_z_loss_coef * z-loss` when that is enabled.
     vision_router_logits / text_router_logits (`tuple(torch.FloatTensor)`, *optional*): Router logits per
         MoE block of each tower, returned when `output_router_logits=True`.
     """
 
     aux_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
     vision_router_logits: tuple[torch.FloatTensor, ...] | None = None
     text_router_logits: tuple[torch.FloatTensor, ...] | None = None
 
@@ -357,8 +360,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
         logits_per_image = logits_per_text.t()
 
-        aux_loss = loss = None
-        router_loss = 0
+        aux_loss = loss = router_loss = None
         if output_router_logits:
             vision_aux, vision_extra = _tower_aux_loss(self.config.vision_config, vision_outputs.router_logits)
             text_aux, text_extra = _tower_aux_loss(self.config.text_config, text_outputs.router_logits, attention_mask)
@@ -366,7 +368,9 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
             aux_loss = sum(present) if present else None
             router_loss = vision_extra + text_extra
         if return_loss:
-            loss = image_text_contrastive_loss(logits_per_text) + router_loss
+            loss = image_text_contrastive_loss(logits_per_text)
+            if router_loss is not None:
+                loss = loss + router_loss
 
         return CLIPMoEOutput(
             loss=loss,
@@ -377,6 +381,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
             aux_loss=aux_loss,
+            router_loss=router_loss,
             vision_router_logits=vision_outputs.router_logits,
             text_router_logits=text_outputs.router_logits,
         )

@@ -160,3 +160,21 @@ def test_feature_extraction_reuses_finished_shards(toy_clip_dir, tmp_path):
     torch.testing.assert_close(image2[:8], image[:8])
     torch.testing.assert_close(image2[8:16], -image[8:16], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(image2[16:], image[16:])
+
+
+def test_trainer_loss_is_contrastive_plus_weighted_balance_and_z_losses(upcycled_dir, tmp_path):
+    from hf_moe.modeling import CLIPMoEModel, router_z_loss
+    from hf_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
+
+    from helpers import clip_inputs
+
+    model = CLIPMoEModel.from_pretrained(upcycled_dir, router_z_loss_coef=0.5).eval()
+    args = CLIPMoETrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = CLIPMoETrainer(model=model, args=args)
+    inputs = clip_inputs(model.config, pad=2)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        out = model(**inputs, output_router_logits=True)
+    z_loss = router_z_loss(out.vision_router_logits) + router_z_loss(out.text_router_logits, inputs["attention_mask"])
+    expected = clip_contrastive_loss(out.image_embeds, out.text_embeds, 100.0, 0.1) + 0.01 * out.aux_loss + 0.5 * z_loss
+    torch.testing.assert_close(loss, expected)
