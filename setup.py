@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["hf_moe", "hf_moe.modeling", "hf_moe.conversion", "hf_moe.metrics"],
+    packages=["hf_moe", "hf_moe.clip_moe", "hf_moe.modeling", "hf_moe.conversion", "hf_moe.metrics"],
     package_data={"hf_moe.metrics": ["*/*.py"]},
     package_dir={"hf_moe": "hf_moe", "hf_moe.modeling": "modeling", "hf_moe.conversion": "conversion"},
     install_requires=[

@@ -1,23 +1,34 @@
 # Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
 """hf-moe: mixture-of-experts models built from dense checkpoints, native to the Hugging Face stack.
 
-Importing the package registers every model family with transformers' Auto classes, so
+Importing `hf_moe` is cheap (no torch, no transformers), so `hf-moe --help` answers at once. The model classes
+load on first use, as in transformers: `hf_moe.CLIPMoEModel`, or `import hf_moe.modeling`, imports the model
+code and registers every family with transformers' Auto classes, after which
 `AutoModel.from_pretrained(folder)` works in process without `trust_remote_code`.
+
+Layout: shared modules (`data`, `losses`, `training`, `clustering`, `evaluation`, `hub`, `fileio`, `cli`) and
+one subpackage per family (`clip_moe`); families import shared modules, never each other.
 """
 
-from .modeling import (
-    CLIPMoEConfig,
-    CLIPMoEModel,
-    CLIPMoETextConfig,
-    CLIPMoETextModel,
-    CLIPMoETextModelWithProjection,
-    CLIPMoEVisionConfig,
-    CLIPMoEVisionModel,
-    CLIPMoEVisionModelWithProjection,
-)
-from .registration import register_auto_classes
+import importlib
 
 
 __version__ = "0.1.0"
 
-register_auto_classes()
+_MODELING_EXPORTS = (
+    "CLIPMoEConfig",
+    "CLIPMoEModel",
+    "CLIPMoETextConfig",
+    "CLIPMoETextModel",
+    "CLIPMoETextModelWithProjection",
+    "CLIPMoEVisionConfig",
+    "CLIPMoEVisionModel",
+    "CLIPMoEVisionModelWithProjection",
+)
+__all__ = ["__version__", *_MODELING_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _MODELING_EXPORTS:
+        return getattr(importlib.import_module(".modeling", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

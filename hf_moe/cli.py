@@ -1,75 +1,19 @@
-"""The `hf-moe` command. Every sub-command parses its options with `HfArgumentParser`, so `--num_experts`
-and `--num-experts` both work, as in transformers' examples.
+"""The `hf-moe` command: one table of sub-commands, to which each family contributes its own.
 
-    hf-moe upcycle-clip BASE [BASE ...] --num_experts N --top_k K --output_dir DIR [--long_text]
-    hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR
-    hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
-    hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
+Every sub-command parses its options with `HfArgumentParser`, so `--num_experts` and `--num-experts` both work,
+as in transformers' examples. Only the standard library is imported until a command runs.
+
     hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--templates default|imagenet|FILE] [--output FILE]
     hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--output FILE]
+    hf-moe prepare coco|flickr30k --annotations FILE --images DIR --output_dir DIR
+    hf-moe COMMAND --help     (the family commands: see `hf-moe --help`)
 """
 
 import logging as pylogging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-
-@dataclass
-class UpcycleClipArguments:
-    output_dir: str = field(metadata={"help": "Folder to write the CLIP-MoE model to (must be new or empty)."})
-    num_experts: int | None = field(
-        default=None, metadata={"help": "Experts per MoE block (default: number of BASEs)."}
-    )
-    top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
-    long_text: bool = field(default=False, metadata={"help": "Stretch text positions 77 -> 248 (Long-CLIP)."})
-    expert_dropout: float = field(default=0.0, metadata={"help": "Dropout inside experts (0.1 for router training)."})
-    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Balance-loss weight."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random router initialisation."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
-
-
-@dataclass
-class ConvertClipMoEOriginalArguments:
-    base: str = field(metadata={"help": "Dense CLIP the checkpoint was built from (architecture + processor)."})
-    output_dir: str = field(metadata={"help": "Folder to write the converted model to (must be new or empty)."})
-    top_k: int = field(default=2, metadata={"help": "Experts per token (the official release uses 2)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
-
-
-def upcycle_clip_command(argv: list[str]) -> None:
-    from .conversion import upcycle_clip
-
-    parser = HfArgumentParser(UpcycleClipArguments, prog="hf-moe upcycle-clip", description=upcycle_clip.__doc__)
-    parser.add_argument("bases", nargs="+", metavar="BASE", help="Dense CLIP checkpoints (Hub ids or folders).")
-    args, positional = parser.parse_args_into_dataclasses(argv)
-    upcycle_clip(positional.bases, **vars(args))
-    print(f"Upcycled {', '.join(positional.bases)} into {args.output_dir}")
-
-
-def convert_clip_moe_original_command(argv: list[str]) -> None:
-    from .conversion import convert_clip_moe_original
-
-    parser = HfArgumentParser(ConvertClipMoEOriginalArguments, prog="hf-moe convert-clip-moe-original")
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
-    args, positional = parser.parse_args_into_dataclasses(argv)
-    convert_clip_moe_original(positional.checkpoint, **vars(args))
-    print(f"Converted {positional.checkpoint} into {args.output_dir}")
-
-
-def mcl_command(argv: list[str]) -> None:
-    from .mcl import main as mcl_main
-
-    mcl_main(argv)
-
-
-def train_router_command(argv: list[str]) -> None:
-    from .train_router import main as train_router_main
-
-    output_dir = train_router_main(argv)
-    print(f"Trained routers; the model is in {output_dir}")
+from .clip_moe.commands import COMMANDS as CLIP_MOE_COMMANDS
 
 
 def eval_command(argv: list[str]) -> None:
@@ -78,27 +22,36 @@ def eval_command(argv: list[str]) -> None:
     evaluate_command(argv)
 
 
-def demo_command(argv: list[str]) -> None:
-    from .demo import main as demo_main
+def prepare_command(argv: list[str]) -> None:
+    from .prepare import main as prepare_main
 
-    demo_main(argv)
+    prepare_main(argv)
 
 
-COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
-    "upcycle-clip": (upcycle_clip_command, "Upcycle dense CLIP checkpoint(s) into a CLIP-MoE model."),
-    "convert-clip-moe-original": (convert_clip_moe_original_command, "Convert an official CLIP-MoE .pt release."),
-    "mcl": (mcl_command, "MCL expert extraction from a dense CLIP, then the CLIP-MoE in DIR/moe."),
-    "train-router": (train_router_command, "Train the routers of a CLIP-MoE (CLIP loss + balance loss)."),
+SHARED_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "eval": (eval_command, "Zero-shot classification or image-text retrieval evaluation (eval zero-shot|retrieval)."),
-    "demo": (demo_command, "Build, upcycle, save, reload and run a small CLIP-MoE on bundled images."),
+    "prepare": (prepare_command, "Turn official COCO / Flickr30k annotations into captioned image folders."),
 }
+
+# (family, its commands): the order of `hf-moe --help`.
+FAMILIES = [("shared", SHARED_COMMANDS), ("CLIP-MoE", CLIP_MOE_COMMANDS)]
+COMMANDS = {name: entry for _, commands in FAMILIES for name, entry in commands.items()}
+
+
+def usage() -> str:
+    sections = []
+    for family, commands in FAMILIES:
+        rows = "\n".join(f"  {name:<28}{help_text}" for name, (_, help_text) in commands.items())
+        sections.append(f"{family}:\n{rows}")
+    return "usage: hf-moe COMMAND [options]   (hf-moe COMMAND --help for its options)\n\n" + "\n\n".join(sections)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:<28}{help_text}" for name, (_, help_text) in COMMANDS.items())
-        print(f"usage: hf-moe COMMAND [options]\n\ncommands:\n{usage}", file=sys.stderr if argv else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"hf-moe: unknown command '{argv[0]}'\n", file=sys.stderr)
+        print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     # hf-moe's own progress messages (its loggers live outside the `transformers` logger tree).
     pylogging.basicConfig(format="[hf-moe] %(message)s")

@@ -1,6 +1,13 @@
 # Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
 """The model code of hf-moe. Each family is one `configuration_*.py` + `modeling_*.py` pair sharing `moe.py`;
-saved models carry exactly those files, so they load with `trust_remote_code=True` where hf_moe is absent."""
+saved models carry exactly those files, so they load with `trust_remote_code=True` where hf_moe is absent.
+
+Importing this package registers every family with transformers' Auto classes, so that in a process that
+imported it `AutoModel.from_pretrained(folder)` works without `trust_remote_code`. (This file is the
+package's, not the Hub's: only the flat `configuration_*` / `modeling_*` / `moe.py` files travel.)
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .modeling_clip_moe import (
@@ -14,3 +21,22 @@ from .modeling_clip_moe import (
     stretch_text_positions,
 )
 from .moe import MoEMLPExperts, MoESparseBlock, MoETopKRouter, expert_load, load_balancing_loss, router_z_loss
+
+
+# (config, Auto class -> model class) for in-process use; saved folders also carry an `auto_map`.
+AUTO_CLASSES = [
+    (CLIPMoEConfig, {AutoModel: CLIPMoEModel, AutoModelForZeroShotImageClassification: CLIPMoEModel}),
+    (CLIPMoETextConfig, {AutoModel: CLIPMoETextModel}),
+    (CLIPMoEVisionConfig, {AutoModel: CLIPMoEVisionModel}),
+]
+
+
+def register_auto_classes() -> None:
+    """Register every hf-moe family with AutoConfig and its Auto model classes (idempotent)."""
+    for config_class, models in AUTO_CLASSES:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for auto_class, model_class in models.items():
+            auto_class.register(config_class, model_class, exist_ok=True)
+
+
+register_auto_classes()

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, CLIPModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-import hf_moe  # noqa: F401  (registers the Auto classes)
+import hf_moe.modeling  # noqa: F401  (registers the Auto classes)
 from hf_moe.modeling import (
     CLIPMoEConfig,
     CLIPMoEModel,

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-import hf_moe.mcl
+import hf_moe.clip_moe.mcl
 from hf_moe.cli import main
+from hf_moe.clip_moe.mcl import MCLArguments, run_mcl
+from hf_moe.clip_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 from hf_moe.data import ImageTextCollator, load_image_text_dataset
-from hf_moe.mcl import MCLArguments, run_mcl
 from hf_moe.toy import save_toy_clip
 from hf_moe.toy_data import save_digit_caption_folder, save_digit_class_folders
-from hf_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 
 
 class RecordingCollator(ImageTextCollator):
@@ -51,7 +51,7 @@ def recipe(tmp_path_factory, request):
     base = save_toy_clip(root / "base")
     data = save_digit_caption_folder(root / "captions", count=96)
     mp = pytest.MonkeyPatch()
-    mp.setattr(hf_moe.mcl, "ImageTextCollator", RecordingCollator)
+    mp.setattr(hf_moe.clip_moe.mcl, "ImageTextCollator", RecordingCollator)
     RecordingCollator.batches = []
     args = MCLArguments(base=str(base), data=str(data), num_experts=3, top_k=2, image_clusters=2, text_clusters=2)
     moe_dir = run_mcl(args, training_args(root / "mcl"))

@@ -1,7 +1,7 @@
 """The README's first command: the demo runs offline end to end and the reloaded model keeps the dense function."""
 
 from hf_moe.cli import main
-from hf_moe.demo import run
+from hf_moe.clip_moe.demo import run
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

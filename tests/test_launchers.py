@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from hf_moe.toy_data import save_digit_caption_folder
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clip_moe"
 COMMON = ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0"]
 
 

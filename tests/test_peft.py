@@ -9,10 +9,11 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModel, AutoProcessor
 
+from hf_moe.clip_moe.lora import clip_moe_lora_config, lora_trainable_parameters, merge_lora_into_folder
+from hf_moe.clip_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 from hf_moe.modeling import CLIPMoEModel
-from hf_moe.peft_utils import clip_moe_lora_config, lora_trainable_parameters, merge_lora_into_folder
 from hf_moe.toy_data import digit_caption, digit_images
-from hf_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments, freeze_all_but
+from hf_moe.training import freeze_all_but
 
 from conftest import experts_implementations
 from helpers import clip_inputs, run_without_hf_moe

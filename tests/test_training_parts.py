@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_moe.clip_moe.mcl import ClusterBatchSampler, joint_cluster_labels
 from hf_moe.clustering import kmeans
 from hf_moe.losses import clip_contrastive_loss
-from hf_moe.mcl import ClusterBatchSampler, joint_cluster_labels
 
 
 def blobs(centers: torch.Tensor, per_cluster: int, spread: float = 0.05, seed: int = 0):
@@ -136,8 +136,8 @@ def test_contrastive_loss_gathers_features_with_gradient_across_two_processes():
 def test_feature_extraction_reuses_finished_shards(toy_clip_dir, tmp_path):
     from transformers import AutoProcessor, CLIPModel
 
+    from hf_moe.clip_moe.mcl import extract_features
     from hf_moe.data import ImageTextCollator, load_image_text_dataset
-    from hf_moe.mcl import extract_features
     from hf_moe.toy_data import save_digit_caption_folder
 
     dataset = load_image_text_dataset(save_digit_caption_folder(tmp_path / "data", count=20))
@@ -163,8 +163,8 @@ def test_feature_extraction_reuses_finished_shards(toy_clip_dir, tmp_path):
 
 
 def test_trainer_loss_is_contrastive_plus_weighted_balance_and_z_losses(upcycled_dir, tmp_path):
+    from hf_moe.clip_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
     from hf_moe.modeling import CLIPMoEModel, router_z_loss
-    from hf_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 
     from helpers import clip_inputs
 

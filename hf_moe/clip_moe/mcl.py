@@ -26,12 +26,12 @@ from transformers import AutoProcessor, CLIPModel
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .clustering import kmeans
-from .conversion.upcycle_clip import load_dense_clip, save_with_processor, upcycle_clip
-from .data import ImageTextCollator, add_index_column, load_image_text_dataset
-from .evaluation import projected_embeddings
-from .modeling import stretch_text_positions
-from .modeling.configuration_clip_moe import LONG_CLIP_TEXT_LENGTH
+from ..clustering import kmeans
+from ..conversion.upcycle_clip import load_dense_clip, save_with_processor, upcycle_clip
+from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
+from ..evaluation import projected_embeddings
+from ..modeling import stretch_text_positions
+from ..modeling.configuration_clip_moe import LONG_CLIP_TEXT_LENGTH
 from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 
 

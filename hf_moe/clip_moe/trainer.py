@@ -4,12 +4,11 @@ loss = CLIP contrastive loss (features all-gathered with gradient, label smoothi
        + router_aux_loss_coef * (image balance loss + text balance loss) [+ router_z_loss_coef * z-losses]
 
 Only the parameters matching `trainable_parameters` train (the routers, by default; for a PEFT model pass
-`hf_moe.peft_utils.lora_trainable_parameters(lora_config)`). The contrastive loss,
+`hf_moe.clip_moe.lora.lora_trainable_parameters(lora_config)`). The contrastive loss,
 the aux loss and each MoE layer's expert-load fractions go to the Trainer's `report_to` targets.
 """
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -17,8 +16,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .losses import clip_contrastive_loss
-from .modeling import expert_load
+from ..losses import clip_contrastive_loss
+from ..modeling import expert_load
+from ..training import freeze_all_but
 
 
 logger = logging.get_logger(__name__)
@@ -39,19 +39,6 @@ class CLIPMoETrainingArguments(TrainingArguments):
     )
     log_expert_load: bool = field(default=True, metadata={"help": "Log each MoE layer's expert-load fractions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Image-text rows are collated by hand."})
-
-
-def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
-    """Make exactly the parameters whose name matches one of `patterns` trainable; return their names."""
-    regexes = [re.compile(pattern) for pattern in patterns]
-    trainable = []
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(any(regex.search(name) for regex in regexes))
-        if parameter.requires_grad:
-            trainable.append(name)
-    if not trainable:
-        raise ValueError(f"No parameter name matches trainable_parameters={patterns}.")
-    return trainable
 
 
 class CLIPMoETrainer(Trainer):

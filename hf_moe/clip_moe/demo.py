@@ -22,10 +22,10 @@ import torch
 from transformers import CLIPModel
 from transformers.utils import logging
 
-from .conversion import upcycle_clip
+from ..conversion import upcycle_clip
+from ..toy import save_toy_clip
+from ..toy_data import digit_images, save_digit_caption_folder
 from .mcl import MCLArguments, run_mcl
-from .toy import save_toy_clip
-from .toy_data import digit_images, save_digit_caption_folder
 from .train_router import RouterTrainingArguments, train_router
 from .trainer import CLIPMoETrainingArguments
 

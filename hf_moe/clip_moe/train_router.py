@@ -2,7 +2,7 @@
 loss = CLIP contrastive loss + router_aux_loss_coef * (image balance loss + text balance loss).
 
     hf-moe train-router --model clip-moe --data captions/ --output_dir clip-moe-routed --max_steps 1000
-    accelerate launch examples/train_clip_moe.py --model clip-moe --data shards/ --output_dir out ...
+    accelerate launch examples/clip_moe/train_clip_moe.py --model clip-moe --data shards/ --output_dir out ...
 """
 
 from dataclasses import dataclass, field
@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .data import ImageTextCollator, load_image_text_dataset
+from ..data import ImageTextCollator, load_image_text_dataset
 from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 
 

@@ -15,7 +15,7 @@ Expert biases are not adapted (LoRA has none); routers can be trained fully (`ro
 `modules_to_save`, so they are saved with the adapter and merged back).
 
     from peft import get_peft_model
-    from hf_moe.peft_utils import clip_moe_lora_config, lora_trainable_parameters, merge_lora_into_folder
+    from hf_moe.clip_moe.lora import clip_moe_lora_config, lora_trainable_parameters, merge_lora_into_folder
 
     config = clip_moe_lora_config(r=8, routers_trainable=True)
     model = get_peft_model(CLIPMoEModel.from_pretrained("clip-moe-l14"), config)
@@ -31,9 +31,9 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers.utils import logging
 
-from .conversion.upcycle_clip import save_with_processor
-from .fileio import check_output_dir
-from .modeling import CLIPMoEConfig, CLIPMoEModel
+from ..conversion.upcycle_clip import save_with_processor
+from ..fileio import check_output_dir
+from ..modeling import CLIPMoEConfig, CLIPMoEModel
 
 
 logger = logging.get_logger(__name__)

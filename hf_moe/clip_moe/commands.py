@@ -1,0 +1,86 @@
+"""CLIP-MoE's `hf-moe` sub-commands. Only the standard library is imported here: `hf-moe --help` reads
+`COMMANDS` without importing torch or transformers; each command imports its module when it runs.
+
+    hf-moe upcycle-clip BASE [BASE ...] --num_experts N --top_k K --output_dir DIR [--long_text]
+    hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR
+    hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
+    hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
+    hf-moe demo [--output_dir DIR]
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class UpcycleClipArguments:
+    output_dir: str = field(metadata={"help": "Folder to write the CLIP-MoE model to (must be new or empty)."})
+    num_experts: int | None = field(
+        default=None, metadata={"help": "Experts per MoE block (default: number of BASEs)."}
+    )
+    top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
+    long_text: bool = field(default=False, metadata={"help": "Stretch text positions 77 -> 248 (Long-CLIP)."})
+    expert_dropout: float = field(default=0.0, metadata={"help": "Dropout inside experts (0.1 for router training)."})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Balance-loss weight."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random router initialisation."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+@dataclass
+class ConvertClipMoEOriginalArguments:
+    base: str = field(metadata={"help": "Dense CLIP the checkpoint was built from (architecture + processor)."})
+    output_dir: str = field(metadata={"help": "Folder to write the converted model to (must be new or empty)."})
+    top_k: int = field(default=2, metadata={"help": "Experts per token (the official release uses 2)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+def upcycle_clip_command(argv: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from ..conversion import upcycle_clip
+
+    parser = HfArgumentParser(UpcycleClipArguments, prog="hf-moe upcycle-clip", description=upcycle_clip.__doc__)
+    parser.add_argument("bases", nargs="+", metavar="BASE", help="Dense CLIP checkpoints (Hub ids or folders).")
+    args, positional = parser.parse_args_into_dataclasses(argv)
+    upcycle_clip(positional.bases, **vars(args))
+    print(f"Upcycled {', '.join(positional.bases)} into {args.output_dir}")
+
+
+def convert_clip_moe_original_command(argv: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from ..conversion import convert_clip_moe_original
+
+    parser = HfArgumentParser(ConvertClipMoEOriginalArguments, prog="hf-moe convert-clip-moe-original")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
+    args, positional = parser.parse_args_into_dataclasses(argv)
+    convert_clip_moe_original(positional.checkpoint, **vars(args))
+    print(f"Converted {positional.checkpoint} into {args.output_dir}")
+
+
+def mcl_command(argv: list[str]) -> None:
+    from .mcl import main as mcl_main
+
+    mcl_main(argv)
+
+
+def train_router_command(argv: list[str]) -> None:
+    from .train_router import main as train_router_main
+
+    output_dir = train_router_main(argv)
+    print(f"Trained routers; the model is in {output_dir}")
+
+
+def demo_command(argv: list[str]) -> None:
+    from .demo import main as demo_main
+
+    demo_main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "upcycle-clip": (upcycle_clip_command, "Upcycle dense CLIP checkpoint(s) into a CLIP-MoE model."),
+    "convert-clip-moe-original": (convert_clip_moe_original_command, "Convert an official CLIP-MoE .pt release."),
+    "mcl": (mcl_command, "MCL expert extraction from a dense CLIP, then the CLIP-MoE in DIR/moe."),
+    "train-router": (train_router_command, "Train the routers of a CLIP-MoE (CLIP loss + balance loss)."),
+    "demo": (demo_command, "Train a small CLIP on digits, upcycle it, reload it without hf_moe, compare accuracy."),
+}
