@@ -1,0 +1,246 @@
+"""Model cards and Hub uploads for every folder hf-moe writes.
+
+Every command that writes a model calls `write_model_card` on its (temporary) output folder, so the folder is
+ready for the Hub as it is: `push_to_hub` uploads exactly that folder. Evaluation results are merged into an
+existing card by `add_eval_results`, both as card-data `eval_results` (which the Hub renders as a results
+widget) and as a table in the card's body.
+"""
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
+from transformers.utils import logging
+
+from .fileio import atomic_output_file
+
+
+logger = logging.get_logger(__name__)
+
+ALWAYS_TAGS = ("hf-moe", "mixture-of-experts")
+# The metrics table in the card body lives between these markers, so it can be regenerated when results merge.
+METRICS_BEGIN = "<!-- hf-moe metrics begin -->"
+METRICS_END = "<!-- hf-moe metrics end -->"
+# Temporary folders of `hf_moe.fileio.atomic_output_dir` are named `.NAME.tmp-...`: the card must name NAME.
+_TEMP_FOLDER = re.compile(r"^\.(?P<name>.+?)\.tmp-")
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ description }}
+
+## How it was built
+
+{{ how_built }}
+
+## Usage
+
+The model code travels with the weights, so no hf-moe install is needed; `trust_remote_code=True` runs the
+`*.py` files of this repository.
+
+```python
+{{ usage }}
+```
+
+## Evaluation
+
+{{ metrics_table }}
+"""
+
+DEFAULT_DESCRIPTION = (
+    "A mixture-of-experts model built from dense checkpoints with "
+    "[hf-moe](https://github.com/hf-moe/hf-moe): a `transformers` model whose MoE blocks use the packed-experts "
+    'layout, so `experts_implementation="eager" | "batched_mm" | "grouped_mm"` works as for Mixtral.'
+)
+
+
+def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-classification") -> str:
+    """A runnable snippet: the `model_id = ...` line is the only one a reader (or a test) needs to change."""
+    lines = [
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoModel, AutoProcessor, pipeline",
+        "",
+        f"model_id = {model_id!r}",
+        "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+        "processor = AutoProcessor.from_pretrained(model_id)",
+        'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+        'labels = ["a photo of a cat", "a photo of a dog"]',
+        'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
+        "with torch.no_grad():",
+        "    probs = model(**inputs).logits_per_image.softmax(dim=-1)",
+        "print(dict(zip(labels, probs[0].tolist())))",
+    ]
+    if pipeline_tag == "zero-shot-image-classification":
+        lines += [
+            "",
+            'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
+            "print(classifier(image, candidate_labels=labels))",
+        ]
+    return "\n".join(lines)
+
+
+def model_name_for(folder: str | Path) -> str:
+    """The name a card should show for `folder`: the target's name when `folder` is an atomic temp folder."""
+    name = Path(folder).resolve().name
+    match = _TEMP_FOLDER.match(name)
+    return match["name"] if match else name
+
+
+def _metrics_table(eval_results: Iterable[EvalResult], untyped: dict | None = None) -> str:
+    rows = [
+        f"| {result.task_type} | {result.dataset_name} | {result.metric_name or result.metric_type} | "
+        f"{_format(result.metric_value)} |"
+        for result in eval_results
+    ]
+    rows += [f"| | | {name} | {_format(value)} |" for name, value in (untyped or {}).items()]
+    if not rows:
+        body = "Not evaluated yet (`hf-moe eval zero-shot|retrieval --model FOLDER` adds results here)."
+    else:
+        body = "\n".join(["| task | dataset | metric | value |", "| --- | --- | --- | --- |", *rows])
+    return f"{METRICS_BEGIN}\n{body}\n{METRICS_END}"
+
+
+def _format(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _eval_results(metrics: dict, task: str, dataset: str) -> list[EvalResult]:
+    return [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=name,
+            metric_name=name,
+            metric_value=float(value) if isinstance(value, (int, float)) else value,
+        )
+        for name, value in metrics.items()
+    ]
+
+
+def write_model_card(
+    folder: str | Path,
+    *,
+    base_model: str | list[str] | None,
+    how_built: str,
+    tags: Iterable[str] = (),
+    pipeline_tag: str | None = "zero-shot-image-classification",
+    usage: str | None = None,
+    metrics: dict | None = None,
+    model_name: str | None = None,
+    metrics_task: str | None = None,
+    metrics_dataset: str | None = None,
+    description: str | None = None,
+) -> ModelCard:
+    """Write `folder/README.md`: a `huggingface_hub.ModelCard` for the model saved in `folder`.
+
+    Args:
+        folder: The model folder (may be the temporary folder of `atomic_output_dir`; the card then names the
+            target folder).
+        base_model: Hub id(s) or folder(s) of the dense checkpoint(s) the model was built from (card data
+            `base_model`, which links the Hub's model tree).
+        how_built: Free text (markdown): the command line and options, what each expert came from.
+        tags: Extra tags; "hf-moe" and "mixture-of-experts" are always present.
+        pipeline_tag: The Hub task widget.
+        usage: Python code for the usage section; by default loading with `AutoModel` / `pipeline` and
+            `trust_remote_code=True` from `model_name`.
+        metrics: `{metric: value}` shown in the evaluation table (and, when `metrics_task` and
+            `metrics_dataset` are given, also recorded as card-data `eval_results`).
+        model_name: The repo id or folder the usage snippet loads; default the folder's name.
+        description: What the model is (one paragraph); default a generic hf-moe description.
+
+    Returns:
+        The card (also saved as `folder/README.md`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot write a model card: model folder '{folder}' does not exist.")
+    model_name = model_name or model_name_for(folder)
+    tags = list(dict.fromkeys([*ALWAYS_TAGS, *tags]))
+    if isinstance(base_model, (list, tuple)):
+        base_model = [str(base) for base in base_model]
+        base_model = base_model[0] if len(base_model) == 1 else base_model
+    elif base_model is not None:
+        base_model = str(base_model)
+    eval_results, untyped = None, metrics
+    if metrics and metrics_task and metrics_dataset:
+        eval_results, untyped = _eval_results(metrics, metrics_task, metrics_dataset), None
+    card_data = ModelCardData(
+        base_model=base_model,
+        tags=tags,
+        pipeline_tag=pipeline_tag,
+        library_name="transformers",
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        description=description or DEFAULT_DESCRIPTION,
+        how_built=how_built.strip(),
+        usage=(usage if usage is not None else default_usage(model_name, pipeline_tag)).strip(),
+        metrics_table=_metrics_table(eval_results or [], untyped),
+    )
+    card.save(folder / "README.md")
+    return card
+
+
+def add_eval_results(folder: str | Path, metrics: dict, *, task: str, dataset: str) -> ModelCard | None:
+    """Merge `metrics` (`{metric: value}`) measured on `dataset` for `task` into the card of the local model
+    folder `folder`: card-data `eval_results` (replacing earlier values of the same task/dataset/metric) and
+    the evaluation table in the body. A no-op (logged) when `folder` is not a local folder with a card."""
+    card_path = Path(folder) / "README.md"
+    if not card_path.is_file():
+        logger.info(f"'{folder}' is not a local model folder with a model card; the results are not recorded there.")
+        return None
+    card = ModelCard.load(card_path)
+    new = _eval_results(metrics, task, dataset)
+    replaced = {(r.task_type, r.dataset_name, r.metric_type) for r in new}
+    kept = [r for r in card.data.eval_results or [] if (r.task_type, r.dataset_name, r.metric_type) not in replaced]
+    card.data.eval_results = kept + new
+    if not card.data.model_name:  # the Hub requires a model name beside eval_results
+        card.data.model_name = model_name_for(folder)
+    table = _metrics_table(card.data.eval_results)
+    text = card.text
+    if METRICS_BEGIN in text and METRICS_END in text:
+        before, rest = text.split(METRICS_BEGIN, 1)
+        after = rest.split(METRICS_END, 1)[1]
+        text = before + table + after
+    else:  # a card written by someone else: append the section
+        text = text.rstrip() + "\n\n## Evaluation\n\n" + table + "\n"
+    card.text = text
+    with atomic_output_file(card_path) as tmp:
+        card.save(tmp)
+    logger.info(f"Recorded {', '.join(metrics)} on {dataset} in {card_path}")
+    return card
+
+
+def push_to_hub(
+    folder: str | Path,
+    hub_model_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create `hub_model_id` if needed and upload the model folder `folder` to it; returns the repo URL."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot push: model folder '{folder}' does not exist.")
+    if not hub_model_id:
+        raise ValueError("push_to_hub needs a hub_model_id (--hub_model_id NAMESPACE/NAME).")
+    repo_url = create_repo(hub_model_id, token=token, private=private, exist_ok=True)
+    upload_folder(
+        repo_id=repo_url.repo_id,
+        folder_path=folder,
+        commit_message=commit_message or f"Upload {model_name_for(folder)} with hf-moe",
+        token=token,
+    )
+    logger.info(f"Pushed {folder} to {repo_url}")
+    return str(repo_url)

@@ -1,0 +1,195 @@
+"""`from_pretrained` with errors a user can act on.
+
+transformers treats any name it cannot find locally as a Hub id: a mistyped local folder is retried against the
+Hub (for tens of seconds offline) and ends in a message about repositories; a truncated safetensors file ends in
+a deserialisation traceback that names no file; and a dense model given where a CLIP-MoE is needed (or the
+reverse) fails late or, worse, silently does the wrong thing. `load_pretrained` checks all three first.
+"""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# model_type of every hf-moe mixture-of-experts config (the joint model and its single towers).
+MOE_MODEL_TYPES = {"clip_moe", "clip_moe_text_model", "clip_moe_vision_model"}
+
+
+def _is_hub_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def looks_like_local_path(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` can only mean a local path: a `Path`, a name starting with `/`, `.` or `~`, or one
+    with a path separator that is not a valid Hub repo id (`namespace/name`)."""
+    if isinstance(name_or_path, Path):
+        return True
+    name = str(name_or_path)
+    if name.startswith(("/", ".", "~")):
+        return True
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(sep in name for sep in separators) and not _is_hub_repo_id(name)
+
+
+def check_safetensors_file(path: str | Path) -> None:
+    """Raise an OSError naming `path` when it is not a complete safetensors file (truncated, empty, garbled
+    header). Reads only the header, so it is cheap for any size."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            if size < 8:
+                raise ValueError(f"{size} bytes, shorter than a safetensors header")
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if 8 + header_size > size:
+                raise ValueError(f"its header claims {header_size} bytes but the file has {size}")
+            header = json.loads(handle.read(header_size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        raise OSError(f"Model weights file '{path}' is corrupt ({err}); re-create or re-download it.") from err
+    needed = 8 + header_size + max(ends, default=0)
+    if size < needed:
+        raise OSError(
+            f"Model weights file '{path}' is truncated: {size} bytes, but its header needs {needed} "
+            "(an interrupted copy or download?); re-create or re-download it."
+        )
+
+
+def check_model_path(name_or_path: str | Path) -> str | Path:
+    """Cheap checks before any loading: a local path must exist and be a folder, and its safetensors files
+    must be complete. Hub ids pass unchanged. Returns `name_or_path`."""
+    if not looks_like_local_path(name_or_path) and not Path(name_or_path).exists():
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model folder '{name_or_path}' does not exist.")
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"'{name_or_path}' is a file; pass the model folder (the one holding config.json) instead."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder '{name_or_path}' holds no config.json; is it a saved model?")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(weights)
+    return name_or_path
+
+
+def check_moe(config, name_or_path, require_moe: bool | None) -> None:
+    """Refuse a dense model where an MoE is needed (`require_moe=True`) or an MoE where a dense model is."""
+    model_type = getattr(config, "model_type", None)
+    is_moe = model_type in MOE_MODEL_TYPES
+    if require_moe and not is_moe:
+        raise ValueError(
+            f"'{name_or_path}' is a '{model_type}' model, not a CLIP-MoE (model_type 'clip_moe'): upcycle it first "
+            f"(`hf-moe upcycle-clip {name_or_path} --num_experts N --output_dir DIR`) and pass DIR."
+        )
+    if require_moe is False and is_moe:
+        raise ValueError(
+            f"'{name_or_path}' is already a CLIP-MoE ('{model_type}'); this step needs a DENSE CLIP "
+            "(model_type 'clip'), such as the checkpoint the CLIP-MoE was upcycled from."
+        )
+
+
+def load_config(name_or_path: str | Path, *, trust_remote_code: bool = False, require_moe: bool | None = None):
+    """`AutoConfig.from_pretrained` after `check_model_path`, with `require_moe` checked (no weights loaded)."""
+    from transformers import AutoConfig
+
+    import hf_moe.modeling  # noqa: F401  (registers hf-moe's configs, so its own models need no remote code)
+
+    check_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"Could not read the model config of '{name_or_path}': {err}") from err
+    check_moe(config, name_or_path, require_moe)
+    return config
+
+
+def load_pretrained(
+    name_or_path: str | Path,
+    auto_class=None,
+    *,
+    trust_remote_code: bool = False,
+    require_moe: bool | None = None,
+    **kwargs,
+):
+    """`auto_class.from_pretrained(name_or_path, **kwargs)` (default `AutoModel`) with clear errors.
+
+    Args:
+        name_or_path: Hub id or local folder.
+        auto_class: An Auto class or a model class with `from_pretrained`.
+        trust_remote_code: Run the `*.py` files of a folder or repo. hf-moe's own models do not need it in
+            this process (importing `hf_moe.modeling` registers them with the Auto classes).
+        require_moe: `True`: refuse anything but an hf-moe MoE; `False`: refuse an hf-moe MoE (steps that need
+            a dense model, such as upcycling and MCL); `None`: accept both.
+        kwargs: Passed to `from_pretrained` (`dtype`, `device_map`, config overrides, ...).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist (at once, without trying the Hub).
+        OSError: a truncated or corrupt weights file (named), or a model that cannot be loaded.
+        ValueError: a dense model where an MoE is required, or the reverse.
+    """
+    from transformers import AutoModel
+
+    auto_class = auto_class or AutoModel
+    config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key not in _LOADING_KWARGS}
+    config = load_config(name_or_path, trust_remote_code=trust_remote_code, require_moe=require_moe)
+    for key, value in config_overrides.items():
+        _set_config_value(config, key, value)
+    try:
+        return auto_class.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        raise OSError(f"Could not load the model '{name_or_path}': {err}") from err
+    except Exception as err:
+        # safetensors' and torch's deserialisation errors are not OSErrors; in a file that passed
+        # `check_model_path` they mean a corrupt remote or non-safetensors checkpoint.
+        if type(err).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "HeaderTooSmall"):
+            raise OSError(f"The weights of '{name_or_path}' are corrupt or truncated: {err}") from err
+        raise
+
+
+# `from_pretrained` keywords that are not config fields (anything else in kwargs overrides the config).
+_LOADING_KWARGS = {
+    "cache_dir",
+    "device_map",
+    "dtype",
+    "torch_dtype",
+    "experts_implementation",
+    "attn_implementation",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "low_cpu_mem_usage",
+    "max_memory",
+    "offload_folder",
+    "quantization_config",
+    "use_safetensors",
+    "weights_only",
+    "ignore_mismatched_sizes",
+    "output_loading_info",
+    "tp_plan",
+    "key_mapping",
+}
+
+
+def _set_config_value(config, key: str, value) -> None:
+    """Set a config override on the joint config and, for MoE fields the towers carry, on each tower too
+    (as `CLIPMoEConfig` does for its own constructor arguments)."""
+    setattr(config, key, value)
+    for sub_name in ("text_config", "vision_config"):
+        sub_config = getattr(config, sub_name, None)
+        if sub_config is not None and hasattr(sub_config, key):
+            setattr(sub_config, key, value)
