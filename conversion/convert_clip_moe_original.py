@@ -18,9 +18,16 @@ import torch
 from transformers.utils import logging
 
 from ..fileio import check_output_dir
+from ..hub import base_model_of
 from ..modeling import CLIPMoEModel
 from ..modeling.configuration_clip_moe import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_TEXT_LENGTH
-from .upcycle_clip import clip_moe_config_from_dense, load_dense_clip, save_with_processor
+from .upcycle_clip import (
+    check_hub_model_id,
+    clip_moe_config_from_dense,
+    command_line,
+    load_dense_clip_config,
+    save_with_processor,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -150,25 +157,41 @@ def _text_positions(original: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def convert_clip_moe_original(
-    checkpoint: str | Path, base: str | Path, output_dir: str | Path, top_k: int = 2, overwrite: bool = False
+    checkpoint: str | Path,
+    base: str | Path,
+    output_dir: str | Path,
+    top_k: int = 2,
+    overwrite: bool = False,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
 ) -> CLIPMoEModel:
-    """Convert an official CLIP-MoE `.pt` release into a CLIPMoEModel folder (safetensors + remote code + processor).
+    """Convert an official CLIP-MoE `.pt` release into a CLIPMoEModel folder (safetensors + remote code + processor
+    + model card).
 
     Args:
         checkpoint: The official state dict file.
         base: The dense CLIP it was built from (Hub id or folder): architecture and processor.
-        output_dir: Where to write (atomically).
+        output_dir: Where to write (atomically); it may not hold `checkpoint` or `base`.
         top_k: Experts per token (the official release uses 2; the checkpoint does not record it).
+        push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
+            `hub_token` and, for a new repo, `hub_private_repo`.
     """
-    check_output_dir(output_dir, overwrite)
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    check_output_dir(output_dir, overwrite, inputs=[checkpoint, base])
+    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
     original = load_original_state_dict(checkpoint)
     num_experts, vision_layers, text_layers = moe_layout(original)
+    if top_k > num_experts:
+        raise ValueError(f"--top_k {top_k} is more than the {num_experts} experts of {checkpoint}.")
     converted = convert_state_dict(original, num_experts)
     text_positions = converted["text_model.embeddings.position_embedding.weight"].shape[0]
 
-    dense = load_dense_clip(base)
+    dense_config = load_dense_clip_config(base)
     config = clip_moe_config_from_dense(
-        dense.config,
+        dense_config,
         num_local_experts=num_experts,
         num_experts_per_tok=top_k,
         long_text=text_positions == LONG_CLIP_TEXT_LENGTH,
@@ -193,6 +216,30 @@ def convert_clip_moe_original(
     model.load_state_dict(converted)
     model.eval()
 
-    save_with_processor(model, base, output_dir, overwrite)
+    command = command_line("convert-clip-moe-original", [Path(checkpoint).name], {"base": base, "top_k": top_k})
+    how_built = (
+        f"Converted from the official CLIP-MoE release file `{Path(checkpoint).name}` (OpenAI-CLIP naming) onto the "
+        f"architecture of `{base}`: {num_experts} experts per MoE block, top-{top_k} routing (the release does not "
+        f"record top-k; the paper uses 2), MoE blocks text {text_layers} and vision {vision_layers}, "
+        f"{text_positions} text positions.\n\n```bash\n{command}\n```"
+    )
+    card = {
+        "base_model": base_model_of(base),
+        "how_built": how_built,
+        "tags": ["clip-moe", "clip"],
+        "model_name": hub_model_id or Path(output_dir).name,
+    }
+    save_with_processor(
+        model,
+        base,
+        output_dir,
+        overwrite,
+        card=card,
+        inputs=[checkpoint],
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        hub_token=hub_token,
+        hub_private_repo=hub_private_repo,
+    )
     logger.info(f"Converted {checkpoint} ({num_experts} experts, top-{top_k}) to {output_dir}")
     return model

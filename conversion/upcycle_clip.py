@@ -14,10 +14,13 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, CLIPConfig, CLIPModel
+from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from ..fileio import atomic_output_dir, check_output_dir
+from ..hub import base_model_of, write_model_card
+from ..hub import push_to_hub as push_folder_to_hub
+from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
 
@@ -38,21 +41,21 @@ TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
 
 
 def load_dense_clip(base: str | Path) -> CLIPModel:
-    """Load a dense `CLIPModel` from a Hub id or a local folder, with an error that names `base` on failure."""
-    if str(base).startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
-        raise FileNotFoundError(f"Base checkpoint folder '{base}' does not exist.")
-    try:
-        config = AutoConfig.from_pretrained(base)
-    except Exception as err:
-        raise OSError(f"Could not read a model config from '{base}': {err}") from err
-    if not isinstance(config, CLIPConfig):
+    """Load a dense `CLIPModel` from a Hub id or a local folder, with an error that names `base` on failure.
+
+    A CLIP-MoE is refused: its config is a `CLIPConfig` too, so `CLIPModel` would load it with freshly
+    initialised MLPs (its experts have other names) and upcycle random weights without complaint."""
+    return load_pretrained(base, CLIPModel, config=load_dense_clip_config(base))
+
+
+def load_dense_clip_config(base: str | Path) -> CLIPConfig:
+    """The config of the dense CLIP `base` (no weights loaded); anything else is refused, naming `base`."""
+    config = load_config(base, require_moe=False)
+    if not isinstance(config, CLIPConfig) or config.model_type != "clip":
         raise ValueError(
             f"'{base}' is a '{config.model_type}' model; upcycling needs a dense CLIP (model_type 'clip')."
         )
-    try:
-        return CLIPModel.from_pretrained(base, config=config)
-    except Exception as err:
-        raise OSError(f"Could not load the CLIP weights of '{base}' (missing or corrupt checkpoint?): {err}") from err
+    return config
 
 
 def clip_moe_config_from_dense(
@@ -128,6 +131,10 @@ def upcycle_clip(
     long_text: bool = False,
     overwrite: bool = False,
     seed: int = 0,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
     **moe_kwargs,
 ) -> CLIPMoEModel:
     """Upcycle one or several dense CLIP checkpoints into a CLIPMoEModel saved in `output_dir`.
@@ -135,12 +142,14 @@ def upcycle_clip(
     Args:
         bases: Hub ids or local folders of `CLIPModel`s. One base: every expert copies its MLP (sparse
             upcycling). Several: expert i comes from base i, all other weights must be identical.
-        output_dir: Where the model, its remote code and the base's processor files are written
-            (atomically: nothing is left behind on error).
+        output_dir: Where the model, its remote code, the base's processor files and a model card are written
+            (atomically: nothing is left behind on error). It may not hold any of the bases.
         num_experts: Experts per MoE block; required for one base, defaults to the number of bases.
         top_k: Experts per token.
         long_text: Stretch the text positions 77 -> 248 as Long-CLIP does.
         seed: Seed of the random router initialisation.
+        push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
+            `hub_token` and, for a new repo, `hub_private_repo` (as `TrainingArguments`).
         moe_kwargs: Further `CLIPMoEConfig` fields (`expert_dropout`, `router_aux_loss_coef`, ...) and
             per-tower `moe_layers` as `text_moe_layers` / `vision_moe_layers`.
 
@@ -160,7 +169,8 @@ def upcycle_clip(
         raise ValueError(f"num_experts must be at least 1, got {num_experts}.")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}.")
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, inputs=bases)
+    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
     dense_models = [load_dense_clip(base) for base in bases]
     config = clip_moe_config_from_dense(
@@ -190,14 +200,103 @@ def upcycle_clip(
     model = model.to(dtype).eval()
     model.config.name_or_path = ""
 
-    save_with_processor(model, bases[0], output_dir, overwrite)
+    options = {"num_experts": num_experts if len(bases) == 1 else None, "top_k": top_k, "long_text": long_text}
+    options.update({key: value for key, value in moe_kwargs.items() if key in CARD_OPTIONS})
+    card = {
+        "base_model": [base_model_of(base) for base in bases],
+        "how_built": upcycle_how_built(bases, config, seed, command_line("upcycle-clip", bases, options, seed=seed)),
+        "tags": ["clip-moe", "clip", "upcycling"],
+        "model_name": hub_model_id or Path(output_dir).name,
+    }
+    save_with_processor(
+        model,
+        bases[0],
+        output_dir,
+        overwrite,
+        card=card,
+        inputs=bases,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        hub_token=hub_token,
+        hub_private_repo=hub_private_repo,
+    )
     logger.info(f"Saved a {num_experts}-expert top-{top_k} CLIP-MoE from {len(bases)} base(s) to {output_dir}")
     return model
 
 
-def save_with_processor(model: CLIPMoEModel, base: str | Path | None, output_dir: str | Path, overwrite: bool) -> None:
-    """Write `model` and the processor of `base` (its tokenizer truncating at the model's text length)
-    atomically to `output_dir`, so the folder is complete for `pipeline()` and the Hub."""
+# `upcycle_clip` keyword arguments worth repeating in the card's command line (the rest are Python-only).
+CARD_OPTIONS = ("expert_dropout", "router_aux_loss_coef")
+
+
+def command_line(command: str, positional: list, options: dict, **more) -> str:
+    """The `hf-moe` command line that rebuilds a model, for its card (falsy flags and `None` left out)."""
+    parts = ["hf-moe", command, *map(str, positional)]
+    for key, value in {**options, **more}.items():
+        if value is None or value is False:
+            continue
+        parts += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return " ".join(parts)
+
+
+def upcycle_how_built(bases: list, config: CLIPMoEConfig, seed: int, command: str) -> str:
+    """The card's "how it was built" section for an upcycled model."""
+    experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    if len(bases) == 1:
+        method = (
+            f"**Sparse upcycling** of the dense CLIP `{bases[0]}`: each of the {experts} experts of every MoE block "
+            "is a copy of that block's MLP, and the routers start small and random (seed "
+            f"{seed}), so the model computes the dense model's function until its routers are trained "
+            "(`hf-moe train-router`)."
+        )
+    else:
+        listed = "\n".join(f"{i}. `{base}`" for i, base in enumerate(bases))
+        method = (
+            "**Diversified multiplet upcycling** (CLIP-MoE): expert *i* of every MoE block is the MLP of base *i*, "
+            "every other weight is shared (identical in all bases, checked); routers start random "
+            f"(seed {seed}).\n\nExpert bases:\n\n{listed}"
+        )
+    towers = (
+        f"- {experts} experts per MoE block, top-{top_k} routing\n"
+        f"- text MoE blocks: {config.text_config.moe_layer_indices()}; "
+        f"vision MoE blocks: {config.vision_config.moe_layer_indices()}\n"
+        f"- text length: {config.text_config.max_position_embeddings} positions"
+        + (" (Long-CLIP stretched)" if config.long_text else "")
+    )
+    return f"{method}\n\n{towers}\n\n```bash\n{command}\n```"
+
+
+def check_hub_model_id(output_dir: str | Path, push_to_hub: bool, hub_model_id: str | None) -> str | None:
+    """The repo a folder is pushed to (default, as in `TrainingArguments`: the output folder's name), checked
+    before any work so that a bad id does not surface after a long conversion."""
+    if not push_to_hub:
+        return hub_model_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hub_model_id = hub_model_id or Path(output_dir).name
+    try:
+        validate_repo_id(hub_model_id)
+    except HFValidationError as err:
+        raise ValueError(f"--hub_model_id '{hub_model_id}' is not a valid Hub repo id: {err}") from err
+    return hub_model_id
+
+
+def save_with_processor(
+    model: CLIPMoEModel,
+    base: str | Path | None,
+    output_dir: str | Path,
+    overwrite: bool,
+    *,
+    card: dict | None = None,
+    inputs: list = (),
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
+) -> None:
+    """Write `model`, the processor of `base` (its tokenizer truncating at the model's text length) and, given
+    `card` (`hf_moe.hub.write_model_card` keywords), a model card atomically to `output_dir`, so the folder is
+    complete for `pipeline()` and the Hub; then upload it to `hub_model_id` if `push_to_hub`. `inputs`: local
+    folders the output may not hold (see `hf_moe.fileio.check_output_dir`)."""
     processor = None
     if base is None:
         logger.warning(f"No base folder is known, so {output_dir} gets no processor.")
@@ -207,7 +306,28 @@ def save_with_processor(model: CLIPMoEModel, base: str | Path | None, output_dir
             processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
         except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
             logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs=[base, *inputs]) as tmp:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
+        if card is not None:
+            card = dict(card)
+            if processor is None and card.get("usage") is None:
+                # Without a processor, neither AutoProcessor nor pipeline() can work from this folder.
+                card["usage"] = model_only_usage(card.get("model_name") or Path(output_dir).name)
+            write_model_card(tmp, **card)
+    if push_to_hub:
+        url = push_folder_to_hub(output_dir, hub_model_id, token=hub_token, private=hub_private_repo)
+        logger.info(f"Pushed {output_dir} to {url}")
+
+
+def model_only_usage(model_id: str) -> str:
+    return "\n".join(
+        [
+            "from transformers import AutoModel",
+            "",
+            f"model_id = {model_id!r}",
+            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+            "# This folder has no processor: tokenize and preprocess with the base model's processor.",
+        ]
+    )

@@ -91,6 +91,42 @@ def model_name_for(folder: str | Path) -> str:
     return match["name"] if match else name
 
 
+def _flat_base_models(base_model) -> str | list[str] | None:
+    """One id, a de-duplicated list, or None (the Hub rejects empty and duplicate `base_model` entries)."""
+    def leaves(item):
+        if isinstance(item, (list, tuple)):
+            for sub in item:
+                yield from leaves(sub)
+        elif item:
+            yield str(item)
+
+    flat = list(dict.fromkeys(leaves(base_model)))
+    return None if not flat else flat[0] if len(flat) == 1 else flat
+
+
+def base_model_of(name_or_path: str | Path) -> str | list[str] | None:
+    """The Hub id(s) a model comes from, for a card's `base_model`: a Hub id itself; for a local folder, the
+    `base_model` of its own card (an MCL stage or upcycled folder records the Hub model it came from), else
+    None (a local path means nothing on the Hub, which rejects it)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        card_path = path / "README.md"
+        if not card_path.is_file():
+            return None
+        try:
+            return ModelCard.load(card_path).data.base_model
+        except Exception as err:  # a hand-written README without metadata is no reason to fail a conversion
+            logger.info(f"Could not read the model card of '{name_or_path}' ({err}).")
+            return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        return None
+    return str(name_or_path)
+
+
 def _metrics_table(eval_results: Iterable[EvalResult], untyped: dict | None = None) -> str:
     rows = [
         f"| {result.task_type} | {result.dataset_name} | {result.metric_name or result.metric_type} | "
@@ -162,11 +198,7 @@ def write_model_card(
         raise FileNotFoundError(f"Cannot write a model card: model folder '{folder}' does not exist.")
     model_name = model_name or model_name_for(folder)
     tags = list(dict.fromkeys([*ALWAYS_TAGS, *tags]))
-    if isinstance(base_model, (list, tuple)):
-        base_model = [str(base) for base in base_model]
-        base_model = base_model[0] if len(base_model) == 1 else base_model
-    elif base_model is not None:
-        base_model = str(base_model)
+    base_model = _flat_base_models(base_model)
     eval_results, untyped = None, metrics
     if metrics and metrics_task and metrics_dataset:
         eval_results, untyped = _eval_results(metrics, metrics_task, metrics_dataset), None

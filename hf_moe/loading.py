@@ -133,7 +133,8 @@ def load_pretrained(
             this process (importing `hf_moe.modeling` registers them with the Auto classes).
         require_moe: `True`: refuse anything but an hf-moe MoE; `False`: refuse an hf-moe MoE (steps that need
             a dense model, such as upcycling and MCL); `None`: accept both.
-        kwargs: Passed to `from_pretrained` (`dtype`, `device_map`, config overrides, ...).
+        kwargs: Passed to `from_pretrained` (`config`, `dtype`, `device_map`, ...); other keys override config
+            fields (MoE fields on the towers too).
 
     Raises:
         FileNotFoundError: a local path that does not exist (at once, without trying the Hub).
@@ -143,8 +144,13 @@ def load_pretrained(
     from transformers import AutoModel
 
     auto_class = auto_class or AutoModel
+    config = kwargs.pop("config", None)
     config_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key not in _LOADING_KWARGS}
-    config = load_config(name_or_path, trust_remote_code=trust_remote_code, require_moe=require_moe)
+    if config is None:
+        config = load_config(name_or_path, trust_remote_code=trust_remote_code, require_moe=require_moe)
+    else:  # a config the caller already read (and may have edited)
+        check_model_path(name_or_path)
+        check_moe(config, name_or_path, require_moe)
     for key, value in config_overrides.items():
         _set_config_value(config, key, value)
     try:

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 from transformers import AutoModel, AutoProcessor
 
@@ -213,8 +214,12 @@ def test_merged_folder_matches_the_peft_model(trained, upcycled_dir, tmp_path):
     torch.testing.assert_close(outputs(peft_model, inputs).logits_per_image, expected.logits_per_image, atol=0, rtol=0)
     files = {path.name for path in (tmp_path / "merged").iterdir()}
     assert {"model.safetensors", "config.json", "modeling_clip_moe.py", "moe.py", "configuration_clip_moe.py"} <= files
-    assert {"processor_config.json", "tokenizer.json"} <= files
+    assert {"processor_config.json", "tokenizer.json", "README.md"} <= files
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".merged.tmp")]
+    card = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert {"hf-moe", "mixture-of-experts", "lora"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert "rank 4" in card.text and "mlp.experts.up_proj" in card.text and str(upcycled_dir) in card.text
 
     from safetensors import safe_open
 
@@ -251,7 +256,7 @@ def test_merged_folder_matches_the_peft_model(trained, upcycled_dir, tmp_path):
     assert not torch.equal(up[0], up[1])
 
 
-def test_merge_from_a_saved_adapter_folder(trained, upcycled_dir, tmp_path):
+def test_merge_from_a_saved_adapter_folder(trained, upcycled_dir, toy_clip_dir, tmp_path):
     peft_model, _ = trained
     inputs = clip_inputs(peft_model.get_base_model().config)
     expected = outputs(peft_model, inputs)
@@ -288,5 +293,12 @@ def test_merge_from_a_saved_adapter_folder(trained, upcycled_dir, tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         merge_lora_into_folder(upcycled_dir, upcycled_dir, tmp_path / "other")
+    # --overwrite must not delete the adapter it reads (the output folder is the adapter, or holds it).
+    for output in (tmp_path / "adapter", tmp_path):
+        with pytest.raises(ValueError, match="would destroy that input"):
+            merge_lora_into_folder(tmp_path / "adapter", upcycled_dir, output, overwrite=True)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(ValueError, match="not a CLIP-MoE"):
+        merge_lora_into_folder(tmp_path / "adapter", toy_clip_dir, tmp_path / "dense")
     with pytest.raises(TypeError):
         merge_lora_into_folder(reloaded, upcycled_dir, tmp_path / "other")

@@ -1,8 +1,8 @@
 """CLIP-MoE's `hf-moe` sub-commands. Only the standard library is imported here: `hf-moe --help` reads
 `COMMANDS` without importing torch or transformers; each command imports its module when it runs.
 
-    hf-moe upcycle-clip BASE [BASE ...] --num_experts N --top_k K --output_dir DIR [--long_text]
-    hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR
+    hf-moe upcycle-clip BASE [BASE ...] --num_experts N --top_k K --output_dir DIR [--long_text] [--push_to_hub]
+    hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR [--push_to_hub --hub_model_id ID]
     hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
     hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
     hf-moe demo [--output_dir DIR]
@@ -10,6 +10,20 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+@dataclass
+class HubArguments:
+    """The Hub options of commands that write a model (the names and meanings of `TrainingArguments`')."""
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the written folder to the Hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Repo to push to (NAMESPACE/NAME; default: the output folder's name)."}
+    )
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_private_repo: bool | None = field(
+        default=None, metadata={"help": "Create the repo private (default: the organisation's default)."}
+    )
 
 
 @dataclass
@@ -39,10 +53,12 @@ def upcycle_clip_command(argv: list[str]) -> None:
 
     from ..conversion import upcycle_clip
 
-    parser = HfArgumentParser(UpcycleClipArguments, prog="hf-moe upcycle-clip", description=upcycle_clip.__doc__)
+    parser = HfArgumentParser(
+        (UpcycleClipArguments, HubArguments), prog="hf-moe upcycle-clip", description=upcycle_clip.__doc__
+    )
     parser.add_argument("bases", nargs="+", metavar="BASE", help="Dense CLIP checkpoints (Hub ids or folders).")
-    args, positional = parser.parse_args_into_dataclasses(argv)
-    upcycle_clip(positional.bases, **vars(args))
+    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    upcycle_clip(positional.bases, **vars(args), **vars(hub_args))
     print(f"Upcycled {', '.join(positional.bases)} into {args.output_dir}")
 
 
@@ -51,10 +67,10 @@ def convert_clip_moe_original_command(argv: list[str]) -> None:
 
     from ..conversion import convert_clip_moe_original
 
-    parser = HfArgumentParser(ConvertClipMoEOriginalArguments, prog="hf-moe convert-clip-moe-original")
+    parser = HfArgumentParser((ConvertClipMoEOriginalArguments, HubArguments), prog="hf-moe convert-clip-moe-original")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
-    args, positional = parser.parse_args_into_dataclasses(argv)
-    convert_clip_moe_original(positional.checkpoint, **vars(args))
+    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    convert_clip_moe_original(positional.checkpoint, **vars(args), **vars(hub_args))
     print(f"Converted {positional.checkpoint} into {args.output_dir}")
 
 

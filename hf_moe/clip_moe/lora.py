@@ -31,9 +31,11 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers.utils import logging
 
-from ..conversion.upcycle_clip import save_with_processor
+from ..conversion.upcycle_clip import check_hub_model_id, save_with_processor
 from ..fileio import check_output_dir
-from ..modeling import CLIPMoEConfig, CLIPMoEModel
+from ..hub import base_model_of
+from ..loading import load_config, load_pretrained
+from ..modeling import CLIPMoEModel
 
 
 logger = logging.get_logger(__name__)
@@ -117,9 +119,10 @@ def _merged_from_adapter_dir(adapter_dir: Path, base_model_dir, dtype) -> tuple[
         base_model_dir = LoraConfig.from_pretrained(adapter_dir).base_model_name_or_path
         if not base_model_dir:
             raise ValueError(f"The adapter in '{adapter_dir}' names no base model; pass base_model_dir.")
+    config = load_config(base_model_dir, require_moe=True)
     if dtype is None:
-        dtype = _torch_dtype(CLIPMoEConfig.from_pretrained(base_model_dir).dtype)
-    base = CLIPMoEModel.from_pretrained(base_model_dir, dtype=torch.float32)
+        dtype = _torch_dtype(config.dtype)
+    base = load_pretrained(base_model_dir, CLIPMoEModel, config=config, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return (merged.to(dtype) if dtype is not None else merged), base_model_dir
 
@@ -131,6 +134,10 @@ def merge_lora_into_folder(
     overwrite: bool = False,
     in_place: bool = False,
     dtype: torch.dtype | str | None = None,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
 ) -> CLIPMoEModel:
     """Merge LoRA adapters into their CLIP-MoE and save it as a plain `CLIPMoEModel` folder.
 
@@ -149,17 +156,24 @@ def merge_lora_into_folder(
         in_place: For a `PeftModel`: merge it in place (no copy of the model in memory; the `PeftModel` is
             unusable afterwards). By default a deep copy is merged and the `PeftModel` is left untouched.
         dtype: For an adapter folder: dtype of the saved model (merged in fp32 first); default the base's.
+        push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
+            `hub_token` and, for a new repo, `hub_private_repo`.
 
     Returns:
         The merged `CLIPMoEModel` (also saved in `output_dir`), in eval mode.
     """
-    check_output_dir(output_dir, overwrite)
-    if isinstance(peft_model_or_adapter_dir, (str, Path)):
+    is_folder = isinstance(peft_model_or_adapter_dir, (str, Path))
+    inputs = [base_model_dir, peft_model_or_adapter_dir if is_folder else None]
+    check_output_dir(output_dir, overwrite, inputs=inputs)
+    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    if is_folder:
         merged, base_model_dir = _merged_from_adapter_dir(Path(peft_model_or_adapter_dir), base_model_dir, dtype)
+        lora_config = LoraConfig.from_pretrained(peft_model_or_adapter_dir)
     elif isinstance(peft_model_or_adapter_dir, PeftModel):
         peft_model = peft_model_or_adapter_dir
+        lora_config = peft_model.peft_config[peft_model.active_adapter]
         if base_model_dir is None:
-            base_model_dir = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path or None
+            base_model_dir = lora_config.base_model_name_or_path or None
         model = peft_model if in_place else copy.deepcopy(peft_model)
         merged = model.merge_and_unload()
         if dtype is not None:
@@ -175,9 +189,38 @@ def merge_lora_into_folder(
         raise RuntimeError(f"PEFT weights survived merge_and_unload: {leftovers[:5]}")
     merged.eval()
 
-    save_with_processor(merged, base_model_dir, output_dir, overwrite)
+    card = {
+        "base_model": base_model_of(base_model_dir) if base_model_dir is not None else None,
+        "how_built": lora_how_built(lora_config, base_model_dir, peft_model_or_adapter_dir if is_folder else None),
+        "tags": ["clip-moe", "clip", "lora", "peft"],
+        "model_name": hub_model_id or Path(output_dir).name,
+    }
+    save_with_processor(
+        merged,
+        base_model_dir,
+        output_dir,
+        overwrite,
+        card=card,
+        inputs=inputs,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        hub_token=hub_token,
+        hub_private_repo=hub_private_repo,
+    )
     logger.info(f"Saved the merged CLIP-MoE to {output_dir}")
     return merged
+
+
+def lora_how_built(lora_config: LoraConfig | None, base_model_dir, adapter_dir) -> str:
+    """The card's "how it was built" section for a merged model."""
+    source = f"the adapter folder `{adapter_dir}`" if adapter_dir is not None else "a PEFT model"
+    lines = [f"LoRA adapters from {source} merged into the CLIP-MoE `{base_model_dir}` (PEFT `merge_and_unload`)."]
+    if lora_config is not None:
+        targets = sorted(lora_config.target_modules or []) + sorted(lora_config.target_parameters or [])
+        lines.append(f"- rank {lora_config.r}, alpha {lora_config.lora_alpha}, targets {targets}")
+        if lora_config.modules_to_save:
+            lines.append(f"- trained in full: {sorted(lora_config.modules_to_save)}")
+    return "\n".join(lines)
 
 
 __all__ = [
