@@ -13,11 +13,15 @@ Rows whose image cannot be decoded or whose caption is missing or empty are skip
 """
 
 import functools
+import gzip
 import io
 import json
+import lzma
 import numbers
 import os
 import re
+import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from glob import glob
@@ -27,7 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from datasets import Dataset, Features, Image, IterableDataset, Value, load_dataset
+from datasets.builder import Key
 from datasets.fingerprint import Hasher
+from datasets.packaged_modules.webdataset.webdataset import WebDataset
 from PIL import Image as PILImage
 from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import logging
@@ -43,6 +49,7 @@ JSON_CAPTION_KEYS = ("caption", "text")
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
 MISSING_CAPTION = "missing or empty caption"
+TRUNCATED_SHARD = "truncated or corrupt shard"
 
 # Examples of skipped rows kept per reason in a `SkipReport`, to point the user at the bad files.
 _MAX_EXAMPLES = 3
@@ -61,8 +68,10 @@ class SkipReport:
     Args:
         num_rows (`int`): rows checked.
         skipped (`Counter[str]`): number of skipped rows per reason (`MISSING_IMAGE`, `UNREADABLE_IMAGE`,
-            `MISSING_CAPTION`).
-        examples (`dict[str, list[str]]`): a few skipped rows per reason (image path, sample key or row number).
+            `MISSING_CAPTION`, `TRUNCATED_SHARD`). A truncated shard counts once: the samples it lost were never
+            read, so they are neither rows nor skipped rows.
+        examples (`dict[str, list[str]]`): a few skipped rows per reason (image path, sample key or row number;
+            for a truncated shard, the shard file and the last sample read from it).
     """
 
     num_rows: int = 0
@@ -388,7 +397,13 @@ def _find_img2dataset_samples(folder: Path, limit: int | None = None) -> list[tu
 def _load_webdataset(
     shards: list[str], split: str, streaming: bool, image_column: str, text_column: str
 ) -> Dataset | IterableDataset:
-    dataset = load_dataset("webdataset", data_files={split: shards}, split=split, streaming=streaming)
+    # datasets' own webdataset builder, run the way `load_dataset` runs it, but with shard-level fault tolerance.
+    builder = _TolerantWebDataset(data_files={split: shards}, hash=Hasher.hash(_module_source()))
+    if streaming:
+        dataset = builder.as_streaming_dataset(split=split)
+    else:
+        builder.download_and_prepare()
+        dataset = builder.as_dataset(split=split)
     features = dataset.features
     image_fields = [name for name, feature in features.items() if isinstance(feature, Image)]
     caption_fields = [name for name in dict.fromkeys((text_column, "txt")) if name in features]
@@ -418,6 +433,68 @@ def _load_webdataset(
         new_fingerprint=_fingerprint(dataset, "normalize", kwargs),
         desc="Collecting images and captions",
     )
+
+
+# What reading a damaged shard raises: tarfile on a cut or garbled archive, gzip / zlib / lzma on a cut or garbled
+# compressed one (a truncated .tar.gz raises EOFError).
+_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+# The `__key__` suffix of the row that stands for the lost rest of a shard. datasets' webdataset loader splits a file
+# name at the first dot of its last path component, so no real sample key has a dot there.
+_TRUNCATION_SUFFIX = ".truncated"
+
+
+class _TolerantWebDataset(WebDataset):
+    """datasets' webdataset builder, except that a damaged shard does not end the whole dataset with a traceback that
+    names no file. Reading stops at the damage, the samples before it are kept, and one marker row (every field
+    `None`, `__key__` = the last sample read + `.truncated`, `__url__` = the shard) takes the place of the rest, so
+    that validation counts and logs it like any other bad row (`TRUNCATED_SHARD`), streamed or cached.
+
+    tarfile reads a tar cut exactly at a header block as a complete archive, so a plain `.tar` that read without error
+    must also end with tar's end-of-archive marker (two zero blocks)."""
+
+    def _generate_examples(self, tar_paths, tar_iterators):
+        for tar_idx, (tar_path, tar_iterator) in enumerate(zip(tar_paths, tar_iterators)):
+            example_idx, last_key, error = -1, None, None
+            try:
+                for key, example in super()._generate_examples([tar_path], [tar_iterator]):
+                    example_idx, last_key = key.item_or_batch_id, example["__key__"]
+                    yield Key(tar_idx, example_idx), example
+            except _SHARD_READ_ERRORS as err:
+                error = f"{type(err).__name__}: {err}"
+            if error is None and not _ends_with_end_of_archive(tar_path):
+                error = "the file ends without tar's end-of-archive marker"
+            if error is not None:
+                after = f"after sample {last_key}" if last_key is not None else "before its first sample"
+                logger.warning(f"Shard {tar_path} is truncated or corrupt ({error}): skipping the rest of it, {after}.")
+                marker = dict.fromkeys(self.info.features)
+                marker.update({"__key__": f"{last_key or ''}{_TRUNCATION_SUFFIX}", "__url__": tar_path})
+                yield Key(tar_idx, example_idx + 1), marker
+
+    def _split_generators(self, dl_manager):
+        try:
+            return super()._split_generators(dl_manager)
+        except _SHARD_READ_ERRORS as err:  # while inferring the fields from the first samples of the first shard
+            shards = [path for paths in self.config.data_files.values() for path in paths]
+            raise ValueError(
+                f"The first shard {shards[0]} is truncated or corrupt within its first samples "
+                f"({type(err).__name__}: {err}), from which the sample fields are inferred: re-download or remove it."
+            ) from None
+
+
+def _ends_with_end_of_archive(path: str) -> bool:
+    """Whether a local uncompressed tar ends with its end-of-archive marker; `True` when that cannot be checked."""
+    if not path.endswith(".tar") or not os.path.isfile(path):
+        return True
+    with open(path, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size % tarfile.BLOCKSIZE or size < 2 * tarfile.BLOCKSIZE:
+            return False
+        file.seek(size - 2 * tarfile.BLOCKSIZE)
+        return not any(file.read(2 * tarfile.BLOCKSIZE))
+
+
+def _is_truncation_marker(key: Any) -> bool:
+    return isinstance(key, str) and key.rpartition("/")[2].endswith(_TRUNCATION_SUFFIX)
 
 
 def _normalize_sample(sample: dict, image_column: str, text_column: str, image_fields: list[str]) -> dict:
@@ -453,14 +530,16 @@ def _validate_map_style(
     undecoded = dataset
     if isinstance(dataset.features[image_column], Image):
         undecoded = dataset.cast_column(image_column, Image(decode=False))
-    checked = undecoded.select_columns([image_column, text_column])
+    # `__key__` tells the marker row of a truncated shard (see `_TolerantWebDataset`) from an ordinary bad row.
+    columns = [image_column, text_column] + (["__key__"] if "__key__" in dataset.column_names else [])
+    checked = undecoded.select_columns(columns)
     # The reasons are data computed by `map` (cached, parallel with `num_proc`, with a progress bar), so the
     # counts are right even when `map` reads them back from its cache.
     reasons = checked.map(
         _skip_reasons,
         batched=True,
-        input_columns=[image_column, text_column],
-        remove_columns=[image_column, text_column],
+        input_columns=columns,
+        remove_columns=columns,
         num_proc=num_proc,
         desc="Checking images and captions",
         new_fingerprint=_fingerprint(checked, "validate"),
@@ -490,8 +569,9 @@ def _module_source() -> str:
     return Path(__file__).read_text(encoding="utf-8")
 
 
-def _skip_reasons(images: list, texts: list) -> dict[str, list[str | None]]:
-    return {"skip_reason": [_skip_reason(image, text) for image, text in zip(images, texts)]}
+def _skip_reasons(images: list, texts: list, keys: list | None = None) -> dict[str, list[str | None]]:
+    keys = keys if keys is not None else [None] * len(images)
+    return {"skip_reason": [_skip_reason(image, text, key) for image, text, key in zip(images, texts, keys)]}
 
 
 def _validate_streaming(
@@ -518,7 +598,7 @@ class _StreamingCheck:
 
     def __call__(self, row: dict) -> bool:
         self.report.num_rows += 1
-        reason = _skip_reason(row[self.image_column], row[self.text_column])
+        reason = _skip_reason(row[self.image_column], row[self.text_column], row.get("__key__"))
         if reason is None:
             return True
         where = _where(row, self.image_column, self.report.num_rows - 1)
@@ -530,7 +610,9 @@ class _StreamingCheck:
         return False
 
 
-def _skip_reason(image: Any, text: Any) -> str | None:
+def _skip_reason(image: Any, text: Any, key: Any = None) -> str | None:
+    if _is_truncation_marker(key):
+        return TRUNCATED_SHARD
     caption = _first_caption(text)
     if not caption or not caption.strip():
         return MISSING_CAPTION
@@ -566,6 +648,9 @@ def _image_problem(image: Any) -> str | None:
 
 def _where(row: dict, image_column: str, position: int) -> str:
     """A human pointer to a row for the logs: its image path, its sample key, or its position."""
+    if _is_truncation_marker(row.get("__key__")):
+        last_key = row["__key__"][: -len(_TRUNCATION_SUFFIX)]
+        return f"{row.get('__url__')}: the rest of the shard" + (f" after sample {last_key}" if last_key else "")
     image = row.get(image_column)
     if isinstance(image, dict) and image.get("path") and os.path.isabs(image["path"]):
         return image["path"]

@@ -14,6 +14,7 @@ from transformers import CLIPProcessor
 
 from hf_moe.data import (
     MISSING_CAPTION,
+    TRUNCATED_SHARD,
     UNREADABLE_IMAGE,
     ImageTextCollator,
     add_index_column,
@@ -163,6 +164,54 @@ def test_bad_rows_are_skipped_and_counted_streaming(tmp_path, caplog):
     assert report.num_rows == 8 and report.skipped == {UNREADABLE_IMAGE: 1, MISSING_CAPTION: 2}
     assert "shard-00000.tar:000000002 (unreadable image)" in caplog.text
     assert "skipped 2 of 6 rows" in caplog.text  # running totals in the log
+
+
+def sample_extents(shard) -> dict[str, tuple[int, int]]:
+    """Per sample key of a tar shard: (offset of its first header, offset where its last member's data ends)."""
+    extents = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            key = member.name.split(".")[0]
+            start, _ = extents.get(key, (member.offset, 0))
+            extents[key] = (start, member.offset_data + member.size)
+    return extents
+
+
+# "half": the brief's cut, mid-way through a member's data (tarfile raises). "sample_boundary": exactly at a sample's
+# first header, which tarfile reads as a complete archive (no error at all).
+@pytest.mark.parametrize("cut", ["half", "sample_boundary"])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_truncated_shard_is_skipped_and_counted(tmp_path, caplog, streaming, cut):
+    captions = write_shards(tmp_path / "shards", num_shards=3, per_shard=6)
+    shard = tmp_path / "shards" / "shard-00001.tar"
+    data, extents = shard.read_bytes(), sample_extents(shard)
+    size = len(data) // 2 if cut == "half" else extents["000000010"][0]
+    shard.write_bytes(data[:size])
+    complete = [i for i in range(6, 12) if extents[f"{i:09d}"][1] <= size]
+    assert 0 < len(complete) < 6 and (cut == "half") == (size not in [start for start, _ in extents.values()])
+
+    dataset, report = validate_image_text_dataset(
+        load_image_text_dataset(tmp_path / "shards", streaming=streaming, validate=False)
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_moe.data"):
+        rows = list(dataset)  # the shard after the damaged one is still read
+    kept = [*range(6), *complete, *range(12, 18)]
+    assert [row["__key__"] for row in rows] == [f"{i:09d}" for i in kept]
+    assert [row["text"] for row in rows] == [captions[i] for i in kept]
+    assert all(isinstance(row["image"], Image.Image) for row in rows)
+    assert report.skipped == {TRUNCATED_SHARD: 1} and report.num_kept == len(kept)
+    where = f"{shard}: the rest of the shard after sample {complete[-1]:09d}"
+    assert report.examples[TRUNCATED_SHARD] == [where]
+    if streaming:  # map-style data is read (and its damage logged) while loading, before the capture
+        assert f"Skipping {where} ({TRUNCATED_SHARD})" in caplog.text
+
+
+def test_first_shard_truncated_before_its_fields_are_known(tmp_path):
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=6)
+    shard = tmp_path / "shards" / "shard-00000.tar"
+    shard.write_bytes(shard.read_bytes()[: sample_extents(shard)["000000002"][0] + 700])
+    with pytest.raises(ValueError, match=r"first shard .*shard-00000\.tar is truncated or corrupt"):
+        load_image_text_dataset(tmp_path / "shards")
 
 
 def test_collator_truncates_pads_and_resizes(processor):
