@@ -11,8 +11,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["hf_moe", "hf_moe.clip_moe", "hf_moe.modeling", "hf_moe.conversion", "hf_moe.metrics"],
-    package_data={"hf_moe.metrics": ["*/*.py"]},
+    packages=[
+        "hf_moe",
+        "hf_moe.clip_moe",
+        "hf_moe.modeling",
+        "hf_moe.conversion",
+        "hf_moe.metrics",
+        "hf_moe.class_names",
+    ],
+    package_data={"hf_moe.metrics": ["*/*.py"], "hf_moe.class_names": ["*.json"]},
     package_dir={"hf_moe": "hf_moe", "hf_moe.modeling": "modeling", "hf_moe.conversion": "conversion"},
     install_requires=[
         "torch>=2.6",
