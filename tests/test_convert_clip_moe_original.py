@@ -137,3 +137,23 @@ def test_bad_release_files_are_refused_and_nothing_is_written(toy_clip_dir, tmp_
     with pytest.raises((ValueError, OSError), match=match):
         convert_clip_moe_original(checkpoint, base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_top_k_above_the_release_experts_is_one_clear_line(toy_clip_dir, tmp_path, capsys):
+    dense = CLIPModel.from_pretrained(toy_clip_dir)
+    torch.save(openai_naming(dense, num_experts=2, moe_layers=1, expert_noise=0.0, long_text=False), tmp_path / "r.pt")
+    argv = ["convert-clip-moe-original", str(tmp_path / "r.pt"), "--base", str(toy_clip_dir)]
+    assert main([*argv, "--output_dir", str(tmp_path / "out"), "--top_k", "5"]) == 1
+    err = capsys.readouterr().err
+    expected = f"--top_k 5 is more than the 2 experts of {tmp_path / 'r.pt'}."
+    assert err.strip().splitlines()[-1] == f"hf-moe convert-clip-moe-original: error: {expected}"
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_holding_the_release_file_is_not_overwritten(toy_clip_dir, tmp_path):
+    dense = CLIPModel.from_pretrained(toy_clip_dir)
+    torch.save(openai_naming(dense, num_experts=2, moe_layers=1, expert_noise=0.0, long_text=False), tmp_path / "r.pt")
+    with pytest.raises(ValueError, match="would destroy that input"):
+        convert_clip_moe_original(tmp_path / "r.pt", toy_clip_dir, tmp_path, overwrite=True)
+    assert (tmp_path / "r.pt").is_file()

@@ -166,3 +166,41 @@ def test_existing_output_folder_is_not_overwritten(toy_clip_dir, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         upcycle_clip(toy_clip_dir, output, num_experts=2)
     assert (output / "keep.txt").read_text() == "user data"
+
+
+def test_clip_moe_base_is_refused(upcycled_dir, tmp_path, capsys):
+    # A CLIP-MoE's config is a CLIPConfig too: loaded as a CLIPModel it has fresh random MLPs.
+    output = tmp_path / "o"
+    assert main(["upcycle-clip", str(upcycled_dir), "--num_experts", "2", "--output_dir", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert "is already a CLIP-MoE ('clip_moe'); this step needs a DENSE CLIP" in err and "Traceback" not in err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("layout", ["output_is_base", "base_inside_output"])
+def test_overwrite_never_deletes_a_base(toy_clip_dir, tmp_path, capsys, layout):
+    output = tmp_path / "out"
+    base = output if layout == "output_is_base" else output / "base"
+    shutil.copytree(toy_clip_dir, base)
+    before = {path.name: path.stat().st_mtime_ns for path in base.iterdir()}
+    argv = ["upcycle-clip", str(base), "--num_experts", "2", "--output_dir", str(output), "--overwrite"]
+    assert main(argv) == 1
+    assert "would destroy that input" in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in base.iterdir()} == before
+
+
+def test_truncated_and_missing_bases_are_named(toy_clip_dir, tmp_path, capsys, monkeypatch):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(toy_clip_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    output = tmp_path / "o"
+    assert main(["upcycle-clip", str(truncated), "--num_experts", "2", "--output_dir", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert f"Model weights file '{weights}' is truncated" in err and "Traceback" not in err
+
+    # A relative path with several parts cannot be a Hub id: say the folder is missing, without trying the Hub.
+    monkeypatch.chdir(tmp_path)
+    assert main(["upcycle-clip", "runs/mcl/stage0", "--num_experts", "2", "--output_dir", "o"]) == 1
+    assert "model folder 'runs/mcl/stage0' does not exist" in capsys.readouterr().err
+    assert not output.exists()
