@@ -1,8 +1,11 @@
 # Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
 """CLIP-MoE (Diversified Multiplet Upcycling): a CLIP whose transformer MLPs are top-k mixtures of experts.
 
-Everything but the MLPs is transformers' CLIP (same modules, same weight names), so a CLIP-MoE
-checkpoint differs from its dense base only in `*.mlp.router.weight` and the packed `*.mlp.experts.*`.
+Every class subclasses its transformers CLIP counterpart and swaps the MLPs of the MoE blocks for
+`MoESparseBlock`s; everything else is transformers' CLIP (same modules, same weight names, the same
+forwards), so a CLIP-MoE checkpoint differs from its dense base only in `*.mlp.router.weight` and the packed
+`*.mlp.experts.*`. What CLIP's outputs have no field for (router logits, balance and router losses) is added
+on top.
 """
 
 from dataclasses import dataclass
@@ -10,23 +13,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
+    CLIPEncoder,
     CLIPEncoderLayer,
+    CLIPModel,
     CLIPOutput,
     CLIPPreTrainedModel,
     CLIPTextEmbeddings,
+    CLIPTextModel,
     CLIPTextModelOutput,
+    CLIPTextModelWithProjection,
     CLIPVisionEmbeddings,
+    CLIPVisionModel,
     CLIPVisionModelOutput,
-    _get_vector_norm,
-    image_text_contrastive_loss,
+    CLIPVisionModelWithProjection,
 )
 from transformers.utils import can_return_tuple, logging
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_clip_moe import (
     LONG_CLIP_KEPT_POSITIONS,
@@ -93,10 +98,12 @@ class CLIPMoEVisionModelOutput(CLIPVisionModelOutput):
 class CLIPMoEOutput(CLIPOutput):
     r"""
     loss (`torch.FloatTensor`, *optional*, returned when `return_loss=True`): The contrastive loss, plus
-        `router_aux_loss_coef * aux_loss` (and the z-loss term) when router logits are output.
+        `router_loss` when router logits are output.
     aux_loss (`torch.FloatTensor`, *optional*): Image balance loss + text balance loss, unscaled.
-    router_loss (`torch.FloatTensor`, *optional*): The weighted router terms of the training loss:
-        `router_aux_loss_coef * aux_loss` plus `router_z_loss_coef * z-loss` when that is enabled.
+    router_loss (`torch.FloatTensor`, *optional*): The weighted router terms of the training loss, each tower
+        with its own coefficients: `vision_config.router_aux_loss_coef * image balance loss +
+        text_config.router_aux_loss_coef * text balance loss`, plus `router_z_loss_coef * z-loss` per tower
+        where that coefficient is above 0.
     vision_router_logits / text_router_logits (`tuple(torch.FloatTensor)`, *optional*): Router logits per
         MoE block of each tower, returned when `output_router_logits=True`.
     """
@@ -108,7 +115,7 @@ class CLIPMoEOutput(CLIPOutput):
 
 
 class CLIPMoEEncoderLayer(CLIPEncoderLayer):
-    """A CLIP encoder layer whose MLP is a sparse MoE block when `layer_idx` is one of the MoE layers."""
+    """transformers' CLIP encoder layer, its MLP swapped for a sparse MoE block when `layer_idx` is an MoE layer."""
 
     def __init__(self, config: CLIPMoETextConfig | CLIPMoEVisionConfig, layer_idx: int):
         super().__init__(config)
@@ -116,18 +123,15 @@ class CLIPMoEEncoderLayer(CLIPEncoderLayer):
             self.mlp = MoESparseBlock(config)
 
 
-class CLIPMoEEncoder(nn.Module):
+class CLIPMoEEncoder(CLIPEncoder):
+    """transformers' CLIP encoder (its forward) over `CLIPMoEEncoderLayer`s."""
+
     def __init__(self, config: CLIPMoETextConfig | CLIPMoEVisionConfig):
-        super().__init__()
+        # Not `CLIPEncoder.__init__`: it would allocate and initialise a whole dense stack only to drop it.
+        nn.Module.__init__(self)
         self.config = config
         self.layers = nn.ModuleList([CLIPMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
-
-    def forward(self, inputs_embeds, attention_mask=None, **kwargs) -> BaseModelOutput:
-        hidden_states = inputs_embeds
-        for encoder_layer in self.layers:
-            hidden_states = encoder_layer(hidden_states, attention_mask, **kwargs)
-        return BaseModelOutput(last_hidden_state=hidden_states)
 
 
 class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
@@ -147,6 +151,8 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # CLIP's own modules (projections of the joint and *WithProjection models included, as these subclass
+        # transformers' classes) are initialised by CLIPPreTrainedModel.
         super()._init_weights(module)
         factor = self.config.initializer_factor
         if isinstance(module, MoEMLPExperts):
@@ -160,50 +166,42 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
             init.zeros_(module.down_proj_bias)
         elif isinstance(module, MoETopKRouter):
             init.normal_(module.weight, std=0.02 * factor)
-        elif isinstance(module, CLIPMoEModel):
-            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
-        elif isinstance(module, CLIPMoEVisionModelWithProjection):
-            init.normal_(module.visual_projection.weight, std=self.config.hidden_size**-0.5 * factor)
-        elif isinstance(module, CLIPMoETextModelWithProjection):
-            init.normal_(module.text_projection.weight, std=self.config.hidden_size**-0.5 * factor)
 
 
-def _tower_aux_loss(config, router_logits, attention_mask=None):
-    """Balance loss (unscaled) and the weighted extra loss terms of one tower, from its router logits."""
-    if not router_logits:
+def _router_losses(config, router_logits, attention_mask=None):
+    """Balance loss (unscaled) of one tower and its weighted router terms, with that tower's own coefficients."""
+    if not router_logits:  # not requested, or a tower without MoE blocks
         return None, 0
     aux_loss = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok, attention_mask)
-    extra = config.router_aux_loss_coef * aux_loss
+    weighted = config.router_aux_loss_coef * aux_loss
     if config.router_z_loss_coef > 0:
-        extra = extra + config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
-    return aux_loss, extra
+        weighted = weighted + config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+    return aux_loss, weighted
 
 
-class CLIPMoETextModel(CLIPMoEPreTrainedModel):
-    """The CLIP-MoE text tower without projection (transformers' `CLIPTextModel` surface)."""
+class CLIPMoETextModel(CLIPMoEPreTrainedModel, CLIPTextModel):
+    """The CLIP-MoE text tower without projection: transformers' `CLIPTextModel` with MoE MLPs.
+
+    `from_pretrained` also takes a folder holding a whole `CLIPMoEModel` and loads its text tower, as
+    `CLIPTextModel` does for a `CLIPModel` checkpoint.
+    """
 
     config: CLIPMoETextConfig
     config_class = CLIPMoETextConfig
-    input_modalities = ("text",)
-    _input_embed_layer = "token_embedding"
+    # Where this tower lives in the joint model: a joint checkpoint's `text_model.*` keys lose the prefix on load.
+    base_model_prefix = "text_model"
 
     def __init__(self, config: CLIPMoETextConfig):
-        super().__init__(config)
+        # Not `CLIPTextModel.__init__`, which builds a dense encoder: the same modules under the same names
+        # (the checkpoint keys), with the MoE encoder.
+        super(CLIPTextModel, self).__init__(config)
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPMoEEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.eos_token_id = config.eos_token_id
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.token_embedding
-
-    def set_input_embeddings(self, value):
-        self.embeddings.token_embedding = value
-
-    @merge_with_config_defaults
-    @capture_outputs(tie_last_hidden_states=False)
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -211,64 +209,49 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CLIPMoEModelOutputWithPooling:
-        if input_ids is None:
-            raise ValueError("You have to specify input_ids")
-        input_ids = input_ids.view(-1, input_ids.shape[-1])
-        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
-        causal_mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None
+        # transformers' forward. Its output class has no `router_logits` field (capture_outputs adds the key only
+        # when the logits are asked for), so the result is re-wrapped in ours, where the field is always present.
+        outputs = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
         )
-        kwargs.pop("is_causal", None)
-        encoder_outputs = self.encoder(
-            inputs_embeds=hidden_states, attention_mask=causal_mask, is_causal=True, **kwargs
-        )
-        last_hidden_state = self.final_layer_norm(encoder_outputs.last_hidden_state)
-        # Pool at the first EOS token (OpenAI checkpoints with eos_token_id == 2: at the highest token id).
-        batch_index = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
-        token_ids = input_ids.to(dtype=torch.int, device=last_hidden_state.device)
-        if self.eos_token_id == 2:
-            eos_index = token_ids.argmax(dim=-1)
-        else:
-            eos_index = (token_ids == self.eos_token_id).int().argmax(dim=-1)
-        return CLIPMoEModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=last_hidden_state[batch_index, eos_index]
-        )
+        return CLIPMoEModelOutputWithPooling(**outputs)
 
 
-class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
-    """The CLIP-MoE vision tower without projection (transformers' `CLIPVisionModel` surface)."""
+class CLIPMoEVisionModel(CLIPMoEPreTrainedModel, CLIPVisionModel):
+    """The CLIP-MoE vision tower without projection: transformers' `CLIPVisionModel` with MoE MLPs.
+
+    `from_pretrained` also takes a folder holding a whole `CLIPMoEModel` and loads its vision tower, as
+    `CLIPVisionModel` does for a `CLIPModel` checkpoint.
+    """
 
     config: CLIPMoEVisionConfig
     config_class = CLIPMoEVisionConfig
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _input_embed_layer = "patch_embedding"
+    # Where this tower lives in the joint model: a joint checkpoint's `vision_model.*` keys lose the prefix on load.
+    base_model_prefix = "vision_model"
 
     def __init__(self, config: CLIPMoEVisionConfig):
-        super().__init__(config)
+        # Not `CLIPVisionModel.__init__`, which builds a dense encoder: the same modules under the same names.
+        super(CLIPVisionModel, self).__init__(config)
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = CLIPMoEEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embedding
-
-    @merge_with_config_defaults
-    @capture_outputs(tie_last_hidden_states=False)
+    @can_return_tuple
     def forward(
         self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False, **kwargs
     ) -> CLIPMoEModelOutputWithPooling:
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        hidden_states = self.pre_layrnorm(hidden_states)
-        last_hidden_state = self.encoder(inputs_embeds=hidden_states, **kwargs).last_hidden_state
-        pooled_output = self.post_layernorm(last_hidden_state[:, 0, :])
-        return CLIPMoEModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
+        # transformers' forward, re-wrapped so that `router_logits` is a field (see CLIPMoETextModel.forward).
+        outputs = super().forward(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        return CLIPMoEModelOutputWithPooling(**outputs)
 
 
-class CLIPMoEModel(CLIPMoEPreTrainedModel):
-    """CLIP with mixture-of-experts MLPs in both towers (transformers' `CLIPModel` surface).
+class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
+    """CLIP with mixture-of-experts MLPs in both towers: transformers' `CLIPModel` (its `get_text_features`,
+    `get_image_features` and contrastive forward) plus the router logits and losses.
 
     Example:
 
@@ -281,7 +264,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
     ```"""
 
     def __init__(self, config: CLIPMoEConfig):
-        super().__init__(config)
+        # Not `CLIPModel.__init__`, which builds dense towers: the same modules under the same names.
+        super(CLIPModel, self).__init__(config)
         self.projection_dim = config.projection_dim
         self.text_embed_dim = config.text_config.hidden_size
         self.vision_embed_dim = config.vision_config.hidden_size
@@ -291,32 +275,6 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
         self.post_init()
-
-    @can_return_tuple
-    def get_text_features(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> CLIPMoEModelOutputWithPooling:
-        """Text tower outputs with `pooler_output` projected into the joint space (as transformers' CLIP)."""
-        text_outputs = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
-        )
-        text_outputs.pooler_output = self.text_projection(text_outputs.pooler_output)
-        return text_outputs
-
-    @can_return_tuple
-    def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
-    ) -> CLIPMoEModelOutputWithPooling:
-        """Vision tower outputs with `pooler_output` projected into the joint space (as transformers' CLIP)."""
-        vision_outputs = self.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
-        )
-        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
-        return vision_outputs
 
     @can_return_tuple
     def forward(
@@ -333,86 +291,66 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         r"""
         return_loss (`bool`, *optional*): Return the contrastive loss (plus the weighted router losses when
             router logits are output).
-        output_router_logits (`bool`, *optional*): Return both towers' router logits and the aux loss;
-            defaults to `config.output_router_logits`.
+        output_router_logits (`bool`, *optional*): Return both towers' router logits, the aux loss and the
+            router loss; by default each tower follows its config's `output_router_logits`.
         """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        vision_outputs = self.get_image_features(
-            pixel_values=pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
-        text_outputs = self.get_text_features(
+        if output_router_logits is not None:
+            kwargs["output_router_logits"] = output_router_logits
+        outputs = super().forward(
             input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            output_router_logits=output_router_logits,
+            return_loss=return_loss,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
             **kwargs,
         )
-        image_embeds = vision_outputs.pooler_output
-        text_embeds = text_outputs.pooler_output
-        image_embeds = image_embeds / _get_vector_norm(image_embeds)
-        text_embeds = text_embeds / _get_vector_norm(text_embeds)
-
-        logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device))
-        logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
-        logits_per_image = logits_per_text.t()
-
-        aux_loss = loss = router_loss = None
-        if output_router_logits:
-            vision_aux, vision_extra = _tower_aux_loss(self.config.vision_config, vision_outputs.router_logits)
-            text_aux, text_extra = _tower_aux_loss(self.config.text_config, text_outputs.router_logits, attention_mask)
+        # CLIPOutput has no fields for the router outputs: they are added here from the towers' outputs.
+        vision_logits = outputs.vision_model_output.router_logits
+        text_logits = outputs.text_model_output.router_logits
+        aux_loss = router_loss = None
+        if vision_logits is not None or text_logits is not None:
+            vision_aux, vision_weighted = _router_losses(self.config.vision_config, vision_logits)
+            text_aux, text_weighted = _router_losses(self.config.text_config, text_logits, attention_mask)
             present = [aux for aux in (vision_aux, text_aux) if aux is not None]
             aux_loss = sum(present) if present else None
-            router_loss = vision_extra + text_extra
-        if return_loss:
-            loss = image_text_contrastive_loss(logits_per_text)
-            if router_loss is not None:
-                loss = loss + router_loss
-
+            router_loss = vision_weighted + text_weighted
+            if outputs.loss is not None:
+                outputs.loss = outputs.loss + router_loss
         return CLIPMoEOutput(
-            loss=loss,
-            logits_per_image=logits_per_image,
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text_outputs,
-            vision_model_output=vision_outputs,
+            **outputs,
             aux_loss=aux_loss,
             router_loss=router_loss,
-            vision_router_logits=vision_outputs.router_logits,
-            text_router_logits=text_outputs.router_logits,
+            vision_router_logits=vision_logits,
+            text_router_logits=text_logits,
         )
 
 
-class CLIPMoETextModelWithProjection(CLIPMoEPreTrainedModel):
-    """CLIP-MoE text tower with its projection (transformers' `CLIPTextModelWithProjection` surface)."""
+class CLIPMoETextModelWithProjection(CLIPMoEPreTrainedModel, CLIPTextModelWithProjection):
+    """CLIP-MoE text tower with its projection (transformers' `CLIPTextModelWithProjection` with MoE MLPs).
+
+    `from_pretrained` also takes a folder holding a whole `CLIPMoEModel` (text tower and `text_projection`).
+    """
 
     config: CLIPMoETextConfig
     config_class = CLIPMoETextConfig
-    base_model_prefix = "text_model"
-    input_modalities = ("text",)
 
     def __init__(self, config: CLIPMoETextConfig):
-        super().__init__(config)
+        # Not `CLIPTextModelWithProjection.__init__`, which builds a dense tower.
+        super(CLIPTextModelWithProjection, self).__init__(config)
         self.text_model = CLIPMoETextModel._from_config(config)
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def set_input_embeddings(self, value):
-        self.text_model.embeddings.token_embedding = value
-
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> CLIPMoETextModelOutput:
+        # Our own forward: transformers' builds its output from a fixed list of the tower's fields, which drops
+        # the router logits, and it has no balance loss.
         outputs = self.text_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
-        aux_loss, _ = _tower_aux_loss(self.config, outputs.router_logits, attention_mask)
+        aux_loss, _ = _router_losses(self.config, outputs.router_logits, attention_mask)
         return CLIPMoETextModelOutput(
             text_embeds=self.text_projection(outputs.pooler_output),
             last_hidden_state=outputs.last_hidden_state,
@@ -423,30 +361,29 @@ class CLIPMoETextModelWithProjection(CLIPMoEPreTrainedModel):
         )
 
 
-class CLIPMoEVisionModelWithProjection(CLIPMoEPreTrainedModel):
-    """CLIP-MoE vision tower with its projection (transformers' `CLIPVisionModelWithProjection` surface)."""
+class CLIPMoEVisionModelWithProjection(CLIPMoEPreTrainedModel, CLIPVisionModelWithProjection):
+    """CLIP-MoE vision tower with its projection (transformers' `CLIPVisionModelWithProjection` with MoE MLPs).
+
+    `from_pretrained` also takes a folder holding a whole `CLIPMoEModel` (vision tower and `visual_projection`).
+    """
 
     config: CLIPMoEVisionConfig
     config_class = CLIPMoEVisionConfig
-    base_model_prefix = "vision_model"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
 
     def __init__(self, config: CLIPMoEVisionConfig):
-        super().__init__(config)
+        # Not `CLIPVisionModelWithProjection.__init__`, which builds a dense tower.
+        super(CLIPVisionModelWithProjection, self).__init__(config)
         self.vision_model = CLIPMoEVisionModel._from_config(config)
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
-
     @can_return_tuple
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs) -> CLIPMoEVisionModelOutput:
+        # Our own forward, for the reason given in CLIPMoETextModelWithProjection.forward.
         outputs = self.vision_model(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
         )
-        aux_loss, _ = _tower_aux_loss(self.config, outputs.router_logits)
+        aux_loss, _ = _router_losses(self.config, outputs.router_logits)
         return CLIPMoEVisionModelOutput(
             image_embeds=self.visual_projection(outputs.pooler_output),
             last_hidden_state=outputs.last_hidden_state,

@@ -4,15 +4,20 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, CLIPModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 import hf_moe.modeling  # noqa: F401  (registers the Auto classes)
 from hf_moe.modeling import (
     CLIPMoEConfig,
     CLIPMoEModel,
+    CLIPMoETextModel,
     CLIPMoETextModelWithProjection,
+    CLIPMoEVisionModel,
     CLIPMoEVisionModelWithProjection,
     stretch_text_positions,
 )
+from hf_moe.modeling.moe import MOE_FIELD_NAMES
 
 from conftest import experts_implementations
 from helpers import clip_inputs
@@ -76,17 +81,20 @@ def test_router_z_loss_is_added_when_enabled(upcycled_dir):
     assert with_z > without_z
 
 
-def test_freezing_all_but_routers_trains_exactly_the_routers(upcycled_dir):
+def test_router_training_default_freezes_all_but_the_routers(upcycled_dir):
+    from hf_moe.clip_moe.trainer import CLIPMoETrainingArguments
+    from hf_moe.training import freeze_all_but
+
     moe = CLIPMoEModel.from_pretrained(upcycled_dir).train()
-    for name, parameter in moe.named_parameters():
-        parameter.requires_grad_("router" in name.split("."))
-    trainable = [name for name, p in moe.named_parameters() if p.requires_grad]
-    assert trainable and all(name.endswith(".mlp.router.weight") for name in trainable)
-    assert sum(p.numel() for p in moe.parameters() if p.requires_grad) == 4 * 4 * 32
+    towers = ("text_model", "vision_model")
+    routers = {f"{tower}.encoder.layers.{i}.mlp.router.weight" for tower in towers for i in (0, 1)}
+    default_patterns = CLIPMoETrainingArguments.__dataclass_fields__["trainable_parameters"].default_factory()
+    assert set(freeze_all_but(moe, default_patterns)) == routers
+    assert {name for name, p in moe.named_parameters() if p.requires_grad} == routers
     out = moe(**clip_inputs(moe.config, pad=2), return_loss=True, output_router_logits=True)
     out.loss.backward()
     for name, parameter in moe.named_parameters():
-        if parameter.requires_grad:
+        if name in routers:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         else:
             assert parameter.grad is None, name
@@ -127,19 +135,44 @@ def test_gradient_checkpointing_gives_the_same_gradients(upcycled_dir):
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_tower_models_with_projection_match_the_joint_model(upcycled_dir):
+TOWER_MODELS = {
+    CLIPMoETextModel: ("text_model.", "text"),
+    CLIPMoEVisionModel: ("vision_model.", "vision"),
+    CLIPMoETextModelWithProjection: ("", "text"),
+    CLIPMoEVisionModelWithProjection: ("", "vision"),
+}
+
+
+@pytest.mark.parametrize("tower_class", TOWER_MODELS, ids=lambda cls: cls.__name__)
+def test_tower_models_load_their_weights_from_a_joint_folder(upcycled_dir, tower_class):
+    prefix, modality = TOWER_MODELS[tower_class]
     joint = CLIPMoEModel.from_pretrained(upcycled_dir).eval()
-    vision = CLIPMoEVisionModelWithProjection.from_pretrained(upcycled_dir).eval()
-    text = CLIPMoETextModelWithProjection.from_pretrained(upcycled_dir).eval()
-    inputs = clip_inputs(joint.config)
+    with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+        tower, info = tower_class.from_pretrained(upcycled_dir, output_loading_info=True)
+    assert not info["missing_keys"] and "MISSING" not in captured.out
+    joint_weights = joint.state_dict()
+    for name, tensor in tower.state_dict().items():  # the projections of *WithProjection included
+        assert torch.equal(tensor, joint_weights[prefix + name]), name
+
+    inputs = clip_inputs(joint.config, pad=2)
     with torch.no_grad():
-        image_out = vision(pixel_values=inputs["pixel_values"], output_router_logits=True)
-        torch.testing.assert_close(
-            image_out.image_embeds, joint.get_image_features(inputs["pixel_values"]).pooler_output
-        )
-        assert image_out.aux_loss is not None and len(image_out.router_logits) == 2
-        text_out = text(input_ids=inputs["input_ids"])
-        torch.testing.assert_close(text_out.text_embeds, joint.get_text_features(inputs["input_ids"]).pooler_output)
+        if modality == "text":
+            text_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            out = tower.eval()(**text_inputs, output_router_logits=True)
+            joint_out = joint.text_model(**text_inputs, output_router_logits=True)
+            expected = joint.get_text_features(**text_inputs).pooler_output
+        else:
+            out = tower.eval()(pixel_values=inputs["pixel_values"], output_router_logits=True)
+            joint_out = joint.vision_model(pixel_values=inputs["pixel_values"], output_router_logits=True)
+            expected = joint.get_image_features(inputs["pixel_values"]).pooler_output
+    if prefix:  # a bare tower
+        torch.testing.assert_close(out.pooler_output, joint_out.pooler_output, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(out.text_embeds if modality == "text" else out.image_embeds, expected)
+        assert out.aux_loss is not None
+    assert len(out.router_logits) == 2
+    for logits, joint_logits in zip(out.router_logits, joint_out.router_logits):
+        torch.testing.assert_close(logits, joint_logits, atol=0, rtol=0)
 
 
 def long_clip_reference(positional_embedding, keep_len=20):
@@ -187,3 +220,75 @@ def test_long_text_upcycling_gives_248_positions(toy_clip_dir, tmp_path):
 def test_loading_with_an_impossible_top_k_is_refused(upcycled_dir):
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and num_local_experts=4"):
         CLIPMoEModel.from_pretrained(upcycled_dir, num_experts_per_tok=5)
+
+
+def per_tower_config(upcycled_dir):
+    """The upcycled model's config with the official recipe's per-tower settings: the towers differ."""
+    config = CLIPMoEConfig.from_pretrained(upcycled_dir)
+    config.vision_config.expert_dropout, config.text_config.expert_dropout = 0.1, 0.0
+    config.vision_config.router_aux_loss_coef, config.text_config.router_aux_loss_coef = 0.01, 0.005
+    return config
+
+
+def test_per_tower_moe_values_survive_save_and_load(upcycled_dir, tmp_path):
+    model = CLIPMoEModel.from_pretrained(upcycled_dir, config=per_tower_config(upcycled_dir))
+    model.save_pretrained(tmp_path)
+    for loaded in (CLIPMoEConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert (loaded.vision_config.expert_dropout, loaded.text_config.expert_dropout) == (0.1, 0.0)
+        assert (loaded.vision_config.router_aux_loss_coef, loaded.text_config.router_aux_loss_coef) == (0.01, 0.005)
+        # The joint view: None where the towers differ, their common value where they agree.
+        assert loaded.expert_dropout is None and loaded.router_aux_loss_coef is None
+        assert loaded.num_local_experts == 4 and loaded.num_experts_per_tok == 2
+    reloaded = CLIPMoEModel.from_pretrained(tmp_path)
+    assert reloaded.vision_model.encoder.layers[0].mlp.experts.act_fn.dropout.p == 0.1
+    assert reloaded.text_model.encoder.layers[0].mlp.experts.act_fn.dropout.p == 0.0
+
+
+def test_a_joint_moe_value_sets_both_towers(upcycled_dir, tmp_path):
+    config = CLIPMoEConfig(expert_dropout=0.1, num_local_experts=3)
+    assert config.text_config.expert_dropout == config.vision_config.expert_dropout == config.expert_dropout == 0.1
+    assert config.text_config.num_local_experts == config.vision_config.num_local_experts == 3
+
+    per_tower_config(upcycled_dir).save_pretrained(tmp_path)
+    loaded = CLIPMoEConfig.from_pretrained(tmp_path, expert_dropout=0.3)
+    assert loaded.text_config.expert_dropout == loaded.vision_config.expert_dropout == loaded.expert_dropout == 0.3
+    model = CLIPMoEModel.from_pretrained(upcycled_dir, router_aux_loss_coef=0.02)
+    assert model.config.text_config.router_aux_loss_coef == model.config.vision_config.router_aux_loss_coef == 0.02
+
+    loaded.router_aux_loss_coef = 0.05
+    assert loaded.text_config.router_aux_loss_coef == loaded.vision_config.router_aux_loss_coef == 0.05
+    loaded.router_aux_loss_coef = None  # "not given": the towers keep their values
+    assert loaded.router_aux_loss_coef == 0.05
+    # Joint values are views of the towers, never saved: config.json holds the towers' values only.
+    assert not {name for name in MOE_FIELD_NAMES if name in loaded.to_dict()}
+    assert all(isinstance(getattr(CLIPMoEConfig, name), property) for name in MOE_FIELD_NAMES)
+
+
+def test_router_loss_weighs_each_tower_with_its_own_coefficients(upcycled_dir, tmp_path):
+    config = per_tower_config(upcycled_dir)
+    config.vision_config.router_z_loss_coef = 0.5
+    CLIPMoEModel.from_pretrained(upcycled_dir, config=config).save_pretrained(tmp_path)
+    moe = CLIPMoEModel.from_pretrained(tmp_path).eval()
+    inputs = clip_inputs(moe.config, pad=3)
+    out = moe(**inputs, return_loss=True, output_router_logits=True)
+    experts, top_k = moe.config.num_local_experts, moe.config.num_experts_per_tok
+    vision = load_balancing_loss_func(out.vision_router_logits, experts, top_k)
+    text = load_balancing_loss_func(out.text_router_logits, experts, top_k, inputs["attention_mask"])
+    vision_z = torch.cat(out.vision_router_logits).logsumexp(-1).square().mean()
+    expected = 0.01 * vision + 0.005 * text + 0.5 * vision_z
+    torch.testing.assert_close(out.router_loss, expected)
+    torch.testing.assert_close(out.aux_loss, vision + text)
+    torch.testing.assert_close(out.loss, moe(**inputs, return_loss=True).loss + expected)
+
+
+def test_each_tower_follows_its_own_output_router_logits(upcycled_dir):
+    moe = CLIPMoEModel.from_pretrained(upcycled_dir).eval()
+    moe.config.vision_config.output_router_logits = True
+    assert moe.config.output_router_logits is None
+    inputs = clip_inputs(moe.config)
+    out = moe(**inputs)
+    assert len(out.vision_router_logits) == 2 and out.text_router_logits is None
+    vision = load_balancing_loss_func(out.vision_router_logits, 4, 2)
+    torch.testing.assert_close(out.aux_loss, vision)
+    torch.testing.assert_close(out.router_loss, 0.01 * vision)
+    assert moe(**inputs, output_router_logits=False).vision_router_logits is None
