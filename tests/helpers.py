@@ -27,7 +27,14 @@ def run_without_hf_moe(script: str, args: list[str], workdir) -> None:
     path.write_text(BLOCK_HF_MOE + textwrap.dedent(script))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1")
-    subprocess.run([sys.executable, str(path), *map(str, args)], cwd=workdir, env=env, check=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(path), *map(str, args)], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+    # The child's own error is what explains a failure: put it in the assertion message, not only a return code.
+    assert result.returncode == 0, (
+        f"{path.name} exited with {result.returncode}.\n--- its stderr ---\n{result.stderr[-8000:]}"
+        f"\n--- its stdout ---\n{result.stdout[-2000:]}"
+    )
 
 
 def clip_inputs(config, batch_size: int = 3, seq_len: int = 9, seed: int = 0, pad: int = 0):
