@@ -93,6 +93,7 @@ def model_name_for(folder: str | Path) -> str:
 
 def _flat_base_models(base_model) -> str | list[str] | None:
     """One id, a de-duplicated list, or None (the Hub rejects empty and duplicate `base_model` entries)."""
+
     def leaves(item):
         if isinstance(item, (list, tuple)):
             for sub in item:
@@ -226,10 +227,14 @@ def write_model_card(
 def add_eval_results(folder: str | Path, metrics: dict, *, task: str, dataset: str) -> ModelCard | None:
     """Merge `metrics` (`{metric: value}`) measured on `dataset` for `task` into the card of the local model
     folder `folder`: card-data `eval_results` (replacing earlier values of the same task/dataset/metric) and
-    the evaluation table in the body. A no-op (logged) when `folder` is not a local folder with a card."""
+    the evaluation table in the body. Only float scores are recorded (counts such as `num_images` are not
+    results). A no-op (logged) when `folder` is not a local folder with a card."""
     card_path = Path(folder) / "README.md"
     if not card_path.is_file():
         logger.info(f"'{folder}' is not a local model folder with a model card; the results are not recorded there.")
+        return None
+    metrics = {name: value for name, value in metrics.items() if isinstance(value, float)}
+    if not metrics:
         return None
     card = ModelCard.load(card_path)
     new = _eval_results(metrics, task, dataset)

@@ -8,6 +8,7 @@ reverse) fails late or, worse, silently does the wrong thing. `load_pretrained` 
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -32,14 +33,18 @@ def _is_hub_repo_id(name: str) -> bool:
 
 def looks_like_local_path(name_or_path: str | Path) -> bool:
     """Whether `name_or_path` can only mean a local path: a `Path`, a name starting with `/`, `.` or `~`, or one
-    with a path separator that is not a valid Hub repo id (`namespace/name`)."""
+    with a path separator that is not a valid Hub repo id (`namespace/name`) or whose first part is an existing
+    local folder (`runs/clip-moe` where `runs/` exists: a mistyped output folder, not the `runs` organisation)."""
     if isinstance(name_or_path, Path):
         return True
     name = str(name_or_path)
     if name.startswith(("/", ".", "~")):
         return True
-    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
-    return any(sep in name for sep in separators) and not _is_hub_repo_id(name)
+    separators = [sep for sep in {os.sep, "/", os.altsep} if sep]
+    if not any(sep in name for sep in separators):
+        return False
+    first = re.split("|".join(map(re.escape, separators)), name, maxsplit=1)[0]
+    return not _is_hub_repo_id(name) or Path(first).is_dir()
 
 
 def check_safetensors_file(path: str | Path) -> None:
@@ -111,7 +116,9 @@ def load_config(name_or_path: str | Path, *, trust_remote_code: bool = False, re
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise type(err)(f"Could not read the model config of '{name_or_path}': {err}") from err
+        # transformers' messages span several lines; the CLI prints one.
+        reason = " ".join(str(err).split())
+        raise type(err)(f"Could not read the model config of '{name_or_path}': {reason}") from err
     check_moe(config, name_or_path, require_moe)
     return config
 

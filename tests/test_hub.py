@@ -124,7 +124,8 @@ def test_eval_results_merge_into_the_card(upcycled_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(upcycled_dir, folder)
     write_model_card(folder, base_model=None, how_built="test")
-    add_eval_results(folder, {"top1": 0.5, "top5": 0.75}, task="zero-shot-image-classification", dataset="digits")
+    metrics = {"top1": 0.5, "top5": 0.75, "num_images": 40}  # counts are not results
+    add_eval_results(folder, metrics, task="zero-shot-image-classification", dataset="digits")
     add_eval_results(folder, {"top1": 0.625}, task="zero-shot-image-classification", dataset="digits")
     add_eval_results(folder, {"image_to_text_R@1": 0.25}, task="image-text-retrieval", dataset="coco")
     card = ModelCard.load(folder / "README.md")
