@@ -5,10 +5,13 @@ Works for transformers' dense `CLIPModel` and every CLIP-like model of hf-moe: a
 either the projected embeddings or an output whose `pooler_output` holds them (transformers 5).
 Metrics go through `evaluate` with the local metric scripts in `hf_moe/metrics` (no Hub access).
 
-    hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--templates default|imagenet|FILE] [--output FILE]
-    hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--output FILE]
+    hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--class_names imagenet|cifar10|cifar100|FILE]
+        [--templates auto|default|imagenet|FILE] [--output FILE]
+    hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--max_captions_per_image 5] [--output FILE]
 
-`--output` defaults to `<MODEL>/eval_<task>.json` when MODEL is a local folder, else `./eval_<task>.json`.
+`--output` defaults to `<MODEL>/eval_<task>.json` when MODEL is a local folder, else `./eval_<task>.json`. Models
+load with `trust_remote_code=False` unless `--trust_remote_code` is given (hf-moe's own models need no remote code
+where hf-moe is installed).
 """
 
 import json
@@ -24,8 +27,13 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from .class_names import CLASS_NAME_SETS, resolve_class_names
 from .metrics import load_metric
+
+
+logger = logging.get_logger(__name__)
 
 
 # OpenAI's 80 prompt templates for ImageNet (CLIP repository, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
@@ -126,7 +134,11 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_TEMPLATES, "imagenet": IMAGENET_TEMPLATES}
+# "auto" (the default): OpenAI's 80 templates with OpenAI's ImageNet class names, as CLIP was evaluated.
+AUTO_TEMPLATES = "auto"
 RETRIEVAL_K: tuple[int, ...] = (1, 5, 10)
+# The COCO and Flickr30k retrieval protocols use 5 captions per image; COCO has images with 6 or 7.
+MAX_CAPTIONS_PER_IMAGE = 5
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,11 +302,12 @@ def _check_batch_size(batch_size: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resolve_templates(templates) -> tuple[str, ...]:
-    """`None` -> `DEFAULT_TEMPLATES`; a name in `TEMPLATE_SETS`; a single template string; or a sequence of them.
-    Every template must hold one `{}` for the class name."""
-    if templates is None:
-        templates = DEFAULT_TEMPLATES
+def resolve_templates(templates, class_name_set: str | None = None) -> tuple[str, ...]:
+    """`None` or `"auto"` -> `IMAGENET_TEMPLATES` when the class names are OpenAI's ImageNet names
+    (`class_name_set="imagenet"`), else `DEFAULT_TEMPLATES`; a name in `TEMPLATE_SETS`; a single template string;
+    or a sequence of them. Every template must hold one `{}` for the class name."""
+    if templates is None or templates == AUTO_TEMPLATES:
+        templates = IMAGENET_TEMPLATES if class_name_set == "imagenet" else DEFAULT_TEMPLATES
     elif isinstance(templates, str):
         templates = TEMPLATE_SETS.get(templates, (templates,))
     templates = tuple(templates)
@@ -308,22 +321,27 @@ def resolve_templates(templates) -> tuple[str, ...]:
     return templates
 
 
-def class_names_of(dataset, class_names: Sequence[str] | None = None) -> list[str]:
-    """Class names indexed by label id: `class_names` if given, else the names of the `label` ClassLabel feature
-    (image-folder sub-folder names) with underscores read as spaces."""
+def class_names_of(dataset, class_names=None) -> list[str]:
+    """Class names indexed by label id (see `dataset_class_names`)."""
+    return dataset_class_names(dataset, class_names)[0]
+
+
+def dataset_class_names(dataset, class_names=None) -> tuple[list[str], str | None]:
+    """Class names indexed by label id, and the shipped set they come from (`"imagenet"`, ... or `None`).
+
+    The data's class folders are the names of its `label` ClassLabel feature (image-folder sub-folders). Without
+    `class_names`, they are the names, `_` read as a space, except that ImageNet synset folders (`n01440764`, ...)
+    get OpenAI's ImageNet names. `class_names` may be a shipped set (`"imagenet"`, `"cifar10"`, `"cifar100"`:
+    folders matched by WordNet id, label id or name), a file (one name per line in folder order, or JSON folder ->
+    name), a sequence of names in label order or a mapping folder -> name; see
+    `hf_moe.class_names.resolve_class_names`."""
     import datasets
 
     if "label" not in dataset.column_names:
         raise ValueError(f"The data has no 'label' column (columns: {dataset.column_names}).")
     feature = dataset.features["label"]
-    if class_names is not None:
-        names = [str(name) for name in class_names]
-        if isinstance(feature, datasets.ClassLabel) and len(names) != feature.num_classes:
-            raise ValueError(f"{len(names)} class names given for {feature.num_classes} classes in the data.")
-        return names
-    if not isinstance(feature, datasets.ClassLabel):
-        raise ValueError("The 'label' column is not a ClassLabel with class names; pass class_names=[...].")
-    return [name.replace("_", " ") for name in feature.names]
+    folders = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    return resolve_class_names(folders, class_names)
 
 
 def class_embeddings(model, processor, class_names, templates, batch_size=64, device=None, progress=True):
@@ -339,8 +357,8 @@ def zero_shot_classification(
     model,
     processor,
     data,
-    templates: str | Sequence[str] | None = None,
-    class_names: Sequence[str] | None = None,
+    templates: str | Sequence[str] | None = AUTO_TEMPLATES,
+    class_names=None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     split: str | None = None,
@@ -354,9 +372,12 @@ def zero_shot_classification(
         processor: Its processor (a tokenizer and an image processor, e.g. `AutoProcessor.from_pretrained`).
         data: An image folder with one sub-folder per class (datasets' `imagefolder`; class names are the
             folder names, `_` read as a space), or a `datasets.Dataset` / `DatasetDict` with `image` and `label`.
-        templates: Prompt templates with `{}` for the class name: a sequence, `"default"` (`DEFAULT_TEMPLATES`,
-            the default), `"imagenet"` (OpenAI's 80 `IMAGENET_TEMPLATES`) or a single template.
-        class_names: Names indexed by label id (required when `label` is not a ClassLabel).
+        templates: Prompt templates with `{}` for the class name: `"auto"` (the default: OpenAI's 80
+            `IMAGENET_TEMPLATES` with OpenAI's ImageNet class names, else `DEFAULT_TEMPLATES`), `"default"`,
+            `"imagenet"`, a single template or a sequence of them.
+        class_names: A shipped set (`"imagenet"`, `"cifar10"`, `"cifar100"`), a class-names file, names indexed
+            by label id, or a mapping folder -> name (see `dataset_class_names`); required when `label` is not a
+            ClassLabel. Default: the folder names (ImageNet synset folders get OpenAI's names).
         batch_size: Images or prompts per forward pass.
         device: Move the model there first; default: leave it where it is.
         split: Split to use when `data` has several (default `test`, else `validation`).
@@ -368,8 +389,8 @@ def zero_shot_classification(
     """
     _check_batch_size(batch_size)
     dataset = load_image_dataset(data, split)
-    names = class_names_of(dataset, class_names)
-    templates = resolve_templates(templates)
+    names, class_name_set = dataset_class_names(dataset, class_names)
+    templates = resolve_templates(templates, class_name_set)
     with _EvalMode(model, device):
         classes = class_embeddings(model, processor, names, templates, batch_size, device, progress)
         images = encode_images(model, processor, dataset, batch_size, device, progress)
@@ -395,22 +416,71 @@ def zero_shot_classification(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def captions_of(dataset) -> tuple[list[str], list[list[int]], list[int]]:
-    """Flatten the `text` column (a caption or a list of captions per image) into (captions, caption ids of each
-    image, image id of each caption)."""
+@dataclass
+class RetrievalCaptions:
+    """The captions retrieval scores, flattened: `captions[j]` belongs to image row `images[caption_image[j]]`,
+    and `image_captions[i]` lists the caption ids of `images[i]`."""
+
+    captions: list[str]
+    image_captions: list[list[int]]
+    caption_image: list[int]
+    images: list[int]  # rows of the data with at least one caption, in order
+    skipped_captions: int = 0  # empty captions left out (those of skipped images included)
+    skipped_images: list[int] = field(default_factory=list)  # rows without any non-empty caption
+
+
+def captions_of(dataset, max_captions_per_image: int | None = MAX_CAPTIONS_PER_IMAGE) -> RetrievalCaptions:
+    """Flatten the `text` column (a caption or a list of captions per image) into retrieval queries.
+
+    Empty (or whitespace-only, or null) captions are left out and counted; an image left without any caption is
+    skipped and counted, as `hf_moe.data` skips rows with an empty caption. Of the remaining captions of an image,
+    the first `max_captions_per_image` are kept (`None` or 0: all)."""
     if "text" not in dataset.column_names:
         raise ValueError(f"The data has no 'text' column of captions (columns: {dataset.column_names}).")
-    captions: list[str] = []
-    image_captions: list[list[int]] = []
-    caption_image: list[int] = []
-    for index, text in enumerate(dataset.select_columns(["text"])[:]["text"]):
-        texts = [text] if isinstance(text, str) else list(text or [])
-        if not texts or not all(isinstance(caption, str) for caption in texts):
-            raise ValueError(f"Image {index} has no caption or a caption that is not a string: {text!r}.")
-        image_captions.append(list(range(len(captions), len(captions) + len(texts))))
-        caption_image.extend([index] * len(texts))
-        captions.extend(texts)
-    return captions, image_captions, caption_image
+    if max_captions_per_image is not None and max_captions_per_image < 0:
+        raise ValueError(f"max_captions_per_image must be >= 0 (0: all), got {max_captions_per_image}.")
+    limit = max_captions_per_image or None
+    result = RetrievalCaptions([], [], [], [])
+    for row, text in enumerate(dataset.select_columns(["text"])[:]["text"]):
+        texts = [text] if text is None or isinstance(text, str) else list(text)
+        if any(caption is not None and not isinstance(caption, str) for caption in texts):
+            raise ValueError(f"Image row {row} has a caption that is not a string: {text!r}.")
+        kept = [caption for caption in texts if caption is not None and caption.strip()]
+        result.skipped_captions += len(texts) - len(kept)
+        if not kept:
+            result.skipped_images.append(row)
+            continue
+        kept = kept[:limit]
+        result.image_captions.append(list(range(len(result.captions), len(result.captions) + len(kept))))
+        result.caption_image.extend([len(result.images)] * len(kept))
+        result.captions.extend(kept)
+        result.images.append(row)
+    return result
+
+
+def _image_name(dataset, row: int) -> str:
+    """The image file of a row for messages, else its row number."""
+    import datasets
+
+    if isinstance(dataset.features.get("image"), datasets.Image):
+        image = dataset.cast_column("image", datasets.Image(decode=False))[row]["image"]
+        if isinstance(image, dict) and image.get("path"):
+            return image["path"]
+    return f"row {row}"
+
+
+def _report_skipped_captions(dataset, captions: RetrievalCaptions) -> None:
+    if not captions.skipped_captions:
+        return
+    from .data import MISSING_CAPTION, SkipReport
+
+    report = SkipReport(num_rows=len(dataset))
+    for row in captions.skipped_images:
+        report.record(MISSING_CAPTION, lambda row=row: _image_name(dataset, row))
+    logger.warning(
+        f"Retrieval data: left out {captions.skipped_captions} empty captions; {report.summary()} "
+        "(images without any non-empty caption)."
+    )
 
 
 def _top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int = 1024) -> list[list[int]]:
@@ -432,12 +502,16 @@ def image_text_retrieval(
     k_values: Sequence[int] = RETRIEVAL_K,
     split: str | None = None,
     progress: bool = True,
+    max_captions_per_image: int | None = MAX_CAPTIONS_PER_IMAGE,
 ) -> dict[str, Any]:
     """Image->text and text->image retrieval recall@k of a CLIP-like model on captioned images.
 
     Every image is a query over all captions, and is retrieved correctly at k when ANY of its captions is among
     the k most similar; every caption is a query over all images, correct when its own image is among the k
-    most similar (the COCO / Flickr30k protocol).
+    most similar (the COCO / Flickr30k protocol, with at most 5 captions per image).
+
+    Empty captions are left out and images left without a caption are skipped; both are counted in the results
+    (`num_skipped_captions`, `num_skipped_images`) and logged with the image files.
 
     Args:
         model, processor: As for `zero_shot_classification`.
@@ -448,19 +522,27 @@ def image_text_retrieval(
         k_values: The cut-offs k.
         split: Split to use when `data` has several (default `test`, else `validation`).
         progress: Show tqdm progress bars.
+        max_captions_per_image: Score the first N non-empty captions of each image (default 5, as the COCO and
+            Flickr30k protocols); `None` or 0: all.
 
     Returns:
-        `{"image_to_text_R@1", ..., "text_to_image_R@1", ..., "num_images", "num_texts"}`.
+        `{"image_to_text_R@1", ..., "text_to_image_R@1", ..., "num_images", "num_texts", "num_skipped_images",
+        "num_skipped_captions"}`.
     """
     _check_batch_size(batch_size)
     k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1:
         raise ValueError(f"k_values must be positive integers, got {k_values}.")
     dataset = load_image_dataset(data, split)
-    captions, image_captions, caption_image = captions_of(dataset)
+    flat = captions_of(dataset, max_captions_per_image)
+    _report_skipped_captions(dataset, flat)
+    if not flat.images:
+        raise ValueError(f"None of the {len(dataset)} images of the data has a non-empty caption.")
+    image_captions, caption_image = flat.image_captions, flat.caption_image
+    scored = dataset.select(flat.images) if flat.skipped_images else dataset
     with _EvalMode(model, device):
-        images = encode_images(model, processor, dataset, batch_size, device, progress)
-        texts = encode_texts(model, processor, captions, batch_size, device, progress)
+        images = encode_images(model, processor, scored, batch_size, device, progress)
+        texts = encode_texts(model, processor, flat.captions, batch_size, device, progress)
     recall = load_metric("recall_at_k")
     results: dict[str, Any] = {}
     directions = {
@@ -472,7 +554,9 @@ def image_text_retrieval(
         scores = recall.compute(predictions=ranked, references=relevant, k=k_values)
         results.update({f"{direction}_R@{k}": float(scores[f"recall@{k}"]) for k in k_values})
     results["num_images"] = len(image_captions)
-    results["num_texts"] = len(captions)
+    results["num_texts"] = len(flat.captions)
+    results["num_skipped_images"] = len(flat.skipped_images)
+    results["num_skipped_captions"] = flat.skipped_captions
     return results
 
 
@@ -512,7 +596,7 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
 
 @dataclass
 class EvalArguments:
-    model: str = field(metadata={"help": "CLIP-like model: a folder or Hub id (loaded with trust_remote_code)."})
+    model: str = field(metadata={"help": "CLIP-like model: a local folder or Hub id."})
     data: str = field(metadata={"help": "Image folder (imagefolder layout) to evaluate on."})
     output: str | None = field(
         default=None,
@@ -525,22 +609,43 @@ class EvalArguments:
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     dtype: str | None = field(default=None, metadata={"help": "Model dtype, e.g. bfloat16 (default: as saved)."})
     split: str | None = field(default=None, metadata={"help": "Split, when the data has several (default: test)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the model code shipped in the model folder or repo. hf-moe's own models do not need it "
+            "where hf-moe is installed; only pass it for code you trust."
+        },
+    )
 
 
 @dataclass
 class ZeroShotEvalArguments(EvalArguments):
-    templates: str = field(
-        default="default",
+    class_names: str | None = field(
+        default=None,
         metadata={
-            "help": "Prompt templates: 'default' (8), 'imagenet' (OpenAI's 80) or a text file with one "
-            "template per line, '{}' standing for the class name."
+            "help": f"Class names: {', '.join(CLASS_NAME_SETS)} (shipped; class folders matched by WordNet id such "
+            "as n01440764, label id or name), or a file: one name per line in folder order, or JSON mapping "
+            "folder -> name. Default: the folder names, with ImageNet synset folders mapped to OpenAI's names."
+        },
+    )
+    templates: str = field(
+        default=AUTO_TEMPLATES,
+        metadata={
+            "help": "Prompt templates: 'auto' (OpenAI's 80 ImageNet templates with the ImageNet class names, "
+            "else 'default'), 'default' (8), 'imagenet' (OpenAI's 80) or a text file with one template per line, "
+            "'{}' standing for the class name."
         },
     )
 
 
 @dataclass
 class RetrievalEvalArguments(EvalArguments):
-    pass
+    max_captions_per_image: int = field(
+        default=MAX_CAPTIONS_PER_IMAGE,
+        metadata={
+            "help": "Score the first N non-empty captions of each image, as the COCO / Flickr30k protocols (5); 0: all."
+        },
+    )
 
 
 EVAL_TASKS = {
@@ -556,11 +661,14 @@ def default_output_path(model: str, task: str) -> Path:
 
 
 def _templates_option(value: str) -> str | list[str]:
-    if value in TEMPLATE_SETS:
+    if value in TEMPLATE_SETS or value == AUTO_TEMPLATES:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ValueError(f"--templates must be one of {list(TEMPLATE_SETS)} or a text file; '{value}' is neither.")
+        raise ValueError(
+            f"--templates must be '{AUTO_TEMPLATES}', one of {list(TEMPLATE_SETS)} or a text file; "
+            f"'{value}' is neither."
+        )
     templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     resolve_templates(templates)  # validate before loading the model
     return templates
@@ -569,7 +677,9 @@ def _templates_option(value: str) -> str | list[str]:
 def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     """`hf-moe eval {zero-shot,retrieval} --model M --data DATA [...]`: evaluate, print the results JSON, write it
     to `--output`, and return it (None for `--help` / no task)."""
-    from transformers import AutoModel, AutoProcessor, HfArgumentParser
+    from transformers import AutoProcessor, HfArgumentParser
+
+    from .loading import load_pretrained
 
     tasks = "\n".join(f"  {name:<12}{help_text}" for name, (_, help_text) in EVAL_TASKS.items())
     usage = f"usage: hf-moe eval TASK --model MODEL --data DATA [options]\n\ntasks:\n{tasks}"
@@ -584,30 +694,44 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     (args,) = parser.parse_args_into_dataclasses(argv[1:])
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
-    templates = _templates_option(args.templates) if task == "zero-shot" else None
-
-    load_kwargs: dict[str, Any] = {"trust_remote_code": True}
+    load_kwargs: dict[str, Any] = {}
     if args.dtype is not None:
         if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
             raise ValueError(f"--dtype '{args.dtype}' is not a torch dtype (e.g. float32, bfloat16, float16).")
         load_kwargs["dtype"] = getattr(torch, args.dtype)
-    model = AutoModel.from_pretrained(args.model, **load_kwargs)
-    processor = AutoProcessor.from_pretrained(args.model)
+
+    # The data and the options that depend on it are checked before the (possibly large) model is loaded.
+    dataset = load_image_dataset(args.data, args.split)
+    if task == "zero-shot":
+        templates = _templates_option(args.templates)
+        dataset_class_names(dataset, args.class_names)
+    else:
+        if args.max_captions_per_image < 0:
+            raise ValueError(f"--max_captions_per_image must be >= 0 (0: all), got {args.max_captions_per_image}.")
+        captions_of(dataset, args.max_captions_per_image)
+
+    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, **load_kwargs)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if task == "zero-shot":
         metrics = zero_shot_classification(
             model,
             processor,
-            args.data,
+            dataset,
             templates=templates,
+            class_names=args.class_names,
             batch_size=args.batch_size,
             device=device,
-            split=args.split,
         )
     else:
         metrics = image_text_retrieval(
-            model, processor, args.data, batch_size=args.batch_size, device=device, split=args.split
+            model,
+            processor,
+            dataset,
+            batch_size=args.batch_size,
+            device=device,
+            max_captions_per_image=args.max_captions_per_image,
         )
     options = {key: value for key, value in asdict(args).items() if key not in ("model", "data", "output")}
     options["device"] = device
@@ -616,6 +740,11 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     results = {"task": task, "model": args.model, "data": args.data, **metrics, "options": options}
     output = Path(args.output) if args.output else default_output_path(args.model, task)
     write_results(results, output)
+    if Path(args.model).is_dir():  # a local model folder: its card records the scores (a Hub repo's is not ours)
+        from .hub import add_eval_results
+
+        task_type = "zero-shot-image-classification" if task == "zero-shot" else "image-text-retrieval"
+        add_eval_results(args.model, metrics, task=task_type, dataset=Path(args.data).name)
     print(json.dumps(results, indent=2, default=_json_default))
     print(f"Wrote {output}", file=sys.stderr)
     return results

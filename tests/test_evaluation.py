@@ -2,6 +2,7 @@
 and one text at a time, for a dense CLIP folder and its upcycled CLIP-MoE loaded through trust_remote_code."""
 
 import json
+import logging
 import shutil
 import socket
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, CLIPModel
 
+from hf_moe.class_names import imagenet_wnids, load_class_names, resolve_class_names
 from hf_moe.evaluation import (
     DEFAULT_TEMPLATES,
     IMAGENET_TEMPLATES,
@@ -105,6 +107,9 @@ def test_templates():
     assert all(template.count("{}") == 1 for template in IMAGENET_TEMPLATES)
     assert resolve_templates(None) == DEFAULT_TEMPLATES
     assert resolve_templates("imagenet") == IMAGENET_TEMPLATES
+    assert resolve_templates("auto") == resolve_templates("auto", "cifar10") == DEFAULT_TEMPLATES
+    assert resolve_templates("auto", "imagenet") == resolve_templates(None, "imagenet") == IMAGENET_TEMPLATES
+    assert resolve_templates("default", "imagenet") == DEFAULT_TEMPLATES
     assert resolve_templates("a {} digit") == ("a {} digit",)
     with pytest.raises(ValueError, match="exactly once"):
         resolve_templates(["no placeholder"])
@@ -224,8 +229,159 @@ def test_retrieval_matches_brute_force(model_fixture, caption_folder, request):
     default = image_text_retrieval(model, processor, caption_folder, progress=False)
     assert set(default) == {
         f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)
-    } | {"num_images", "num_texts"}
+    } | {"num_images", "num_texts", "num_skipped_images", "num_skipped_captions"}
+    assert default["num_skipped_images"] == default["num_skipped_captions"] == 0
     assert all(default[key] == pytest.approx(results[key]) for key in default)
+
+
+def write_caption_folder(folder, captions_per_image: list[list[str]], digits: list[int] | None = None):
+    """A captioned image folder: the given digit images (default: the first ones) with the given caption lists in
+    `metadata.jsonl`."""
+    from hf_moe.toy_data import digit_images
+
+    folder.mkdir(parents=True)
+    all_images, _ = digit_images(max(digits or [len(captions_per_image) - 1]) + 1)
+    images = [all_images[i] for i in digits or range(len(captions_per_image))]
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for i, (image, captions) in enumerate(zip(images, captions_per_image)):
+            image.save(folder / f"{i:05d}.png")
+            metadata.write(json.dumps({"file_name": f"{i:05d}.png", "text": captions}) + "\n")
+    return folder
+
+
+def digit_captions(index: int, count: int) -> list[str]:
+    from hf_moe.toy_data import digit_caption
+
+    return [digit_caption(index % 10, index + j) + f" (take {j})" for j in range(count)]
+
+
+def recalls(results):
+    return {key: value for key, value in results.items() if "_R@" in key}
+
+
+def test_retrieval_skips_and_counts_empty_captions(varied_clip_dir, tmp_path, caplog):
+    model, processor = load(varied_clip_dir)
+    captions = [digit_captions(i, 3) for i in range(8)]
+    with_empty = [list(c) for c in captions]
+    with_empty[1][1] = ""  # one empty caption among good ones
+    with_empty[4] = ["  ", ""]  # an image with no usable caption
+    with_empty[6] = with_empty[6] + [" "]
+    kept_images = [i for i in range(8) if i != 4]
+    clean = [captions[i] for i in kept_images]
+    clean[1] = [captions[1][0], captions[1][2]]
+    folder = write_caption_folder(tmp_path / "with_empty", with_empty)
+    with caplog.at_level(logging.WARNING, logger="hf_moe.evaluation"):
+        results = image_text_retrieval(model, processor, folder, k_values=(1, 2, 5), progress=False)
+    clean_folder = write_caption_folder(tmp_path / "clean", clean, kept_images)
+    expected = image_text_retrieval(model, processor, clean_folder, k_values=(1, 2, 5), progress=False)
+    assert results["num_images"] == 7 and results["num_texts"] == 20
+    assert results["num_skipped_images"] == 1 and results["num_skipped_captions"] == 4
+    assert recalls(results) == pytest.approx(recalls(expected)) and 0 < results["text_to_image_R@1"] < 1
+    assert "left out 4 empty captions" in caplog.text and str(folder / "00004.png") in caplog.text
+
+    with pytest.raises(ValueError, match="None of the 2 images"):
+        image_text_retrieval(model, processor, write_caption_folder(tmp_path / "none", [[""], [" "]]), progress=False)
+
+
+def test_retrieval_scores_at_most_five_captions_per_image(varied_clip_dir, tmp_path):
+    model, processor = load(varied_clip_dir)
+    captions = [digit_captions(i, 7 if i % 2 else 5) for i in range(6)]  # COCO has images with 6-7 captions
+    folder = write_caption_folder(tmp_path / "seven", captions)
+    first_five = write_caption_folder(tmp_path / "five", [c[:5] for c in captions])
+    k_values = (1, 3, 10)
+    default = image_text_retrieval(model, processor, folder, k_values=k_values, progress=False)
+    expected = image_text_retrieval(model, processor, first_five, k_values=k_values, progress=False)
+    assert default["num_texts"] == expected["num_texts"] == 30
+    assert recalls(default) == pytest.approx(recalls(expected))
+    every = image_text_retrieval(model, processor, folder, k_values=k_values, max_captions_per_image=0, progress=False)
+    assert every["num_texts"] == 36 and recalls(every) != recalls(default)
+    two = image_text_retrieval(model, processor, folder, k_values=k_values, max_captions_per_image=2, progress=False)
+    assert two["num_texts"] == 12
+
+
+# ---------------------------------------------------------------- class names
+
+
+def test_shipped_class_names():
+    names, wnids = load_class_names("imagenet"), imagenet_wnids()
+    assert len(names) == len(wnids) == 1000 and len(set(wnids)) == 1000 and list(wnids) == sorted(wnids)
+    assert (names[0], names[1], names[21], names[999]) == ("tench", "goldfish", "kite (bird of prey)", "toilet paper")
+    assert (wnids[0], wnids[1], wnids[999]) == ("n01440764", "n01443537", "n15075141")
+    # Known ILSVRC-2012 class indices: names and WordNet ids stay aligned through the list.
+    for index, wnid, name in [
+        (281, "n02123045", "tabby cat"),
+        (340, "n02391049", "zebra"),
+        (948, "n07742313", "Granny Smith apple"),
+        (963, "n07873807", "pizza"),
+        (985, "n11939491", "daisy"),
+    ]:
+        assert (wnids[index], names[index]) == (wnid, name)
+    assert len(load_class_names("cifar10")) == 10 and load_class_names("cifar10")[0] == "airplane"
+    cifar100 = load_class_names("cifar100")
+    assert len(cifar100) == 100 and cifar100[1] == "aquarium fish" and cifar100[99] == "worm"
+    assert len(IMAGENET_TEMPLATES) == 80
+
+
+def test_class_names_for_folders(tmp_path):
+    assert resolve_class_names(["n01440764", "n15075141"]) == (["tench", "toilet paper"], "imagenet")
+    assert resolve_class_names(["big_cat", "dog"]) == (["big cat", "dog"], None)
+    # A shipped set matches folders by WordNet id, label id (numeric folders sort as strings) or name.
+    assert resolve_class_names(["n01443537", "1", "10", "Tench"], "imagenet")[0] == [
+        "goldfish",
+        "goldfish",
+        "brambling",
+        "tench",
+    ]
+    assert resolve_class_names(["aquarium_fish", "apple"], "cifar100") == (["aquarium fish", "apple"], "cifar100")
+    assert resolve_class_names(None, "cifar10")[0] == list(load_class_names("cifar10"))
+    with pytest.raises(ValueError, match="n99999999, zebra_crossing"):
+        resolve_class_names(["n01440764", "n99999999", "zebra_crossing"], "imagenet")
+
+    lines = tmp_path / "names.txt"
+    lines.write_text("a red fish\n\na blue fish\n")
+    assert resolve_class_names(["x", "y"], str(lines)) == (["a red fish", "a blue fish"], None)
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        resolve_class_names(["x", "y", "z"], lines)
+    mapping = tmp_path / "names.json"
+    mapping.write_text(json.dumps({"y": "a blue fish", "x": "a red fish", "unused": "more"}))
+    assert resolve_class_names(["x", "y"], mapping)[0] == ["a red fish", "a blue fish"]
+    with pytest.raises(ValueError, match="folders z"):
+        resolve_class_names(["x", "z"], mapping)
+    with pytest.raises(FileNotFoundError, match="no_such_file.txt"):
+        resolve_class_names(["x"], tmp_path / "no_such_file.txt")
+
+
+def test_zero_shot_on_synset_folders_uses_openai_names_and_templates(varied_clip_dir, tmp_path):
+    from hf_moe.toy_data import digit_images
+
+    folder = tmp_path / "imagenet-val"
+    images, labels = digit_images(12)
+    synsets = ["n01440764", "n01443537", "n15075141"]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (folder / synsets[label % 3]).mkdir(parents=True, exist_ok=True)
+        image.save(folder / synsets[label % 3] / f"{i}.png")
+    model, processor = load(varied_clip_dir)
+    results = zero_shot_classification(model, processor, folder, return_predictions=True, progress=False)
+    expected = zero_shot_classification(
+        model,
+        processor,
+        folder,
+        templates=IMAGENET_TEMPLATES,
+        class_names=["tench", "goldfish", "toilet paper"],
+        return_predictions=True,
+        progress=False,
+    )
+    assert results == expected and results["num_templates"] == 80 and results["num_classes"] == 3
+    folder_names = zero_shot_classification(
+        model,
+        processor,
+        folder,
+        templates=IMAGENET_TEMPLATES,
+        class_names=synsets,
+        return_predictions=True,
+        progress=False,
+    )
+    assert folder_names["predictions"] != results["predictions"], "the names, not the folder ids, are prompted"
 
 
 # ---------------------------------------------------------------- results file and command
