@@ -421,3 +421,45 @@ def test_evaluate_command(varied_moe_dir, class_folders, caption_folder, tmp_pat
         evaluate_command(["segmentation", "--model", "m", "--data", "d"])
     with pytest.raises(ValueError, match="--templates"):
         evaluate_command(argv + ["--templates", "no-such-set"])
+
+
+def test_evaluate_command_class_names_and_remote_code_flag(
+    varied_clip_dir, class_folders, caption_folder, tmp_path, monkeypatch, capsys
+):
+    import transformers
+
+    mapping = {name: f"handwritten {name}" for name in DIGIT_NAMES}
+    model, processor = load(varied_clip_dir)
+    expected = zero_shot_classification(model, processor, class_folders, class_names=mapping, progress=False)
+    trust_remote_code = []
+    from_pretrained = transformers.AutoModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        trust_remote_code.append(kwargs.get("trust_remote_code"))
+        return from_pretrained(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", classmethod(spy))
+    names_file = tmp_path / "names.json"
+    names_file.write_text(json.dumps(mapping))
+    argv = ["zero-shot", "--model", str(varied_clip_dir), "--data", str(class_folders), "--class_names"]
+    output = ["--output", str(tmp_path / "out.json")]
+
+    results = evaluate_command(argv + [str(names_file)] + output)
+    assert results["top1_accuracy"] == pytest.approx(expected["top1_accuracy"])
+    assert results["num_templates"] == len(DEFAULT_TEMPLATES)  # "auto" without ImageNet names
+    assert results["options"]["class_names"] == str(names_file) and results["options"]["templates"] == "auto"
+    assert trust_remote_code == [False] and results["options"]["trust_remote_code"] is False
+    evaluate_command(argv + [str(names_file), "--trust_remote_code"] + output)
+    assert trust_remote_code == [False, True]
+
+    # Class names that do not fit the folders are refused before the model is loaded.
+    with pytest.raises(ValueError, match="neither a cifar10 WordNet id, label id nor class name: eight, five"):
+        evaluate_command(argv + ["cifar10"] + output)
+    with pytest.raises(ValueError, match="max_captions_per_image must be >= 0"):
+        evaluate_command(
+            ["retrieval", "--model", str(varied_clip_dir), "--data", str(caption_folder)]
+            + output
+            + ["--max_captions_per_image", "-1"]
+        )
+    assert trust_remote_code == [False, True]
+    capsys.readouterr()
