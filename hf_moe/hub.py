@@ -265,8 +265,10 @@ def push_to_hub(
     token: str | None = None,
     private: bool | None = None,
     commit_message: str | None = None,
+    ignore_patterns: list[str] | None = None,
 ) -> str:
-    """Create `hub_model_id` if needed and upload the model folder `folder` to it; returns the repo URL."""
+    """Create `hub_model_id` if needed and upload the model folder `folder` to it (but files matching
+    `ignore_patterns`, e.g. a training run's `checkpoint-*`); returns the repo URL."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot push: model folder '{folder}' does not exist.")
@@ -278,6 +280,7 @@ def push_to_hub(
         folder_path=folder,
         commit_message=commit_message or f"Upload {model_name_for(folder)} with hf-moe",
         token=token,
+        ignore_patterns=ignore_patterns,
     )
     logger.info(f"Pushed {folder} to {repo_url}")
     return str(repo_url)

@@ -1,8 +1,349 @@
-"""Training helpers shared by every family's Trainer subclasses."""
+"""Training helpers shared by every family's Trainer subclasses and training commands.
 
+Re-running a training command must either continue the same job or refuse. `TrainingJob` records a job's
+options and a fingerprint of its inputs in `OUTPUT_DIR/hf_moe_job.json` on the first run, refuses a re-run whose
+options or inputs differ (naming each difference), and marks the job complete once its final model is saved, so
+that a finished job is reported as done instead of trained again. `last_complete_checkpoint` resumes from the
+newest Trainer checkpoint that was completely written, skipping one a kill interrupted.
+"""
+
+import dataclasses
+import hashlib
+import json
 import re
+import zipfile
+from pathlib import Path
 
 import torch
+from transformers.utils import logging
+
+from .fileio import atomic_output_file
+
+
+logger = logging.get_logger(__name__)
+
+JOB_FILE = "hf_moe_job.json"
+
+# TrainingArguments that say where and how to report, save, evaluate or parallelise, not what is trained:
+# a re-run may change them freely. Every other field (subclasses' own fields included) is part of the job.
+NOT_RESULT_FIELDS = {
+    "output_dir",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "project",
+    "per_device_eval_batch_size",
+    "prediction_loss_only",
+    "include_for_metrics",
+    "batch_eval_metrics",
+    "bf16_full_eval",
+    "fp16_full_eval",
+    "enable_jit_checkpoint",
+    "push_to_hub",
+    "ignore_data_skip",
+    "restore_callback_states_from_checkpoint",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "debug",
+    "skip_memory_metrics",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "resume_from_checkpoint",
+    "local_rank",
+    "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "torch_compile",
+    "torch_compile_backend",
+    "torch_compile_mode",
+    "torch_empty_cache_steps",
+    "include_num_input_tokens_seen",
+    "use_cpu",
+    "tf32",
+    "deepspeed",
+    "fsdp",
+    "fsdp_config",
+    "accelerator_config",
+    "parallelism_config",
+    "log_expert_load",
+}
+NOT_RESULT_PREFIXES = ("logging_", "log_", "save_", "hub_", "eval_", "trackio_", "ddp_")
+
+
+class JobMismatchError(ValueError):
+    """A re-run whose options or inputs differ from the job recorded in its output folder."""
+
+
+def result_options(*arguments, exclude: set[str] = frozenset()) -> dict:
+    """The options of `arguments` (dataclass instances: script arguments, `TrainingArguments`) that change
+    what is trained, as JSON values; `TrainingArguments` contribute their result-changing fields only, plus
+    the number of processes (it sets the global batch)."""
+    from transformers import TrainingArguments
+
+    options = {}
+    for args in arguments:
+        if isinstance(args, TrainingArguments):
+            values = {
+                key: value
+                for key, value in args.to_dict().items()
+                if key not in NOT_RESULT_FIELDS and not key.startswith(NOT_RESULT_PREFIXES)
+            }
+            values["world_size"] = args.world_size
+        else:
+            values = dataclasses.asdict(args)
+        options.update({key: value for key, value in values.items() if key not in exclude})
+    # A JSON round trip so that recorded and current values compare alike (tuples -> lists, enums -> str).
+    return json.loads(json.dumps(options, default=str))
+
+
+def local_path(name_or_path: str | Path) -> str | Path:
+    """An existing local path as an absolute path (so `./data` and `/abs/data` are one input); other names as
+    they are."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
+def input_fingerprint(name_or_path: str | Path, pattern: str = "**/*") -> dict:
+    """A cheap fingerprint of an input: for a local file or folder, the count, total size and a hash of the
+    relative names, sizes and modification times of its files matching `pattern` (no file is read); for a
+    Hub id, the id.
+
+    Moving a folder keeps its fingerprint; adding, removing, resizing or touching a file changes it.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return {"name": str(name_or_path)}
+    files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
+    digest, total = hashlib.sha256(), 0
+    for file in files:
+        stat = file.stat()
+        total += stat.st_size
+        name = file.name if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
+
+
+def model_fingerprint(name_or_path: str | Path) -> dict:
+    """`input_fingerprint` of a model folder's config and weights only: a model card or evaluation results
+    written next to them later do not change which model it is."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return input_fingerprint(name_or_path)
+    weights = [p for p in path.iterdir() if p.is_file() and re.search(r"(^config\.json|\.safetensors|\.bin)$", p.name)]
+    digest = hashlib.sha256()
+    for file in sorted(weights):
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"files": len(weights), "bytes": sum(p.stat().st_size for p in weights), "sha256": digest.hexdigest()}
+
+
+def _describe(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
+
+
+class TrainingJob:
+    """The job a training command runs in `output_dir`: its options and input fingerprints, recorded in
+    `output_dir/hf_moe_job.json`.
+
+    Usage, before any output is written:
+
+        job = TrainingJob(output_dir, "train-router", options, inputs={"data": input_fingerprint(data)})
+        job.check()              # raises JobMismatchError if output_dir holds a different job
+        if job.is_complete(): ...  # a finished job: report it, do not train again
+        job.record()             # once the inputs were validated, before training
+        ...train, save...
+        job.mark_complete()
+
+    `owned_outputs` are the names (globs) of what the job writes into `output_dir`; if some are there but no
+    job is recorded, they are another run's (or an older hf-moe's), and the job refuses to continue from them.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        command: str,
+        options: dict,
+        inputs: dict | None = None,
+        owned_outputs: tuple[str, ...] = ("checkpoint-*",),
+    ):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / JOB_FILE
+        self.command = command
+        self.options = json.loads(json.dumps(options, default=str))
+        self.inputs = json.loads(json.dumps(inputs or {}, default=str))
+        self.owned_outputs = owned_outputs
+
+    def recorded(self) -> dict | None:
+        """The job recorded in `output_dir`, or None."""
+        if not self.path.is_file():
+            return None
+        try:
+            recorded = json.loads(self.path.read_text())
+            if not isinstance(recorded, dict) or "options" not in recorded:
+                raise ValueError("no 'options' entry")
+        except ValueError as err:
+            raise JobMismatchError(
+                f"{self.path} is not a job record hf-moe can read ({err}); use a new --output_dir, or remove "
+                f"{self.output_dir} to start over."
+            ) from err
+        return recorded
+
+    def differences(self, recorded: dict) -> list[str]:
+        """One line per option or input that differs from `recorded`."""
+        lines = []
+        if recorded.get("command", self.command) != self.command:
+            lines.append(f"command: {recorded['command']!r} (recorded) vs {self.command!r} (now)")
+        old_options = recorded.get("options", {})
+        # Only options both sides know: a field added by a newer transformers must not block a resume.
+        for key in sorted(old_options.keys() & self.options.keys()):
+            if old_options[key] != self.options[key]:
+                old, new = _describe(old_options[key]), _describe(self.options[key])
+                lines.append(f"--{key}: {old} (recorded) vs {new} (now)")
+        old_inputs = recorded.get("inputs", {})
+        for key in sorted(old_inputs.keys() | self.inputs.keys()):
+            if old_inputs.get(key) != self.inputs.get(key):
+                old, new = _describe_input(old_inputs.get(key)), _describe_input(self.inputs.get(key))
+                # Same count and size: files were edited or replaced in place (their times changed).
+                same = " (files modified or replaced)" if old == new else ""
+                lines.append(f"{key}: {old} (recorded) vs {new} (now){same}")
+        return lines
+
+    def check(self) -> None:
+        """Refuse (`JobMismatchError`) to continue in `output_dir` if it holds a different job, or outputs of a
+        job that was never recorded."""
+        recorded = self.recorded()
+        if recorded is None:
+            strays = sorted(str(p.name) for pattern in self.owned_outputs for p in self.output_dir.glob(pattern))
+            if strays:
+                raise JobMismatchError(
+                    f"{self.output_dir} already holds {', '.join(strays[:5])} but no {JOB_FILE}: they come from a "
+                    "different run (or an older hf-moe), which this job cannot safely continue. Use a new "
+                    f"--output_dir, or remove them to start over."
+                )
+            return
+        differences = self.differences(recorded)
+        if differences:
+            shown = "\n  ".join(differences)
+            raise JobMismatchError(
+                f"{self.output_dir} holds a different {recorded.get('command', 'training')} job (recorded in "
+                f"{self.path}); re-running continues the same job only. Differences:\n  {shown}\nUse a new "
+                f"--output_dir for the new job, or remove {self.output_dir} to start over."
+            )
+
+    def is_complete(self) -> bool:
+        recorded = self.recorded()
+        return bool(recorded and recorded.get("complete"))
+
+    def record(self) -> None:
+        """Write the job record (main process; a no-op if it is already recorded)."""
+        if self.path.is_file() or not _is_main_process():
+            return
+        self._write({"command": self.command, "options": self.options, "inputs": self.inputs, "complete": False})
+
+    def mark_complete(self, **details) -> None:
+        """Record that the job's final outputs are saved (main process)."""
+        if not _is_main_process():
+            return
+        recorded = self.recorded() or {"command": self.command, "options": self.options, "inputs": self.inputs}
+        self._write({**recorded, **details, "complete": True})
+
+    def _write(self, content: dict) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_output_file(self.path) as tmp:
+            tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def _describe_input(fingerprint: dict | None) -> str:
+    if not fingerprint:
+        return "absent"
+    if "files" in fingerprint:
+        return f"{fingerprint['files']} files, {fingerprint['bytes']:,} bytes"
+    return repr(fingerprint.get("name"))
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+WEIGHTS_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+WEIGHTS_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why the Trainer checkpoint folder `checkpoint` cannot be resumed from (None when it is complete).
+
+    Complete means: `trainer_state.json` parses (the Trainer writes it last), the model weights are there and
+    whole (safetensors sizes agree with their headers; torch zip archives have their central directory), and
+    the optimizer state is there (optimizer.pt, or DeepSpeed's / FSDP's own folders). Only headers are read.
+    """
+    from .loading import check_safetensors_file
+
+    checkpoint = Path(checkpoint)
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if "global_step" not in state:
+            return "trainer_state.json has no global_step"
+    except FileNotFoundError:
+        return "no trainer_state.json (the save was interrupted)"
+    except ValueError as err:
+        return f"trainer_state.json is truncated or corrupt ({err})"
+    weights = [checkpoint / name for name in WEIGHTS_FILES if (checkpoint / name).is_file()]
+    for index in WEIGHTS_INDEXES:
+        if (checkpoint / index).is_file():
+            try:
+                shards = set(json.loads((checkpoint / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError) as err:
+                return f"{index} is truncated or corrupt ({err})"
+            missing = [shard for shard in shards if not (checkpoint / shard).is_file()]
+            if missing:
+                return f"weight shards {sorted(missing)[:3]} are missing"
+            weights += [checkpoint / shard for shard in shards]
+    deepspeed = (checkpoint / "latest").is_file()
+    if not weights and not deepspeed:
+        return "no model weights"
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                check_safetensors_file(file)
+            except OSError:
+                return f"{file.name} is truncated or corrupt"
+        elif not zipfile.is_zipfile(file):
+            return f"{file.name} is truncated or corrupt"
+    optimizer = checkpoint / "optimizer.pt"
+    if optimizer.is_file():
+        if not zipfile.is_zipfile(optimizer):
+            return "optimizer.pt is truncated or corrupt"
+    elif not deepspeed and not any(checkpoint.glob("optimizer_*")):
+        return "no optimizer state (optimizer.pt)"
+    return None
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest Trainer checkpoint in `folder` that is complete (see `checkpoint_problem`), or None.
+
+    Newer incomplete ones (a kill during a checkpoint write) are skipped with a warning; the Trainer overwrites
+    them when it reaches their step again.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted(
+        (int(match[1]), path) for path in folder.iterdir() if path.is_dir() and (match := _CHECKPOINT.match(path.name))
+    )
+    for _, checkpoint in reversed(checkpoints):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return str(checkpoint)
+        logger.warning(f"Not resuming from the incomplete checkpoint {checkpoint}: {problem}.")
+    return None
 
 
 def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -16,3 +357,17 @@ def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     if not trainable:
         raise ValueError(f"No parameter name matches trainable_parameters={patterns}.")
     return trainable
+
+
+__all__ = [
+    "JOB_FILE",
+    "JobMismatchError",
+    "TrainingJob",
+    "checkpoint_problem",
+    "freeze_all_but",
+    "input_fingerprint",
+    "last_complete_checkpoint",
+    "local_path",
+    "model_fingerprint",
+    "result_options",
+]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoProcessor
 
 import hf_moe.clip_moe.mcl
 from hf_moe.cli import main
@@ -15,18 +15,7 @@ from hf_moe.clip_moe.trainer import CLIPMoETrainer, CLIPMoETrainingArguments
 from hf_moe.data import ImageTextCollator, load_image_text_dataset
 from hf_moe.toy import save_toy_clip
 from hf_moe.toy_data import save_digit_caption_folder, save_digit_class_folders
-
-
-class RecordingCollator(ImageTextCollator):
-    """Records the dataset indices of every batch it builds."""
-
-    batches: list[list[int]] = []
-
-    def __call__(self, rows):
-        batch = super().__call__(rows)
-        if "index" in batch:
-            RecordingCollator.batches.append(batch["index"].tolist())
-        return batch
+from hf_moe.training import JobMismatchError
 
 
 def training_args(output_dir, **overrides):
@@ -46,17 +35,32 @@ def training_args(output_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, request):
+def recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     base = save_toy_clip(root / "base")
     data = save_digit_caption_folder(root / "captions", count=96)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(hf_moe.clip_moe.mcl, "ImageTextCollator", RecordingCollator)
-    RecordingCollator.batches = []
-    args = MCLArguments(base=str(base), data=str(data), num_experts=3, top_k=2, image_clusters=2, text_clusters=2)
-    moe_dir = run_mcl(args, training_args(root / "mcl"))
-    mp.undo()
-    return {"root": root, "base": base, "data": data, "moe": moe_dir, "batches": list(RecordingCollator.batches)}
+    batches = []  # the dataset indices of every batch MCL builds, in order
+
+    class RecordingCollator(ImageTextCollator):
+        def __call__(self, rows):
+            batch = super().__call__(rows)
+            if "index" in batch:
+                batches.append(batch["index"].tolist())
+            return batch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_moe.clip_moe.mcl, "ImageTextCollator", RecordingCollator)
+        moe_dir = run_mcl(mcl_arguments(base, data), training_args(root / "mcl"))
+    return {"root": root, "base": base, "data": data, "moe": moe_dir, "batches": batches}
+
+
+def mcl_arguments(base, data, **overrides):
+    fields = dict(base=str(base), data=str(data), num_experts=3, top_k=2, image_clusters=2, text_clusters=2)
+    return MCLArguments(**{**fields, **overrides})
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_mcl_stages_differ_from_the_base_only_in_mlp_weights(recipe):
@@ -91,21 +95,117 @@ def test_mcl_builds_the_moe_from_the_stages(recipe):
     )
 
 
-def test_rerunning_mcl_resumes_instead_of_retraining(recipe, tmp_path):
-    before = {p: p.stat().st_mtime_ns for p in (recipe["root"] / "mcl").glob("stage*/model.safetensors")}
-    args = MCLArguments(
-        base=str(recipe["base"]), data=str(recipe["data"]), num_experts=3, image_clusters=2, text_clusters=2
-    )
-    assert run_mcl(args, training_args(recipe["root"] / "mcl")) == recipe["moe"]
-    assert before == {p: p.stat().st_mtime_ns for p in (recipe["root"] / "mcl").glob("stage*/model.safetensors")}
+def test_rerunning_mcl_resumes_instead_of_retraining(recipe, caplog):
+    before = snapshot(recipe["root"] / "mcl")
+    with caplog.at_level("WARNING"):
+        assert (
+            run_mcl(mcl_arguments(recipe["base"], recipe["data"]), training_args(recipe["root"] / "mcl"))
+            == recipe["moe"]
+        )
+    assert "already complete" in caplog.text
+    assert snapshot(recipe["root"] / "mcl") == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_experts=4), "--num_experts: 3 (recorded) vs 4 (now)"),
+        (dict(top_k=1), "--top_k: 2 (recorded) vs 1 (now)"),
+        (dict(long_text=False), "--long_text: true (recorded) vs false (now)"),
+        (dict(image_clusters=3), "--image_clusters: 2 (recorded) vs 3 (now)"),
+        ("base", "--base:"),
+        ("data", "data: 97 files"),  # 96 images + metadata.jsonl
+    ],
+)
+def test_rerunning_mcl_with_other_options_or_inputs_is_refused(recipe, tmp_path, change, message):
+    if change == "base":
+        change = dict(base=save_toy_clip(tmp_path / "other-base", seed=1))
+    elif change == "data":
+        change = dict(data=save_digit_caption_folder(tmp_path / "other-captions", count=95))
+    before = snapshot(recipe["root"] / "mcl")
+    with pytest.raises(JobMismatchError) as error:
+        run_mcl(
+            mcl_arguments(**{"base": recipe["base"], "data": recipe["data"], **change}),
+            training_args(recipe["root"] / "mcl"),
+        )
+    assert message in str(error.value)
+    assert snapshot(recipe["root"] / "mcl") == before
+
+
+def test_mcl_refuses_a_changed_training_option(recipe):
+    with pytest.raises(JobMismatchError, match=r"--learning_rate: 0.001 \(recorded\) vs 0.002 \(now\)"):
+        run_mcl(
+            mcl_arguments(recipe["base"], recipe["data"]),
+            training_args(recipe["root"] / "mcl", learning_rate=2e-3),
+        )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top_k", "4"], "top_k must be between 1 and num_experts=3, got 4"),
+        (["--feature_shard_size", "0"], "feature_shard_size must be at least 1, got 0"),
+        (["--num_experts", "1"], "num_experts >= 2"),
+    ],
+)
+def test_mcl_checks_its_options_before_any_work(recipe, tmp_path, capsys, flags, message):
+    out = tmp_path / "mcl"
+    argv = ["mcl", "--base", str(recipe["base"]), "--data", str(recipe["data"]), "--output_dir", str(out)]
+    argv += ["--num_experts", "3", *flags, "--use_cpu", "--report_to", "none"]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_mcl_refuses_a_clip_moe_as_base(recipe, tmp_path, capsys):
+    out = tmp_path / "mcl"
+    argv = ["mcl", "--base", str(recipe["moe"]), "--data", str(recipe["data"]), "--output_dir", str(out)]
+    assert main([*argv, "--use_cpu", "--report_to", "none"]) == 1
+    error = capsys.readouterr().err
+    assert "already a CLIP-MoE" in error and str(recipe["moe"]) in error
+    assert not out.exists()
+
+
+def test_mcl_moe_has_a_model_card_and_is_pushed_when_asked(recipe, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(recipe["moe"] / "README.md")
+    assert card.data.base_model == str(recipe["base"]) and "mcl" in card.data.tags
+    assert "| `num_experts` | `3` |" in card.text and "| `top_k` | `2` |" in card.text
+    calls = mock_hub(monkeypatch)
+    before = snapshot(recipe["root"] / "mcl")
+    args = training_args(recipe["root"] / "mcl", push_to_hub=True, hub_model_id="me/clip-moe-mcl")
+    assert run_mcl(mcl_arguments(recipe["base"], recipe["data"]), args) == recipe["moe"]
+    assert calls[0] == ("create", "me/clip-moe-mcl")
+    assert calls[1][1]["repo_id"] == "me/clip-moe-mcl" and calls[1][1]["folder_path"] == recipe["moe"]
+    assert snapshot(recipe["root"] / "mcl") == before
+
+
+def mock_hub(monkeypatch) -> list:
+    """Replace hf_moe.hub's Hub calls by recorders; returns the list of calls made."""
+    import hf_moe.hub
+
+    calls = []
+
+    def create_repo(repo_id, **kwargs):
+        calls.append(("create", repo_id))
+        return _Url(repo_id)
+
+    monkeypatch.setattr(hf_moe.hub, "create_repo", create_repo)
+    monkeypatch.setattr(hf_moe.hub, "upload_folder", lambda **kwargs: calls.append(("upload", kwargs)))
+    return calls
+
+
+class _Url(str):
+    def __new__(cls, repo_id):
+        url = super().__new__(cls, f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
 
 
 def full_data_loss(model_dir, data, args):
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
-    processor_dir = model_dir
-    from transformers import AutoProcessor
-
-    collator = ImageTextCollator(AutoProcessor.from_pretrained(processor_dir))
+    collator = ImageTextCollator(AutoProcessor.from_pretrained(model_dir))
     dataset = load_image_text_dataset(data)
     trainer = CLIPMoETrainer(model=model, args=args, data_collator=collator)
     with torch.no_grad():
@@ -113,34 +213,30 @@ def full_data_loss(model_dir, data, args):
         return trainer.compute_loss(model, dict(batch)).item(), model
 
 
-def test_router_training_changes_only_routers_and_lowers_the_loss(recipe):
+ROUTER_FLAGS = ["--per_device_train_batch_size", "16", "--learning_rate", "0.05", "--warmup_steps", "0"]
+ROUTER_FLAGS += ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--logging_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def routed(recipe):
+    """The MCL CLIP-MoE with trained routers (12 steps)."""
     out = recipe["root"] / "routed"
     args = ["--model", str(recipe["moe"]), "--data", str(recipe["data"]), "--output_dir", str(out)]
-    flags = [
-        "--max_steps",
-        "12",
-        "--per_device_train_batch_size",
-        "16",
-        "--learning_rate",
-        "0.05",
-        "--report_to",
-        "none",
-    ]
-    flags += ["--use_cpu", "--save_strategy", "no", "--logging_steps", "4"]
-    assert main(["train-router", *args, *flags]) == 0
+    assert main(["train-router", *args, *ROUTER_FLAGS, "--max_steps", "12"]) == 0
+    return out
+
+
+def test_router_training_changes_only_routers_and_lowers_the_loss(recipe, routed):
     eval_args = training_args(recipe["root"] / "eval-tmp")
     loss_before, before = full_data_loss(recipe["moe"], recipe["data"], eval_args)
-    loss_after, after = full_data_loss(out, recipe["data"], eval_args)
+    loss_after, after = full_data_loss(routed, recipe["data"], eval_args)
     assert loss_after < loss_before
     after_params = dict(after.named_parameters())
     changed = [n for n, p in before.named_parameters() if not torch.equal(p, after_params[n])]
     assert changed and all(name.endswith(".mlp.router.weight") for name in changed)
 
 
-def test_trained_model_evaluates(recipe, tmp_path):
-    routed = recipe["root"] / "routed"
-    if not routed.exists():
-        pytest.skip("needs the router-training test's output")
+def test_trained_model_evaluates(routed, tmp_path):
     classes = save_digit_class_folders(tmp_path / "classes", count=30)
     captions = save_digit_caption_folder(tmp_path / "retrieval", count=12, offset=500, captions_per_image=2)
     main(["eval", "zero-shot", "--model", str(routed), "--data", str(classes), "--output", str(tmp_path / "zs.json")])
@@ -151,14 +247,21 @@ def test_trained_model_evaluates(recipe, tmp_path):
     assert retrieval["text_to_image_R@10"] >= retrieval["text_to_image_R@1"]
 
 
-def test_router_training_resumes_from_its_last_checkpoint(recipe, tmp_path, caplog):
-    out = tmp_path / "resumed"
+def test_router_training_writes_its_card_and_pushes_only_the_final_folder(recipe, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    calls = mock_hub(monkeypatch)
+    out = tmp_path / "routed"
     args = ["--model", str(recipe["moe"]), "--data", str(recipe["data"]), "--output_dir", str(out)]
-    flags = ["--per_device_train_batch_size", "16", "--report_to", "none", "--use_cpu", "--save_steps", "2"]
-    assert main(["train-router", *args, *flags, "--max_steps", "2"]) == 0  # "interrupted" after step 2
-    assert (out / "checkpoint-2").is_dir()
-    with caplog.at_level("WARNING"):
-        assert main(["train-router", *args, *flags, "--max_steps", "4"]) == 0
-    assert f"Resuming router training from {out / 'checkpoint-2'}" in caplog.text
-    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
+    flags = [*ROUTER_FLAGS[:-4], "--max_steps", "2", "--save_steps", "1"]
+    hub = ["--push_to_hub", "--hub_model_id", "me/clip-moe-routed"]
+    assert main(["train-router", *args, *flags, *hub, "--report_to", "none", "--use_cpu"]) == 0
+    # One push, by us, of the final folder (the Trainer pushes nothing itself, not even its checkpoints).
+    assert [call[0] for call in calls] == ["create", "upload"] and calls[0][1] == "me/clip-moe-routed"
+    upload = calls[1][1]
+    assert upload["repo_id"] == "me/clip-moe-routed" and upload["folder_path"] == out
+    assert "checkpoint-*" in upload["ignore_patterns"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(recipe["moe"]) and "clip-moe" in card.data.tags
+    assert "--balance_loss_weights paper" in card.text and "| `max_steps` | `2` |" in card.text
+    assert "model_id = 'me/clip-moe-routed'" in card.text

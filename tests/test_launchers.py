@@ -14,10 +14,13 @@ from hf_moe.toy_data import save_digit_caption_folder
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clip_moe"
 COMMON = ["--report_to", "none", "--use_cpu", "--save_strategy", "no", "--dataloader_num_workers", "0"]
+# The recipes warm up for 200 steps; these runs take 2.
+COMMON += ["--warmup_steps", "0", "--learning_rate", "1e-3"]
 
 
 def run(command, cwd):
-    subprocess.run(command, cwd=cwd, check=True, timeout=600, capture_output=True)
+    result = subprocess.run(command, cwd=cwd, timeout=600, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(map(str, command))} exited with {result.returncode}:\n{result.stderr}"
 
 
 # On a machine without GPUs, accelerate launch starts one process; the two-process case is torchrun's below.

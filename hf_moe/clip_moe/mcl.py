@@ -9,7 +9,8 @@ Stage 0 is the base model itself (positions stretched for Long-CLIP). Stage s (1
 The N stage checkpoints share every non-MLP weight, and `upcycle_clip` turns them into `DIR/moe`.
 
 Every step is resumable: finished stages, labels and feature shards are kept, and a stage's training resumes
-from its last Trainer checkpoint.
+from its last complete Trainer checkpoint. The job's options and a fingerprint of the base and the data are
+recorded in `DIR/hf_moe_job.json`: a re-run with other options or changed data is refused, not mixed in.
 """
 
 import dataclasses
@@ -22,17 +23,26 @@ from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, CLIPModel
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from ..clustering import kmeans
-from ..conversion.upcycle_clip import load_dense_clip, save_with_processor, upcycle_clip
+from ..conversion.upcycle_clip import save_with_processor, upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..evaluation import projected_embeddings
+from ..fileio import atomic_output_dir, atomic_output_file
+from ..loading import load_config, load_pretrained
 from ..modeling import stretch_text_positions
-from ..modeling.configuration_clip_moe import LONG_CLIP_TEXT_LENGTH
-from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments
+from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
+from ..training import (
+    TrainingJob,
+    input_fingerprint,
+    last_complete_checkpoint,
+    local_path,
+    model_fingerprint,
+    result_options,
+)
+from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments, MCLTrainingArguments
 
 
 logger = logging.get_logger(__name__)
@@ -46,9 +56,22 @@ class MCLArguments:
     top_k: int = field(default=2, metadata={"help": "Experts per token of the final CLIP-MoE."})
     image_clusters: int = field(default=3, metadata={"help": "k of the image-feature k-means per stage."})
     text_clusters: int = field(default=3, metadata={"help": "k of the text-feature k-means per stage."})
-    long_text: bool = field(default=False, metadata={"help": "Long-CLIP: stretch text positions 77 -> 248."})
+    long_text: bool = field(
+        default=True,
+        metadata={
+            "help": "Long-CLIP text: stretch positions 77 -> 248, as the CLIP-MoE recipe does (--no_long_text: off)."
+        },
+    )
     feature_batch_size: int = field(default=256, metadata={"help": "Per-device batch size of feature extraction."})
     feature_shard_size: int = field(default=8192, metadata={"help": "Samples per feature shard file."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the base to run model code from its folder or Hub repo."}
+    )
+
+
+# Settings that change neither the stages nor the MoE (feature shards are named by their size, so a changed
+# size recomputes them); `data` is compared by its fingerprint, not by how its path is spelled.
+MCL_NOT_RESULT_OPTIONS = {"data", "feature_batch_size", "feature_shard_size", "trust_remote_code"}
 
 
 @torch.inference_mode()
@@ -83,9 +106,8 @@ def extract_features(
                 .float()
                 .cpu()
             )
-        tmp = shard_path(shard).with_suffix(".tmp")
-        save_file({"image": torch.cat(images), "text": torch.cat(texts)}, tmp)
-        tmp.rename(shard_path(shard))
+        with atomic_output_file(shard_path(shard)) as tmp:
+            save_file({"image": torch.cat(images), "text": torch.cat(texts)}, tmp)
     state.wait_for_everyone()
     shards = [load_file(shard_path(s)) for s in range(num_shards)]
     image = torch.nn.functional.normalize(torch.cat([s["image"] for s in shards]), dim=-1)
@@ -150,6 +172,18 @@ class ClusterBatchSampler(Sampler[list[int]]):
             yield global_batches[order][start : start + self.batch_size].tolist()
 
 
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose `set_epoch` reaches its batch sampler.
+
+    transformers' Trainer calls `set_epoch` on the DataLoader itself or on `dataloader.batch_sampler.batch_sampler`
+    (accelerate's wrappers), never on a plain DataLoader's own batch sampler: without this, every epoch would
+    repeat the first epoch's batches.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
 class MCLStageTrainer(CLIPMoETrainer):
     """Trains one MCL stage: batches from `ClusterBatchSampler` over the accumulated cluster labels."""
 
@@ -167,7 +201,7 @@ class MCLStageTrainer(CLIPMoETrainer):
             rank=self.args.process_index,
             seed=self.args.seed,
         )
-        return DataLoader(
+        return EpochDataLoader(
             self.train_dataset,
             batch_sampler=sampler,
             collate_fn=self.data_collator,
@@ -176,9 +210,48 @@ class MCLStageTrainer(CLIPMoETrainer):
         )
 
 
-def save_stage0(base: str, output_dir: Path, long_text: bool) -> None:
+def check_mcl_arguments(mcl_args: MCLArguments) -> CLIPConfig:
+    """Every check that needs no training, before anything is written; returns the base's config."""
+    if mcl_args.num_experts < 2:
+        raise ValueError(
+            f"MCL needs num_experts >= 2 (one stage per expert after the base), got {mcl_args.num_experts}."
+        )
+    if not 1 <= mcl_args.top_k <= mcl_args.num_experts:
+        raise ValueError(f"top_k must be between 1 and num_experts={mcl_args.num_experts}, got {mcl_args.top_k}.")
+    for name in ("image_clusters", "text_clusters", "feature_batch_size", "feature_shard_size"):
+        if getattr(mcl_args, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(mcl_args, name)}.")
+    config = load_config(mcl_args.base, trust_remote_code=mcl_args.trust_remote_code, require_moe=False)
+    if not isinstance(config, CLIPConfig):
+        raise ValueError(
+            f"MCL needs a dense CLIP as --base (model_type 'clip'); '{mcl_args.base}' is a '{config.model_type}'."
+        )
+    positions = config.text_config.max_position_embeddings
+    if mcl_args.long_text and positions not in (CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH):
+        raise ValueError(
+            f"--long_text stretches {CLIP_TEXT_LENGTH} text positions to {LONG_CLIP_TEXT_LENGTH}, but "
+            f"'{mcl_args.base}' has {positions}; pass --no_long_text."
+        )
+    return config
+
+
+def mcl_job(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> TrainingJob:
+    """The MCL job in `training_args.output_dir`: its options (the base by absolute path) and fingerprints of
+    the base's weights and of the data."""
+    options = result_options(mcl_args, training_args, exclude=MCL_NOT_RESULT_OPTIONS)
+    options["base"] = local_path(mcl_args.base)
+    return TrainingJob(
+        training_args.output_dir,
+        "mcl",
+        options,
+        inputs={"base": model_fingerprint(mcl_args.base), "data": input_fingerprint(mcl_args.data)},
+        owned_outputs=("stage*", "labels", "features", "moe"),
+    )
+
+
+def save_stage0(base: str, output_dir: Path, long_text: bool, trust_remote_code: bool = False) -> None:
     """Expert 0: the base itself, with Long-CLIP's stretched text positions when asked for."""
-    dense = load_dense_clip(base)
+    dense = load_pretrained(base, CLIPModel, trust_remote_code=trust_remote_code, require_moe=False)
     if long_text and dense.config.text_config.max_position_embeddings != LONG_CLIP_TEXT_LENGTH:
         config = dense.config
         config.text_config.max_position_embeddings = LONG_CLIP_TEXT_LENGTH
@@ -191,20 +264,30 @@ def save_stage0(base: str, output_dir: Path, long_text: bool) -> None:
 
 
 def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> Path:
-    """Run (or resume) MCL in `training_args.output_dir`: stage0..stage{N-1} and the CLIP-MoE in `moe/`."""
-    if mcl_args.num_experts < 2:
-        raise ValueError(
-            f"MCL needs num_experts >= 2 (one stage per expert after the base), got {mcl_args.num_experts}."
-        )
+    """Run (or resume) MCL in `training_args.output_dir`: stage0..stage{N-1} and the CLIP-MoE in `moe/`.
+
+    A finished job returns at once; a re-run with other options or changed inputs raises `JobMismatchError`.
+    With `training_args.push_to_hub`, `moe/` (with its model card) is pushed to `hub_model_id`.
+    """
+    check_mcl_arguments(mcl_args)
     root, state = Path(training_args.output_dir), PartialState()
+    moe_dir = root / "moe"
+    job = mcl_job(mcl_args, training_args)
+    job.check()
+    if job.is_complete() and moe_dir.is_dir():
+        logger.warning(f"MCL in {root} is already complete; nothing to do (the CLIP-MoE is {moe_dir}).")
+        _maybe_push(moe_dir, training_args)
+        return moe_dir
+
+    dataset = add_index_column(load_image_text_dataset(mcl_args.data, streaming=False))
+    job.record()
     stage_dirs = [root / f"stage{s}" for s in range(mcl_args.num_experts)]
     if not stage_dirs[0].exists():
         if state.is_main_process:
-            save_stage0(mcl_args.base, stage_dirs[0], mcl_args.long_text)
+            save_stage0(mcl_args.base, stage_dirs[0], mcl_args.long_text, mcl_args.trust_remote_code)
         state.wait_for_everyone()
 
     processor = AutoProcessor.from_pretrained(stage_dirs[0])
-    dataset = add_index_column(load_image_text_dataset(mcl_args.data, streaming=False))
     collator = ImageTextCollator(processor)
     labels = torch.zeros(len(dataset), dtype=torch.long)
     clusters_per_stage = mcl_args.image_clusters * mcl_args.text_clusters
@@ -215,11 +298,58 @@ def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> 
             continue
         _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, labels)
 
-    moe_dir = root / "moe"
-    if not moe_dir.exists() and state.is_main_process:
-        upcycle_clip(stage_dirs, moe_dir, top_k=mcl_args.top_k)
+    if state.is_main_process:
+        if not moe_dir.exists():
+            _build_moe(mcl_args, training_args, stage_dirs, moe_dir)
+        job.mark_complete()
     state.wait_for_everyone()
+    _maybe_push(moe_dir, training_args)
     return moe_dir
+
+
+def _build_moe(mcl_args, training_args, stage_dirs: list[Path], moe_dir: Path) -> None:
+    """The CLIP-MoE of the stage checkpoints, with its model card, written atomically to `moe_dir`."""
+    from ..hub import write_model_card
+
+    with atomic_output_dir(moe_dir) as tmp:
+        upcycle_clip(stage_dirs, tmp, top_k=mcl_args.top_k, overwrite=True)
+        write_model_card(
+            tmp,
+            base_model=mcl_args.base,
+            how_built=_how_built(mcl_args, training_args),
+            tags=("clip", "clip-moe", "mcl"),
+            model_name=training_args.hub_model_id,
+            description=(
+                "A CLIP-MoE (Diversified Multiplet Upcycling) built with hf-moe: expert i of every block is the MLP "
+                f"of MCL stage i of {mcl_args.base}; the routers are untrained (train them with "
+                "`hf-moe train-router`)."
+            ),
+        )
+
+
+def _how_built(mcl_args, training_args) -> str:
+    options = result_options(mcl_args, training_args, exclude={"trust_remote_code"})
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
+    return (
+        f"`hf-moe mcl` (Multistage Contrastive Learning): stage 0 is `{mcl_args.base}`"
+        f"{' with Long-CLIP text positions (248)' if mcl_args.long_text else ''}; each of the "
+        f"{mcl_args.num_experts - 1} further stages fine-tunes a fresh copy of it (MLPs only) on batches drawn "
+        f"from one accumulated ({mcl_args.image_clusters} image x {mcl_args.text_clusters} text) k-means cluster; "
+        f"expert i = stage i, top-{mcl_args.top_k} routing.\n\n| option | value |\n| --- | --- |\n{rows}"
+    )
+
+
+def _maybe_push(folder: Path, training_args) -> None:
+    if not training_args.push_to_hub or not PartialState().is_main_process:
+        return
+    from ..hub import push_to_hub
+
+    push_to_hub(
+        folder,
+        training_args.hub_model_id or Path(training_args.output_dir).name,
+        token=training_args.hub_token,
+        private=training_args.hub_private_repo,
+    )
 
 
 def _stage_labels(mcl_args, root: Path, stage: int, dataset, collator, training_args) -> torch.Tensor:
@@ -243,9 +373,8 @@ def _stage_labels(mcl_args, root: Path, stage: int, dataset, collator, training_
                 mcl_args.text_clusters,
                 seed=training_args.seed + stage,
             ).cpu()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"labels": stage_labels}, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").rename(path)
+            with atomic_output_file(path) as tmp:
+                save_file({"labels": stage_labels}, tmp)
         state.wait_for_everyone()
     return load_file(path)["labels"]
 
@@ -253,7 +382,11 @@ def _stage_labels(mcl_args, root: Path, stage: int, dataset, collator, training_
 def _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, labels) -> None:
     """Train stage `stage` from the base (stage 0), MLPs only, then save it atomically."""
     run_dir = stage_dirs[stage].with_name(f"{stage_dirs[stage].name}-run")
-    args = dataclasses.replace(training_args, output_dir=str(run_dir), trainable_parameters=[r"\.mlp\."])
+    # MLPs only, whatever was asked: upcycling needs every other weight shared by all stages. The stage runs
+    # are intermediate: only DIR/moe is pushed, by run_mcl.
+    args = dataclasses.replace(
+        training_args, output_dir=str(run_dir), trainable_parameters=[r"\.mlp\."], push_to_hub=False
+    )
     trainer = MCLStageTrainer(
         model=CLIPModel.from_pretrained(stage_dirs[0]),
         args=args,
@@ -261,7 +394,9 @@ def _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, 
         data_collator=collator,
         cluster_labels=labels,
     )
-    last = get_last_checkpoint(run_dir) if run_dir.is_dir() else None
+    last = last_complete_checkpoint(run_dir)
+    if last:
+        logger.warning(f"Resuming MCL stage {stage} from {last}")
     trainer.train(resume_from_checkpoint=last)
     if trainer.is_world_process_zero():
         save_with_processor(trainer.model, stage_dirs[0], stage_dirs[stage], overwrite=True)
@@ -271,7 +406,7 @@ def _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, 
 def main(argv: list[str] | None = None) -> Path:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((MCLArguments, CLIPMoETrainingArguments), prog="hf-moe mcl")
+    parser = HfArgumentParser((MCLArguments, MCLTrainingArguments), prog="hf-moe mcl")
     mcl_args, training_args = parser.parse_args_into_dataclasses(argv)
     moe_dir = run_mcl(mcl_args, training_args)
     logger.warning(

@@ -1,19 +1,33 @@
 """Router training of a CLIP-MoE (the second phase of the CLIP-MoE recipe): only the routers train, with
-loss = CLIP contrastive loss + router_aux_loss_coef * (image balance loss + text balance loss).
+loss = CLIP contrastive loss + the image and text balance losses, weighted per tower.
 
     hf-moe train-router --model clip-moe --data captions/ --output_dir clip-moe-routed --max_steps 1000
     accelerate launch examples/clip_moe/train_clip_moe.py --model clip-moe --data shards/ --output_dir out ...
+
+A re-run continues the same job or refuses: the options and fingerprints of the model and the data are recorded
+in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete checkpoint; a finished run is
+reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the final folder with its model card.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..data import ImageTextCollator, load_image_text_dataset
-from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments
+from ..loading import check_model_path, load_pretrained
+from ..training import (
+    JOB_FILE,
+    TrainingJob,
+    input_fingerprint,
+    last_complete_checkpoint,
+    local_path,
+    model_fingerprint,
+    result_options,
+)
+from .trainer import CLIPMoERouterTrainingArguments, CLIPMoETrainer, CLIPMoETrainingArguments
 
 
 logger = logging.get_logger(__name__)
@@ -25,35 +39,110 @@ class RouterTrainingArguments:
     data: str = field(metadata={"help": "Image-caption data (image folder with metadata.jsonl, img2dataset, shards)."})
     streaming: bool | None = field(default=None, metadata={"help": "Stream the data (default: for tar shards)."})
     expert_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the experts while training."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow --model to run model code from its folder or Hub repo."}
+    )
+
+
+# `data` is compared by its fingerprint (not by how its path is spelled); the others do not change the result.
+ROUTER_NOT_RESULT_OPTIONS = {"data", "streaming", "trust_remote_code"}
+
+
+def router_job(script_args: RouterTrainingArguments, training_args: CLIPMoETrainingArguments) -> TrainingJob:
+    """The router-training job in `training_args.output_dir`: its options (the model by absolute path) and
+    fingerprints of the model's weights and of the data."""
+    options = result_options(script_args, training_args, exclude=ROUTER_NOT_RESULT_OPTIONS)
+    options["model"] = local_path(script_args.model)
+    return TrainingJob(
+        training_args.output_dir,
+        "train-router",
+        options,
+        inputs={"model": model_fingerprint(script_args.model), "data": input_fingerprint(script_args.data)},
+    )
 
 
 def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETrainingArguments) -> Path:
-    """Train the routers of `script_args.model` on `script_args.data`; save the model and its processor in
-    `training_args.output_dir`, resuming from the last checkpoint there if a previous run was interrupted."""
-    model = AutoModel.from_pretrained(
-        script_args.model, trust_remote_code=True, expert_dropout=script_args.expert_dropout
+    """Train the routers of `script_args.model` on `script_args.data`; save the model, its processor and a
+    model card in `training_args.output_dir`.
+
+    Re-running continues an interrupted job from its last complete checkpoint, returns a finished one untouched,
+    and refuses (`JobMismatchError`) one whose options, model or data differ.
+    """
+    output_dir = Path(training_args.output_dir)
+    check_model_path(script_args.model)
+    job = router_job(script_args, training_args)
+    job.check()
+    if job.is_complete() and (output_dir / "config.json").is_file():
+        logger.warning(f"Router training in {output_dir} is already complete; nothing to do.")
+        _maybe_push(output_dir, training_args)
+        return output_dir
+
+    model = load_pretrained(
+        script_args.model,
+        AutoModel,
+        trust_remote_code=script_args.trust_remote_code,
+        require_moe=True,
+        expert_dropout=script_args.expert_dropout,
     )
-    if not hasattr(model.config, "num_local_experts"):
-        raise ValueError(
-            f"{script_args.model} is a '{model.config.model_type}' model, not a CLIP-MoE: it has no routers."
-        )
     processor = AutoProcessor.from_pretrained(script_args.model)
     dataset = load_image_text_dataset(script_args.data, streaming=script_args.streaming)
+    job.record()
+    # We push the final folder ourselves, with our model card; the Trainer would push every checkpoint with its own.
     trainer = CLIPMoETrainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=ImageTextCollator(processor)
+        model=model,
+        args=replace(training_args, push_to_hub=False),
+        train_dataset=dataset,
+        data_collator=ImageTextCollator(processor),
     )
-    output_dir = Path(training_args.output_dir)
-    last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+    last = last_complete_checkpoint(output_dir)
     if last:
         logger.warning(f"Resuming router training from {last}")
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
+        _write_card(output_dir, script_args, training_args)
+        job.mark_complete(global_step=trainer.state.global_step)
+    PartialState().wait_for_everyone()
+    _maybe_push(output_dir, training_args)
     return output_dir
 
 
+def _write_card(output_dir: Path, script_args, training_args) -> None:
+    from ..hub import write_model_card
+
+    options = result_options(script_args, training_args, exclude={"trust_remote_code"})
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
+    write_model_card(
+        output_dir,
+        base_model=script_args.model,
+        how_built=(
+            f"`hf-moe train-router`: the routers of `{script_args.model}` trained on `{script_args.data}` (every "
+            "other weight frozen) with the CLIP contrastive loss plus the image and text balance losses "
+            f"(`--balance_loss_weights {training_args.balance_loss_weights}`).\n\n"
+            f"| option | value |\n| --- | --- |\n{rows}"
+        ),
+        tags=("clip", "clip-moe"),
+        model_name=training_args.hub_model_id,
+    )
+
+
+def _maybe_push(output_dir: Path, training_args) -> None:
+    if not training_args.push_to_hub or not PartialState().is_main_process:
+        return
+    from ..hub import push_to_hub
+
+    push_to_hub(
+        output_dir,
+        training_args.hub_model_id or output_dir.name,
+        token=training_args.hub_token,
+        private=training_args.hub_private_repo,
+        # The model folder is also the run folder: its checkpoints and job record are not the model.
+        ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
+    )
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = HfArgumentParser((RouterTrainingArguments, CLIPMoETrainingArguments), prog="hf-moe train-router")
+    parser = HfArgumentParser((RouterTrainingArguments, CLIPMoERouterTrainingArguments), prog="hf-moe train-router")
     script_args, training_args = parser.parse_args_into_dataclasses(argv)
     return train_router(script_args, training_args)

@@ -1,27 +1,39 @@
 """Trainer subclass for CLIP and CLIP-MoE: the recipe's contrastive loss plus the router balance loss.
 
 loss = CLIP contrastive loss (features all-gathered with gradient, label smoothing, fixed logit scale)
-       + router_aux_loss_coef * (image balance loss + text balance loss) [+ router_z_loss_coef * z-losses]
+       + w_image * image balance loss + w_text * text balance loss [+ the model's z-loss terms]
+
+with the balance-loss weights `--balance_loss_weights`:
+    paper     w = each tower's `router_aux_loss_coef` (0.01): the paper's 0.01 * (image + text), independent
+              of the number of processes W (the default);
+    official  w_image = coef / W, w_text = coef / (2 W): what the official release's code effectively trains
+              with (0.01/W and 0.005/W at the default coefficient), to reproduce its checkpoints exactly.
 
 Only the parameters matching `trainable_parameters` train (the routers, by default; for a PEFT model pass
-`hf_moe.clip_moe.lora.lora_trainable_parameters(lora_config)`). The contrastive loss,
-the aux loss and each MoE layer's expert-load fractions go to the Trainer's `report_to` targets.
+`hf_moe.clip_moe.lora.lora_trainable_parameters(lora_config)`). The contrastive loss, the aux loss and the
+expert load of each MoE block go to the Trainer's `report_to` targets at `logging_steps`; they are accumulated
+on the device in between, so logging costs no host synchronisation per step.
+
+`MCLTrainingArguments` and `CLIPMoERouterTrainingArguments` carry the official recipe's optimiser defaults
+(METHODS.md section 1), so `hf-moe mcl --help` / `hf-moe train-router --help` show them.
 """
 
-import math
-from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..losses import clip_contrastive_loss
-from ..modeling import expert_load
+from ..modeling import expert_load, load_balancing_loss
 from ..training import freeze_all_but
 
 
 logger = logging.get_logger(__name__)
+
+BALANCE_LOSS_WEIGHTS = ("paper", "official")
+EXPERT_LOAD_LOGGING = ("none", "summary", "full")
 
 
 @dataclass
@@ -37,8 +49,73 @@ class CLIPMoETrainingArguments(TrainingArguments):
         default_factory=lambda: [r"\.router\."],
         metadata={"help": "Regexes; parameters whose name matches one train, all others are frozen."},
     )
-    log_expert_load: bool = field(default=True, metadata={"help": "Log each MoE layer's expert-load fractions."})
+    balance_loss_weights: Literal["paper", "official"] = field(
+        default="paper",
+        metadata={
+            "help": "Weights of the image and text balance losses. 'paper': each tower's router_aux_loss_coef "
+            "(0.01 x (image + text)), whatever the number of processes W. 'official': coef/W for image and "
+            "coef/(2W) for text (0.01/W, 0.005/W), the official release's effective weights."
+        },
+    )
+    log_expert_load: Literal["none", "summary", "full"] = field(
+        default="summary",
+        metadata={
+            "help": "Expert-load logging at logging_steps. 'summary': per MoE block, the most and least loaded "
+            "expert's share relative to an even share (expert_load/vision/block_3/max_ratio, .../min_ratio; "
+            "1.0 = balanced); 'full': also every expert's share (.../block_3/expert_0); 'none': off."
+        },
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Image-text rows are collated by hand."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Literal fields are only checked by the command-line parser; Python callers get the same error.
+        if self.balance_loss_weights not in BALANCE_LOSS_WEIGHTS:
+            raise ValueError(
+                f"balance_loss_weights must be one of {BALANCE_LOSS_WEIGHTS}, got {self.balance_loss_weights!r}."
+            )
+        if self.log_expert_load not in EXPERT_LOAD_LOGGING:
+            raise ValueError(f"log_expert_load must be one of {EXPERT_LOAD_LOGGING}, got {self.log_expert_load!r}.")
+
+
+@dataclass
+class MCLTrainingArguments(CLIPMoETrainingArguments):
+    """The official MCL stage recipe: AdamW lr 1e-5, weight decay 0.2, 200 warm-up steps then cosine, 1 epoch,
+    no gradient clipping; MLP parameters only."""
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (MCL: 1e-5)."})
+    weight_decay: float = field(default=0.2, metadata={"help": "AdamW weight decay (MCL: 0.2)."})
+    warmup_steps: float = field(default=200, metadata={"help": "Linear warm-up steps (MCL: 200); < 1: a ratio."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warm-up (MCL: cosine)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per MCL stage (MCL: 1)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none (MCL: none)."})
+    trainable_parameters: list[str] = field(
+        default_factory=lambda: [r"\.mlp\."],
+        metadata={"help": "MCL trains the MLPs only, so all stages share every other weight."},
+    )
+
+
+@dataclass
+class CLIPMoERouterTrainingArguments(CLIPMoETrainingArguments):
+    """The official CLIP-MoE router-training recipe: AdamW lr 1e-6, weight decay 0.01, 200 warm-up steps then
+    cosine, 1 epoch, no gradient clipping; routers only."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (router training: 1e-6)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (router training: 0.01)."})
+    warmup_steps: float = field(default=200, metadata={"help": "Linear warm-up steps (200); < 1: a ratio."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warm-up (cosine)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (router training: 1)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none (official: none)."})
+
+
+def balance_loss_weights(setting: str, vision_coef: float, text_coef: float, world_size: int) -> tuple[float, float]:
+    """The (image, text) balance-loss weights of `setting` ('paper' or 'official', see the module docstring)."""
+    if setting == "paper":
+        return vision_coef, text_coef
+    if setting == "official":
+        # The release divides the image term by W and the text term by 2W (train_moe.py / model_clipmoe.py).
+        return vision_coef / world_size, text_coef / (2 * world_size)
+    raise ValueError(f"balance_loss_weights must be one of {BALANCE_LOSS_WEIGHTS}, got {setting!r}.")
 
 
 class CLIPMoETrainer(Trainer):
@@ -55,8 +132,11 @@ class CLIPMoETrainer(Trainer):
         logger.info(
             f"Training {len(trainable)} tensors ({count:,} parameters) matching {self.args.trainable_parameters}"
         )
-        self._metric_sums = defaultdict(float)
-        self._metric_counts = defaultdict(int)
+        # Running sums on the device since the last log: {name: (sum tensor, count)}; expert loads are
+        # `(num_moe_blocks, num_experts)` sums per tower, with the tower's block indices.
+        self._metric_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._load_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._load_blocks: dict[str, list[int]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key != "index"}
@@ -71,43 +151,91 @@ class CLIPMoETrainer(Trainer):
             outputs.image_embeds, outputs.text_embeds, logit_scale, self.args.label_smoothing
         )
         loss = contrastive
-        self._record("contrastive_loss", contrastive)
+        record = model.training  # evaluation batches must not leak into the training log
+        if record:
+            self._record("contrastive_loss", contrastive)
         if is_moe:
-            # The model owns the router terms (balance loss, z-loss) and their weights.
-            loss = loss + outputs.router_loss
-            self._record("aux_loss", outputs.aux_loss)
-            self._record("router_loss", outputs.router_loss)
-            if self.args.log_expert_load:
-                self._record_expert_load(config, outputs, inputs.get("attention_mask"))
+            # The model owns the router terms (per-tower balance-loss weights, z-loss).
+            router_loss = outputs.router_loss + self._balance_reweighting(config, outputs, inputs.get("attention_mask"))
+            loss = loss + router_loss
+            if record:
+                self._record("aux_loss", outputs.aux_loss)
+                self._record("router_loss", router_loss)
+                if self.args.log_expert_load != "none":
+                    self._record_expert_load(config, outputs, inputs.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, name: str, value: torch.Tensor | float) -> None:
-        self._metric_sums[name] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-        self._metric_counts[name] += 1
+    def _balance_reweighting(self, config, outputs, attention_mask) -> torch.Tensor | float:
+        """What to add to the model's router loss (weighted by each tower's coefficient) so that each tower's
+        balance loss carries the weight of `--balance_loss_weights` instead."""
+        if self.args.balance_loss_weights == "paper":
+            return 0.0
+        vision, text = config.vision_config, config.text_config
+        weights = balance_loss_weights(
+            self.args.balance_loss_weights, vision.router_aux_loss_coef, text.router_aux_loss_coef, self.args.world_size
+        )
+        extra = 0.0
+        for tower, weight, logits, mask in (
+            (vision, weights[0], outputs.vision_router_logits, None),
+            (text, weights[1], outputs.text_router_logits, attention_mask),
+        ):
+            if logits:
+                balance = load_balancing_loss(logits, tower.num_local_experts, tower.num_experts_per_tok, mask)
+                extra = extra + (weight - tower.router_aux_loss_coef) * balance
+        return extra
+
+    def _record(self, name: str, value: torch.Tensor | None) -> None:
+        if value is None:
+            return
+        # Out of place: the detached value shares storage with a tensor the backward pass still needs.
+        value = value.detach().float()
+        total, count = self._metric_sums.get(name, (0.0, 0))
+        self._metric_sums[name] = (total + value, count + 1)
 
     def _record_expert_load(self, config, outputs, attention_mask) -> None:
-        top_k = config.num_experts_per_tok
-        for tower, logits, mask in (
-            ("vision", outputs.vision_router_logits, None),
-            ("text", outputs.text_router_logits, attention_mask),
+        for tower, tower_config, logits, mask in (
+            ("vision", config.vision_config, outputs.vision_router_logits, None),
+            ("text", config.text_config, outputs.text_router_logits, attention_mask),
         ):
             if not logits:
                 continue
-            loads = expert_load(logits, top_k, mask)  # (num_moe_layers, num_experts)
-            for layer, row in enumerate(loads.tolist()):
-                for expert, fraction in enumerate(row):
-                    self._record(f"expert_load/{tower}/layer_{layer}/expert_{expert}", fraction)
+            loads = expert_load(logits, tower_config.num_experts_per_tok, mask).detach()  # (num_moe_blocks, experts)
+            total, count = self._load_sums.get(tower, (0.0, 0))
+            self._load_sums[tower] = (total + loads, count + 1)
+            self._load_blocks[tower] = tower_config.moe_layer_indices()
+
+    def _pop_logged_metrics(self) -> dict[str, float]:
+        """The means since the last log (averaged over processes), fetched from the device in one transfer."""
+        names = list(self._metric_sums)
+        parts = [(total / count).reshape(1) for total, count in self._metric_sums.values()]
+        towers = list(self._load_sums)
+        parts += [(total / count).flatten() for total, count in self._load_sums.values()]
+        shapes = {tower: self._load_sums[tower][0].shape for tower in towers}
+        self._metric_sums, self._load_sums = {}, {}
+        if not parts:
+            return {}
+        packed = torch.cat([part.to(self.args.device) for part in parts])
+        if self.args.world_size > 1:
+            packed = self.accelerator.reduce(packed, reduction="mean")
+        values = packed.tolist()  # the one host synchronisation per log
+        metrics = dict(zip(names, values[: len(names)]))
+        offset = len(names)
+        for tower in towers:
+            num_blocks, num_experts = shapes[tower]
+            for row, block in enumerate(self._load_blocks[tower]):
+                shares = values[offset + row * num_experts : offset + (row + 1) * num_experts]
+                prefix = f"expert_load/{tower}/block_{block}"
+                metrics[f"{prefix}/max_ratio"] = max(shares) * num_experts
+                metrics[f"{prefix}/min_ratio"] = min(shares) * num_experts
+                if self.args.log_expert_load == "full":
+                    metrics.update({f"{prefix}/expert_{e}": share for e, share in enumerate(shares)})
+            offset += num_blocks * num_experts
+        return metrics
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        # Fold the averages of what compute_loss recorded since the last log into this log entry.
-        if self._metric_counts and "loss" in logs:
-            for name, total in self._metric_sums.items():
-                mean = torch.tensor(total / self._metric_counts[name], device=self.args.device)
-                value = (
-                    self.accelerator.reduce(mean, reduction="mean").item() if self.args.world_size > 1 else mean.item()
-                )
-                if not math.isnan(value):
+        # Training-loss logs (at logging_steps) carry the averages of what compute_loss recorded since the last.
+        if "loss" in logs and (self._metric_sums or self._load_sums):
+            for name, value in self._pop_logged_metrics().items():
+                if value == value:  # not NaN
                     logs[name] = round(value, 6)
-            self._metric_sums.clear()
-            self._metric_counts.clear()
         super().log(logs, *args, **kwargs)
