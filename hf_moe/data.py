@@ -8,7 +8,8 @@ Three on-disk layouts load into one row format, `{"image": PIL.Image, "text": st
 - webdataset tar shards (a folder of `*.tar`, one `.tar`, or a glob / brace pattern such as
   `shards/{00000..00099}.tar`), streamed by default.
 
-Rows whose image cannot be decoded or whose caption is missing or empty are skipped, counted and logged.
+Rows whose image cannot be decoded or whose caption is missing or empty are skipped, counted and logged, and so is
+the unread rest of a truncated or corrupt shard (the shards after it are still read).
 `ImageTextCollator` turns rows into model inputs with the model's own processor.
 """
 

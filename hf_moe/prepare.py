@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = (
         "usage: hf-moe prepare {coco,flickr30k} --annotations FILE --images DIR --output_dir DIR "
-        "[--skip_missing] [--copy_images] [--overwrite]\n\n" + __doc__.split("\n\n")[1]
+        "[--skip_missing] [--copy_images] [--overwrite]\n\n" + "\n\n".join(__doc__.split("\n\n")[1:])
     )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
