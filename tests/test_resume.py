@@ -204,3 +204,28 @@ def test_input_fingerprint_sees_added_resized_and_touched_files(tmp_path):
     os.utime(tmp_path / "b.txt", ns=(1, 1))
     assert input_fingerprint(tmp_path) != second
     assert input_fingerprint("org/dataset") == {"name": "org/dataset"}
+
+
+def test_mcl_resumes_a_stage_from_its_last_complete_checkpoint(toy_clip_dir, captions, tmp_path, caplog):
+    out = tmp_path / "mcl"
+    argv = ["mcl", "--base", str(toy_clip_dir), "--data", str(captions), "--output_dir", str(out)]
+    argv += ["--num_experts", "2", "--top_k", "1", "--image_clusters", "2", "--text_clusters", "1"]
+    argv += [*FLAGS, "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "1"]
+    argv += ["--learning_rate", "1e-3"]
+    assert main(argv) == 0
+    uninterrupted = load_file(out / "stage1" / "model.safetensors")
+    # What a kill while writing stage 1's step-2 checkpoint leaves: no stage1, no moe, the job not complete.
+    shutil.rmtree(out / "stage1")
+    shutil.rmtree(out / "moe")
+    (out / "stage1-run" / "checkpoint-2" / "trainer_state.json").unlink()
+    job = json.loads((out / JOB_FILE).read_text()) if (out / JOB_FILE).exists() else None
+    if job is not None:
+        (out / JOB_FILE).write_text(json.dumps({**job, "complete": False}))
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert f"Resuming MCL stage 1 from {out / 'stage1-run' / 'checkpoint-1'}" in caplog.text
+    resumed = load_file(out / "stage1" / "model.safetensors")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], msg=key)
+    assert (out / "moe" / "model.safetensors").is_file()
+    assert job is not None and json.loads((out / JOB_FILE).read_text())["complete"]
