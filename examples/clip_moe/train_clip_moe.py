@@ -3,11 +3,14 @@
 
     accelerate launch --config_file examples/accelerate_multi_gpu.yaml examples/clip_moe/train_clip_moe.py \
         --model mcl-l14/moe --data /data/sharegpt4v --output_dir clip-moe-l14 \
-        --per_device_train_batch_size 100 --learning_rate 1e-6 --weight_decay 0.01 --warmup_steps 200 \
-        --lr_scheduler_type cosine --num_train_epochs 1 --bf16
+        --per_device_train_batch_size 100 --bf16 --save_steps 1000
 
+The official recipe's values are the defaults (AdamW lr 1e-6, weight decay 0.01, 200 warm-up steps then cosine,
+1 epoch, no gradient clipping, expert dropout 0.1): `--help` lists them. `--balance_loss_weights official`
+weights the balance losses as the official release effectively did (0.01/W image, 0.005/W text, W processes).
 Same as `hf-moe train-router ...`; runs under plain `python` too. Every TrainingArguments flag is accepted,
-including `--deepspeed examples/ds_zero2.json`.
+including `--deepspeed examples/ds_zero2.json` and `--push_to_hub --hub_model_id`. Re-running the command
+continues the same job, reports a finished one as done, and refuses one whose options, model or data changed.
 """
 
 from hf_moe.clip_moe.train_router import main
