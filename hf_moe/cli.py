@@ -3,7 +3,8 @@
 Every sub-command parses its options with `HfArgumentParser`, so `--num_experts` and `--num-experts` both work,
 as in transformers' examples. Only the standard library is imported until a command runs.
 
-    hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--templates default|imagenet|FILE] [--output FILE]
+    hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--class_names imagenet|cifar10|cifar100|FILE]
+        [--templates auto|default|imagenet|FILE] [--output FILE]
     hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--output FILE]
     hf-moe prepare coco|flickr30k --annotations FILE --images DIR --output_dir DIR
     hf-moe COMMAND --help     (the family commands: see `hf-moe --help`)
