@@ -161,6 +161,7 @@ class TrainingJob:
 
     `owned_outputs` are the names (globs) of what the job writes into `output_dir`; if some are there but no
     job is recorded, they are another run's (or an older hf-moe's), and the job refuses to continue from them.
+    A recorded job that wrote none of them yet (it stopped early) may be replaced by a job with other options.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class TrainingJob:
         self.options = json.loads(json.dumps(options, default=str))
         self.inputs = json.loads(json.dumps(inputs or {}, default=str))
         self.owned_outputs = owned_outputs
+        self._replace = False
 
     def recorded(self) -> dict | None:
         """The job recorded in `output_dir`, or None."""
@@ -217,16 +219,21 @@ class TrainingJob:
         """Refuse (`JobMismatchError`) to continue in `output_dir` if it holds a different job, or outputs of a
         job that was never recorded."""
         recorded = self.recorded()
+        outputs = sorted(str(p.name) for pattern in self.owned_outputs for p in self.output_dir.glob(pattern))
         if recorded is None:
-            strays = sorted(str(p.name) for pattern in self.owned_outputs for p in self.output_dir.glob(pattern))
-            if strays:
+            if outputs:
                 raise JobMismatchError(
-                    f"{self.output_dir} already holds {', '.join(strays[:5])} but no {JOB_FILE}: they come from a "
+                    f"{self.output_dir} already holds {', '.join(outputs[:5])} but no {JOB_FILE}: they come from a "
                     "different run (or an older hf-moe), which this job cannot safely continue. Use a new "
                     f"--output_dir, or remove them to start over."
                 )
             return
         differences = self.differences(recorded)
+        if differences and not outputs and not recorded.get("complete"):
+            # The recorded run stopped before writing anything (a crash, a bad flag): nothing to mix up.
+            logger.warning(f"Replacing the job recorded in {self.path}, which wrote no output, by this one.")
+            self._replace = True
+            return
         if differences:
             shown = "\n  ".join(differences)
             raise JobMismatchError(
@@ -241,7 +248,7 @@ class TrainingJob:
 
     def record(self) -> None:
         """Write the job record (main process; a no-op if it is already recorded)."""
-        if self.path.is_file() or not _is_main_process():
+        if (self.path.is_file() and not self._replace) or not _is_main_process():
             return
         self._write({"command": self.command, "options": self.options, "inputs": self.inputs, "complete": False})
 

@@ -181,6 +181,7 @@ def test_training_job_records_once_and_compares_options(tmp_path):
     assert not job.is_complete()
     TrainingJob(tmp_path / "out", "demo", {"lr": 0.1, "steps": 3}, inputs={"data": {"name": "a"}}).check()
     changed = TrainingJob(tmp_path / "out", "demo", {"lr": 0.2, "steps": 3}, inputs={"data": {"name": "b"}})
+    (tmp_path / "out" / "checkpoint-1").mkdir()  # the recorded job has written something
     with pytest.raises(JobMismatchError) as error:
         changed.check()
     assert "--lr: 0.1 (recorded) vs 0.2 (now)" in str(error.value) and "data: 'a' (recorded) vs 'b'" in str(error.value)
@@ -229,3 +230,17 @@ def test_mcl_resumes_a_stage_from_its_last_complete_checkpoint(toy_clip_dir, cap
         torch.testing.assert_close(resumed[key], uninterrupted[key], msg=key)
     assert (out / "moe" / "model.safetensors").is_file()
     assert job is not None and json.loads((out / JOB_FILE).read_text())["complete"]
+
+
+def test_a_recorded_job_that_wrote_nothing_may_be_replaced(tmp_path, caplog):
+    TrainingJob(tmp_path, "demo", {"lr": 0.1}).record()  # ...then it crashed before its first checkpoint
+    retry = TrainingJob(tmp_path, "demo", {"lr": 0.2})
+    with caplog.at_level("WARNING"):
+        retry.check()
+    assert "wrote no output" in caplog.text
+    retry.record()
+    assert json.loads((tmp_path / JOB_FILE).read_text())["options"] == {"lr": 0.2}
+    TrainingJob(tmp_path, "demo", {"lr": 0.2}).check()
+    TrainingJob(tmp_path, "demo", {"lr": 0.2}).mark_complete()
+    with pytest.raises(JobMismatchError):  # a finished job is never replaced
+        TrainingJob(tmp_path, "demo", {"lr": 0.3}).check()

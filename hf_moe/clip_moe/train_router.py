@@ -58,6 +58,7 @@ def router_job(script_args: RouterTrainingArguments, training_args: CLIPMoETrain
         "train-router",
         options,
         inputs={"model": model_fingerprint(script_args.model), "data": input_fingerprint(script_args.data)},
+        owned_outputs=("checkpoint-*", "model*.safetensors"),
     )
 
 
