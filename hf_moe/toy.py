@@ -4,6 +4,7 @@ They are saved with `save_pretrained` like any Hub checkpoint, so every code pat
 (converters, training, evaluation, pipelines) is exercised on them by path, without a download.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,20 +13,39 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 
-def toy_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer whose vocabulary is the 256 byte-level symbols (each word spelled out letter by letter)."""
+def toy_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the 256 byte-level symbols (each word spelled out letter by letter),
+    plus BPE merges that make each of `words` one token, as a trained BPE vocabulary does for frequent words:
+    a small text tower then learns a caption's meaning in far fewer steps than from spelled-out letters."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
         vocab[symbol + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    merges = []
+    for word in words:
+        if not word.isascii() or not word.isalnum():
+            raise ValueError(f"Whole-word tokens must be ASCII letters or digits, got {word!r}.")
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if merged + piece not in vocab:
+                merges.append((merged, piece))
+                vocab[merged + piece] = len(vocab)
+            merged += piece
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def toy_clip_config(
-    hidden_size: int = 32, num_layers: int = 2, image_size: int = 32, patch_size: int = 8, projection_dim: int = 32
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    projection_dim: int = 32,
+    vocab_size: int | None = None,
 ) -> CLIPConfig:
-    """A CLIP config of the given (small) size whose text tower fits `toy_clip_tokenizer`."""
-    tokenizer_size = 2 + 2 * len(pre_tokenizers.ByteLevel.alphabet())
+    """A CLIP config of the given (small) size whose text tower fits `toy_clip_tokenizer` (`vocab_size`: its
+    length; default that of the tokenizer without whole-word tokens)."""
+    tokenizer_size = vocab_size or 2 + 2 * len(pre_tokenizers.ByteLevel.alphabet())
     shared = dict(
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
@@ -40,14 +60,16 @@ def toy_clip_config(
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
-def save_toy_clip(output_dir: str | Path, seed: int = 0, **config_kwargs) -> Path:
-    """Save a randomly initialised small `CLIPModel` with its processor, as a Hub checkpoint would be laid out."""
+def save_toy_clip(output_dir: str | Path, seed: int = 0, words: Sequence[str] = (), **config_kwargs) -> Path:
+    """Save a randomly initialised small `CLIPModel` with its processor, as a Hub checkpoint would be laid out
+    (`words`: whole-word tokens of its tokenizer, see `toy_clip_tokenizer`)."""
     torch.manual_seed(seed)
-    config = toy_clip_config(**config_kwargs)
+    tokenizer = toy_clip_tokenizer(words)
+    config = toy_clip_config(vocab_size=len(tokenizer), **config_kwargs)
     model = CLIPModel(config).eval()
     size = config.vision_config.image_size
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=toy_clip_tokenizer())
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return Path(output_dir)
