@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .class_names import CLASS_NAME_SETS, resolve_class_names
+from .fileio import atomic_output_file
 from .metrics import load_metric
 
 
@@ -576,21 +576,12 @@ def _json_default(value):
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
-    """Write `results` as indented JSON to `path` atomically: a temporary file in the same folder, fsynced, then
-    renamed over `path`, so readers never see a partial file."""
+    """Write `results` as indented JSON to `path` atomically (readers never see a partial file)."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(results, handle, indent=2, default=_json_default)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    # Serialised before the temporary file exists, so unserialisable results leave nothing behind.
+    text = json.dumps(results, indent=2, default=_json_default) + "\n"
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(text)
     return path
 
 

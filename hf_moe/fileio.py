@@ -65,6 +65,12 @@ def remove_stale_temporaries(target: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
@@ -110,6 +116,7 @@ def atomic_output_dir(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
     tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(output_dir, "tmp"), dir=output_dir.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output folder's mode
     try:
         yield tmp
         if output_dir.exists():
@@ -137,6 +144,7 @@ def atomic_output_file(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=_sibling_prefix(path, "tmp"), dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # as a file opened for writing gets, not mkstemp's private 0600
     try:
         yield tmp
         os.replace(tmp, path)

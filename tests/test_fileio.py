@@ -104,3 +104,16 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path, 
             tmp.write_text("y")
     assert hidden_siblings(tmp_path) == sorted([live.name, other.name])
     assert target.exists()
+
+
+def test_atomic_outputs_get_the_modes_of_ordinary_writes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "folder") as tmp:
+            (tmp / "a.txt").write_text("a")
+        with atomic_output_file(tmp_path / "file.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "file.json").stat().st_mode & 0o777 == 0o644
