@@ -92,14 +92,16 @@ def model_name_for(folder: str | Path) -> str:
 
 
 def _flat_base_models(base_model) -> str | list[str] | None:
-    """One id, a de-duplicated list, or None (the Hub rejects empty and duplicate `base_model` entries)."""
+    """One Hub id, a de-duplicated list, or None (the Hub rejects paths, empty and duplicate `base_model`
+    entries): a local folder stands for the Hub id(s) its own card names, or for nothing."""
 
     def leaves(item):
         if isinstance(item, (list, tuple)):
             for sub in item:
                 yield from leaves(sub)
         elif item:
-            yield str(item)
+            hub_ids = base_model_of(item)
+            yield from ([hub_ids] if isinstance(hub_ids, str) else hub_ids or [])
 
     flat = list(dict.fromkeys(leaves(base_model)))
     return None if not flat else flat[0] if len(flat) == 1 else flat
@@ -179,8 +181,9 @@ def write_model_card(
     Args:
         folder: The model folder (may be the temporary folder of `atomic_output_dir`; the card then names the
             target folder).
-        base_model: Hub id(s) or folder(s) of the dense checkpoint(s) the model was built from (card data
-            `base_model`, which links the Hub's model tree).
+        base_model: Hub id(s) or folder(s) of the checkpoint(s) the model was built from (card data
+            `base_model`, which links the Hub's model tree). A folder stands for the Hub id(s) its own card
+            names, or for nothing.
         how_built: Free text (markdown): the command line and options, what each expert came from.
         tags: Extra tags; "hf-moe" and "mixture-of-experts" are always present.
         pipeline_tag: The Hub task widget.

@@ -158,3 +158,20 @@ def test_card_metrics_and_base_model_lists(tmp_path):
     ]
     assert ModelCard.load(tmp_path / "README.md").data.eval_results[0].metric_value == 0.5
     assert "print('hi')" in card.text
+
+
+def test_card_base_model_names_hub_ids_never_local_folders(tmp_path):
+    from hf_moe.hub import write_model_card
+
+    stage = tmp_path / "mcl" / "stage0"
+    stage.mkdir(parents=True)
+    write_model_card(stage, base_model="openai/clip-vit-base-patch32", how_built="MCL stage 0")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+
+    card = write_model_card(out, base_model=[str(stage), str(bare)], how_built="x")
+    assert card.data.base_model == "openai/clip-vit-base-patch32"
+    card = write_model_card(out, base_model=str(bare), how_built="x")
+    assert card.data.base_model is None

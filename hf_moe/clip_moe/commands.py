@@ -84,7 +84,7 @@ def train_router_command(argv: list[str]) -> None:
     from .train_router import main as train_router_main
 
     output_dir = train_router_main(argv)
-    print(f"Trained routers; the model is in {output_dir}")
+    print(f"The router-trained CLIP-MoE is in {output_dir}")
 
 
 def demo_command(argv: list[str]) -> None:
