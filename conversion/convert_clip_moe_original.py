@@ -18,7 +18,6 @@ import torch
 from transformers.utils import logging
 
 from ..fileio import check_output_dir
-from ..hub import base_model_of
 from ..modeling import CLIPMoEModel
 from ..modeling.configuration_clip_moe import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_TEXT_LENGTH
 from .upcycle_clip import (
@@ -224,7 +223,7 @@ def convert_clip_moe_original(
         f"{text_positions} text positions.\n\n```bash\n{command}\n```"
     )
     card = {
-        "base_model": base_model_of(base),
+        "base_model": str(base),
         "how_built": how_built,
         "tags": ["clip-moe", "clip"],
         "model_name": hub_model_id or Path(output_dir).name,

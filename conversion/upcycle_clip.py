@@ -18,8 +18,8 @@ from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from ..fileio import atomic_output_dir, check_output_dir
-from ..hub import base_model_of, write_model_card
 from ..hub import push_to_hub as push_folder_to_hub
+from ..hub import write_model_card
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
@@ -203,7 +203,7 @@ def upcycle_clip(
     options = {"num_experts": num_experts if len(bases) == 1 else None, "top_k": top_k, "long_text": long_text}
     options.update({key: value for key, value in moe_kwargs.items() if key in CARD_OPTIONS})
     card = {
-        "base_model": [base_model_of(base) for base in bases],
+        "base_model": [str(base) for base in bases],
         "how_built": upcycle_how_built(bases, config, seed, command_line("upcycle-clip", bases, options, seed=seed)),
         "tags": ["clip-moe", "clip", "upcycling"],
         "model_name": hub_model_id or Path(output_dir).name,

@@ -33,7 +33,6 @@ from transformers.utils import logging
 
 from ..conversion.upcycle_clip import check_hub_model_id, save_with_processor
 from ..fileio import check_output_dir
-from ..hub import base_model_of
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEModel
 
@@ -190,7 +189,7 @@ def merge_lora_into_folder(
     merged.eval()
 
     card = {
-        "base_model": base_model_of(base_model_dir) if base_model_dir is not None else None,
+        "base_model": base_model_dir,
         "how_built": lora_how_built(lora_config, base_model_dir, peft_model_or_adapter_dir if is_folder else None),
         "tags": ["clip-moe", "clip", "lora", "peft"],
         "model_name": hub_model_id or Path(output_dir).name,
