@@ -191,6 +191,7 @@ def run_experiment(args: ExperimentArguments) -> dict:
         raise FileExistsError(f"--work_dir {work_dir} is not empty; give a new folder.")
     verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     datasets.disable_progress_bars()
     # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
     torch.set_num_threads(1)
@@ -202,6 +203,7 @@ def run_experiment(args: ExperimentArguments) -> dict:
             per_seed[seed] = run_seed(args, seed, work_dir / f"seed{seed}", evaluate)
     finally:
         logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
         datasets.enable_progress_bars()
         torch.set_num_threads(threads)
         if temporary:

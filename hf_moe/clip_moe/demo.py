@@ -208,7 +208,9 @@ def run(output_dir: Path, pretrain_steps: int = 600, seed: int = 0) -> dict:
     for name in DEMO_OUTPUTS:
         shutil.rmtree(output_dir / name, ignore_errors=True)
     verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    logging.set_verbosity_error()  # the Trainer's and datasets' own notices would drown the tour
+    # The Trainer's and datasets' notices and the per-load progress bars would drown the tour.
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     datasets.disable_progress_bars()
     # The model is so small that a second thread gains little, while threads that wait on each other on busy
     # cores (a laptop running other work, a shared CI runner) make a step up to 20x slower.
@@ -217,6 +219,7 @@ def run(output_dir: Path, pretrain_steps: int = 600, seed: int = 0) -> dict:
         result = _run(output_dir, pretrain_steps, seed)
     finally:
         logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
         datasets.enable_progress_bars()
         torch.set_num_threads(threads)
     result["seconds"] = round(time.perf_counter() - started, 1)
