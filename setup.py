@@ -14,6 +14,7 @@ setup(
     packages=[
         "hf_moe",
         "hf_moe.clip_moe",
+        "hf_moe.we_moe",
         "hf_moe.modeling",
         "hf_moe.conversion",
         "hf_moe.metrics",

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from .clip_moe.commands import COMMANDS as CLIP_MOE_COMMANDS
+from .we_moe.commands import COMMANDS as WE_MOE_COMMANDS
 
 
 def eval_command(argv: list[str]) -> None:
@@ -35,13 +36,15 @@ SHARED_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
 }
 
 # (family, its commands): the order of `hf-moe --help`.
-FAMILIES = [("shared", SHARED_COMMANDS), ("CLIP-MoE", CLIP_MOE_COMMANDS)]
+FAMILIES = [("shared", SHARED_COMMANDS), ("CLIP-MoE", CLIP_MOE_COMMANDS), ("WEMoE", WE_MOE_COMMANDS)]
 COMMANDS = {name: entry for _, commands in FAMILIES for name, entry in commands.items()}
 
 
 def usage() -> str:
     sections = []
     for family, commands in FAMILIES:
+        if not commands:
+            continue
         rows = "\n".join(f"  {name:<28}{help_text}" for name, (_, help_text) in commands.items())
         sections.append(f"{family}:\n{rows}")
     return "usage: hf-moe COMMAND [options]   (hf-moe COMMAND --help for its options)\n\n" + "\n\n".join(sections)
