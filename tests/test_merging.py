@@ -1,0 +1,304 @@
+"""hf_moe.merging: each method against a hand-computed reference, TIES against a plain loop, the registry, refusals
+of mismatched inputs with nothing written, and merged folders that load as ordinary CLIP models."""
+
+import shutil
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import CLIPModel, CLIPVisionModel
+
+from hf_moe import merging
+from hf_moe.cli import main
+from hf_moe.merging import (
+    MERGE_METHODS,
+    check_compatible,
+    merge_clip_vision,
+    merge_state_dicts,
+    register_merge_method,
+    task_vectors,
+)
+from hf_moe.toy import save_toy_clip
+
+
+PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def perturbed_vision_state(base_dir, seed, scale=0.2):
+    clip = CLIPModel.from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: tensor + scale * torch.randn(tensor.shape, generator=generator) if tensor.is_floating_point() else tensor
+        for key, tensor in clip.vision_model.state_dict().items()
+    }
+
+
+def save_vision_finetune(base_dir, output_dir, seed, scale=0.2):
+    """A vision-only fine-tune of the CLIP in `base_dir` (as the tanganke checkpoints are), with its processor."""
+    clip = CLIPModel.from_pretrained(base_dir)
+    model = CLIPVisionModel(clip.config.vision_config)
+    model.load_state_dict(
+        perturbed_vision_state(base_dir, seed, scale) if seed is not None else clip.vision_model.state_dict()
+    )
+    model.save_pretrained(output_dir)
+    for name in PROCESSOR_FILES:
+        shutil.copy(base_dir / name, output_dir / name)
+    return output_dir
+
+
+def save_clip_finetune(base_dir, output_dir, seed, scale=0.2):
+    """A full CLIPModel fine-tune whose vision tower is perturbed."""
+    clip = CLIPModel.from_pretrained(base_dir)
+    clip.vision_model.load_state_dict(perturbed_vision_state(base_dir, seed, scale))
+    clip.save_pretrained(output_dir)
+    for name in PROCESSOR_FILES:
+        shutil.copy(base_dir / name, output_dir / name)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def finetuned_dirs(toy_clip_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetuned")
+    return [save_vision_finetune(toy_clip_dir, root / f"task{i}", seed=i) for i in range(3)]
+
+
+def vision_state(folder):
+    return merging.load_clip_vision_state_dict(folder)
+
+
+# ------------------------------------------------------------------------------------------ methods, tiny tensors
+
+BASE = {"w": torch.tensor([[1.0, -2.0], [0.5, 0.0]]), "b": torch.tensor([0.0, 1.0]), "n": torch.tensor([3])}
+FT = [
+    {"w": torch.tensor([[2.0, -2.0], [0.5, 1.0]]), "b": torch.tensor([1.0, 1.0]), "n": torch.tensor([3])},
+    {"w": torch.tensor([[0.0, -1.0], [1.5, -3.0]]), "b": torch.tensor([-0.5, 3.0]), "n": torch.tensor([3])},
+]
+
+
+def test_task_vectors_are_differences_and_skip_integer_buffers():
+    taus = task_vectors(BASE, FT)
+    torch.testing.assert_close(taus[0]["w"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(taus[1]["b"], torch.tensor([-0.5, 2.0]))
+    assert "n" not in taus[0]
+
+
+def test_average_and_task_arithmetic_match_hand_computed_values():
+    avg = merge_state_dicts("average", BASE, FT)
+    torch.testing.assert_close(avg["w"], torch.tensor([[1.0, -1.5], [1.0, -1.0]]))
+    torch.testing.assert_close(avg["b"], torch.tensor([0.25, 2.0]))
+    assert torch.equal(avg["n"], BASE["n"])
+    ta = merge_state_dicts("task_arithmetic", BASE, FT)  # lambda 0.3: tau sum w = [[0,1],[1,-2]], b = [0.5, 2]
+    torch.testing.assert_close(ta["w"], torch.tensor([[1.0, -1.7], [0.8, -0.6]]))
+    torch.testing.assert_close(ta["b"], torch.tensor([0.15, 1.6]))
+    ta1 = merge_state_dicts("task_arithmetic", BASE, FT, scaling=1.0)
+    torch.testing.assert_close(ta1["w"], BASE["w"] + torch.tensor([[0.0, 1.0], [1.0, -2.0]]))
+
+
+def test_ties_matches_hand_computed_values():
+    # taus: t0 = w [[1,0],[0,1]] b [1,0];  t1 = w [[-1,1],[1,-3]] b [-0.5,2]. density 0.5 keeps 3 of 6 per task:
+    # t0 keeps its three 1s (|1| >= 3rd largest 1; ties kept: w00, w11, b0 -> exactly 3), t1 keeps -3, 2 and
+    # the 1s tied at the threshold |1| (w00, w01, w10). Elected sign by summed mass, then disjoint mean.
+    merged = merge_state_dicts("ties", BASE, FT, scaling=1.0, density=0.5)
+    # w00: 1 and -1 -> sum 0 -> sign + -> mean of {1} = 1; w01: 0,1 -> 1; w10: 0,1 -> 1; w11: 1,-3 -> - -> -3
+    torch.testing.assert_close(merged["w"], BASE["w"] + torch.tensor([[1.0, 1.0], [1.0, -3.0]]))
+    # b0: 1 and (-0.5 trimmed) -> 1; b1: 0 and 2 -> 2
+    torch.testing.assert_close(merged["b"], BASE["b"] + torch.tensor([1.0, 2.0]))
+
+
+def loop_ties(base, finetuned, scaling, density):
+    """TIES written out entry by entry: a plain reference."""
+    taus = [{k: ft[k].float() - v.float() for k, v in base.items() if v.is_floating_point()} for ft in finetuned]
+    trimmed = []
+    for tau in taus:
+        flat = sorted((abs(x) for t in tau.values() for x in t.reshape(-1).tolist()), reverse=True)
+        threshold = flat[int(density * len(flat)) - 1]
+        trimmed.append({k: [x if abs(x) >= threshold else 0.0 for x in t.reshape(-1).tolist()] for k, t in tau.items()})
+    out = {}
+    for key, tensor in base.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor
+            continue
+        values = []
+        for j in range(tensor.numel()):
+            column = [t[key][j] for t in trimmed]
+            sign = 1.0 if sum(column) >= 0 else -1.0
+            agreeing = [x for x in column if x != 0 and (x > 0) == (sign > 0)]
+            values.append(sum(agreeing) / len(agreeing) if agreeing else 0.0)
+        out[key] = tensor + scaling * torch.tensor(values).reshape(tensor.shape)
+    return out
+
+
+def test_ties_equals_a_straightforward_loop():
+    generator = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(7, 5, generator=generator), "c": torch.randn(11, generator=generator)}
+    finetuned = [{k: v + torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(4)]
+    expected = loop_ties(base, finetuned, scaling=0.7, density=0.3)
+    merged = merge_state_dicts("ties", base, finetuned, scaling=0.7, density=0.3)
+    for key in base:
+        torch.testing.assert_close(merged[key], expected[key])
+
+
+def test_ties_per_tensor_trim_uses_each_tensors_top_entries():
+    base = {"a": torch.zeros(4), "c": torch.zeros(4)}
+    finetuned = [{"a": torch.tensor([10.0, 20.0, 30.0, 40.0]), "c": torch.tensor([1.0, 2.0, 3.0, 4.0])}]
+    per_task = merge_state_dicts("ties", base, finetuned, scaling=1.0, density=0.5)
+    per_tensor = merge_state_dicts("ties", base, finetuned, scaling=1.0, density=0.5, trim="tensor")
+    torch.testing.assert_close(per_task["c"], torch.zeros(4))  # the global top half is all in `a`
+    torch.testing.assert_close(per_tensor["c"], torch.tensor([0.0, 0.0, 3.0, 4.0]))
+
+
+def test_registry_accepts_a_new_method_and_checks_options():
+    @register_merge_method("scaled_first_test")
+    def scaled_first(pretrained, task_vectors, coefficients=(1.0,)):
+        """First task vector times a learned coefficient."""
+        return merging.add_to_pretrained(pretrained, {k: coefficients[0] * v for k, v in task_vectors[0].items()})
+
+    try:
+        merged = merge_state_dicts("scaled_first_test", BASE, FT, coefficients=(2.0,))
+        torch.testing.assert_close(merged["w"], BASE["w"] + 2 * (FT[0]["w"] - BASE["w"]))
+        assert MERGE_METHODS["scaled_first_test"].description == "First task vector times a learned coefficient."
+        with pytest.raises(ValueError, match="already registered"):
+            register_merge_method("scaled_first_test", scaled_first)
+    finally:
+        MERGE_METHODS.pop("scaled_first_test")
+    with pytest.raises(ValueError, match="no option 'density'"):
+        merge_state_dicts("task_arithmetic", BASE, FT, density=0.2)
+    with pytest.raises(ValueError, match="Unknown merge method 'fisher'"):
+        merge_state_dicts("fisher", BASE, FT)
+    with pytest.raises(ValueError, match="density"):
+        merge_state_dicts("ties", BASE, FT, density=0.0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda sd: sd.pop("b"), "Key b is missing from 'finetuned\\[1\\]'"),
+        (lambda sd: sd.update(extra=torch.zeros(1)), "Key extra is in 'finetuned\\[1\\]'"),
+        (lambda sd: sd.update(w=torch.zeros(2, 3)), r"w: shape \(2, 3\) in 'finetuned\[1\]' vs \(2, 2\)"),
+        (lambda sd: sd.update(n=torch.tensor([4])), "n: the integer buffer differs"),
+    ],
+)
+def test_mismatched_state_dicts_are_refused_naming_the_key(change, match):
+    bad = dict(FT[1])
+    change(bad)
+    with pytest.raises(ValueError, match=match):
+        check_compatible(BASE, [FT[0], bad])
+
+
+# ------------------------------------------------------------------------------------------ CLIP folders
+
+
+def test_average_of_identical_models_is_the_model(toy_clip_dir, tmp_path):
+    copy = save_vision_finetune(toy_clip_dir, tmp_path / "same", seed=None)
+    merged = merge_clip_vision("average", toy_clip_dir, [copy, copy], tmp_path / "avg")
+    original = CLIPModel.from_pretrained(toy_clip_dir).state_dict()
+    for key, tensor in CLIPModel.from_pretrained(tmp_path / "avg").state_dict().items():
+        torch.testing.assert_close(tensor, original[key], rtol=0, atol=1e-6)
+    assert type(merged).__name__ == "CLIPModel"
+
+
+@pytest.mark.parametrize("method, options", [("task_arithmetic", {"scaling": 0.5}), ("ties", {"density": 0.3})])
+def test_clip_folder_holds_the_merged_vision_tower_and_the_pretrained_text_tower(
+    toy_clip_dir, finetuned_dirs, tmp_path, method, options
+):
+    output = tmp_path / "merged"
+    merge_clip_vision(method, toy_clip_dir, finetuned_dirs, output, **options)
+    expected = merge_state_dicts(
+        method, vision_state(toy_clip_dir), [vision_state(d) for d in finetuned_dirs], **options
+    )
+    loaded = CLIPModel.from_pretrained(output)
+    for key, tensor in loaded.vision_model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[key])
+    pretrained = CLIPModel.from_pretrained(toy_clip_dir)
+    for key, tensor in loaded.text_model.state_dict().items():
+        assert torch.equal(tensor, pretrained.text_model.state_dict()[key])
+    assert torch.equal(loaded.visual_projection.weight, pretrained.visual_projection.weight)
+    assert (output / "processor_config.json").is_file()
+    card = ModelCard.load(output / "README.md")
+    assert {"merge", method} <= set(card.data.tags)
+    assert f"hf-moe merge --method {method}" in card.text and str(finetuned_dirs[2]) in card.text
+
+
+def test_vision_only_pretrained_gives_a_clip_vision_model_folder(toy_clip_dir, finetuned_dirs, tmp_path):
+    pretrained = save_vision_finetune(toy_clip_dir, tmp_path / "pretrained-vision", seed=None)
+    output = tmp_path / "merged"
+    merge_clip_vision("task_arithmetic", pretrained, finetuned_dirs[:2], output)
+    loaded = CLIPVisionModel.from_pretrained(output)
+    expected = merge_state_dicts(
+        "task_arithmetic", vision_state(pretrained), [vision_state(d) for d in finetuned_dirs[:2]]
+    )
+    for key, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, expected[key])
+    card = ModelCard.load(output / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction" and "CLIPVisionModel.from_pretrained" in card.text
+
+
+def test_clip_model_finetunes_are_accepted(toy_clip_dir, tmp_path):
+    finetuned = [save_clip_finetune(toy_clip_dir, tmp_path / f"full{i}", seed=10 + i) for i in range(2)]
+    merge_clip_vision("average", toy_clip_dir, finetuned, tmp_path / "avg")
+    loaded = CLIPModel.from_pretrained(tmp_path / "avg").vision_model.state_dict()
+    states = [vision_state(d) for d in finetuned]
+    torch.testing.assert_close(
+        loaded["encoder.layers.1.mlp.fc1.weight"],
+        (states[0]["encoder.layers.1.mlp.fc1.weight"] + states[1]["encoder.layers.1.mlp.fc1.weight"]) / 2,
+    )
+
+
+def test_other_architectures_are_refused_and_nothing_is_written(toy_clip_dir, finetuned_dirs, tmp_path):
+    wider = save_toy_clip(tmp_path / "wider", hidden_size=48)
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"vision_config.hidden_size is 48 in '.*wider' but 32"):
+        merge_clip_vision("average", toy_clip_dir, [finetuned_dirs[0], wider], output)
+    assert not output.exists()
+    with pytest.raises(ValueError, match="needs at least one"):
+        merge_clip_vision("average", toy_clip_dir, [], output)
+    assert not output.exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_merge_command(toy_clip_dir, finetuned_dirs, tmp_path, capsys):
+    output = tmp_path / "ties"
+    argv = ["merge", "--method", "ties", str(toy_clip_dir), *map(str, finetuned_dirs), "--output_dir", str(output)]
+    assert main([*argv, "--scaling", "0.5", "--ties_density", "0.4"]) == 0
+    assert str(output) in capsys.readouterr().out
+    expected = merge_state_dicts(
+        "ties", vision_state(toy_clip_dir), [vision_state(d) for d in finetuned_dirs], scaling=0.5, density=0.4
+    )
+    loaded = CLIPModel.from_pretrained(output).vision_model.state_dict()
+    torch.testing.assert_close(
+        loaded["encoder.layers.0.self_attn.q_proj.weight"], expected["encoder.layers.0.self_attn.q_proj.weight"]
+    )
+
+    assert (
+        main(
+            [
+                "merge",
+                "--method",
+                "median",
+                str(toy_clip_dir),
+                str(finetuned_dirs[0]),
+                "--output_dir",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 1
+    )
+    assert "Unknown merge method 'median'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "merge",
+                "--method",
+                "average",
+                str(toy_clip_dir),
+                str(finetuned_dirs[0]),
+                "--output_dir",
+                str(tmp_path / "m"),
+                "--ties_density",
+                "0.5",
+            ]
+        )
+        == 1
+    )
+    assert "no option 'density'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
