@@ -3,6 +3,9 @@ without importing torch or transformers; each command imports its module when it
 
     hf-moe merge --method average|task_arithmetic|ties PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR
         [--scaling 0.3 --ties_density 0.2 --ties_trim task_vector|tensor]
+    hf-moe merge-wemoe PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
+        --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ...]
+    hf-moe wemoe-params MODEL
 """
 
 from collections.abc import Callable
@@ -25,6 +28,89 @@ class MergeArguments:
         default=None, metadata={"help": "ties: trim over the whole task vector (task_vector, default) or per tensor."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+@dataclass
+class MergeWEMoEArguments:
+    output_dir: str = field(metadata={"help": "Folder to write the WEMoE model to (must be new or empty)."})
+    init_lambda: float = field(default=0.3, metadata={"help": "Initial routing weight / task-arithmetic factor."})
+    router_depth: int = field(default=2, metadata={"help": "Router depth: 0, 1 or 2 (the paper's default)."})
+    shared_router: bool = field(default=False, metadata={"help": "E-WEMoE: one router shared by all blocks."})
+    prune_ratio: float | None = field(
+        default=None, metadata={"help": "Store task vectors magnitude-pruned, this share dropped (E-WEMoE: 0.9)."}
+    )
+    svd_rank_fraction: float | None = field(
+        default=None, metadata={"help": "Store task vectors as truncated SVD keeping this share of singular values."}
+    )
+    task_names: list[str] | None = field(
+        default=None, metadata={"help": "One name per FINETUNED (default: their folder/repo names).", "nargs": "+"}
+    )
+    batch_reduce: bool = field(
+        default=False, metadata={"help": "One merge per batch (transductive); default: per-sample routing."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the router initialisation."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+def merge_wemoe_command(argv: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from ..conversion import merge_wemoe
+
+    parser = HfArgumentParser(
+        (MergeWEMoEArguments, HubArguments), prog="hf-moe merge-wemoe", description=merge_wemoe.__doc__.split("\n")[0]
+    )
+    parser.add_argument("pretrained", metavar="PRETRAINED", help="Pretrained CLIP (Hub id or folder).")
+    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of PRETRAINED, one per task.")
+    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), **vars(hub_args))
+    print(f"Merged {len(positional.finetuned)} fine-tuned model(s) into the WEMoE model {args.output_dir}")
+
+
+def wemoe_parameter_counts(model) -> dict[str, int]:
+    """Parameter counts of a WEMoE model: routers (the trainable part), task vectors (pruned ones by their stored
+    values, i.e. nonzeros; SVD ones by their factors), total, and the dense CLIP of the same architecture
+    (total - task vectors - routers: a WEMoE keeps every dense weight under its own name)."""
+    counts = {"routers": 0, "task_vectors": 0, "total": 0}
+    for name, parameter in model.named_parameters():
+        counts["total"] += parameter.numel()
+        if ".router." in f".{name}":
+            counts["routers"] += parameter.numel()
+        elif ".task_vectors." in name:
+            counts["task_vectors"] += parameter.numel()
+    counts["dense"] = counts["total"] - counts["task_vectors"] - counts["routers"]
+    return counts
+
+
+def wemoe_params_command(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="hf-moe wemoe-params", description="Parameter counts of a WEMoE model.")
+    parser.add_argument("model", metavar="MODEL", help="WEMoE model (Hub id or folder).")
+    args = parser.parse_args(argv)
+    from ..loading import load_pretrained
+
+    model = load_pretrained(args.model)
+    vision = getattr(model.config, "vision_config", model.config)
+    if not hasattr(vision, "num_tasks") or not hasattr(vision, "task_vector_format"):
+        raise ValueError(f"'{args.model}' is a '{model.config.model_type}' model, not a WEMoE.")
+    counts = wemoe_parameter_counts(model)
+    router = "one shared router (E-WEMoE)" if vision.shared_router else "a router per block"
+    storage = {"dense": "dense", "pruned": f"pruned {vision.prune_ratio:.0%}", "svd": "SVD"}[vision.task_vector_format]
+    print(
+        f"{args.model}: {type(model).__name__}, {vision.num_tasks} tasks, depth-{vision.router_depth} routers "
+        f"({router}), {storage} task vectors"
+    )
+    dense = counts["dense"]
+    rows = [
+        ("trainable (routers)", counts["routers"]),
+        ("task vectors (stored)", counts["task_vectors"]),
+        ("total", counts["total"]),
+        ("one dense model", dense),
+    ]
+    print(f"{'':<24}{'parameters':>14}{'vs one dense model':>22}")
+    for label, value in rows:
+        print(f"{label:<24}{value:>14,}{value / dense:>21.2%}")
 
 
 def merge_command(argv: list[str]) -> None:
@@ -52,6 +138,16 @@ def merge_command(argv: list[str]) -> None:
     print(f"Merged {len(positional.finetuned)} model(s) by {args.method} into {args.output_dir}")
 
 
+def tta_wemoe_command(argv: list[str]) -> None:
+    from .tta import main as tta_main
+
+    output_dir = tta_main(argv)
+    print(f"The test-time-adapted model is in {output_dir}")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "tta-wemoe": (tta_wemoe_command, "Adapt a WEMoE's routers on unlabeled task images (entropy minimisation)."),
+    "merge-wemoe": (merge_wemoe_command, "Merge a pretrained CLIP and fine-tunes of it into a WEMoE / E-WEMoE model."),
+    "wemoe-params": (wemoe_params_command, "Trainable (router) and total parameters of a WEMoE vs one dense model."),
     "merge": (merge_command, "Merge fine-tuned CLIP vision towers (average, task_arithmetic, ties) into one model."),
 }

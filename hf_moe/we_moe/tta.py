@@ -1,0 +1,411 @@
+"""Test-time adaptation (TTA) of a merged model on unlabeled data (WEMoE, AdaMerging; METHODS.md section 3).
+
+Each step takes one shuffled, UNLABELED batch of EVERY task and minimises
+
+    loss = sum over tasks t of mean over the batch of H(softmax(exp(logit_scale) * normalize(image_embed) @ head_t^T))
+
+with H(p) = -sum p log(p + 1e-8), head_t the task's zero-shot head (for each class, every template through the text
+tower and text projection, L2-normalised, averaged, normalised again: `hf_moe.evaluation.class_embeddings`). Only the
+parameters matching `trainable_parameters` train (WEMoE: the routers; AdaMerging: its merging coefficients).
+
+    hf-moe tta-wemoe --model WEMOE_DIR --tasks svhn/ mnist/ dtd/ --output_dir OUT [TrainingArguments flags]
+    accelerate launch examples/we_moe/tta_wemoe.py --model WEMOE_DIR --tasks ... --output_dir OUT
+
+Works for any model with `get_image_features(pixel_values=...)` and a `logit_scale` parameter (a `CLIPModel`,
+`WEMoECLIPModel`, `hf_moe.we_moe.adamerging.AdaMergingCLIP`). Re-running continues the same job (options and input
+fingerprints recorded, `hf_moe.training.TrainingJob`), resumes an interrupted one from its last complete checkpoint,
+and leaves a finished one untouched.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from ..evaluation import _EvalMode, class_embeddings, projected_embeddings
+from ..training import freeze_all_but
+
+
+logger = logging.get_logger(__name__)
+
+ENTROPY_EPS = 1e-8
+INPUTS_KEY = "task_pixel_values"
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the entropy -sum p log(p + 1e-8) of softmax(logits) (in fp32)."""
+    probs = logits.float().softmax(dim=-1)
+    return -(probs * torch.log(probs + ENTROPY_EPS)).sum(dim=-1).mean()
+
+
+def zero_shot_heads(
+    model, processor, class_names: dict[str, list[str]], templates: dict[str, tuple[str, ...]], batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """{task: (classes, dim) float32 head}: CLIP prompt ensembling with the task's class names and templates."""
+    heads = {}
+    with _EvalMode(model, None):
+        for task, names in class_names.items():
+            head = class_embeddings(model, processor, names, templates[task], batch_size, progress=False)
+            heads[task] = head.clone()  # out of inference mode: the loss's backward may save it
+    return heads
+
+
+class TaskBatches(Dataset):
+    """Item k: {task: pixel_values of its k-th batch} for every task, each task's images in a fresh shuffled order
+    per pass over it (seeded by `seed`, the task's position and the pass), so item k is the same whoever asks for it:
+    a resumed run skips to the next step's batches without decoding the skipped ones.
+
+    Args:
+        tasks: {task name: datasets.Dataset with an `image` column} (labels unused).
+        image_processor: Turns a list of PIL images into `pixel_values`.
+        batch_size: Images per task per item.
+        num_batches: Length of the dataset (the number of batches a run takes).
+        seed: Shuffling seed.
+    """
+
+    def __init__(self, tasks: dict, image_processor, batch_size: int, num_batches: int, seed: int = 0):
+        if batch_size < 1 or num_batches < 1:
+            raise ValueError(f"batch_size and num_batches must be positive, got {batch_size} and {num_batches}.")
+        for name, dataset in tasks.items():
+            if len(dataset) == 0:
+                raise ValueError(f"Task '{name}' has no images.")
+        self.tasks, self.image_processor = tasks, image_processor
+        self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
+        self._orders: dict[int, tuple[int, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self, task_position: int, item: int) -> list[int]:
+        """Row indices of task number `task_position`'s images in batch `item`."""
+        size = len(list(self.tasks.values())[task_position])
+        rows = []
+        for position in range(item * self.batch_size, (item + 1) * self.batch_size):
+            epoch, offset = divmod(position, size)
+            cached = self._orders.get(task_position)
+            if cached is None or cached[0] != epoch:  # keep each task's current pass only
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + task_position * 10_007 + epoch)
+                cached = self._orders[task_position] = (epoch, torch.randperm(size, generator=generator).tolist())
+            rows.append(cached[1][offset])
+        return rows
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        from ..evaluation import _to_pil
+
+        batches = {}
+        for position, (name, dataset) in enumerate(self.tasks.items()):
+            images = [_to_pil(image) for image in dataset.select(self.indices(position, item))["image"]]
+            batches[name] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {INPUTS_KEY: batches}
+
+
+def _single_item(items: list[dict]) -> dict:
+    return items[0]
+
+
+@dataclass
+class TTATrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the WEMoE test-time-adaptation recipe's defaults (METHODS.md section 3): Adam lr 1e-4
+    (adamw_torch with weight decay 0 is Adam), 1000 steps, cosine annealing over them without warm-up (the original
+    repo's `CosineAnnealingLR(T_max=1000)`; the paper states Adam lr 1e-4 only), a batch of 16 per task, no
+    gradient clipping; routers only."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (WEMoE TTA: 1e-4)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (0: AdamW is Adam, as the paper)."})
+    max_steps: int = field(default=1000, metadata={"help": "TTA steps (WEMoE: 1000; converges in about 200)."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Schedule (the original repo: cosine annealing over the run)."}
+    )
+    warmup_steps: float = field(default=0, metadata={"help": "Warm-up steps (none)."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Unlabeled images PER TASK in each step's batch (WEMoE: 16)."}
+    )
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none (the original)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    trainable_parameters: list[str] = field(
+        default_factory=lambda: [r"router"],
+        metadata={"help": "Regexes; parameters whose name matches one train, all others are frozen."},
+    )
+    logit_scale: float | None = field(
+        default=None, metadata={"help": "Multiplier of the cosine logits; unset: exp(the model's logit_scale)."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Batches are built by hand."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_steps is None or self.max_steps <= 0:
+            raise ValueError(f"Test-time adaptation is step-based: --max_steps must be positive, got {self.max_steps}.")
+
+
+class TTATrainer(Trainer):
+    """`Trainer` minimising the summed per-task mean entropy of the zero-shot predictions (see the module docstring).
+
+    Args:
+        heads: {task: (classes, dim) zero-shot head}; the keys are the tasks of each batch.
+        kwargs: As `Trainer`; `train_dataset` yields {"task_pixel_values": {task: pixel_values}} per item
+            (`TaskBatches`).
+    """
+
+    def __init__(self, *args, heads: dict[str, torch.Tensor], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heads = {task: head.detach().float() for task, head in heads.items()}
+        trainable = freeze_all_but(self.model, self.args.trainable_parameters)
+        count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        logger.info(
+            f"Test-time adaptation of {len(trainable)} tensors ({count:,} parameters) matching "
+            f"{self.args.trainable_parameters} on {len(self.heads)} tasks"
+        )
+        self._task_entropy: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def get_train_dataloader(self) -> DataLoader:
+        # Each item of the dataset already is one step's batch of every task (B images each), shuffled inside the
+        # dataset; the Trainer's sampler and collator (flat rows, per_device_train_batch_size rows per batch) do not
+        # fit that, so the loader takes one item per step. Processes take alternate items (accelerate's sharding).
+        loader = DataLoader(
+            self.train_dataset,
+            batch_size=1,
+            shuffle=False,
+            collate_fn=_single_item,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def _image_embeddings(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        unwrapped = self.accelerator.unwrap_model(model)
+        if model is unwrapped:
+            return projected_embeddings(unwrapped.get_image_features(pixel_values=pixel_values))
+        # A data-parallel wrapper syncs gradients only for calls through its forward: route get_image_features there.
+        unwrapped.forward = unwrapped.get_image_features
+        try:
+            return projected_embeddings(model(pixel_values=pixel_values))
+        finally:
+            del unwrapped.forward
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batches: dict[str, torch.Tensor] = inputs[INPUTS_KEY]
+        unwrapped = self.accelerator.unwrap_model(model)
+        if set(batches) != set(self.heads):
+            raise ValueError(f"The batch has tasks {sorted(batches)}, the heads are for {sorted(self.heads)}.")
+        dtype = next(p.dtype for p in unwrapped.parameters() if p.is_floating_point())
+        scale = self.args.logit_scale
+        if scale is None:
+            scale = unwrapped.logit_scale.detach().float().exp()
+        tasks = list(batches)
+        sizes = [len(batches[task]) for task in tasks]
+        config = getattr(unwrapped, "config", None)
+        if getattr(config, "batch_reduce", False) or getattr(getattr(config, "vision_config", None), "batch_reduce", 0):
+            # One merged model per batch: each task's batch must be its own forward (the original's semantics).
+            embeddings = [self._image_embeddings(model, batches[task].to(dtype)) for task in tasks]
+        else:
+            # Per-sample models: a sample's embedding does not depend on its batch, so one forward over every
+            # task's images gives the same numbers as one per task, and is the one forward a DDP step may take.
+            pixel_values = torch.cat([batches[task] for task in tasks]).to(dtype)
+            embeddings = self._image_embeddings(model, pixel_values).split(sizes)
+        loss = 0.0
+        for task, embedding in zip(tasks, embeddings):
+            head = self.heads[task].to(embedding.device)
+            logits = scale * torch.nn.functional.normalize(embedding.float(), dim=-1) @ head.T
+            entropy = entropy_loss(logits)
+            loss = loss + entropy
+            if model.training:
+                total, count = self._task_entropy.get(task, (0.0, 0))
+                self._task_entropy[task] = (total + entropy.detach(), count + 1)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._task_entropy:
+            for task, (total, count) in self._task_entropy.items():
+                value = float(total / count)
+                if not math.isnan(value):
+                    logs[f"entropy/{task}"] = round(value, 6)
+            self._task_entropy = {}
+        super().log(logs, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hf-moe tta-wemoe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TTAScriptArguments:
+    model: str = field(metadata={"help": "WEMoE model folder or Hub id (the output of hf-moe merge-wemoe)."})
+    tasks: list[str] = field(
+        metadata={"help": "Class-folder image sets, one per task (labels unused; class names from the folders)."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Class names as hf-moe eval zero-shot takes them (imagenet, cifar10, cifar100 or a file), one "
+            "for every task or one per task; default: each task's folder names."
+        },
+    )
+    templates: list[str] = field(
+        default_factory=lambda: ["auto"],
+        metadata={
+            "help": "Prompt templates as hf-moe eval zero-shot takes them ('auto', 'default', 'imagenet' or a "
+            "file), one for every task or one per task."
+        },
+    )
+    split: str | None = field(default=None, metadata={"help": "Split, when a task folder has several."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow --model to run model code from its folder or Hub repo."}
+    )
+
+
+TTA_NOT_RESULT_OPTIONS = {"tasks", "trust_remote_code"}
+
+
+def task_names(task_dirs: list[str]) -> list[str]:
+    """Each task's name: its folder's name (must be unique)."""
+    names = [Path(task).expanduser().resolve().name for task in task_dirs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"Task folders must have distinct names; {duplicates} appear more than once.")
+    return names
+
+
+def _per_task(values: list | None, count: int, option: str) -> list:
+    if values is None:
+        return [None] * count
+    if len(values) == 1:
+        return list(values) * count
+    if len(values) != count:
+        raise ValueError(f"{option} takes one value for every task or one per task ({count}), got {len(values)}.")
+    return list(values)
+
+
+def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
+    """{task: dataset}, {task: class names}, {task: templates} of `script_args.tasks` (validated)."""
+    from ..evaluation import _templates_option, dataset_class_names, load_image_dataset, resolve_templates
+
+    if not script_args.tasks:
+        raise ValueError("--tasks needs at least one class-folder image set.")
+    names = task_names(script_args.tasks)
+    class_options = _per_task(script_args.class_names, len(names), "--class_names")
+    template_options = _per_task(script_args.templates, len(names), "--templates")
+    datasets, class_names, templates = {}, {}, {}
+    for name, folder, classes, template in zip(names, script_args.tasks, class_options, template_options):
+        datasets[name] = load_image_dataset(folder, script_args.split)
+        class_names[name], class_set = dataset_class_names(datasets[name], classes)
+        templates[name] = resolve_templates(_templates_option(template), class_set)
+    return datasets, class_names, templates
+
+
+def tta_job(script_args: TTAScriptArguments, training_args: TrainingArguments, command: str = "tta-wemoe"):
+    from ..training import TrainingJob, input_fingerprint, local_path, model_fingerprint, result_options
+
+    options = result_options(script_args, training_args, exclude=TTA_NOT_RESULT_OPTIONS)
+    options["model"] = local_path(script_args.model)
+    options["task_names"] = task_names(script_args.tasks)
+    inputs = {"model": model_fingerprint(script_args.model)}
+    for name, task in zip(options["task_names"], script_args.tasks):
+        inputs[f"task:{name}"] = input_fingerprint(task)
+    return TrainingJob(
+        training_args.output_dir, command, options, inputs=inputs, owned_outputs=("checkpoint-*", "model*.safetensors")
+    )
+
+
+def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArguments) -> Path:
+    """Adapt the routers of `script_args.model` on the unlabeled images of `script_args.tasks`; save the model, its
+    processor and a model card in `training_args.output_dir`. Re-running continues an interrupted job from its last
+    complete checkpoint, returns a finished one untouched, and refuses one whose options, model or data differ."""
+    from accelerate import PartialState
+    from transformers import AutoModel, AutoProcessor
+
+    from ..loading import check_model_path, load_pretrained
+    from ..training import last_complete_checkpoint
+
+    output_dir = Path(training_args.output_dir)
+    check_model_path(script_args.model)
+    job = tta_job(script_args, training_args)
+    job.check()
+    if job.is_complete() and (output_dir / "config.json").is_file():
+        logger.warning(f"Test-time adaptation in {output_dir} is already complete; nothing to do.")
+        _maybe_push(output_dir, training_args)
+        return output_dir
+
+    datasets, class_names, templates = load_tasks(script_args)
+    model = load_pretrained(script_args.model, AutoModel, trust_remote_code=script_args.trust_remote_code)
+    if not hasattr(model, "get_image_features") or not hasattr(model, "logit_scale"):
+        raise ValueError(
+            f"'{script_args.model}' loads as {type(model).__name__}, which has no get_image_features / logit_scale: "
+            "test-time adaptation needs a CLIP-like model with its text tower (e.g. WEMoECLIPModel)."
+        )
+    processor = AutoProcessor.from_pretrained(script_args.model, trust_remote_code=script_args.trust_remote_code)
+    heads = zero_shot_heads(model, processor, class_names, templates)
+    num_batches = training_args.max_steps * training_args.gradient_accumulation_steps * training_args.world_size
+    dataset = TaskBatches(
+        datasets,
+        getattr(processor, "image_processor", processor),
+        training_args.per_device_train_batch_size,
+        num_batches,
+        seed=training_args.seed,
+    )
+    job.record()
+    # We push the final folder ourselves, with our model card; the Trainer would push every checkpoint with its own.
+    args = replace(training_args, push_to_hub=False)
+    trainer = TTATrainer(model=model, args=args, train_dataset=dataset, heads=heads)
+    last = last_complete_checkpoint(output_dir)
+    if last:
+        logger.warning(f"Resuming test-time adaptation from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        _write_card(output_dir, script_args, training_args, class_names)
+        job.mark_complete(global_step=trainer.state.global_step)
+    PartialState().wait_for_everyone()
+    _maybe_push(output_dir, training_args)
+    return output_dir
+
+
+def _write_card(output_dir: Path, script_args, training_args, class_names: dict) -> None:
+    from ..hub import write_model_card
+    from ..training import result_options
+
+    options = result_options(script_args, training_args, exclude={"trust_remote_code", "tasks"})
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
+    tasks = ", ".join(f"`{name}` ({len(names)} classes)" for name, names in class_names.items())
+    write_model_card(
+        output_dir,
+        base_model=script_args.model,
+        how_built=(
+            f"`hf-moe tta-wemoe`: the routers of `{script_args.model}` adapted at test time on the unlabeled images "
+            f"of {tasks} (every other weight frozen), minimising the sum over tasks of the mean entropy of the "
+            "zero-shot predictions, one shuffled batch of every task per step (WEMoE, Tang et al. 2024).\n\n"
+            f"| option | value |\n| --- | --- |\n{rows}"
+        ),
+        tags=("clip", "we-moe", "model-merging"),
+        model_name=training_args.hub_model_id,
+    )
+
+
+def _maybe_push(output_dir: Path, training_args) -> None:
+    from accelerate import PartialState
+
+    if not training_args.push_to_hub or not PartialState().is_main_process:
+        return
+    from ..hub import push_to_hub
+    from ..training import JOB_FILE
+
+    push_to_hub(
+        output_dir,
+        training_args.hub_model_id or output_dir.name,
+        token=training_args.hub_token,
+        private=training_args.hub_private_repo,
+        ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((TTAScriptArguments, TTATrainingArguments), prog="hf-moe tta-wemoe")
+    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return tta_wemoe(script_args, training_args)

@@ -1,0 +1,177 @@
+"""Test-time adaptation (WEMoE / AdaMerging): the entropy loss, one shuffled batch of every task per step, only the
+trainable parameters change, the entropy goes down, and `hf-moe tta-wemoe` resumes from its last complete
+checkpoint and leaves a finished run untouched."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPProcessor
+
+from hf_moe.cli import main
+from hf_moe.toy_data import digit_images, save_digit_class_folders
+from hf_moe.training import JOB_FILE
+from hf_moe.we_moe.tta import (
+    INPUTS_KEY,
+    TaskBatches,
+    TTATrainer,
+    TTATrainingArguments,
+    entropy_loss,
+    zero_shot_heads,
+)
+
+
+STAND_IN = [r"post_layernorm"]  # a dense CLIP has no router: its final vision LayerNorm stands in for one
+FLAGS = ["--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+FLAGS += ["--per_device_train_batch_size", "4", "--learning_rate", "0.01", "--trainable_parameters", *STAND_IN]
+
+
+def test_entropy_loss_matches_a_straightforward_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7) * 4
+    expected = 0.0
+    for row in logits:
+        p = torch.exp(row) / torch.exp(row).sum()
+        expected += -sum(float(q) * float(torch.log(q + 1e-8)) for q in p)
+    assert entropy_loss(logits).item() == pytest.approx(expected / 5, rel=1e-5)
+
+
+def image_dataset(count, offset=0):
+    images, labels = digit_images(count, size=32, offset=offset)
+    return datasets.Dataset.from_dict({"image": images, "label": labels}).cast_column("image", datasets.Image())
+
+
+@pytest.fixture(scope="module")
+def processor(toy_clip_dir):
+    return CLIPProcessor.from_pretrained(toy_clip_dir)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {"a": image_dataset(10), "b": image_dataset(6, offset=50)}
+
+
+def test_task_batches_hold_one_shuffled_batch_of_every_task(tasks, processor):
+    batches = TaskBatches(tasks, processor.image_processor, batch_size=4, num_batches=6, seed=3)
+    item = batches[0][INPUTS_KEY]
+    assert set(item) == {"a", "b"} and all(value.shape == (4, 3, 32, 32) for value in item.values())
+    # Task b (6 images): items 0-2 cover 12 positions = two passes, each a permutation of its rows.
+    rows = [row for k in range(3) for row in batches.indices(1, k)]
+    assert sorted(rows[:6]) == list(range(6)) and sorted(rows[6:]) == list(range(6))
+    assert rows[:6] != list(range(6)) or rows[6:] != list(range(6))  # shuffled
+    again = TaskBatches(tasks, processor.image_processor, batch_size=4, num_batches=6, seed=3)
+    assert [again.indices(0, k) for k in (2, 1)] == [batches.indices(0, k) for k in (2, 1)]  # any order, same rows
+    torch.testing.assert_close(again[2][INPUTS_KEY]["b"], batches[2][INPUTS_KEY]["b"])
+    other = TaskBatches(tasks, processor.image_processor, batch_size=4, num_batches=6, seed=4)
+    assert [other.indices(0, k) for k in range(3)] != [batches.indices(0, k) for k in range(3)]
+
+
+class RecordingTTATrainer(TTATrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.seen.append({task: tuple(value.shape) for task, value in inputs[INPUTS_KEY].items()})
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def mean_entropy(model, heads, batch):
+    with torch.no_grad():
+        total = 0.0
+        for task, pixel_values in batch.items():
+            embeds = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output)
+            total += entropy_loss(model.logit_scale.exp() * embeds @ heads[task].T).item()
+    return total
+
+
+def test_tta_changes_only_the_trainable_parameters_and_lowers_the_entropy(toy_clip_dir, processor, tasks, tmp_path):
+    model = CLIPModel.from_pretrained(toy_clip_dir)
+    names = {"a": ["zero", "one", "two"], "b": ["three", "four", "five", "six"]}
+    heads = zero_shot_heads(model, processor, names, {task: ("a photo of a {}.",) for task in names})
+    assert heads["a"].shape == (3, 32) and torch.allclose(heads["b"].norm(dim=-1), torch.ones(4))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    probe = TaskBatches(tasks, processor.image_processor, batch_size=6, num_batches=1, seed=9)[0][INPUTS_KEY]
+    entropy_before = mean_entropy(model, heads, probe)
+    args = TTATrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=0.02,
+        trainable_parameters=STAND_IN,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    assert (args.weight_decay, args.lr_scheduler_type, args.max_grad_norm) == (0.0, "cosine", 0.0)
+    dataset = TaskBatches(tasks, processor.image_processor, 4, num_batches=6, seed=args.seed)
+    trainer = RecordingTTATrainer(model=model, args=args, train_dataset=dataset, heads=heads)
+    # One backward: gradients reach the trainable parameters only.
+    loss = trainer.compute_loss(model, dataset[0])
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == ("post_layernorm" in name), name
+    model.zero_grad(set_to_none=True)
+    trainer.seen.clear()
+    trainer.train()
+    assert trainer.seen == [{"a": (4, 3, 32, 32), "b": (4, 3, 32, 32)}] * 6  # every task in every step
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"}
+    assert mean_entropy(model, heads, probe) < entropy_before - 1e-3
+
+
+# ---- hf-moe tta-wemoe: resume, finished runs ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tta-tasks")
+    return [save_digit_class_folders(root / "digits_a", 12), save_digit_class_folders(root / "digits_b", 10, 32, 40)]
+
+
+def tta(model, task_dirs, out, *extra):
+    tasks = [str(task) for task in task_dirs]
+    return main(["tta-wemoe", "--model", str(model), "--tasks", *tasks, "--output_dir", str(out), *FLAGS, *extra])
+
+
+def snapshot(folder):
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_tta_wemoe_resumes_from_the_last_complete_checkpoint(toy_clip_dir, task_dirs, tmp_path, caplog):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    args = ["--max_steps", "4", "--save_steps", "2", "--templates", "default"]
+    assert tta(toy_clip_dir, task_dirs, reference, *args) == 0
+    assert tta(toy_clip_dir, task_dirs, interrupted, *args) == 0
+    card = (reference / "README.md").read_text()
+    assert "tta-wemoe" in card and "digits_a" in card and (reference / "tokenizer.json").is_file()
+    # What a kill during the step-4 checkpoint write leaves.
+    (interrupted / "checkpoint-4" / "trainer_state.json").unlink()
+    (interrupted / "model.safetensors").unlink()
+    (interrupted / "config.json").unlink()
+    job = json.loads((interrupted / JOB_FILE).read_text())
+    (interrupted / JOB_FILE).write_text(json.dumps({**job, "complete": False}))
+    with caplog.at_level("WARNING"):
+        assert tta(toy_clip_dir, task_dirs, interrupted, *args) == 0
+    assert f"Resuming test-time adaptation from {interrupted / 'checkpoint-2'}" in caplog.text
+    expected, resumed = load_file(reference / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    original = load_file(toy_clip_dir / "model.safetensors")
+    key = "vision_model.post_layernorm.weight"
+    assert not torch.equal(expected[key], original[key])
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], msg=key)
+    assert json.loads((interrupted / JOB_FILE).read_text())["complete"] is True
+    # A finished run is left untouched; a changed one is refused.
+    before = snapshot(reference)
+    assert tta(toy_clip_dir, task_dirs, reference, *args) == 0
+    assert snapshot(reference) == before
+    assert tta(toy_clip_dir, task_dirs[:1], reference, *args) == 1
+    assert snapshot(reference) == before
