@@ -175,3 +175,112 @@ def test_tta_wemoe_resumes_from_the_last_complete_checkpoint(toy_clip_dir, task_
     assert snapshot(reference) == before
     assert tta(toy_clip_dir, task_dirs[:1], reference, *args) == 1
     assert snapshot(reference) == before
+
+
+# ---- AdaMerging ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetuned_dirs(toy_clip_dir, tmp_path_factory):
+    """Two "fine-tunes" of the toy CLIP: its vision tower moved by small random task vectors."""
+    root = tmp_path_factory.mktemp("adamerging")
+    folders = []
+    for seed in (1, 2):
+        model = CLIPModel.from_pretrained(toy_clip_dir)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.vision_model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        model.save_pretrained(root / f"ft{seed}")
+        folders.append(root / f"ft{seed}")
+    return folders
+
+
+def adamerging_wrapper(toy_clip_dir, finetuned_dirs, **kwargs):
+    from hf_moe.merging import load_for_merge, task_vectors
+    from hf_moe.we_moe.adamerging import AdaMergingCLIP
+
+    model, base_state, finetuned_states = load_for_merge(toy_clip_dir, finetuned_dirs)
+    return AdaMergingCLIP(model, task_vectors(base_state, finetuned_states), **kwargs), base_state, finetuned_states
+
+
+def test_adamerging_at_init_is_the_task_arithmetic_merge(toy_clip_dir, finetuned_dirs, tasks, processor):
+    from hf_moe.merging import merge_state_dicts, task_vectors
+    from hf_moe.we_moe.adamerging import adamerging_merge
+
+    wrapper, base_state, finetuned_states = adamerging_wrapper(toy_clip_dir, finetuned_dirs)
+    assert wrapper.merge_coefficients.shape == (len(base_state), 2)  # one coefficient per tensor and task
+    expected = merge_state_dicts("task_arithmetic", base_state, finetuned_states, scaling=0.3)
+    merged = wrapper.merged_vision_parameters()
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    # The registered method applies learned coefficients the same way.
+    registered = merge_state_dicts(
+        "adamerging", base_state, finetuned_states, coefficients=wrapper.coefficients_by_key()
+    )
+    for key in merged:
+        torch.testing.assert_close(registered[key], expected[key], msg=key)
+    # Coefficients are clamped to [0, 1] in the merge, as in the original: 1.7 merges as 1.0.
+    ones = {key: [1.0, 1.0] for key in merged}
+    clamped = adamerging_merge(base_state, task_vectors(base_state, finetuned_states), {k: [1.7, 1.0] for k in merged})
+    for key, value in adamerging_merge(base_state, task_vectors(base_state, finetuned_states), ones).items():
+        torch.testing.assert_close(clamped[key], value, msg=key)
+    reference = CLIPModel.from_pretrained(toy_clip_dir).eval()
+    reference.vision_model.load_state_dict(expected)
+    pixel_values = TaskBatches(tasks, processor.image_processor, 3, 1)[0][INPUTS_KEY]["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            wrapper.eval().get_image_features(pixel_values=pixel_values),
+            reference.get_image_features(pixel_values=pixel_values).pooler_output,
+        )
+    blocks, _, _ = adamerging_wrapper(toy_clip_dir, finetuned_dirs, granularity="block")
+    assert blocks.merge_coefficients.shape[0] < len(base_state)  # one per encoder block + the other tensors
+
+
+def test_adamerging_trains_only_its_coefficients_and_exports_a_clip_model(
+    toy_clip_dir, finetuned_dirs, task_dirs, tmp_path
+):
+    from hf_moe.we_moe.adamerging import COEFFICIENTS_FILE, AdaMergingScriptArguments, adamerging
+
+    wrapper, _, _ = adamerging_wrapper(toy_clip_dir, finetuned_dirs)
+    heads = zero_shot_heads(
+        wrapper, CLIPProcessor.from_pretrained(toy_clip_dir), {"a": ["zero", "one"]}, {"a": ("{}",)}
+    )
+    args = TTATrainingArguments(
+        output_dir=str(tmp_path / "unused"), trainable_parameters=[r"^merge_coefficients$"], report_to="none"
+    )
+    trainer = TTATrainer(model=wrapper, args=args, heads=heads)
+    pixel_values = torch.randn(4, 3, 32, 32)
+    trainer.compute_loss(wrapper, {INPUTS_KEY: {"a": pixel_values}}).backward()
+    grads = {name: parameter.grad for name, parameter in wrapper.named_parameters()}
+    assert grads.pop("merge_coefficients").abs().sum() > 0
+    assert all(grad is None for grad in grads.values())
+
+    out = tmp_path / "adamerged"
+    script_args = AdaMergingScriptArguments(
+        pretrained=str(toy_clip_dir),
+        finetuned=[str(folder) for folder in finetuned_dirs],
+        tasks=[str(folder) for folder in task_dirs],
+        templates=["default"],
+    )
+    training_args = TTATrainingArguments(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    assert adamerging(script_args, training_args) == out
+    merged = CLIPModel.from_pretrained(out)
+    coefficients = json.loads((out / COEFFICIENTS_FILE).read_text())["coefficients"]
+    assert any(abs(value - 0.3) > 1e-4 for values in coefficients.values() for value in values)  # learned
+    original = CLIPModel.from_pretrained(toy_clip_dir)
+    for (name, value), (_, before) in zip(
+        merged.text_model.state_dict().items(), original.text_model.state_dict().items()
+    ):
+        assert torch.equal(value, before), name
+    assert "AdaMerging" in (out / "README.md").read_text() and (out / "checkpoint-2").is_dir()
