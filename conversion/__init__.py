@@ -1,4 +1,5 @@
 """Converters that build hf-moe models from existing checkpoints (dense upcycling, official releases)."""
 
 from .convert_clip_moe_original import convert_clip_moe_original
+from .merge_wemoe import merge_wemoe
 from .upcycle_clip import upcycle_clip

@@ -1,0 +1,245 @@
+"""Merge a pretrained CLIP and N fine-tunes of its vision tower into a WEMoE / E-WEMoE model.
+
+Non-MLP weights of the vision tower: the task-arithmetic merge theta_0 + init_lambda * sum_i tau_i (from
+`hf_moe.merging`); the MLP of every WEMoE block: the pretrained MLP plus the N task vectors (dense, magnitude-pruned
+or truncated-SVD, as the model stores them), mixed per sample by a router initialised so that every task starts at
+init_lambda. The text tower, the projections, the logit scale and the processor come from PRETRAINED.
+
+PRETRAINED a `CLIPModel` (e.g. openai/clip-vit-base-patch32) gives a `WEMoECLIPModel` (zero-shot ready); a
+vision-only PRETRAINED (`CLIPVisionModel`) gives a `WEMoECLIPVisionModel` (a WEMoE vision tower, no text tower).
+
+    hf-moe merge-wemoe openai/clip-vit-base-patch32 tanganke/clip-vit-base-patch32_{sun397,stanford-cars,...} \
+        --output_dir wemoe-b32 [--router_depth 2 --init_lambda 0.3 --shared_router --prune_ratio 0.9]
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from ..fileio import check_output_dir
+from ..merging import (
+    check_hub_model_id,
+    clip_vision_kind,
+    get_merge_method,
+    load_for_merge,
+    load_processor,
+    save_model_folder,
+    task_vectors,
+)
+from ..modeling.configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
+from ..modeling.modeling_we_moe import WEMoECLIPModel, WEMoECLIPVisionModel
+
+
+logger = logging.get_logger(__name__)
+
+MLP_KEY = re.compile(r"^encoder\.layers\.(?P<layer>\d+)\.mlp\.fc[12]\.(weight|bias)$")
+# Config fields of a CLIP vision config that are not architecture (left out when building the WEMoE config).
+NOT_ARCHITECTURE = ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "auto_map")
+
+
+def we_moe_vision_config(vision_config, **we_moe_fields) -> WEMoEVisionConfig:
+    """A `WEMoEVisionConfig` with the architecture of the CLIP vision config `vision_config` and the WEMoE fields."""
+    fields = {key: value for key, value in vision_config.to_dict().items() if key not in NOT_ARCHITECTURE}
+    return WEMoEVisionConfig(**fields, **we_moe_fields)
+
+
+def merge_wemoe(
+    pretrained: str | Path,
+    finetuned: list[str | Path],
+    output_dir: str | Path,
+    *,
+    init_lambda: float = 0.3,
+    router_depth: int = 2,
+    shared_router: bool = False,
+    prune_ratio: float | None = None,
+    svd_rank_fraction: float | None = None,
+    task_names: list[str] | None = None,
+    batch_reduce: bool = False,
+    moe_layers: int | list[int] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
+):
+    """Build a WEMoE (E-WEMoE with `shared_router` and `prune_ratio`) model from `pretrained` and its fine-tunes.
+
+    Args:
+        pretrained: Hub id or folder of the pretrained `CLIPModel` (-> `WEMoECLIPModel`) or `CLIPVisionModel`
+            (-> `WEMoECLIPVisionModel`).
+        finetuned: Hub ids or folders of fine-tunes of it (`CLIPModel` or `CLIPVisionModel`), one per task.
+        output_dir: New or empty folder (`overwrite=True` replaces a non-empty one); may not hold an input.
+        init_lambda: Initial routing weight of every task and the task-arithmetic factor of the non-MLP weights.
+        router_depth: 0 (a learned vector), 1 (linear) or 2 (the paper's two-layer router).
+        shared_router: E-WEMoE: one router shared by all blocks.
+        prune_ratio: Store the task vectors magnitude-pruned per tensor (share dropped, 0.9 in E-WEMoE), sparsely.
+        svd_rank_fraction: Store the task vectors as truncated-SVD factors keeping this share of singular values.
+        task_names: One name per fine-tuned model (default: the fine-tuned models' folder / repo names).
+        batch_reduce: One merge per batch (transductive; off: per-sample routing as in the paper).
+        moe_layers: Which blocks are WEMoE (None: all; n: the last n; a list: those); the others get the
+            task-arithmetic MLP.
+        seed: Seed of the router initialisation.
+
+    Returns:
+        The model (also saved, atomically, with the processor of `pretrained` and a model card).
+    """
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError("merge_wemoe needs at least one FINETUNED model (one per task).")
+    if prune_ratio is not None and svd_rank_fraction is not None:
+        raise ValueError("Give prune_ratio or svd_rank_fraction, not both: the task vectors are stored one way.")
+    task_vector_format = "pruned" if prune_ratio is not None else "svd" if svd_rank_fraction is not None else "dense"
+    if task_names is None:
+        task_names = [Path(str(name).rstrip("/")).name for name in finetuned]
+    task_names = list(task_names)
+    we_moe_fields = dict(
+        num_tasks=len(finetuned),
+        task_names=task_names,
+        init_lambda=init_lambda,
+        router_depth=router_depth,
+        shared_router=shared_router,
+        batch_reduce=batch_reduce,
+        task_vector_format=task_vector_format,
+        prune_ratio=0.9 if prune_ratio is None else prune_ratio,
+        svd_rank_fraction=svd_rank_fraction,
+        moe_layers=moe_layers,
+    )
+    inputs = [pretrained, *finetuned]
+    check_output_dir(output_dir, overwrite, inputs=inputs)
+    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+
+    # Configs are read and compared first (also in load_for_merge), so bad options cost no weight loading.
+    kind, base_config = clip_vision_kind(pretrained)
+    vision_source = base_config.vision_config if kind == "CLIPModel" else base_config
+    try:
+        vision_config = we_moe_vision_config(vision_source, **we_moe_fields)
+    except Exception as err:  # @strict validation errors (not ValueErrors): name the option at fault in one line
+        cause = err.__cause__ or err
+        raise ValueError(f"Invalid WEMoE option: {' '.join(str(cause).split())}") from err
+
+    base_model, base_state, finetuned_states = load_for_merge(pretrained, finetuned)
+    taus = task_vectors(base_state, finetuned_states, list(map(str, inputs)))
+    merged = get_merge_method("task_arithmetic").fn(base_state, taus, scaling=init_lambda)
+    moe_layers_set = set(vision_config.moe_layer_indices())
+    is_moe_mlp = {key: bool((m := MLP_KEY.match(key)) and int(m["layer"]) in moe_layers_set) for key in base_state}
+    # WEMoE blocks keep the pretrained MLP (the task vectors are added per sample); the rest is merged.
+    tower_state = {key: base_state[key] if is_moe_mlp[key] else merged[key] for key in base_state}
+
+    dtype = next(base_model.parameters()).dtype
+    torch.manual_seed(seed)
+    if kind == "CLIPModel":
+        config = WEMoEConfig(
+            text_config=base_config.text_config.to_dict(),
+            vision_config=vision_config.to_dict(),
+            projection_dim=base_config.projection_dim,
+            logit_scale_init_value=base_config.logit_scale_init_value,
+            initializer_factor=base_config.initializer_factor,
+        )
+        model = WEMoECLIPModel(config)
+        tower = model.vision_model
+        with torch.no_grad():
+            model.text_model.load_state_dict(base_model.text_model.state_dict())
+            model.text_projection.load_state_dict(base_model.text_projection.state_dict())
+            model.visual_projection.load_state_dict(base_model.visual_projection.state_dict())
+            model.logit_scale.copy_(base_model.logit_scale)
+    else:
+        model = WEMoECLIPVisionModel(vision_config)
+        tower = model
+    missing, unexpected = tower.load_state_dict(tower_state, strict=False)
+    not_moe = [key for key in missing if ".task_vectors." not in key and "router." not in key]
+    if not_moe or unexpected:
+        raise RuntimeError(
+            f"The merged state dict does not fit the WEMoE tower: missing {not_moe}, unexpected {unexpected}"
+        )
+    mlp_keys = [key for key in base_state if is_moe_mlp[key]]
+    tower.load_task_vectors(
+        {key: base_state[key] for key in mlp_keys},
+        [{key: tau[key] for key in mlp_keys} for tau in taus],
+    )
+    model = model.to(dtype).eval()
+    model.config.name_or_path = ""
+
+    options = {
+        "init_lambda": init_lambda,
+        "router_depth": router_depth,
+        "shared_router": shared_router,
+        "prune_ratio": prune_ratio,
+        "svd_rank_fraction": svd_rank_fraction,
+        "batch_reduce": batch_reduce,
+        "seed": seed,
+    }
+    model_name = hub_model_id or Path(output_dir).name
+    card = {
+        "base_model": [str(pretrained), *map(str, finetuned)],
+        "how_built": wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir),
+        "tags": ["we-moe", "e-we-moe" if shared_router else "we-moe-router", "model-merging", "clip"],
+        "model_name": model_name,
+        "description": (
+            "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
+            "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per input "
+            "by routers in every MLP (Tang et al., 2024; "
+            "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
+        ),
+        "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
+        "usage": None if kind == "CLIPModel" else wemoe_vision_usage(model_name),
+    }
+    save_model_folder(
+        model,
+        load_processor(pretrained),
+        output_dir,
+        overwrite=overwrite,
+        card=card,
+        inputs=inputs,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        hub_token=hub_token,
+        hub_private_repo=hub_private_repo,
+    )
+    logger.info(f"Saved a {len(finetuned)}-task WEMoE ({task_vector_format} task vectors) to {output_dir}")
+    return model
+
+
+def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir) -> str:
+    listed = "\n".join(f"{i}. `{name}`: `{ft}`" for i, (name, ft) in enumerate(zip(task_names, finetuned)))
+    storage = "dense"
+    if vision_config.task_vector_format == "pruned":
+        storage = f"magnitude-pruned per tensor ({vision_config.prune_ratio:.0%} dropped), stored as indices + values"
+    elif vision_config.task_vector_format == "svd":
+        storage = f"truncated SVD ({vision_config.svd_rank_fraction:.0%} of singular values), stored as factors"
+    router = "one router shared by all blocks (E-WEMoE)" if vision_config.shared_router else "one router per block"
+    command = ["hf-moe", "merge-wemoe", str(pretrained), *map(str, finetuned), "--output_dir", str(output_dir)]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        command += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    command += ["--task_names", *task_names]
+    return (
+        f"**WEMoE merge** of {len(finetuned)} fine-tuned model(s) of `{pretrained}`: non-MLP weights by task "
+        f"arithmetic (lambda = {vision_config.init_lambda}); the MLPs of blocks {vision_config.moe_layer_indices()} "
+        f"are weight-ensembling MoEs (pretrained MLP + task vectors, {storage}), depth-{vision_config.router_depth} "
+        f"routers ({router}) initialised so every task starts at {vision_config.init_lambda} (seed "
+        f"{options['seed']}); routing per sample"
+        + (" averaged over the batch (batch_reduce)" if vision_config.batch_reduce else "")
+        + f". Text tower and processor from `{pretrained}`.\n\nTasks:\n\n{listed}\n\n```bash\n{' '.join(command)}\n```"
+    )
+
+
+def wemoe_vision_usage(model_id: str) -> str:
+    return "\n".join(
+        [
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoImageProcessor, AutoModel",
+            "",
+            f"model_id = {model_id!r}",
+            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+            "processor = AutoImageProcessor.from_pretrained(model_id)",
+            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+            "with torch.no_grad():",
+            '    outputs = model(**processor(images=image, return_tensors="pt"), output_routing_weights=True)',
+            "print(outputs.pooler_output.shape, outputs.routing_weights[0])",
+        ]
+    )
