@@ -10,6 +10,7 @@ package's, not the Hub's: only the flat `configuration_*` / `modeling_*` / `moe.
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
 from .modeling_clip_moe import (
     CLIPMoEModel,
     CLIPMoEOutput,
@@ -20,6 +21,17 @@ from .modeling_clip_moe import (
     CLIPMoEVisionModelWithProjection,
     stretch_text_positions,
 )
+from .modeling_we_moe import (
+    PerSampleMergedLinear,
+    WEMoECLIPModel,
+    WEMoECLIPVisionModel,
+    WEMoECLIPVisionModelWithProjection,
+    WEMoEMLP,
+    WEMoEOutput,
+    WEMoEPreTrainedModel,
+    WEMoERouter,
+    per_sample_merged_linear,
+)
 from .moe import MoEMLPExperts, MoESparseBlock, MoETopKRouter, expert_load, load_balancing_loss, router_z_loss
 
 
@@ -28,6 +40,8 @@ AUTO_CLASSES = [
     (CLIPMoEConfig, {AutoModel: CLIPMoEModel, AutoModelForZeroShotImageClassification: CLIPMoEModel}),
     (CLIPMoETextConfig, {AutoModel: CLIPMoETextModel}),
     (CLIPMoEVisionConfig, {AutoModel: CLIPMoEVisionModel}),
+    (WEMoEConfig, {AutoModel: WEMoECLIPModel, AutoModelForZeroShotImageClassification: WEMoECLIPModel}),
+    (WEMoEVisionConfig, {AutoModel: WEMoECLIPVisionModel}),
 ]
 
 

@@ -1,0 +1,617 @@
+# Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
+"""WEMoE / E-WEMoE (weight-ensembling mixture of experts, seed 002): CLIP vision towers whose MLPs merge task
+vectors per sample, theta = theta_0 + sum_i r_i tau_i, with routing weights r from a small router.
+
+Every class subclasses its transformers CLIP counterpart and swaps the MLPs of the WEMoE blocks for `WEMoEMLP`s;
+everything else is transformers' CLIP (same modules, same weight names, same forwards). A WEMoE MLP keeps the
+pretrained MLP under CLIP's own names (`mlp.fc1.*`, `mlp.fc2.*`), the task vectors under `mlp.task_vectors.*` and
+its router under `mlp.router.*` (E-WEMoE: one router at `encoder.router.*`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoder,
+    CLIPEncoderLayer,
+    CLIPModel,
+    CLIPOutput,
+    CLIPPreTrainedModel,
+    CLIPTextModel,
+    CLIPVisionEmbeddings,
+    CLIPVisionModel,
+    CLIPVisionModelOutput,
+    CLIPVisionModelWithProjection,
+)
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import OutputRecorder
+
+from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
+
+
+logger = logging.get_logger(__name__)
+
+MLP_PARAMETER_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+# Elements of the merged weights materialised at once by the per-sample linear (64 MiB in fp32): large enough for
+# efficient batched GEMMs, small enough that a ViT-B/32 batch never holds a [batch, out, in] tensor.
+MERGE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _merge_chunks(batch_size: int, numel: int) -> int:
+    return max(1, min(batch_size, MERGE_CHUNK_ELEMENTS // max(1, numel)))
+
+
+class PerSampleMergedLinear(torch.autograd.Function):
+    r"""`y[b] = x[b] @ (W0 + sum_i r[b, i] * tau[i])^T` for every sample b, bias excluded.
+
+    The merged weights are built a chunk of samples at a time by ONE GEMM `r[chunk, E] @ tau[E, out * in]` (the
+    task vectors are read once per chunk instead of once per sample, as a per-sample loop does), then applied by
+    a batched matmul. Backward recomputes each chunk's merged weights instead of keeping them, so under autograd
+    (test-time adaptation) nothing of size [batch, out, in] stays alive: the gradient w.r.t. r is
+    `(grad_y^T x)[chunk, out * in] @ tau^T`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, routing_weights, weight, task_vectors):
+        batch_size, _, in_features = x.shape
+        num_tasks, out_features = task_vectors.shape[:2]
+        flat_tasks = task_vectors.reshape(num_tasks, -1)
+        flat_weight = weight.reshape(1, -1)
+        r = routing_weights.to(flat_tasks.dtype)
+        output = x.new_empty(batch_size, x.shape[1], out_features)
+        chunk = _merge_chunks(batch_size, flat_weight.shape[1])
+        for start in range(0, batch_size, chunk):
+            stop = min(start + chunk, batch_size)
+            merged = torch.addmm(flat_weight, r[start:stop], flat_tasks).view(-1, out_features, in_features)
+            torch.bmm(x[start:stop], merged.transpose(1, 2), out=output[start:stop])
+        ctx.save_for_backward(x, routing_weights, weight, task_vectors)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, routing_weights, weight, task_vectors = ctx.saved_tensors
+        need_x, need_r, need_weight, need_tasks = ctx.needs_input_grad
+        batch_size, _, in_features = x.shape
+        num_tasks, out_features = task_vectors.shape[:2]
+        flat_tasks = task_vectors.reshape(num_tasks, -1)
+        flat_weight = weight.reshape(1, -1)
+        r = routing_weights.to(flat_tasks.dtype)
+        grad_output = grad_output.to(x.dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_r = torch.empty(batch_size, num_tasks, dtype=flat_tasks.dtype, device=x.device) if need_r else None
+        grad_weight = torch.zeros_like(flat_weight) if need_weight else None
+        grad_tasks = torch.zeros_like(flat_tasks) if need_tasks else None
+        chunk = _merge_chunks(batch_size, flat_weight.shape[1])
+        for start in range(0, batch_size, chunk):
+            stop = min(start + chunk, batch_size)
+            if need_x:
+                merged = torch.addmm(flat_weight, r[start:stop], flat_tasks).view(-1, out_features, in_features)
+                torch.bmm(grad_output[start:stop], merged, out=grad_x[start:stop])
+            if need_r or need_weight or need_tasks:
+                grad_merged = torch.bmm(grad_output[start:stop].transpose(1, 2), x[start:stop]).flatten(1)
+                if need_r:
+                    torch.mm(grad_merged, flat_tasks.t(), out=grad_r[start:stop])
+                if need_weight:
+                    grad_weight += grad_merged.sum(0, keepdim=True)
+                if need_tasks:
+                    grad_tasks.addmm_(r[start:stop].t(), grad_merged)
+        if grad_r is not None:
+            grad_r = grad_r.to(routing_weights.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.view_as(weight)
+        if grad_tasks is not None:
+            grad_tasks = grad_tasks.view_as(task_vectors)
+        return grad_x, grad_r, grad_weight, grad_tasks
+
+
+def per_sample_merged_linear(x, routing_weights, weight, task_vectors, bias=None, task_biases=None):
+    """`F.linear` of each sample `x[b]` (`[batch, tokens, in]`) with its own merged parameters
+    `weight + sum_i routing_weights[b, i] * task_vectors[i]` (and the same for the bias)."""
+    output = PerSampleMergedLinear.apply(x, routing_weights, weight, task_vectors)
+    if bias is not None:
+        merged_bias = torch.addmm(bias.unsqueeze(0), routing_weights.to(task_biases.dtype), task_biases)
+        output = output + merged_bias.unsqueeze(1)
+    return output
+
+
+class WEMoERouter(nn.Module):
+    """The routing ("gate") network of a WEMoE block: per-token routing weights from the MLP input, computed in
+    fp32 whatever the model dtype and NOT softmaxed (unbounded, may be negative), averaged over the tokens into
+    one `(batch, num_tasks)` vector per sample (with `batch_reduce`, also over the batch).
+
+    depth 0: a learned E-vector (ignores the input); 1: Linear(d, E); 2: Linear(d, d) -> ReLU -> Linear(d, E).
+    """
+
+    def __init__(self, config: WEMoEVisionConfig):
+        super().__init__()
+        self.config = config
+        self.depth = config.router_depth
+        self.num_tasks = config.num_tasks
+        self.batch_reduce = config.batch_reduce
+        hidden = config.hidden_size
+        if self.depth == 0:
+            self.weight = nn.Parameter(torch.empty(self.num_tasks))
+        elif self.depth == 1:
+            self.fc = nn.Linear(hidden, self.num_tasks)
+            self.fc.router_bias_init = config.init_lambda
+        else:
+            self.fc1 = nn.Linear(hidden, hidden)
+            self.fc1.router_bias_init = 0.0
+            self.fc2 = nn.Linear(hidden, self.num_tasks)
+            self.fc2.router_bias_init = config.init_lambda
+
+    @property
+    def same_for_every_sample(self) -> bool:
+        """Whether every sample of a batch gets the same routing weights (one merge per batch suffices)."""
+        return self.depth == 0 or self.batch_reduce
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size = hidden_states.shape[0]
+        if self.depth == 0:
+            return self.weight.float().unsqueeze(0).expand(batch_size, -1)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            hidden = hidden_states.float()
+            if self.depth == 1:
+                logits = F.linear(hidden, self.fc.weight.float(), self.fc.bias.float())
+            else:
+                hidden = F.relu(F.linear(hidden, self.fc1.weight.float(), self.fc1.bias.float()))
+                logits = F.linear(hidden, self.fc2.weight.float(), self.fc2.bias.float())
+        weights = logits.mean(dim=1)  # (batch, num_tasks): one vector per sample
+        if self.batch_reduce:
+            weights = weights.mean(dim=0, keepdim=True).expand(batch_size, -1)
+        return weights
+
+
+def _param_key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class DenseTaskVectors(nn.Module):
+    """Task vectors stacked per MLP parameter, `[num_tasks, *shape]` (the paper's dictionary matrix)."""
+
+    def __init__(self, config: WEMoEVisionConfig, shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        for name, shape in shapes.items():
+            setattr(self, _param_key(name), nn.Parameter(torch.zeros(config.num_tasks, *shape)))
+
+    def stacked(self, name: str) -> torch.Tensor:
+        return getattr(self, _param_key(name))
+
+    @torch.no_grad()
+    def fill(self, name: str, stacked: torch.Tensor) -> None:
+        getattr(self, _param_key(name)).copy_(stacked)
+
+
+class PrunedTaskVectors(nn.Module):
+    """Magnitude-pruned task vectors, stored sparsely: per parameter, the kept entries' flat positions
+    (`<param>_indices`, int32 buffer) and values (`<param>_values`), `[num_tasks, kept]` each.
+
+    safetensors has no sparse tensor type, and torch's sparse layouts need int64 coordinates; flat int32 positions
+    (every MLP tensor has far fewer than 2**31 entries) + values is the smallest plain-tensor layout, about
+    2 * (1 - prune_ratio) of the dense bytes, on disk and in memory alike. Every task keeps the same count, so
+    the tasks stack into one tensor per parameter whose shape follows from the config.
+    """
+
+    def __init__(self, config: WEMoEVisionConfig, shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.shapes = dict(shapes)
+        for name, shape in shapes.items():
+            kept = self.kept_count(config, shape)
+            setattr(self, _param_key(name) + "_values", nn.Parameter(torch.zeros(config.num_tasks, kept)))
+            self.register_buffer(
+                _param_key(name) + "_indices",
+                torch.arange(kept, dtype=torch.int32).expand(config.num_tasks, -1).clone(),
+            )
+
+    @staticmethod
+    def kept_count(config: WEMoEVisionConfig, shape: tuple[int, ...]) -> int:
+        return max(1, round((1.0 - config.prune_ratio) * torch.Size(shape).numel()))
+
+    def stacked(self, name: str) -> torch.Tensor:
+        values = getattr(self, _param_key(name) + "_values")
+        indices = getattr(self, _param_key(name) + "_indices").long()
+        shape = self.shapes[name]
+        dense = values.new_zeros(values.shape[0], torch.Size(shape).numel())
+        return dense.scatter(1, indices, values).view(values.shape[0], *shape)
+
+    @torch.no_grad()
+    def fill(self, name: str, stacked: torch.Tensor) -> None:
+        values = getattr(self, _param_key(name) + "_values")
+        flat = stacked.reshape(stacked.shape[0], -1).to(values.device)
+        indices = flat.abs().topk(values.shape[1], dim=1).indices.sort(dim=1).values
+        values.copy_(flat.gather(1, indices))
+        getattr(self, _param_key(name) + "_indices").copy_(indices.to(torch.int32))
+
+
+class SVDTaskVectors(nn.Module):
+    """Truncated-SVD task vectors (Twin-Merging style): each 2-D tensor as factors `<param>_u` `[E, out, rank]`
+    (singular values folded in) and `<param>_v` `[E, rank, in]`; 1-D tensors (biases) dense."""
+
+    def __init__(self, config: WEMoEVisionConfig, shapes: dict[str, tuple[int, ...]]):
+        super().__init__()
+        for name, shape in shapes.items():
+            key = _param_key(name)
+            if len(shape) == 2:
+                rank = self.rank(config, shape)
+                setattr(self, key + "_u", nn.Parameter(torch.zeros(config.num_tasks, shape[0], rank)))
+                setattr(self, key + "_v", nn.Parameter(torch.zeros(config.num_tasks, rank, shape[1])))
+            else:
+                setattr(self, key, nn.Parameter(torch.zeros(config.num_tasks, *shape)))
+
+    @staticmethod
+    def rank(config: WEMoEVisionConfig, shape: tuple[int, int]) -> int:
+        return max(1, round(config.svd_rank_fraction * min(shape)))
+
+    def stacked(self, name: str) -> torch.Tensor:
+        key = _param_key(name)
+        if hasattr(self, key + "_u"):
+            return torch.bmm(getattr(self, key + "_u"), getattr(self, key + "_v"))
+        return getattr(self, key)
+
+    @torch.no_grad()
+    def fill(self, name: str, stacked: torch.Tensor) -> None:
+        key = _param_key(name)
+        if not hasattr(self, key + "_u"):
+            getattr(self, key).copy_(stacked)
+            return
+        u_param, v_param = getattr(self, key + "_u"), getattr(self, key + "_v")
+        rank = u_param.shape[-1]
+        u, s, vh = torch.linalg.svd(stacked.float(), full_matrices=False)
+        u_param.copy_(u[..., :rank] * s[:, None, :rank])
+        v_param.copy_(vh[:, :rank])
+
+
+TASK_VECTOR_STORAGE = {"dense": DenseTaskVectors, "pruned": PrunedTaskVectors, "svd": SVDTaskVectors}
+
+
+class WEMoEMLP(nn.Module):
+    """A weight-ensembling MoE MLP: the pretrained CLIP MLP (`fc1`, `fc2`) plus the task vectors stacked per
+    parameter; each sample runs the CLIP MLP with its own merged parameters theta_0 + sum_i r_i tau_i, the whole
+    batch at once.
+
+    `forward(hidden_states[batch, tokens, d]) -> [batch, tokens, d]`. Pass `shared_router` for E-WEMoE (the MLP then
+    holds no router of its own).
+    """
+
+    def __init__(self, config: WEMoEVisionConfig, layer_idx: int = 0, shared_router: "WEMoERouter | None" = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        shapes = {
+            "fc1.weight": (config.intermediate_size, config.hidden_size),
+            "fc1.bias": (config.intermediate_size,),
+            "fc2.weight": (config.hidden_size, config.intermediate_size),
+            "fc2.bias": (config.hidden_size,),
+        }
+        self.task_vectors = TASK_VECTOR_STORAGE[config.task_vector_format](config, shapes)
+        if shared_router is None:
+            self.router = WEMoERouter(config)
+        else:
+            # Not registered as a child: the encoder owns the one shared router, so its parameters appear once
+            # in `parameters()` and in the checkpoint (`encoder.router.*`).
+            object.__setattr__(self, "router", shared_router)
+
+    def _merged_linear(self, hidden_states, routing_weights, linear: nn.Linear, name: str):
+        tasks_weight = self.task_vectors.stacked(f"{name}.weight")
+        tasks_bias = self.task_vectors.stacked(f"{name}.bias")
+        if self.router.same_for_every_sample:
+            # One merge serves the whole batch (depth-0 router or batch_reduce): an ordinary linear layer.
+            r = routing_weights[0].to(tasks_weight.dtype)
+            weight = linear.weight + torch.tensordot(r, tasks_weight, dims=1)
+            bias = linear.bias + r @ tasks_bias
+            return F.linear(hidden_states, weight, bias)
+        return per_sample_merged_linear(
+            hidden_states, routing_weights, linear.weight, tasks_weight, linear.bias, tasks_bias
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        routing_weights = self.router(hidden_states)  # (batch, num_tasks), fp32
+        hidden_states = self._merged_linear(hidden_states, routing_weights, self.fc1, "fc1")
+        hidden_states = self.activation_fn(hidden_states)
+        return self._merged_linear(hidden_states, routing_weights, self.fc2, "fc2")
+
+    @torch.no_grad()
+    def load_task_vectors(self, pretrained: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]):
+        """Set the pretrained MLP (`fc1.weight`, ... keys) and store the task vectors in the configured format."""
+        if len(task_vectors) != self.config.num_tasks:
+            raise ValueError(f"Got {len(task_vectors)} task vectors but num_tasks={self.config.num_tasks}.")
+        for name in MLP_PARAMETER_NAMES:
+            target = self.get_parameter(name)
+            for source, tensor in [("pretrained", pretrained.get(name))] + [
+                (f"task vector {i}", tv.get(name)) for i, tv in enumerate(task_vectors)
+            ]:
+                if tensor is None:
+                    raise KeyError(f"Layer {self.layer_idx}: {source} has no '{name}'.")
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ValueError(
+                        f"Layer {self.layer_idx}: {source} '{name}' has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(target.shape)}."
+                    )
+            target.copy_(pretrained[name])
+            self.task_vectors.fill(name, torch.stack([tv[name].to(target.dtype) for tv in task_vectors]))
+
+
+@dataclass
+class WEMoEModelOutputWithPooling(BaseModelOutputWithPooling):
+    r"""
+    routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
+        One `(batch_size, num_tasks)` fp32 tensor of per-sample routing weights per WEMoE block.
+    """
+
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class WEMoEVisionModelOutput(CLIPVisionModelOutput):
+    r"""
+    routing_weights (`tuple(torch.FloatTensor)`, *optional*): Per-sample routing weights per WEMoE block.
+    """
+
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class WEMoEOutput(CLIPOutput):
+    r"""
+    routing_weights (`tuple(torch.FloatTensor)`, *optional*): The vision tower's per-sample routing weights per
+        WEMoE block, returned when `output_routing_weights=True`.
+    """
+
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+class WEMoEEncoderLayer(CLIPEncoderLayer):
+    """transformers' CLIP encoder layer, its MLP a `WEMoEMLP` when `layer_idx` is a WEMoE block."""
+
+    def __init__(self, config: WEMoEVisionConfig, layer_idx: int, shared_router: WEMoERouter | None = None):
+        super().__init__(config)
+        if layer_idx in config.moe_layer_indices():
+            self.mlp = WEMoEMLP(config, layer_idx, shared_router=shared_router)
+
+
+class WEMoEEncoder(CLIPEncoder):
+    """transformers' CLIP encoder (its forward) over `WEMoEEncoderLayer`s; E-WEMoE's shared router lives here."""
+
+    def __init__(self, config: WEMoEVisionConfig):
+        # Not `CLIPEncoder.__init__`: it would allocate and initialise a whole dense stack only to drop it.
+        nn.Module.__init__(self)
+        self.config = config
+        if config.shared_router:
+            self.router = WEMoERouter(config)
+        shared = self.router if config.shared_router else None
+        self.layers = nn.ModuleList(
+            [WEMoEEncoderLayer(config, i, shared_router=shared) for i in range(config.num_hidden_layers)]
+        )
+        self.gradient_checkpointing = False
+
+
+class WEMoEPreTrainedModel(CLIPPreTrainedModel):
+    config: WEMoEConfig
+    config_class = WEMoEConfig
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "WEMoEEncoderLayer", "CLIPVisionEmbeddings"]
+    supports_gradient_checkpointing = True
+    _can_record_outputs = {
+        "hidden_states": CLIPEncoderLayer,
+        "attentions": CLIPAttention,
+        "routing_weights": OutputRecorder(WEMoERouter),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if hasattr(module, "router_bias_init"):
+            # A router layer (METHODS.md): weight ~ N(0, 0.01); the output layer's bias init_lambda, so every task
+            # starts at init_lambda. Decided here, on the layer itself: the generic nn.Linear init would zero the
+            # bias and mark it initialised before the router module is visited.
+            init.normal_(module.weight, std=0.01)
+            init.constant_(module.bias, module.router_bias_init)
+            return
+        # CLIP's own modules are initialised by CLIPPreTrainedModel.
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, WEMoEMLP):
+            # The pretrained MLP like transformers' CLIPMLP; zero task vectors make a fresh model the dense CLIP.
+            config = module.config
+            init.normal_(module.fc1.weight, std=(2 * config.hidden_size) ** -0.5 * factor)
+            init.normal_(
+                module.fc2.weight, std=config.hidden_size**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
+            )
+            init.zeros_(module.fc1.bias)
+            init.zeros_(module.fc2.bias)
+        elif isinstance(module, (DenseTaskVectors, SVDTaskVectors, PrunedTaskVectors)):
+            for param in module.parameters(recurse=False):
+                init.zeros_(param)
+        elif isinstance(module, WEMoERouter) and module.depth == 0:
+            init.constant_(module.weight, module.config.init_lambda)
+
+
+def _load_tower_task_vectors(tower, pretrained_mlps, task_vectors):
+    if len(task_vectors) != tower.config.num_tasks:
+        raise ValueError(f"Got {len(task_vectors)} task vectors but num_tasks={tower.config.num_tasks}.")
+    for i, layer in enumerate(tower.encoder.layers):
+        if not isinstance(layer.mlp, WEMoEMLP):
+            continue
+        prefix = f"encoder.layers.{i}.mlp."
+        for source in [pretrained_mlps, *task_vectors]:
+            missing = [prefix + name for name in MLP_PARAMETER_NAMES if prefix + name not in source]
+            if missing:
+                raise KeyError(f"Missing MLP tensors {missing}.")
+        layer.mlp.load_task_vectors(
+            {name: pretrained_mlps[prefix + name] for name in MLP_PARAMETER_NAMES},
+            [{name: tv[prefix + name] for name in MLP_PARAMETER_NAMES} for tv in task_vectors],
+        )
+
+
+class WEMoECLIPVisionModel(WEMoEPreTrainedModel, CLIPVisionModel):
+    """The WEMoE vision tower without projection: transformers' `CLIPVisionModel` with WEMoE MLPs.
+
+    `from_pretrained` also takes a folder holding a whole `WEMoECLIPModel` and loads its vision tower.
+    """
+
+    config: WEMoEVisionConfig
+    config_class = WEMoEVisionConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "vision_model"
+
+    def __init__(self, config: WEMoEVisionConfig):
+        # Not `CLIPVisionModel.__init__`, which builds a dense encoder: the same modules under the same names.
+        super(CLIPVisionModel, self).__init__(config)
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = WEMoEEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def load_task_vectors(
+        self, pretrained_mlps: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]
+    ) -> None:
+        """Fill every WEMoE block from dense weights: `pretrained_mlps` and each task vector map keys
+        `encoder.layers.{i}.mlp.{fc1,fc2}.{weight,bias}` (relative to this tower) to tensors; the task vectors are
+        stored in `config.task_vector_format` (pruned / SVD-compressed here)."""
+        _load_tower_task_vectors(self, pretrained_mlps, task_vectors)
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False, **kwargs
+    ) -> WEMoEModelOutputWithPooling:
+        # transformers' forward, re-wrapped so that `routing_weights` is always a field of the output.
+        outputs = super().forward(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        return WEMoEModelOutputWithPooling(**outputs)
+
+
+class WEMoECLIPVisionModelWithProjection(WEMoEPreTrainedModel, CLIPVisionModelWithProjection):
+    """WEMoE vision tower with its projection (transformers' `CLIPVisionModelWithProjection` with WEMoE MLPs)."""
+
+    config: WEMoEVisionConfig
+    config_class = WEMoEVisionConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: WEMoEVisionConfig):
+        # Not `CLIPVisionModelWithProjection.__init__`, which builds a dense tower.
+        super(CLIPVisionModelWithProjection, self).__init__(config)
+        self.vision_model = WEMoECLIPVisionModel._from_config(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def load_task_vectors(
+        self, pretrained_mlps: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]
+    ) -> None:
+        """See `WEMoECLIPVisionModel.load_task_vectors` (keys relative to the vision tower)."""
+        self.vision_model.load_task_vectors(pretrained_mlps, task_vectors)
+
+    @can_return_tuple
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs) -> WEMoEVisionModelOutput:
+        # Our own forward: transformers' builds its output from a fixed list of the tower's fields, which drops
+        # the routing weights.
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        return WEMoEVisionModelOutput(
+            image_embeds=self.visual_projection(outputs.pooler_output),
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            routing_weights=outputs.routing_weights,
+        )
+
+
+class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPModel):
+    """CLIP with a WEMoE vision tower and the pretrained CLIP text tower: transformers' `CLIPModel` (its
+    `get_text_features`, `get_image_features`, zero-shot classification) plus the routing weights.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> classifier = pipeline("zero-shot-image-classification", model="path/to/we-moe", trust_remote_code=True)
+    >>> classifier(image, candidate_labels=["a photo of a cat", "a photo of a dog"])
+    ```"""
+
+    def __init__(self, config: WEMoEConfig):
+        # Not `CLIPModel.__init__`, which builds a dense vision tower: the same modules under the same names.
+        super(CLIPModel, self).__init__(config)
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.vision_model = WEMoECLIPVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
+        self.post_init()
+
+    def load_task_vectors(
+        self, pretrained_mlps: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]
+    ) -> None:
+        """See `WEMoECLIPVisionModel.load_task_vectors` (keys relative to the vision tower)."""
+        self.vision_model.load_task_vectors(pretrained_mlps, task_vectors)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_routing_weights: bool | None = None,
+        **kwargs,
+    ) -> WEMoEOutput:
+        r"""
+        output_routing_weights (`bool`, *optional*): Return the vision tower's routing weights; by default the
+            vision config's `output_routing_weights`.
+        """
+        # The vision tower reads the switch from its config: the plain CLIP text tower must not receive it.
+        vision_config = self.vision_model.config
+        saved = vision_config.output_routing_weights
+        if output_routing_weights is not None:
+            vision_config.__dict__["output_routing_weights"] = output_routing_weights
+        try:
+            outputs = super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                return_loss=return_loss,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            vision_config.__dict__["output_routing_weights"] = saved
+        return WEMoEOutput(**outputs, routing_weights=outputs.vision_model_output.routing_weights)
+
+
+# Saved folders carry this file and the configuration, so `trust_remote_code=True` loads them anywhere.
+WEMoEConfig.register_for_auto_class()
+WEMoEVisionConfig.register_for_auto_class()
+WEMoECLIPModel.register_for_auto_class("AutoModel")
+WEMoECLIPVisionModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "PerSampleMergedLinear",
+    "WEMoECLIPModel",
+    "WEMoECLIPVisionModel",
+    "WEMoECLIPVisionModelWithProjection",
+    "WEMoEEncoder",
+    "WEMoEEncoderLayer",
+    "WEMoEMLP",
+    "WEMoEModelOutputWithPooling",
+    "WEMoEOutput",
+    "WEMoEPreTrainedModel",
+    "WEMoERouter",
+    "WEMoEVisionModelOutput",
+    "per_sample_merged_linear",
+]
