@@ -11,14 +11,18 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
 from hf_moe.cli import main
+from hf_moe.evaluation import DEFAULT_TEMPLATES
 from hf_moe.toy_data import digit_images, save_digit_class_folders
 from hf_moe.training import JOB_FILE
 from hf_moe.we_moe.tta import (
+    HEADS_FILE,
     INPUTS_KEY,
     TaskBatches,
+    TTAScriptArguments,
     TTATrainer,
     TTATrainingArguments,
     entropy_loss,
+    load_tasks,
     zero_shot_heads,
 )
 
@@ -124,6 +128,17 @@ def test_tta_changes_only_the_trainable_parameters_and_lowers_the_entropy(toy_cl
     assert mean_entropy(model, heads, probe) < entropy_before - 1e-3
 
 
+def test_task_folders_named_like_the_papers_tasks_get_clips_templates(tmp_path):
+    svhn, mine = save_digit_class_folders(tmp_path / "SVHN", 4), save_digit_class_folders(tmp_path / "mine", 4)
+    _, names, templates = load_tasks(TTAScriptArguments(model="unused", tasks=[str(svhn), str(mine)]))
+    assert templates == {"SVHN": ('a photo of the number: "{}".',), "mine": DEFAULT_TEMPLATES}
+    assert names["SVHN"] == names["mine"] and "zero" in names["mine"]
+    _, _, templates = load_tasks(TTAScriptArguments(model="unused", tasks=[str(svhn)], templates=["imagenet"]))
+    assert len(templates["SVHN"]) == 80
+    with pytest.raises(ValueError, match="distinct names"):
+        load_tasks(TTAScriptArguments(model="unused", tasks=[str(svhn), str(svhn)]))
+
+
 # ---- hf-moe tta-wemoe: resume, finished runs ---------------------------------------------------------------------
 
 
@@ -153,6 +168,8 @@ def test_tta_wemoe_resumes_from_the_last_complete_checkpoint(toy_clip_dir, task_
     assert tta(toy_clip_dir, task_dirs, interrupted, *args) == 0
     card = (reference / "README.md").read_text()
     assert "tta-wemoe" in card and "digits_a" in card and (reference / "tokenizer.json").is_file()
+    heads = json.loads((reference / HEADS_FILE).read_text())
+    assert heads["digits_b"]["templates"] == list(DEFAULT_TEMPLATES) and "zero" in heads["digits_a"]["class_names"]
     # What a kill during the step-4 checkpoint write leaves.
     (interrupted / "checkpoint-4" / "trainer_state.json").unlink()
     (interrupted / "model.safetensors").unlink()
@@ -284,3 +301,44 @@ def test_adamerging_trains_only_its_coefficients_and_exports_a_clip_model(
     ):
         assert torch.equal(value, before), name
     assert "AdaMerging" in (out / "README.md").read_text() and (out / "checkpoint-2").is_dir()
+
+
+# ---- WEMoE ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_reduce", [False, True])
+def test_tta_of_a_wemoe_trains_only_its_routers(toy_clip_dir, finetuned_dirs, tasks, processor, tmp_path, batch_reduce):
+    from transformers import AutoModel
+
+    from hf_moe.conversion import merge_wemoe
+
+    merge_wemoe(toy_clip_dir, finetuned_dirs, tmp_path / "wemoe", batch_reduce=batch_reduce)
+    model = AutoModel.from_pretrained(tmp_path / "wemoe")
+    names = {"a": ["zero", "one", "two"], "b": ["three", "four"]}
+    heads = zero_shot_heads(model, processor, names, {task: ("a photo of a {}.",) for task in names})
+    args = TTATrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=0.01,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    dataset = TaskBatches(tasks, processor.image_processor, 4, num_batches=4, seed=0)
+    trainer = TTATrainer(model=model, args=args, train_dataset=dataset, heads=heads)
+    batch = dataset[0]
+    loss = trainer.compute_loss(model, batch)
+    # The loss is the sum over tasks of each task's own forward (batch_reduce: one merge per TASK batch).
+    expected = sum(mean_entropy(model, heads, {task: value}) for task, value in batch[INPUTS_KEY].items())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    with_grad = {name for name, parameter in model.named_parameters() if parameter.grad is not None}
+    assert with_grad and all("router" in name for name in with_grad)
+    assert with_grad == {name for name, parameter in model.named_parameters() if "router" in name}
+    if batch_reduce:
+        return  # training is the same either way
+    model.zero_grad(set_to_none=True)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    probe = TaskBatches(tasks, processor.image_processor, batch_size=6, num_batches=1, seed=9)[0][INPUTS_KEY]
+    entropy_before = mean_entropy(model, heads, probe)
+    trainer.train()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("router" in name for name in changed)
+    assert mean_entropy(model, heads, probe) < entropy_before

@@ -34,6 +34,49 @@ logger = logging.get_logger(__name__)
 
 ENTROPY_EPS = 1e-8
 INPUTS_KEY = "task_pixel_values"
+HEADS_FILE = "zero_shot_heads.json"
+
+# CLIP's zero-shot templates of the WEMoE paper's eight tasks (CLIP repository, data/prompts.md; the task-arithmetic
+# and WEMoE code use the same), by task-folder name (lowercase, letters and digits only).
+CLIP_TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "mnist": ('a photo of the number: "{}".',),
+    "svhn": ('a photo of the number: "{}".',),
+    "eurosat": tuple(f"a centered satellite photo of {article}{{}}." for article in ("", "a ", "the ")),
+    "gtsrb": (
+        'a zoomed in photo of a "{}" traffic sign.',
+        'a centered photo of a "{}" traffic sign.',
+        'a close up photo of a "{}" traffic sign.',
+    ),
+    "dtd": tuple(
+        f"a photo of {article} {{}} {kind}."
+        for article in ("a", "the")
+        for kind in ("texture", "pattern", "thing", "object")
+    ),
+    "resisc45": tuple(
+        f"{source} {kind} of {article}{{}}."
+        for article in ("", "a ", "the ")
+        for kind in ("imagery", "photo", "view")
+        for source in ("satellite", "aerial")
+    ),
+    "sun397": ("a photo of a {}.", "a photo of the {}."),
+    "cars": (
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a photo of my {}.",
+        "i love my {}!",
+        "a photo of my dirty {}.",
+        "a photo of my clean {}.",
+        "a photo of my new {}.",
+        "a photo of my old {}.",
+    ),
+}
+CLIP_TASK_TEMPLATES["stanfordcars"] = CLIP_TASK_TEMPLATES["cars"]
+
+
+def clip_task_templates(task_name: str) -> tuple[str, ...] | None:
+    """CLIP's templates for a task named like one of the WEMoE paper's eight (`mnist`, `SVHN`, `stanford_cars`,
+    `resisc45`, ...), or None."""
+    return CLIP_TASK_TEMPLATES.get("".join(c for c in task_name.lower() if c.isalnum()))
 
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -110,8 +153,8 @@ def _single_item(items: list[dict]) -> dict:
 @dataclass
 class TTATrainingArguments(TrainingArguments):
     """`TrainingArguments` with the WEMoE test-time-adaptation recipe's defaults (METHODS.md section 3): Adam lr 1e-4
-    (adamw_torch with weight decay 0 is Adam), 1000 steps, cosine annealing over them without warm-up (the original
-    repo's `CosineAnnealingLR(T_max=1000)`; the paper states Adam lr 1e-4 only), a batch of 16 per task, no
+    (the Trainer's AdamW with weight decay 0 is Adam), 1000 steps, cosine annealing over them without warm-up (the
+    original repo's `CosineAnnealingLR(T_max=1000)`; the paper states Adam lr 1e-4 only), a batch of 16 per task, no
     gradient clipping; routers only."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (WEMoE TTA: 1e-4)."})
@@ -248,8 +291,10 @@ class TTAScriptArguments:
     templates: list[str] = field(
         default_factory=lambda: ["auto"],
         metadata={
-            "help": "Prompt templates as hf-moe eval zero-shot takes them ('auto', 'default', 'imagenet' or a "
-            "file), one for every task or one per task."
+            "help": "Prompt templates as hf-moe eval zero-shot takes them ('default', 'imagenet' or a file), one for "
+            "every task or one per task. 'auto': CLIP's templates of a task whose folder is named like one of the "
+            "paper's eight (mnist, svhn, eurosat, gtsrb, dtd, resisc45, sun397, cars), else as hf-moe eval zero-shot "
+            f"'auto'. The class names and templates used are written to OUTPUT_DIR/{HEADS_FILE}."
         },
     )
     split: str | None = field(default=None, metadata={"help": "Split, when a task folder has several."})
@@ -293,7 +338,8 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
     for name, folder, classes, template in zip(names, script_args.tasks, class_options, template_options):
         datasets[name] = load_image_dataset(folder, script_args.split)
         class_names[name], class_set = dataset_class_names(datasets[name], classes)
-        templates[name] = resolve_templates(_templates_option(template), class_set)
+        known = clip_task_templates(name) if template in (None, "auto") and class_set is None else None
+        templates[name] = known or resolve_templates(_templates_option(template), class_set)
     return datasets, class_names, templates
 
 
@@ -358,11 +404,20 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
+        write_heads_file(output_dir, class_names, templates)
         _write_card(output_dir, script_args, training_args, class_names)
         job.mark_complete(global_step=trainer.state.global_step)
     PartialState().wait_for_everyone()
     _maybe_push(output_dir, training_args)
     return output_dir
+
+
+def write_heads_file(output_dir: Path, class_names: dict, templates: dict) -> None:
+    """{task: {"class_names", "templates"}} of the zero-shot heads, for evaluating each task as it was adapted."""
+    import json
+
+    heads = {task: {"class_names": names, "templates": list(templates[task])} for task, names in class_names.items()}
+    (Path(output_dir) / HEADS_FILE).write_text(json.dumps(heads, indent=1) + "\n")
 
 
 def _write_card(output_dir: Path, script_args, training_args, class_names: dict) -> None:
