@@ -342,3 +342,11 @@ def test_tta_of_a_wemoe_trains_only_its_routers(toy_clip_dir, finetuned_dirs, ta
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all("router" in name for name in changed)
     assert mean_entropy(model, heads, probe) < entropy_before
+
+
+def test_tta_wemoe_refuses_a_model_without_routers_writing_nothing(toy_clip_dir, task_dirs, tmp_path, capsys):
+    tasks = [str(task) for task in task_dirs]
+    out = tmp_path / "out"
+    assert main(["tta-wemoe", "--model", str(toy_clip_dir), "--tasks", *tasks, "--output_dir", str(out)]) == 1
+    assert "matches --trainable_parameters ['router']" in capsys.readouterr().err
+    assert not out.exists()

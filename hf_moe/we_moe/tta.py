@@ -177,6 +177,9 @@ class TTATrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Multiplier of the cosine logits; unset: exp(the model's logit_scale)."}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Batches are built by hand."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every trainable parameter takes part in each step: no search needed."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -343,6 +346,17 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
     return datasets, class_names, templates
 
 
+def check_trainable(model, patterns: list[str], name: str) -> None:
+    """Refuse a model none of whose parameter names matches `patterns` (before anything is written)."""
+    import re
+
+    if not any(re.search(pattern, key) for key, _ in model.named_parameters() for pattern in patterns):
+        raise ValueError(
+            f"No parameter of '{name}' ({type(model).__name__}) matches --trainable_parameters {patterns}: is it a "
+            "WEMoE model (hf-moe merge-wemoe)?"
+        )
+
+
 def tta_job(script_args: TTAScriptArguments, training_args: TrainingArguments, command: str = "tta-wemoe"):
     from ..training import TrainingJob, input_fingerprint, local_path, model_fingerprint, result_options
 
@@ -384,6 +398,7 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
             "test-time adaptation needs a CLIP-like model with its text tower (e.g. WEMoECLIPModel)."
         )
     processor = AutoProcessor.from_pretrained(script_args.model, trust_remote_code=script_args.trust_remote_code)
+    check_trainable(model, training_args.trainable_parameters, script_args.model)
     heads = zero_shot_heads(model, processor, class_names, templates)
     num_batches = training_args.max_steps * training_args.gradient_accumulation_steps * training_args.world_size
     dataset = TaskBatches(
