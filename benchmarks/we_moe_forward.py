@@ -20,7 +20,8 @@ gradients) of every variant are compared with the loop's at fp32 (`max_abs_diff`
 Timing: warm-up passes, then the median over `--iters` passes (`time.perf_counter`; CUDA events on CUDA).
 Peak memory: every variant runs in a FRESH subprocess. On CPU the figure is the peak resident set size during
 the timed passes minus the resident size just before them (Linux `VmHWM`, reset through `/proc/self/clear_refs`
-right before the passes; so it counts activations, merged weights and autograd buffers, not the weights the
+right before the passes, with glibc's mmap threshold fixed at 64 KiB so that freed memory leaves the resident
+set; so it counts activations, merged weights and autograd buffers, not the weights the
 variant holds, which are reported separately as `weights_mib`). On CUDA, `torch.cuda.max_memory_allocated`
 minus the allocated memory before the passes.
 
@@ -338,7 +339,10 @@ def measure(args) -> dict:
 def run_worker(name: str, phase: str, argv: list[str]) -> dict:
     log(f"[{phase}/{name}] fresh process: build, {phase} passes")
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", f"{name}:{phase}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # Allocations of 64 KiB and more are mmap'ed and handed back on free (no dynamic threshold), so that the
+    # resident size follows the live memory instead of keeping freed heap from the warm-up passes.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-3:]
         return {"error": f"exit status {done.returncode} (killed for memory if -9): " + " | ".join(tail)}
@@ -493,7 +497,8 @@ def main(argv=None):
         "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median", "dtype": "float32"},
         "memory_method": (
             "fresh subprocess per variant and phase; CPU: peak resident set size (VmHWM, reset through "
-            "/proc/self/clear_refs) during the timed passes minus the resident size before them, i.e. activations, "
+            "/proc/self/clear_refs) during the timed passes minus the resident size before them, glibc "
+            "MALLOC_MMAP_THRESHOLD_=65536 so freed buffers leave the resident set, i.e. activations, "
             "merged weights and autograd buffers on top of the weights; CUDA: max_memory_allocated minus allocated"
         ),
         "checks_vs_loop": checks,
