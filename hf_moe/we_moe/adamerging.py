@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from .tta import TTATrainingArguments
 
-    parser = HfArgumentParser((AdaMergingScriptArguments, TTATrainingArguments), prog="adamerging")
+    parser = HfArgumentParser((AdaMergingScriptArguments, TTATrainingArguments), prog="hf-moe adamerging")
     script_args, training_args = parser.parse_args_into_dataclasses(argv)
     return adamerging(script_args, training_args)
 

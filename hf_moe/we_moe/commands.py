@@ -145,9 +145,20 @@ def tta_wemoe_command(argv: list[str]) -> None:
     print(f"The test-time-adapted model is in {output_dir}")
 
 
+def adamerging_command(argv: list[str]) -> None:
+    from .adamerging import main as adamerging_main
+
+    output_dir = adamerging_main(argv)
+    print(f"The AdaMerging model is in {output_dir}")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "tta-wemoe": (tta_wemoe_command, "Adapt a WEMoE's routers on unlabeled task images (entropy minimisation)."),
     "merge-wemoe": (merge_wemoe_command, "Merge a pretrained CLIP and fine-tunes of it into a WEMoE / E-WEMoE model."),
     "wemoe-params": (wemoe_params_command, "Trainable (router) and total parameters of a WEMoE vs one dense model."),
     "merge": (merge_command, "Merge fine-tuned CLIP vision towers (average, task_arithmetic, ties) into one model."),
+    "adamerging": (
+        adamerging_command,
+        "Layer-wise AdaMerging: merge coefficients trained by entropy on unlabeled data.",
+    ),
 }
