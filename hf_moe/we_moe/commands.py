@@ -11,7 +11,7 @@ without importing torch or transformers; each command imports its module when it
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..clip_moe.commands import HubArguments
+from ..arguments import HubArguments
 
 
 @dataclass
