@@ -39,38 +39,46 @@ logger = logging.get_logger(__name__)
 
 MLP_PARAMETER_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
-# Elements of the merged weights materialised at once by the per-sample linear (64 MiB in fp32): large enough for
-# efficient batched GEMMs, small enough that a ViT-B/32 batch never holds a [batch, out, in] tensor.
-MERGE_CHUNK_ELEMENTS = 1 << 24
+# Tiling of the per-sample merge. Materialising a [batch, out, in] merged weight (or a [chunk, out, in] one) makes
+# the merge memory-bound: every merged weight goes through DRAM twice, and slower than a per-sample loop on CPU.
+# Tiles of output rows instead: one tile of the task vectors, `[E, rows, in]` (at most ~4 MiB in fp32), is read once
+# and merged for SAMPLE_CHUNK samples at a time into a `[chunk, rows, in]` buffer that stays in the last-level cache
+# until the batched matmul consumes it.
+TASK_TILE_ELEMENTS = 1 << 20
+SAMPLE_CHUNK = 16
 
 
-def _merge_chunks(batch_size: int, numel: int) -> int:
-    return max(1, min(batch_size, MERGE_CHUNK_ELEMENTS // max(1, numel)))
+def _tiles(num_tasks: int, out_features: int, in_features: int, batch_size: int):
+    rows = max(1, min(out_features, TASK_TILE_ELEMENTS // (max(num_tasks, 8) * in_features)))
+    return rows, min(SAMPLE_CHUNK, batch_size)
 
 
 class PerSampleMergedLinear(torch.autograd.Function):
-    r"""`y[b] = x[b] @ (W0 + sum_i r[b, i] * tau[i])^T` for every sample b, bias excluded.
+    r"""`y[b] = x[b] @ (W0 + sum_i r[b, i] * tau[i])^T` for every sample b of `x` (`[batch, tokens, in]`), bias
+    excluded, without a Python loop over samples.
 
-    The merged weights are built a chunk of samples at a time by ONE GEMM `r[chunk, E] @ tau[E, out * in]` (the
-    task vectors are read once per chunk instead of once per sample, as a per-sample loop does), then applied by
-    a batched matmul. Backward recomputes each chunk's merged weights instead of keeping them, so under autograd
-    (test-time adaptation) nothing of size [batch, out, in] stays alive: the gradient w.r.t. r is
-    `(grad_y^T x)[chunk, out * in] @ tau^T`.
+    The merged weights are built a tile of output rows and a chunk of samples at a time by ONE GEMM
+    `[1, r[chunk]] @ [W0; tau][:, rows]` and consumed at once by a batched matmul (see `TASK_TILE_ELEMENTS`), so
+    the task vectors are read once per batch, not once per sample as in a per-sample loop. Backward recomputes
+    each tile's merged weights instead of keeping them, so under autograd (test-time adaptation) nothing of size
+    [batch, out, in] stays alive: the gradient w.r.t. r is `(grad_y^T x)[chunk, rows * in] @ tau[:, rows]^T`.
     """
 
     @staticmethod
     def forward(ctx, x, routing_weights, weight, task_vectors):
-        batch_size, _, in_features = x.shape
+        batch_size, num_tokens, in_features = x.shape
         num_tasks, out_features = task_vectors.shape[:2]
-        flat_tasks = task_vectors.reshape(num_tasks, -1)
-        flat_weight = weight.reshape(1, -1)
-        r = routing_weights.to(flat_tasks.dtype)
-        output = x.new_empty(batch_size, x.shape[1], out_features)
-        chunk = _merge_chunks(batch_size, flat_weight.shape[1])
-        for start in range(0, batch_size, chunk):
-            stop = min(start + chunk, batch_size)
-            merged = torch.addmm(flat_weight, r[start:stop], flat_tasks).view(-1, out_features, in_features)
-            torch.bmm(x[start:stop], merged.transpose(1, 2), out=output[start:stop])
+        rows, chunk = _tiles(num_tasks, out_features, in_features, batch_size)
+        # [1, r]: the pretrained weight joins the task vectors in the same GEMM (one pass over the merged tile).
+        coefficients = torch.cat([routing_weights.new_ones(batch_size, 1), routing_weights], 1).to(x.dtype)
+        output = x.new_empty(batch_size, num_tokens, out_features)
+        for row in range(0, out_features, rows):
+            stop_row = min(row + rows, out_features)
+            tile = torch.cat([weight[None, row:stop_row], task_vectors[:, row:stop_row]]).flatten(1)
+            for start in range(0, batch_size, chunk):
+                stop = min(start + chunk, batch_size)
+                merged = torch.mm(coefficients[start:stop], tile).view(stop - start, stop_row - row, in_features)
+                output[start:stop, :, row:stop_row] = torch.bmm(x[start:stop], merged.transpose(1, 2))
         ctx.save_for_backward(x, routing_weights, weight, task_vectors)
         return output
 
@@ -80,34 +88,35 @@ class PerSampleMergedLinear(torch.autograd.Function):
         need_x, need_r, need_weight, need_tasks = ctx.needs_input_grad
         batch_size, _, in_features = x.shape
         num_tasks, out_features = task_vectors.shape[:2]
-        flat_tasks = task_vectors.reshape(num_tasks, -1)
-        flat_weight = weight.reshape(1, -1)
-        r = routing_weights.to(flat_tasks.dtype)
+        rows, chunk = _tiles(num_tasks, out_features, in_features, batch_size)
+        coefficients = torch.cat([routing_weights.new_ones(batch_size, 1), routing_weights], 1).to(x.dtype)
         grad_output = grad_output.to(x.dtype)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_r = torch.empty(batch_size, num_tasks, dtype=flat_tasks.dtype, device=x.device) if need_r else None
-        grad_weight = torch.zeros_like(flat_weight) if need_weight else None
-        grad_tasks = torch.zeros_like(flat_tasks) if need_tasks else None
-        chunk = _merge_chunks(batch_size, flat_weight.shape[1])
-        for start in range(0, batch_size, chunk):
-            stop = min(start + chunk, batch_size)
-            if need_x:
-                merged = torch.addmm(flat_weight, r[start:stop], flat_tasks).view(-1, out_features, in_features)
-                torch.bmm(grad_output[start:stop], merged, out=grad_x[start:stop])
-            if need_r or need_weight or need_tasks:
-                grad_merged = torch.bmm(grad_output[start:stop].transpose(1, 2), x[start:stop]).flatten(1)
-                if need_r:
-                    torch.mm(grad_merged, flat_tasks.t(), out=grad_r[start:stop])
-                if need_weight:
-                    grad_weight += grad_merged.sum(0, keepdim=True)
-                if need_tasks:
-                    grad_tasks.addmm_(r[start:stop].t(), grad_merged)
-        if grad_r is not None:
-            grad_r = grad_r.to(routing_weights.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.view_as(weight)
-        if grad_tasks is not None:
-            grad_tasks = grad_tasks.view_as(task_vectors)
+        grad_x = torch.zeros_like(x) if need_x else None
+        # Gradients w.r.t. [1, r] (column 0, the pretrained weight's coefficient, is dropped) and [W0; tau].
+        grad_coefficients = torch.zeros_like(coefficients) if need_r else None
+        grad_tile_needed = need_r or need_weight or need_tasks
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_tasks = torch.zeros_like(task_vectors) if need_tasks else None
+        for row in range(0, out_features, rows):
+            stop_row = min(row + rows, out_features)
+            tile = torch.cat([weight[None, row:stop_row], task_vectors[:, row:stop_row]]).flatten(1)
+            for start in range(0, batch_size, chunk):
+                stop = min(start + chunk, batch_size)
+                grad_y = grad_output[start:stop, :, row:stop_row]
+                if need_x:
+                    merged = torch.mm(coefficients[start:stop], tile).view(stop - start, stop_row - row, in_features)
+                    grad_x[start:stop].baddbmm_(grad_y, merged)
+                if grad_tile_needed:
+                    grad_merged = torch.bmm(grad_y.transpose(1, 2), x[start:stop]).flatten(1)  # [chunk, rows*in]
+                    if need_r:
+                        grad_coefficients[start:stop] += grad_merged @ tile.t()
+                    if need_weight or need_tasks:
+                        grad_tile = (coefficients[start:stop].t() @ grad_merged).view(-1, stop_row - row, in_features)
+                        if need_weight:
+                            grad_weight[row:stop_row] += grad_tile[0]
+                        if need_tasks:
+                            grad_tasks[:, row:stop_row] += grad_tile[1:]
+        grad_r = grad_coefficients[:, 1:].to(routing_weights.dtype) if need_r else None
         return grad_x, grad_r, grad_weight, grad_tasks
 
 
@@ -591,24 +600,19 @@ class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPModel):
         output_routing_weights (`bool`, *optional*): Return the vision tower's routing weights; by default the
             vision config's `output_routing_weights`.
         """
-        # The vision tower reads the switch from its config: the plain CLIP text tower must not receive it.
-        vision_config = self.vision_model.config
-        saved = vision_config.output_routing_weights
         if output_routing_weights is not None:
-            vision_config.__dict__["output_routing_weights"] = output_routing_weights
-        try:
-            outputs = super().forward(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                return_loss=return_loss,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                return_dict=True,
-                **kwargs,
-            )
-        finally:
-            vision_config.__dict__["output_routing_weights"] = saved
+            # Reaches both towers; the plain CLIP text tower records nothing for it.
+            kwargs["output_routing_weights"] = output_routing_weights
+        outputs = super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_loss=return_loss,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            **kwargs,
+        )
         return WEMoEOutput(**outputs, routing_weights=outputs.vision_model_output.routing_weights)
 
 
