@@ -69,7 +69,7 @@ LOGIT_SCALE = 100.0
 
 @dataclass
 class ExperimentArguments:
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "One full run per seed."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One full run per seed."})
     output: str = field(default="experiment_tasks.json", metadata={"help": "JSON file for the results."})
     work_dir: str | None = field(
         default=None, metadata={"help": "Keep the models here (a new or empty folder); default: a temporary one."}
@@ -82,16 +82,16 @@ class ExperimentArguments:
     pretrain_per_class: int = field(
         default=8, metadata={"help": "Pretraining: the first N train images per class of every task, captioned."}
     )
-    pretrain_steps: int = field(default=150, metadata={"help": "Contrastive pretraining steps."})
+    pretrain_steps: int = field(default=300, metadata={"help": "Contrastive pretraining steps."})
     pretrain_batch_size: int = field(default=32, metadata={"help": "Pretraining batch size."})
     pretrain_learning_rate: float = field(default=3e-3, metadata={"help": "Pretraining peak lr (cosine)."})
-    finetune_steps: int = field(default=150, metadata={"help": "Fine-tuning steps per task (vision tower only)."})
+    finetune_steps: int = field(default=600, metadata={"help": "Fine-tuning steps per task (vision tower only)."})
     finetune_batch_size: int = field(default=32, metadata={"help": "Fine-tuning batch size."})
     finetune_learning_rate: float = field(default=1e-3, metadata={"help": "Fine-tuning Adam lr (constant)."})
-    tta_steps: int = field(default=150, metadata={"help": "WEMoE / E-WEMoE / AdaMerging test-time steps."})
+    tta_steps: int = field(default=200, metadata={"help": "WEMoE / E-WEMoE / AdaMerging test-time steps."})
     tta_batch_size: int = field(default=16, metadata={"help": "Unlabeled test images per task per TTA step."})
-    tta_learning_rate: float = field(default=1e-3, metadata={"help": "Router Adam lr (cosine over the steps)."})
-    adamerging_learning_rate: float = field(default=1e-3, metadata={"help": "AdaMerging coefficients' Adam lr."})
+    tta_learning_rate: float = field(default=1e-2, metadata={"help": "Router Adam lr (cosine over the steps)."})
+    adamerging_learning_rate: float = field(default=1e-2, metadata={"help": "AdaMerging coefficients' Adam lr."})
 
     def __post_init__(self):
         if not self.seeds:
@@ -207,6 +207,17 @@ def test_time_adapt(model, processor, tasks, output_dir: Path, trainable: list[s
     return model.eval()
 
 
+@torch.no_grad()
+def mean_routing_weights(model, processor, tasks) -> dict[str, list[list[float]]]:
+    """{task: per WEMoE layer, the routing weights (one per task vector) averaged over the task's test images}."""
+    mean = {}
+    for name, task in tasks.items():
+        pixel_values = processor.image_processor(images=task.images("test"), return_tensors="pt")["pixel_values"]
+        outputs = model.vision_model(pixel_values=pixel_values, output_routing_weights=True)
+        mean[name] = [[round(v, 3) for v in weights.mean(0).tolist()] for weights in outputs.routing_weights]
+    return mean
+
+
 # ------------------------------------------------------------------------------------------------------- one seed
 
 
@@ -232,7 +243,7 @@ def run_seed(args: ExperimentArguments, seed: int, root: Path) -> dict[str, dict
     model.save_pretrained(pretrained_dir)
     processor = AutoProcessor.from_pretrained(pretrained_dir)
 
-    results = {}
+    results, routing = {}, {}
 
     def report(method, scores):
         scores = {**scores, "average": sum(scores.values()) / len(scores)}
@@ -268,7 +279,8 @@ def run_seed(args: ExperimentArguments, seed: int, root: Path) -> dict[str, dict
         lr = args.tta_learning_rate
         test_time_adapt(model, processor, tasks, root / f"{method}_tta", [r"router"], lr, args, seed)
         report(f"{method}_tta", evaluate(model, processor, tasks))
-    return results
+        routing[f"{method}_tta"] = mean_routing_weights(model, processor, tasks)
+    return results, routing
 
 
 # ------------------------------------------------------------------------------------------------------- summary
@@ -309,10 +321,10 @@ def run_experiment(args: ExperimentArguments) -> dict:
     # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
     torch.set_num_threads(1)
     try:
-        per_seed = {}
+        per_seed, routing = {}, {}
         for seed in args.seeds:
             print(f"Seed {seed}", flush=True)
-            per_seed[seed] = run_seed(args, seed, work_dir / f"seed{seed}")
+            per_seed[seed], routing[str(seed)] = run_seed(args, seed, work_dir / f"seed{seed}")
     finally:
         logging.set_verbosity(verbosity)
         logging.enable_progress_bar()
@@ -329,6 +341,9 @@ def run_experiment(args: ExperimentArguments) -> dict:
                                                                                    test_per_class=1).items()},
         "per_seed": {str(seed): runs for seed, runs in per_seed.items()},
         "summary": summary,
+        # After TTA, per seed, method and task: each layer's routing weights (tasks in --tasks order), averaged
+        # over the task's test images: does a task's images route to its own task vector?
+        "mean_routing_weights": routing,
         "table": markdown_table(summary, columns),
         "runtime_seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
