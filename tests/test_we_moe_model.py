@@ -149,6 +149,15 @@ def test_gradients_wrt_inputs_and_task_vectors_match_the_loop():
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_same_router_gradients():
+    model = build(vision_config(router_depth=2, task_vector_format="svd", svd_rank_fraction=0.5)).train()
+    expected = router_grads(model, pixels(3))
+    model.activation_checkpointing_enable()
+    assert model.encoder.layers[0].gradient_checkpointing
+    for name, grad in router_grads(model, pixels(3)).items():
+        torch.testing.assert_close(grad, expected[name], atol=0, rtol=0, msg=name)
+
+
 def test_a_sample_does_not_depend_on_the_rest_of_its_batch_unless_batch_reduce():
     x, others = pixels(4, seed=0), pixels(4, seed=1)
     mixed = torch.cat([x[:1], others[1:]])
