@@ -58,7 +58,7 @@ class PerSampleMergedLinear(torch.autograd.Function):
     excluded, without a Python loop over samples.
 
     The merged weights are built a tile of output rows and a chunk of samples at a time by ONE GEMM
-    `[1, r[chunk]] @ [W0; tau][:, rows]` and consumed at once by a batched matmul (see `TASK_TILE_ELEMENTS`), so
+    `W0[rows] + r[chunk] @ tau[:, rows]` and consumed at once by a batched matmul (see `TASK_TILE_ELEMENTS`), so
     the task vectors are read once per batch, not once per sample as in a per-sample loop. Backward recomputes
     each tile's merged weights instead of keeping them, so under autograd (test-time adaptation) nothing of size
     [batch, out, in] stays alive: the gradient w.r.t. r is `(grad_y^T x)[chunk, rows * in] @ tau[:, rows]^T`.
@@ -69,16 +69,26 @@ class PerSampleMergedLinear(torch.autograd.Function):
         batch_size, num_tokens, in_features = x.shape
         num_tasks, out_features = task_vectors.shape[:2]
         rows, chunk = _tiles(num_tasks, out_features, in_features, batch_size)
-        # [1, r]: the pretrained weight joins the task vectors in the same GEMM (one pass over the merged tile).
-        coefficients = torch.cat([routing_weights.new_ones(batch_size, 1), routing_weights], 1).to(x.dtype)
+        r = routing_weights.to(x.dtype)
         output = x.new_empty(batch_size, num_tokens, out_features)
+        # Buffers reused across tiles: fresh large allocations cost page faults on every call.
+        merged_buffer = x.new_empty(chunk, rows * in_features)
+        product_buffer = x.new_empty(chunk, num_tokens, rows)
         for row in range(0, out_features, rows):
             stop_row = min(row + rows, out_features)
-            tile = torch.cat([weight[None, row:stop_row], task_vectors[:, row:stop_row]]).flatten(1)
+            width = stop_row - row
+            tasks_tile = task_vectors[:, row:stop_row].reshape(num_tasks, -1)
+            weight_tile = weight[row:stop_row].reshape(1, -1)
             for start in range(0, batch_size, chunk):
                 stop = min(start + chunk, batch_size)
-                merged = torch.mm(coefficients[start:stop], tile).view(stop - start, stop_row - row, in_features)
-                output[start:stop, :, row:stop_row] = torch.bmm(x[start:stop], merged.transpose(1, 2))
+                merged = merged_buffer[: stop - start, : width * in_features]
+                torch.addmm(weight_tile, r[start:stop], tasks_tile, out=merged)
+                product = product_buffer[: stop - start, :, :width]
+                if width == out_features:
+                    product = output[start:stop]
+                torch.bmm(x[start:stop], merged.view(-1, width, in_features).transpose(1, 2), out=product)
+                if width != out_features:
+                    output[start:stop, :, row:stop_row] = product
         ctx.save_for_backward(x, routing_weights, weight, task_vectors)
         return output
 
@@ -89,34 +99,38 @@ class PerSampleMergedLinear(torch.autograd.Function):
         batch_size, _, in_features = x.shape
         num_tasks, out_features = task_vectors.shape[:2]
         rows, chunk = _tiles(num_tasks, out_features, in_features, batch_size)
-        coefficients = torch.cat([routing_weights.new_ones(batch_size, 1), routing_weights], 1).to(x.dtype)
+        r = routing_weights.to(x.dtype)
         grad_output = grad_output.to(x.dtype)
         grad_x = torch.zeros_like(x) if need_x else None
-        # Gradients w.r.t. [1, r] (column 0, the pretrained weight's coefficient, is dropped) and [W0; tau].
-        grad_coefficients = torch.zeros_like(coefficients) if need_r else None
-        grad_tile_needed = need_r or need_weight or need_tasks
+        grad_r = torch.zeros_like(r) if need_r else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_tasks = torch.zeros_like(task_vectors) if need_tasks else None
+        merged_buffer = x.new_empty(chunk, rows * in_features)
+        grad_merged_buffer = x.new_empty(chunk, rows, in_features)
         for row in range(0, out_features, rows):
             stop_row = min(row + rows, out_features)
-            tile = torch.cat([weight[None, row:stop_row], task_vectors[:, row:stop_row]]).flatten(1)
+            width = stop_row - row
+            tasks_tile = task_vectors[:, row:stop_row].reshape(num_tasks, -1)
+            weight_tile = weight[row:stop_row].reshape(1, -1)
             for start in range(0, batch_size, chunk):
                 stop = min(start + chunk, batch_size)
                 grad_y = grad_output[start:stop, :, row:stop_row]
                 if need_x:
-                    merged = torch.mm(coefficients[start:stop], tile).view(stop - start, stop_row - row, in_features)
-                    grad_x[start:stop].baddbmm_(grad_y, merged)
-                if grad_tile_needed:
-                    grad_merged = torch.bmm(grad_y.transpose(1, 2), x[start:stop]).flatten(1)  # [chunk, rows*in]
+                    merged = merged_buffer[: stop - start, : width * in_features]
+                    torch.addmm(weight_tile, r[start:stop], tasks_tile, out=merged)
+                    grad_x[start:stop].baddbmm_(grad_y, merged.view(-1, width, in_features))
+                if need_r or need_weight or need_tasks:
+                    grad_merged = grad_merged_buffer[: stop - start, :width]
+                    torch.bmm(grad_y.transpose(1, 2), x[start:stop], out=grad_merged)
+                    grad_merged = grad_merged.flatten(1)  # [chunk, rows * in]
                     if need_r:
-                        grad_coefficients[start:stop] += grad_merged @ tile.t()
-                    if need_weight or need_tasks:
-                        grad_tile = (coefficients[start:stop].t() @ grad_merged).view(-1, stop_row - row, in_features)
-                        if need_weight:
-                            grad_weight[row:stop_row] += grad_tile[0]
-                        if need_tasks:
-                            grad_tasks[:, row:stop_row] += grad_tile[1:]
-        grad_r = grad_coefficients[:, 1:].to(routing_weights.dtype) if need_r else None
+                        grad_r[start:stop].addmm_(grad_merged, tasks_tile.t())
+                    if need_weight:
+                        grad_weight[row:stop_row] += grad_merged.sum(0).view(width, in_features)
+                    if need_tasks:
+                        grad_tasks[:, row:stop_row] += (r[start:stop].t() @ grad_merged).view(-1, width, in_features)
+        if grad_r is not None:
+            grad_r = grad_r.to(routing_weights.dtype)
         return grad_x, grad_r, grad_weight, grad_tasks
 
 
