@@ -120,8 +120,9 @@ def _vision_field(name: str) -> property:
     def fset(self, value):
         tower = self.__dict__.get("vision_config")
         if isinstance(tower, WEMoEVisionConfig):
+            # Not validated here: fields set one by one (`from_pretrained(..., **kwargs)`) may be inconsistent in
+            # between; the model validates the tower when it is built.
             setattr(tower, name, value)
-            tower.validate_we_moe()
 
     return property(fget, fset, doc=f"`vision_config.{name}`; setting it sets the vision tower's.")
 

@@ -426,6 +426,7 @@ class WEMoEEncoder(CLIPEncoder):
     def __init__(self, config: WEMoEVisionConfig):
         # Not `CLIPEncoder.__init__`: it would allocate and initialise a whole dense stack only to drop it.
         nn.Module.__init__(self)
+        config.validate_we_moe()  # fields may have been set after the config was built
         self.config = config
         if config.shared_router:
             self.router = WEMoERouter(config)

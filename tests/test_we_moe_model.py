@@ -350,6 +350,16 @@ def test_bad_config_values_are_refused_naming_the_field(kwargs, match):
         vision_config(**kwargs)
 
 
+def test_joint_fields_set_one_by_one_are_validated_when_the_model_is_built():
+    config = WEMoEConfig(vision_config=TINY)
+    config.task_vector_format = "svd"  # inconsistent until the fraction is set too
+    with pytest.raises(ValueError, match="svd_rank_fraction"):
+        WEMoECLIPVisionModel(config.vision_config)
+    config.svd_rank_fraction = 0.5
+    model = WEMoECLIPVisionModel(config.vision_config)
+    assert model.encoder.layers[0].mlp.task_vectors.fc1_weight_u.shape == (1, 128, 8)
+
+
 def test_bad_task_vectors_are_refused():
     dense = dense_tower()
     pretrained, task_vectors = mlp_dicts(dense, 3)
