@@ -14,14 +14,34 @@ import logging as pylogging
 import sys
 from collections.abc import Callable
 
-from .clip_moe.commands import COMMANDS as CLIP_MOE_COMMANDS
-from .we_moe.commands import COMMANDS as WE_MOE_COMMANDS
+from .clip_moe import commands as clip_moe_commands
+from .we_moe import commands as we_moe_commands
 
 
 def eval_command(argv: list[str]) -> None:
     from .evaluation import evaluate_command
 
     evaluate_command(argv)
+
+
+# Each family's demo, in the order `hf-moe demo` runs them: (name, function of the output folder).
+FAMILY_DEMOS = {"clip_moe": clip_moe_commands.demo, "we_moe": we_moe_commands.demo}
+
+
+def demo_command(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="hf-moe demo",
+        description="Every family's demo, offline on a CPU: CLIP-MoE (train a small CLIP on digits, upcycle it, MCL, "
+        "router training, reload without hf_moe) and WEMoE (fine-tune, merge, route per sample, reload).",
+    )
+    parser.add_argument("--output_dir", "--output-dir", default="outputs/demo", help="Where the demos write.")
+    parser.add_argument("--family", choices=["all", *FAMILY_DEMOS], default="all", help="Run one family's demo.")
+    args = parser.parse_args(argv)
+    for name, demo in FAMILY_DEMOS.items():
+        if args.family in ("all", name):
+            demo(args.output_dir)
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -33,10 +53,15 @@ def prepare_command(argv: list[str]) -> None:
 SHARED_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "eval": (eval_command, "Zero-shot classification or image-text retrieval evaluation (eval zero-shot|retrieval)."),
     "prepare": (prepare_command, "Turn official COCO / Flickr30k annotations into captioned image folders."),
+    "demo": (demo_command, "Every family's demo on built-in data (CLIP-MoE, WEMoE), offline, on a CPU."),
 }
 
 # (family, its commands): the order of `hf-moe --help`.
-FAMILIES = [("shared", SHARED_COMMANDS), ("CLIP-MoE", CLIP_MOE_COMMANDS), ("WEMoE", WE_MOE_COMMANDS)]
+FAMILIES = [
+    ("shared", SHARED_COMMANDS),
+    ("CLIP-MoE", clip_moe_commands.COMMANDS),
+    ("WEMoE", we_moe_commands.COMMANDS),
+]
 COMMANDS = {name: entry for _, commands in FAMILIES for name, entry in commands.items()}
 
 

@@ -13,7 +13,7 @@ from hf_moe.clip_moe.demo import RESULT_FILE
 
 def test_demo_trains_upcycles_and_reloads(tmp_path, capsys):
     output_dir = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(output_dir)]) == 0
+    assert main(["demo", "--family", "clip_moe", "--output-dir", str(output_dir)]) == 0
     result = json.loads((output_dir / RESULT_FILE).read_text())
     printed = capsys.readouterr().out
 

@@ -25,7 +25,6 @@ paper: 1000 steps at lr 1e-4). A JSON with the per-seed numbers, the mean (+- st
 
 import json
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -43,12 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_moe.clip_moe.demo import train_contrastive  # noqa: E402  (example script: the CLIP-MoE demo's recipe)
 from hf_moe.conversion import merge_wemoe  # noqa: E402
-from hf_moe.evaluation import projected_embeddings, zero_shot_classification  # noqa: E402
+from hf_moe.evaluation import zero_shot_classification  # noqa: E402
 from hf_moe.fileio import atomic_output_file  # noqa: E402
-from hf_moe.merging import load_for_merge, merge_clip_vision, task_vectors, vision_tower_module  # noqa: E402
+from hf_moe.merging import load_for_merge, merge_clip_vision, task_vectors  # noqa: E402
 from hf_moe.task_data import TASK_NAMES, build_tasks  # noqa: E402
 from hf_moe.toy import save_toy_clip  # noqa: E402
 from hf_moe.we_moe.adamerging import AdaMergingCLIP  # noqa: E402
+from hf_moe.we_moe.demo import caption_words, finetune_vision_tower  # noqa: E402
 from hf_moe.we_moe.tta import TaskBatches, TTATrainer, TTATrainingArguments, zero_shot_heads  # noqa: E402
 
 
@@ -105,15 +105,6 @@ class ExperimentArguments:
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-def caption_words(tasks) -> list[str]:
-    """Every word of the class names and templates: whole-word tokens of the small CLIP's tokenizer."""
-    words = set()
-    for task in tasks.values():
-        for text in [*task.class_names, *task.templates]:
-            words.update(re.findall(r"[A-Za-z0-9]+", text))
-    return sorted(words)
-
-
 def save_caption_folder(tasks, output_dir: Path, per_class: int, seed: int) -> Path:
     """An image folder (`metadata.jsonl`: file_name, text) of the first `per_class` train images per class of every
     task, each captioned by one of its task's templates drawn at random."""
@@ -155,33 +146,16 @@ def evaluate(model, processor, tasks) -> dict[str, float]:
 
 
 def finetune_vision(pretrained_dir: Path, task, output_dir: Path, args: ExperimentArguments, seed: int) -> Path:
-    """Fine-tune the vision tower only (text tower, projections and logit scale frozen) by cross-entropy against
-    the frozen zero-shot head of `task` (a plain loop: the loss needs the head, not caption pairs)."""
-    torch.manual_seed(seed)
-    model = CLIPModel.from_pretrained(pretrained_dir)
-    processor = AutoProcessor.from_pretrained(pretrained_dir)
-    head = task_heads(model, processor, {task.name: task})[task.name]
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    trainable = list(vision_tower_module(model).parameters())
-    for parameter in trainable:
-        parameter.requires_grad_(True)
-    pixel_values = processor.image_processor(images=task.images("train"), return_tensors="pt")["pixel_values"]
-    labels = torch.tensor(task.labels("train"))
-    optimizer = torch.optim.Adam(trainable, lr=args.finetune_learning_rate)
-    scale = model.logit_scale.detach().exp()
-    model.train()
-    for _ in range(args.finetune_steps):
-        rows = torch.randint(len(labels), (args.finetune_batch_size,))
-        embeddings = projected_embeddings(model.get_image_features(pixel_values=pixel_values[rows]))
-        logits = scale * torch.nn.functional.normalize(embeddings, dim=-1) @ head.T
-        loss = torch.nn.functional.cross_entropy(logits, labels[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval().save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    """Fine-tune the vision tower only, by cross-entropy against the frozen zero-shot head of `task`."""
+    return finetune_vision_tower(
+        pretrained_dir,
+        task,
+        output_dir,
+        args.finetune_steps,
+        args.finetune_batch_size,
+        args.finetune_learning_rate,
+        seed,
+    )
 
 
 def test_time_adapt(model, processor, tasks, output_dir: Path, trainable: list[str], lr: float, args, seed: int):

@@ -5,7 +5,6 @@
     hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR [--push_to_hub --hub_model_id ID]
     hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
     hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
-    hf-moe demo [--output_dir DIR]
 """
 
 from collections.abc import Callable
@@ -75,10 +74,13 @@ def train_router_command(argv: list[str]) -> None:
     print(f"The router-trained CLIP-MoE is in {output_dir}")
 
 
-def demo_command(argv: list[str]) -> None:
-    from .demo import main as demo_main
+def demo(output_dir: str) -> None:
+    """CLIP-MoE's part of `hf-moe demo` (writes OUTPUT_DIR)."""
+    from pathlib import Path
 
-    demo_main(argv)
+    from .demo import run
+
+    run(Path(output_dir))
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
@@ -86,5 +88,4 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "convert-clip-moe-original": (convert_clip_moe_original_command, "Convert an official CLIP-MoE .pt release."),
     "mcl": (mcl_command, "MCL expert extraction from a dense CLIP, then the CLIP-MoE in DIR/moe."),
     "train-router": (train_router_command, "Train the routers of a CLIP-MoE (CLIP loss + balance loss)."),
-    "demo": (demo_command, "Train a small CLIP on digits, upcycle it, reload it without hf_moe, compare accuracy."),
 }

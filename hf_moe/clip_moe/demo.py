@@ -19,7 +19,6 @@ seconds with learning rates far above the recipe's (its defaults are for ViT-L/1
 hyper-parameter is set below, so that the demo's numbers do not move when a default does.
 """
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -323,18 +322,3 @@ def _run(output_dir: Path, pretrain_steps: int, seed: int) -> dict:
         "labels": labels,
         "model_dir": str(moe_dir),
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="hf-moe demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--output_dir", "--output-dir", default="outputs/demo", help="Where the demo writes its models."
-    )
-    args = parser.parse_args(argv)
-    run(Path(args.output_dir))
-
-
-if __name__ == "__main__":
-    main()

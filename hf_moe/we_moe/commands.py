@@ -152,6 +152,15 @@ def adamerging_command(argv: list[str]) -> None:
     print(f"The AdaMerging model is in {output_dir}")
 
 
+def demo(output_dir: str) -> None:
+    """WEMoE's part of `hf-moe demo` (writes OUTPUT_DIR/wemoe)."""
+    from pathlib import Path
+
+    from .demo import run
+
+    run(Path(output_dir) / "wemoe")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "tta-wemoe": (tta_wemoe_command, "Adapt a WEMoE's routers on unlabeled task images (entropy minimisation)."),
     "merge-wemoe": (merge_wemoe_command, "Merge a pretrained CLIP and fine-tunes of it into a WEMoE / E-WEMoE model."),

@@ -1,0 +1,178 @@
+"""WEMoE's step of `hf-moe demo`, offline on a CPU in well under a minute:
+
+1. a small CLIP built locally and two fine-tunes of its vision tower, one per task (generated shapes and stripe
+   patterns from `hf_moe.task_data`), the way the public `tanganke/clip-vit-base-patch32_<task>` experts are
+   vision-only fine-tunes of one pretrained CLIP;
+2. the fine-tunes merged by task arithmetic and into a WEMoE with the converter users run on the Hub experts;
+3. per-task zero-shot accuracy of each model, and each sample's routing weights;
+4. the WEMoE folder reloaded with `trust_remote_code=True` in a process where hf_moe cannot be imported.
+
+    hf-moe demo --family we_moe [--output_dir outputs/demo]      (writes OUTPUT_DIR/wemoe)
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, CLIPModel
+from transformers.utils import logging
+
+from ..conversion import merge_wemoe
+from ..evaluation import projected_embeddings, zero_shot_classification
+from ..fileio import atomic_output_file
+from ..loading import load_pretrained
+from ..merging import merge_clip_vision, vision_tower_module
+from ..task_data import build_tasks
+from ..toy import save_toy_clip
+from .tta import zero_shot_heads
+
+
+logger = logging.get_logger(__name__)
+
+DEMO_TASKS = ("digits", "patterns")
+RESULT_FILE = "demo_result.json"
+
+# Runs in a fresh interpreter in which importing hf_moe fails: the model must load from the folder's own code.
+HUB_USER_SCRIPT = r"""
+import importlib.abc, json, sys
+
+class NoHfMoe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hf_moe":
+            raise ImportError("hf_moe is not installed for this user")
+
+sys.meta_path.insert(0, NoHfMoe())
+import torch
+from transformers import AutoModel
+
+model_dir, pixels = sys.argv[1:]
+model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+with torch.no_grad():
+    features = model.get_image_features(pixel_values=torch.load(pixels)).pooler_output
+print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}", "features": features.tolist()}))
+"""
+
+
+def finetune_vision_tower(
+    pretrained_dir: Path, task, output_dir: Path, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed=0
+) -> Path:
+    """Fine-tune the vision tower only (text tower, projections and logit scale frozen) by cross-entropy against
+    the frozen zero-shot head of `task`. A plain loop: the loss needs the task's head, not caption pairs, and a
+    few hundred CPU steps need none of the Trainer's machinery."""
+    torch.manual_seed(seed)
+    model = CLIPModel.from_pretrained(pretrained_dir)
+    processor = AutoProcessor.from_pretrained(pretrained_dir)
+    head = zero_shot_heads(model, processor, {task.name: task.class_names}, {task.name: task.templates})[task.name]
+    model.requires_grad_(False)
+    trainable = list(vision_tower_module(model).parameters())
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    pixel_values = processor.image_processor(images=task.images("train"), return_tensors="pt")["pixel_values"]
+    labels = torch.tensor(task.labels("train"))
+    optimizer = torch.optim.Adam(trainable, lr=learning_rate)
+    scale = model.logit_scale.detach().exp()
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(labels), (batch_size,))
+        embeddings = projected_embeddings(model.get_image_features(pixel_values=pixel_values[rows]))
+        logits = scale * torch.nn.functional.normalize(embeddings, dim=-1) @ head.T
+        loss = torch.nn.functional.cross_entropy(logits, labels[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def task_accuracies(model, processor, tasks) -> dict[str, float]:
+    """Zero-shot top-1 accuracy on each task's test split (its templates and class names), routed per sample."""
+    return {
+        name: zero_shot_classification(
+            model, processor, task.dataset("test"), list(task.templates), task.class_names, progress=False
+        )["top1_accuracy"]
+        for name, task in tasks.items()
+    }
+
+
+def caption_words(tasks) -> list[str]:
+    """Every word of the class names and templates: whole-word tokens of the small CLIP's tokenizer."""
+    words = set()
+    for task in tasks.values():
+        for text in [*task.class_names, *task.templates]:
+            words.update(re.findall(r"[A-Za-z0-9]+", text))
+    return sorted(words)
+
+
+def run(output_dir: Path, finetune_steps: int = 200, seed: int = 0) -> dict:
+    """Run the WEMoE demo in `output_dir` (its sub-folders are recreated) and return its numbers."""
+    output_dir = Path(output_dir)
+    for name in ("pretrained", *(f"finetuned-{task}" for task in DEMO_TASKS), "task-arithmetic", "wemoe"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tasks = build_tasks(DEMO_TASKS, train_per_class=48, test_per_class=24, seed=seed)
+    print("WEMoE: merging fine-tuned CLIP vision towers into one weight-ensembling MoE")
+
+    print(f"1. A small CLIP and a vision-only fine-tune of it per task ({', '.join(DEMO_TASKS)})")
+    pretrained = save_toy_clip(output_dir / "pretrained", seed=seed, words=caption_words(tasks))
+    finetuned = [
+        finetune_vision_tower(pretrained, task, output_dir / f"finetuned-{name}", finetune_steps, seed=seed)
+        for name, task in tasks.items()
+    ]
+    print("2. Merging them: task arithmetic (lambda 0.3) and WEMoE (hf-moe merge-wemoe)")
+    merge_clip_vision("task_arithmetic", pretrained, finetuned, output_dir / "task-arithmetic")
+    merge_wemoe(pretrained, finetuned, output_dir / "wemoe", task_names=list(DEMO_TASKS), seed=seed)
+
+    processor = AutoProcessor.from_pretrained(pretrained)
+    accuracy = {}
+    for label, folder in [("pretrained", pretrained), ("task arithmetic", output_dir / "task-arithmetic")]:
+        accuracy[label] = task_accuracies(load_pretrained(folder, CLIPModel).eval(), processor, tasks)
+    accuracy["fine-tune (own task)"] = {
+        name: task_accuracies(CLIPModel.from_pretrained(folder).eval(), processor, {name: task})[name]
+        for (name, task), folder in zip(tasks.items(), finetuned)
+    }
+    wemoe = load_pretrained(output_dir / "wemoe").eval()
+    accuracy["WEMoE (before TTA)"] = task_accuracies(wemoe, processor, tasks)
+    print("3. Zero-shot accuracy on each task's held-out images:")
+    for label, scores in accuracy.items():
+        print(f"   {label:<22}" + "  ".join(f"{name} {value:.3f}" for name, value in scores.items()))
+
+    pixel_values = processor.image_processor(
+        images=[tasks[name].images("test")[0] for name in DEMO_TASKS], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        outputs = wemoe.vision_model(pixel_values=pixel_values, output_routing_weights=True)
+        in_process = wemoe.get_image_features(pixel_values=pixel_values).pooler_output
+    routing = outputs.routing_weights[-1]
+    for name, weights in zip(DEMO_TASKS, routing.tolist()):
+        print(f"   a {name} image's routing weights in the last block: " + ", ".join(f"{w:+.3f}" for w in weights))
+
+    print("4. In a fresh Python process where hf_moe cannot be imported (as for a Hub user):")
+    pixels_path = output_dir / "wemoe-demo-pixels.pt"
+    torch.save(pixel_values, pixels_path)
+    child = subprocess.run(
+        [sys.executable, "-c", HUB_USER_SCRIPT, str(output_dir / "wemoe"), str(pixels_path)],
+        capture_output=True,
+        text=True,
+    )
+    pixels_path.unlink()
+    if child.returncode != 0:
+        raise RuntimeError(f"Loading {output_dir / 'wemoe'} without hf_moe failed:\n{child.stderr}")
+    reloaded = json.loads(child.stdout.strip().splitlines()[-1])
+    difference = (torch.tensor(reloaded["features"]) - in_process).abs().max().item()
+    print(f"   loaded {reloaded['class']}; max |reloaded - in-process| image feature = {difference:.2e}")
+    result = {
+        "tasks": list(DEMO_TASKS),
+        "num_test_images": {name: len(task.labels("test")) for name, task in tasks.items()},
+        "accuracy": accuracy,
+        "routing_weights_last_block": routing.tolist(),
+        "reloaded_class": reloaded["class"],
+        "reload_max_difference": difference,
+    }
+    with atomic_output_file(output_dir / RESULT_FILE) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return result
