@@ -18,10 +18,15 @@ def test_wemoe_demo_merges_routes_and_reloads(tmp_path, capsys):
     # Untrained routers start at init_lambda for every task: WEMoE computes the task-arithmetic merge.
     assert accuracy["WEMoE (before TTA)"] == accuracy["task arithmetic"]
     assert set(accuracy["WEMoE (before TTA)"]) == set(DEMO_TASKS)
-    # One (num_tasks,) routing vector per sample, near init_lambda before adaptation.
-    routing = result["routing_weights_last_block"]
-    assert len(routing) == len(DEMO_TASKS) and all(len(row) == len(DEMO_TASKS) for row in routing)
-    assert all(abs(weight - 0.3) < 0.05 for row in routing for weight in row)
+    # One (num_tasks,) routing vector per sample, near init_lambda before adaptation; TTA moves them.
+    before, after = (
+        result["routing_weights_last_block"]["before TTA"],
+        result["routing_weights_last_block"]["after TTA"],
+    )
+    assert len(before) == len(DEMO_TASKS) and all(len(row) == len(DEMO_TASKS) for row in before)
+    assert all(abs(weight - 0.3) < 0.05 for row in before for weight in row)
+    assert max(abs(a - b) for row_a, row_b in zip(after, before) for a, b in zip(row_a, row_b)) > 0.01
+    assert set(accuracy["WEMoE + TTA"]) == set(DEMO_TASKS)
     assert result["reloaded_class"].startswith("transformers_modules.") and "WEMoECLIPModel" in result["reloaded_class"]
     assert result["reload_max_difference"] <= 1e-6
     assert "loaded transformers_modules." in printed

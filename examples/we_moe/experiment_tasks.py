@@ -49,7 +49,8 @@ from hf_moe.task_data import TASK_NAMES, build_tasks  # noqa: E402
 from hf_moe.toy import save_toy_clip  # noqa: E402
 from hf_moe.we_moe.adamerging import AdaMergingCLIP  # noqa: E402
 from hf_moe.we_moe.demo import caption_words, finetune_vision_tower  # noqa: E402
-from hf_moe.we_moe.tta import TaskBatches, TTATrainer, TTATrainingArguments, zero_shot_heads  # noqa: E402
+from hf_moe.we_moe.demo import test_time_adapt as adapt  # noqa: E402
+from hf_moe.we_moe.tta import zero_shot_heads  # noqa: E402
 
 
 METHODS = {
@@ -160,25 +161,7 @@ def finetune_vision(pretrained_dir: Path, task, output_dir: Path, args: Experime
 
 def test_time_adapt(model, processor, tasks, output_dir: Path, trainable: list[str], lr: float, args, seed: int):
     """Entropy TTA with `TTATrainer` on the unlabeled TEST images of every task (only `trainable` train)."""
-    heads = task_heads(model, processor, tasks)
-    unlabeled = {name: task.dataset("test").remove_columns("label") for name, task in tasks.items()}
-    dataset = TaskBatches(unlabeled, processor.image_processor, args.tta_batch_size, args.tta_steps, seed=seed)
-    training_args = TTATrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=args.tta_steps,
-        learning_rate=lr,
-        per_device_train_batch_size=args.tta_batch_size,
-        trainable_parameters=trainable,
-        seed=seed,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    TTATrainer(model=model, args=training_args, train_dataset=dataset, heads=heads).train()
-    return model.eval()
+    return adapt(model, processor, tasks, output_dir, trainable, lr, args.tta_steps, args.tta_batch_size, seed)
 
 
 @torch.no_grad()

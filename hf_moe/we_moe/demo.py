@@ -4,8 +4,9 @@
    patterns from `hf_moe.task_data`), the way the public `tanganke/clip-vit-base-patch32_<task>` experts are
    vision-only fine-tunes of one pretrained CLIP;
 2. the fine-tunes merged by task arithmetic and into a WEMoE with the converter users run on the Hub experts;
-3. per-task zero-shot accuracy of each model, and each sample's routing weights;
-4. the WEMoE folder reloaded with `trust_remote_code=True` in a process where hf_moe cannot be imported.
+3. the routers adapted at test time (entropy of the zero-shot predictions on unlabeled test images);
+4. per-task zero-shot accuracy of each model, and each sample's routing weights before and after;
+5. the adapted WEMoE saved and reloaded with `trust_remote_code=True` in a process where hf_moe cannot be imported.
 
     hf-moe demo --family we_moe [--output_dir outputs/demo]      (writes OUTPUT_DIR/wemoe)
 """
@@ -23,12 +24,12 @@ from transformers.utils import logging
 
 from ..conversion import merge_wemoe
 from ..evaluation import projected_embeddings, zero_shot_classification
-from ..fileio import atomic_output_file
+from ..fileio import atomic_output_dir, atomic_output_file
 from ..loading import load_pretrained
 from ..merging import merge_clip_vision, vision_tower_module
 from ..task_data import build_tasks
 from ..toy import save_toy_clip
-from .tta import zero_shot_heads
+from .tta import TaskBatches, TTATrainer, TTATrainingArguments, zero_shot_heads
 
 
 logger = logging.get_logger(__name__)
@@ -89,6 +90,45 @@ def finetune_vision_tower(
     return output_dir
 
 
+def test_time_adapt(
+    model,
+    processor,
+    tasks,
+    output_dir: Path,
+    trainable: list[str],
+    learning_rate: float,
+    steps: int,
+    batch_size: int,
+    seed=0,
+):
+    """Entropy TTA with `TTATrainer` on the unlabeled TEST images of every task (only `trainable` train), in memory
+    (no checkpoints: a demo-sized run)."""
+    heads = zero_shot_heads(
+        model,
+        processor,
+        {name: task.class_names for name, task in tasks.items()},
+        {name: task.templates for name, task in tasks.items()},
+    )
+    unlabeled = {name: task.dataset("test").remove_columns("label") for name, task in tasks.items()}
+    dataset = TaskBatches(unlabeled, processor.image_processor, batch_size, steps, seed=seed)
+    training_args = TTATrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        trainable_parameters=trainable,
+        seed=seed,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    TTATrainer(model=model, args=training_args, train_dataset=dataset, heads=heads).train()
+    return model.eval()
+
+
 def task_accuracies(model, processor, tasks) -> dict[str, float]:
     """Zero-shot top-1 accuracy on each task's test split (its templates and class names), routed per sample."""
     return {
@@ -108,10 +148,16 @@ def caption_words(tasks) -> list[str]:
     return sorted(words)
 
 
-def run(output_dir: Path, finetune_steps: int = 200, seed: int = 0) -> dict:
+@torch.no_grad()
+def routing_weights(model, pixel_values) -> list[list[float]]:
+    """Each image's routing weights in the last WEMoE block."""
+    return model.vision_model(pixel_values=pixel_values, output_routing_weights=True).routing_weights[-1].tolist()
+
+
+def run(output_dir: Path, finetune_steps: int = 200, tta_steps: int = 60, seed: int = 0) -> dict:
     """Run the WEMoE demo in `output_dir` (its sub-folders are recreated) and return its numbers."""
     output_dir = Path(output_dir)
-    for name in ("pretrained", *(f"finetuned-{task}" for task in DEMO_TASKS), "task-arithmetic", "wemoe"):
+    for name in ("pretrained", *(f"finetuned-{task}" for task in DEMO_TASKS), "task-arithmetic", "wemoe", "wemoe-tta"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     tasks = build_tasks(DEMO_TASKS, train_per_class=48, test_per_class=24, seed=seed)
@@ -137,31 +183,40 @@ def run(output_dir: Path, finetune_steps: int = 200, seed: int = 0) -> dict:
     }
     wemoe = load_pretrained(output_dir / "wemoe").eval()
     accuracy["WEMoE (before TTA)"] = task_accuracies(wemoe, processor, tasks)
-    print("3. Zero-shot accuracy on each task's held-out images:")
-    for label, scores in accuracy.items():
-        print(f"   {label:<22}" + "  ".join(f"{name} {value:.3f}" for name, value in scores.items()))
-
     pixel_values = processor.image_processor(
         images=[tasks[name].images("test")[0] for name in DEMO_TASKS], return_tensors="pt"
     )["pixel_values"]
-    with torch.no_grad():
-        outputs = wemoe.vision_model(pixel_values=pixel_values, output_routing_weights=True)
-        in_process = wemoe.get_image_features(pixel_values=pixel_values).pooler_output
-    routing = outputs.routing_weights[-1]
-    for name, weights in zip(DEMO_TASKS, routing.tolist()):
-        print(f"   a {name} image's routing weights in the last block: " + ", ".join(f"{w:+.3f}" for w in weights))
+    routing = {"before TTA": routing_weights(wemoe, pixel_values)}
+    print(f"3. Test-time adaptation: {tta_steps} steps on the unlabeled test images of both tasks, routers only")
+    test_time_adapt(wemoe, processor, tasks, output_dir / "tta-run", ["router"], 1e-2, tta_steps, 16, seed)
+    shutil.rmtree(output_dir / "tta-run", ignore_errors=True)
+    accuracy["WEMoE + TTA"] = task_accuracies(wemoe, processor, tasks)
+    routing["after TTA"] = routing_weights(wemoe, pixel_values)
+    print("4. Zero-shot accuracy on each task's held-out images:")
+    for label, scores in accuracy.items():
+        print(f"   {label:<22}" + "  ".join(f"{name} {value:.3f}" for name, value in scores.items()))
 
-    print("4. In a fresh Python process where hf_moe cannot be imported (as for a Hub user):")
+    print("   (the entropy falls; on this toy's weak text tower accuracy need not follow: see the README's experiment)")
+    for when, weights in routing.items():
+        for name, row in zip(DEMO_TASKS, weights):
+            print(f"   a {name} image's routing weights, last block, {when}: " + ", ".join(f"{w:+.3f}" for w in row))
+
+    print("5. Saved, then reloaded in a fresh Python process where hf_moe cannot be imported (as for a Hub user):")
+    with atomic_output_dir(output_dir / "wemoe-tta", overwrite=True) as tmp:
+        wemoe.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    with torch.no_grad():
+        in_process = wemoe.get_image_features(pixel_values=pixel_values).pooler_output
     pixels_path = output_dir / "wemoe-demo-pixels.pt"
     torch.save(pixel_values, pixels_path)
     child = subprocess.run(
-        [sys.executable, "-c", HUB_USER_SCRIPT, str(output_dir / "wemoe"), str(pixels_path)],
+        [sys.executable, "-c", HUB_USER_SCRIPT, str(output_dir / "wemoe-tta"), str(pixels_path)],
         capture_output=True,
         text=True,
     )
     pixels_path.unlink()
     if child.returncode != 0:
-        raise RuntimeError(f"Loading {output_dir / 'wemoe'} without hf_moe failed:\n{child.stderr}")
+        raise RuntimeError(f"Loading {output_dir / 'wemoe-tta'} without hf_moe failed:\n{child.stderr}")
     reloaded = json.loads(child.stdout.strip().splitlines()[-1])
     difference = (torch.tensor(reloaded["features"]) - in_process).abs().max().item()
     print(f"   loaded {reloaded['class']}; max |reloaded - in-process| image feature = {difference:.2e}")
@@ -169,7 +224,7 @@ def run(output_dir: Path, finetune_steps: int = 200, seed: int = 0) -> dict:
         "tasks": list(DEMO_TASKS),
         "num_test_images": {name: len(task.labels("test")) for name, task in tasks.items()},
         "accuracy": accuracy,
-        "routing_weights_last_block": routing.tolist(),
+        "routing_weights_last_block": routing,
         "reloaded_class": reloaded["class"],
         "reload_max_difference": difference,
     }
