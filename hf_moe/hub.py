@@ -287,3 +287,22 @@ def push_to_hub(
     )
     logger.info(f"Pushed {folder} to {repo_url}")
     return str(repo_url)
+
+
+def push_training_output(folder: str | Path, training_args) -> str | None:
+    """The training commands' `--push_to_hub` (TrainingArguments' flags): upload the final model in `folder` to
+    `--hub_model_id` (default: the output folder's name) from the main process only, leaving out what the run keeps
+    beside the model (its checkpoints, job record and logs). Returns the repo URL, or None when not pushing."""
+    from accelerate import PartialState
+
+    from .training import JOB_FILE
+
+    if not training_args.push_to_hub or not PartialState().is_main_process:
+        return None
+    return push_to_hub(
+        folder,
+        training_args.hub_model_id or Path(training_args.output_dir).name,
+        token=training_args.hub_token,
+        private=training_args.hub_private_repo,
+        ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
+    )

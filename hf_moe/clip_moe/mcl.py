@@ -31,6 +31,7 @@ from ..conversion.upcycle_clip import save_with_processor, upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..evaluation import projected_embeddings
 from ..fileio import atomic_output_dir, atomic_output_file
+from ..hub import push_training_output
 from ..loading import load_config, load_pretrained
 from ..modeling import stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
@@ -276,7 +277,7 @@ def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> 
     job.check()
     if job.is_complete() and moe_dir.is_dir():
         logger.warning(f"MCL in {root} is already complete; nothing to do (the CLIP-MoE is {moe_dir}).")
-        _maybe_push(moe_dir, training_args)
+        push_training_output(moe_dir, training_args)
         return moe_dir
 
     dataset = add_index_column(load_image_text_dataset(mcl_args.data, streaming=False))
@@ -303,7 +304,7 @@ def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> 
             _build_moe(mcl_args, training_args, stage_dirs, moe_dir)
         job.mark_complete()
     state.wait_for_everyone()
-    _maybe_push(moe_dir, training_args)
+    push_training_output(moe_dir, training_args)
     return moe_dir
 
 
@@ -336,19 +337,6 @@ def _how_built(mcl_args, training_args) -> str:
         f"{mcl_args.num_experts - 1} further stages fine-tunes a fresh copy of it (MLPs only) on batches drawn "
         f"from one accumulated ({mcl_args.image_clusters} image x {mcl_args.text_clusters} text) k-means cluster; "
         f"expert i = stage i, top-{mcl_args.top_k} routing.\n\n| option | value |\n| --- | --- |\n{rows}"
-    )
-
-
-def _maybe_push(folder: Path, training_args) -> None:
-    if not training_args.push_to_hub or not PartialState().is_main_process:
-        return
-    from ..hub import push_to_hub
-
-    push_to_hub(
-        folder,
-        training_args.hub_model_id or Path(training_args.output_dir).name,
-        token=training_args.hub_token,
-        private=training_args.hub_private_repo,
     )
 
 

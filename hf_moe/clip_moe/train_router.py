@@ -17,9 +17,9 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
 from ..data import ImageTextCollator, load_image_text_dataset
+from ..hub import push_training_output
 from ..loading import check_model_path, load_pretrained
 from ..training import (
-    JOB_FILE,
     TrainingJob,
     input_fingerprint,
     last_complete_checkpoint,
@@ -75,7 +75,7 @@ def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETra
     job.check()
     if job.is_complete() and (output_dir / "config.json").is_file():
         logger.warning(f"Router training in {output_dir} is already complete; nothing to do.")
-        _maybe_push(output_dir, training_args)
+        push_training_output(output_dir, training_args)
         return output_dir
 
     model = load_pretrained(
@@ -105,7 +105,7 @@ def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETra
         _write_card(output_dir, script_args, training_args)
         job.mark_complete(global_step=trainer.state.global_step)
     PartialState().wait_for_everyone()
-    _maybe_push(output_dir, training_args)
+    push_training_output(output_dir, training_args)
     return output_dir
 
 
@@ -125,21 +125,6 @@ def _write_card(output_dir: Path, script_args, training_args) -> None:
         ),
         tags=("clip", "clip-moe"),
         model_name=training_args.hub_model_id,
-    )
-
-
-def _maybe_push(output_dir: Path, training_args) -> None:
-    if not training_args.push_to_hub or not PartialState().is_main_process:
-        return
-    from ..hub import push_to_hub
-
-    push_to_hub(
-        output_dir,
-        training_args.hub_model_id or output_dir.name,
-        token=training_args.hub_token,
-        private=training_args.hub_private_repo,
-        # The model folder is also the run folder: its checkpoints and job record are not the model.
-        ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
     )
 
 

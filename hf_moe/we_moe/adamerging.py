@@ -208,10 +208,10 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
     `training_args.output_dir`. Resumable as `hf-moe tta-wemoe` (same job record and checkpoints)."""
     from accelerate import PartialState
 
-    from ..hub import write_model_card
+    from ..hub import push_training_output, write_model_card
     from ..merging import load_for_merge, load_processor, task_vectors
     from ..training import input_fingerprint, last_complete_checkpoint
-    from .tta import TaskBatches, TTATrainer, _maybe_push, load_tasks, tta_job, zero_shot_heads
+    from .tta import TaskBatches, TTATrainer, load_tasks, tta_job, zero_shot_heads
 
     output_dir = Path(training_args.output_dir)
     job = tta_job(script_args, training_args, command="adamerging")
@@ -220,7 +220,7 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
     job.check()
     if job.is_complete() and (output_dir / "config.json").is_file():
         logger.warning(f"AdaMerging in {output_dir} is already complete; nothing to do.")
-        _maybe_push(output_dir, training_args)
+        push_training_output(output_dir, training_args)
         return output_dir
     datasets, class_names, templates = load_tasks(script_args)
     model, base_state, finetuned_states = load_for_merge(script_args.pretrained, script_args.finetuned)
@@ -273,7 +273,7 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
         )
         job.mark_complete(global_step=trainer.state.global_step)
     PartialState().wait_for_everyone()
-    _maybe_push(output_dir, training_args)
+    push_training_output(output_dir, training_args)
     return output_dir
 
 

@@ -27,6 +27,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..evaluation import _EvalMode, class_embeddings, projected_embeddings
+from ..hub import push_training_output
 from ..training import freeze_all_but
 
 
@@ -387,7 +388,7 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
     job.check()
     if job.is_complete() and (output_dir / "config.json").is_file():
         logger.warning(f"Test-time adaptation in {output_dir} is already complete; nothing to do.")
-        _maybe_push(output_dir, training_args)
+        push_training_output(output_dir, training_args)
         return output_dir
 
     datasets, class_names, templates = load_tasks(script_args)
@@ -423,7 +424,7 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
         _write_card(output_dir, script_args, training_args, class_names)
         job.mark_complete(global_step=trainer.state.global_step)
     PartialState().wait_for_everyone()
-    _maybe_push(output_dir, training_args)
+    push_training_output(output_dir, training_args)
     return output_dir
 
 
@@ -453,23 +454,6 @@ def _write_card(output_dir: Path, script_args, training_args, class_names: dict)
         ),
         tags=("clip", "we-moe", "model-merging"),
         model_name=training_args.hub_model_id,
-    )
-
-
-def _maybe_push(output_dir: Path, training_args) -> None:
-    from accelerate import PartialState
-
-    if not training_args.push_to_hub or not PartialState().is_main_process:
-        return
-    from ..hub import push_to_hub
-    from ..training import JOB_FILE
-
-    push_to_hub(
-        output_dir,
-        training_args.hub_model_id or output_dir.name,
-        token=training_args.hub_token,
-        private=training_args.hub_private_repo,
-        ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
     )
 
 
