@@ -18,10 +18,10 @@ import torch
 from transformers.utils import logging
 
 from ..fileio import check_output_dir
+from ..hub import check_hub_model_id
 from ..modeling import CLIPMoEModel
 from ..modeling.configuration_clip_moe import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_TEXT_LENGTH
 from .upcycle_clip import (
-    check_hub_model_id,
     clip_moe_config_from_dense,
     command_line,
     load_dense_clip_config,

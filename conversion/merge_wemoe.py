@@ -19,13 +19,12 @@ import torch
 from transformers.utils import logging
 
 from ..fileio import check_output_dir
+from ..hub import check_hub_model_id, save_model_folder
 from ..merging import (
-    check_hub_model_id,
     clip_vision_kind,
     get_merge_method,
     load_for_merge,
     load_processor,
-    save_model_folder,
     task_vectors,
 )
 from ..modeling.configuration_we_moe import WEMoEConfig, WEMoEVisionConfig

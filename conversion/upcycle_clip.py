@@ -17,9 +17,8 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
-from ..fileio import atomic_output_dir, check_output_dir
-from ..hub import push_to_hub as push_folder_to_hub
-from ..hub import write_model_card
+from ..fileio import check_output_dir
+from ..hub import check_hub_model_id, save_model_folder
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
@@ -265,21 +264,6 @@ def upcycle_how_built(bases: list, config: CLIPMoEConfig, seed: int, command: st
     return f"{method}\n\n{towers}\n\n```bash\n{command}\n```"
 
 
-def check_hub_model_id(output_dir: str | Path, push_to_hub: bool, hub_model_id: str | None) -> str | None:
-    """The repo a folder is pushed to (default, as in `TrainingArguments`: the output folder's name), checked
-    before any work so that a bad id does not surface after a long conversion."""
-    if not push_to_hub:
-        return hub_model_id
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    hub_model_id = hub_model_id or Path(output_dir).name
-    try:
-        validate_repo_id(hub_model_id)
-    except HFValidationError as err:
-        raise ValueError(f"--hub_model_id '{hub_model_id}' is not a valid Hub repo id: {err}") from err
-    return hub_model_id
-
-
 def save_with_processor(
     model: CLIPMoEModel,
     base: str | Path | None,
@@ -306,19 +290,21 @@ def save_with_processor(
             processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
         except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
             logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
-    with atomic_output_dir(output_dir, overwrite, inputs=[base, *inputs]) as tmp:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        if card is not None:
-            card = dict(card)
-            if processor is None and card.get("usage") is None:
-                # Without a processor, neither AutoProcessor nor pipeline() can work from this folder.
-                card["usage"] = model_only_usage(card.get("model_name") or Path(output_dir).name)
-            write_model_card(tmp, **card)
-    if push_to_hub:
-        url = push_folder_to_hub(output_dir, hub_model_id, token=hub_token, private=hub_private_repo)
-        logger.info(f"Pushed {output_dir} to {url}")
+    if card is not None and processor is None and card.get("usage") is None:
+        # Without a processor, neither AutoProcessor nor pipeline() can work from this folder.
+        card = {**card, "usage": model_only_usage(card.get("model_name") or Path(output_dir).name)}
+    save_model_folder(
+        model,
+        processor,
+        output_dir,
+        overwrite=overwrite,
+        card=card,
+        inputs=[base, *inputs],
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        hub_token=hub_token,
+        hub_private_repo=hub_private_repo,
+    )
 
 
 def model_only_usage(model_id: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 from transformers.utils import logging
 
-from .fileio import atomic_output_file
+from .fileio import atomic_output_dir, atomic_output_file
 
 
 logger = logging.get_logger(__name__)
@@ -289,6 +289,10 @@ def push_to_hub(
     return str(repo_url)
 
 
+# `save_model_folder`'s `push_to_hub` flag (TrainingArguments' name) shadows the function there.
+_upload = push_to_hub
+
+
 def push_training_output(folder: str | Path, training_args) -> str | None:
     """The training commands' `--push_to_hub` (TrainingArguments' flags): upload the final model in `folder` to
     `--hub_model_id` (default: the output folder's name) from the main process only, leaving out what the run keeps
@@ -306,3 +310,42 @@ def push_training_output(folder: str | Path, training_args) -> str | None:
         private=training_args.hub_private_repo,
         ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
     )
+
+
+def check_hub_model_id(output_dir: str | Path, push_to_hub: bool, hub_model_id: str | None) -> str | None:
+    """The repo a folder is pushed to (default: the output folder's name), validated before any work."""
+    if not push_to_hub:
+        return hub_model_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hub_model_id = hub_model_id or Path(output_dir).name
+    try:
+        validate_repo_id(hub_model_id)
+    except HFValidationError as err:
+        raise ValueError(f"--hub_model_id '{hub_model_id}' is not a valid Hub repo id: {err}") from err
+    return hub_model_id
+
+
+def save_model_folder(
+    model,
+    processor,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    card: dict | None = None,
+    inputs: Iterable = (),
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
+) -> None:
+    """`model.save_pretrained`, the processor and a model card (`write_model_card` keywords) written atomically to
+    `output_dir`; then the folder is uploaded to `hub_model_id` if `push_to_hub`."""
+    with atomic_output_dir(output_dir, overwrite, inputs=inputs) as tmp:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if card is not None:
+            write_model_card(tmp, **card)
+    if push_to_hub:
+        _upload(output_dir, hub_model_id, token=hub_token, private=hub_private_repo)

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .fileio import atomic_output_dir, check_output_dir
-from .hub import push_to_hub as push_folder_to_hub
-from .hub import write_model_card
+from .fileio import check_output_dir
+from .hub import check_hub_model_id, save_model_folder
 from .loading import load_config, load_pretrained
 
 
@@ -317,46 +316,6 @@ def load_processor(name_or_path: str | Path):
             reason = err
     logger.warning(f"No processor could be loaded from '{name_or_path}' ({reason}); the output folder will lack one.")
     return None
-
-
-def save_model_folder(
-    model,
-    processor,
-    output_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    card: dict | None = None,
-    inputs: Sequence = (),
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-) -> None:
-    """`model.save_pretrained`, the processor and a model card (`write_model_card` keywords) written atomically to
-    `output_dir`; then the folder is uploaded to `hub_model_id` if `push_to_hub`."""
-    with atomic_output_dir(output_dir, overwrite, inputs=inputs) as tmp:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        if card is not None:
-            write_model_card(tmp, **card)
-    if push_to_hub:
-        url = push_folder_to_hub(output_dir, hub_model_id, token=hub_token, private=hub_private_repo)
-        logger.info(f"Pushed {output_dir} to {url}")
-
-
-def check_hub_model_id(output_dir: str | Path, push_to_hub: bool, hub_model_id: str | None) -> str | None:
-    """The repo a folder is pushed to (default: the output folder's name), validated before any work."""
-    if not push_to_hub:
-        return hub_model_id
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    hub_model_id = hub_model_id or Path(output_dir).name
-    try:
-        validate_repo_id(hub_model_id)
-    except HFValidationError as err:
-        raise ValueError(f"--hub_model_id '{hub_model_id}' is not a valid Hub repo id: {err}") from err
-    return hub_model_id
 
 
 def vision_usage(model_id: str) -> str:

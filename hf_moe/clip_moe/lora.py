@@ -31,8 +31,9 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers.utils import logging
 
-from ..conversion.upcycle_clip import check_hub_model_id, save_with_processor
+from ..conversion.upcycle_clip import save_with_processor
 from ..fileio import check_output_dir
+from ..hub import check_hub_model_id
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEModel
 
