@@ -7,7 +7,7 @@ code and registers every family with transformers' Auto classes, after which
 `AutoModel.from_pretrained(folder)` works in process without `trust_remote_code`.
 
 Layout: shared modules (`data`, `losses`, `training`, `clustering`, `evaluation`, `hub`, `fileio`, `cli`) and
-one subpackage per family (`clip_moe`); families import shared modules, never each other.
+one subpackage per family (`clip_moe`, `we_moe`); families import shared modules, never each other.
 """
 
 import importlib
@@ -24,6 +24,11 @@ _MODELING_EXPORTS = (
     "CLIPMoEVisionConfig",
     "CLIPMoEVisionModel",
     "CLIPMoEVisionModelWithProjection",
+    "WEMoECLIPModel",
+    "WEMoECLIPVisionModel",
+    "WEMoECLIPVisionModelWithProjection",
+    "WEMoEConfig",
+    "WEMoEVisionConfig",
 )
 __all__ = ["__version__", *_MODELING_EXPORTS]
 
