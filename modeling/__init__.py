@@ -7,9 +7,16 @@ imported it `AutoModel.from_pretrained(folder)` works without `trust_remote_code
 package's, not the Hub's: only the flat `configuration_*` / `modeling_*` / `moe.py` files travel.)
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForZeroShotImageClassification,
+)
 
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .configuration_moiie import MoIIEConfig
 from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
 from .modeling_clip_moe import (
     CLIPMoEModel,
@@ -21,6 +28,7 @@ from .modeling_clip_moe import (
     CLIPMoEVisionModelWithProjection,
     stretch_text_positions,
 )
+from .modeling_moiie import MoIIECausalLMOutputWithPast, MoIIEModel, MoIIEPhi3ForCausalLM, MoIIEPreTrainedModel
 from .modeling_we_moe import (
     PerSampleMergedLinear,
     WEMoECLIPModel,
@@ -42,6 +50,7 @@ AUTO_CLASSES = [
     (CLIPMoEVisionConfig, {AutoModel: CLIPMoEVisionModel}),
     (WEMoEConfig, {AutoModel: WEMoECLIPModel, AutoModelForZeroShotImageClassification: WEMoECLIPModel}),
     (WEMoEVisionConfig, {AutoModel: WEMoECLIPVisionModel}),
+    (MoIIEConfig, {AutoModelForCausalLM: MoIIEPhi3ForCausalLM, AutoModelForImageTextToText: MoIIEPhi3ForCausalLM}),
 ]
 
 

@@ -1,0 +1,449 @@
+# Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
+"""MoIIE: a LLaVA-shaped vision-language model (SigLIP -> MLP projector -> Phi-3) whose MoE decoder layers
+route vision tokens over vision + shared experts and language tokens over shared + language experts.
+
+Saved folders carry this file, configuration_moiie.py and moe.py, so `trust_remote_code=True` loads them anywhere.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3Model
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder
+
+from .configuration_moiie import MoIIEConfig
+from .moe import MoETopKRouter, load_balancing_loss
+
+
+@dataclass
+class MoIIEModelOutputWithPast(BaseModelOutputWithPast):
+    r"""router_logits: per MoE layer, in layer order, the logits of its routers over all tokens (`"moiie"`: the
+    vision router's then the language router's; `"vanilla"`: the one router's). image_hidden_states: projected
+    image features, `(num_images, tokens_per_image, hidden_size)`."""
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class MoIIECausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""loss: LM loss + router_aux_loss_coef * (vision_aux_loss + language_aux_loss) when router logits are output.
+    vision_aux_loss / language_aux_loss: Mixtral balance loss of each modality's non-padding tokens over all MoE
+    layers (unweighted). router_logits, image_hidden_states: as in [`MoIIEModelOutputWithPast`]."""
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    vision_aux_loss: torch.Tensor | None = None
+    language_aux_loss: torch.Tensor | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+class MoIIERouter(MoETopKRouter):
+    """Bias-free router over `num_experts` experts: fp32 softmax, top-k, renormalised (moe.py's router)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        nn.Module.__init__(self)
+        self.top_k, self.num_experts, self.norm_topk_prob, self.hidden_dim = top_k, num_experts, True, hidden_size
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+
+@use_experts_implementation
+class MoIIEExperts(nn.Module):
+    """Phi-3 gated MLP experts packed as 3-D parameters: `down(up * act(gate))`, `gate_up_proj` = [gate; up]."""
+
+    def __init__(self, config, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current = nn.functional.linear(up * self.act_fn(gate), self.down_proj[expert_idx])
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, current.to(final.dtype))
+        return final
+
+
+class MoIIESparseBlock(nn.Module):
+    """The MoE MLP of a MoIIE decoder layer; experts ordered [vision..., shared..., language...]."""
+
+    def __init__(self, config: MoIIEConfig, text_config):
+        super().__init__()
+        self.variant = config.variant
+        self.num_vision = config.num_vision_experts
+        self.num_shared = config.num_shared_experts
+        self.jitter_noise = config.router_jitter_noise
+        hidden, top_k = text_config.hidden_size, config.num_experts_per_tok
+        if self.variant == "moiie":
+            self.vision_router = MoIIERouter(hidden, self.num_vision + self.num_shared, top_k)
+            self.language_router = MoIIERouter(hidden, self.num_shared + config.num_language_experts, top_k)
+        elif self.variant == "vanilla":
+            self.router = MoIIERouter(hidden, config.num_local_experts, top_k)
+        self.experts = MoIIEExperts(text_config, config.num_local_experts)
+
+    def forward(self, hidden_states: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, input_shape[-1])
+        is_vision = token_type_ids.reshape(-1, 1).to(hidden_states.device) == 1
+        router_input = hidden_states
+        if self.training and self.jitter_noise > 0:
+            router_input = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+        if self.variant == "moiie":
+            _, vision_weights, vision_index = self.vision_router(router_input)
+            _, language_weights, language_index = self.language_router(router_input)
+            top_k_index = torch.where(is_vision, vision_index, language_index + self.num_vision)
+            top_k_weights = torch.where(is_vision, vision_weights, language_weights)
+        elif self.variant == "vanilla":
+            _, top_k_weights, top_k_index = self.router(router_input)
+        else:  # "modality": the first vision expert, or the first language expert
+            top_k_index = torch.where(is_vision, 0, self.num_vision + self.num_shared)
+            top_k_weights = torch.ones(top_k_index.shape, device=hidden_states.device)
+        hidden_states = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        return hidden_states.reshape(input_shape)
+
+
+class MoIIEPhi3DecoderLayer(Phi3DecoderLayer):
+    """Phi-3's decoder layer whose MLP, in MoE layers, is a [`MoIIESparseBlock`] fed the tokens' modality."""
+
+    def __init__(self, text_config, layer_idx: int, config: MoIIEConfig):
+        super().__init__(text_config, layer_idx)
+        self.is_moe = config.variant != "dense" and layer_idx in config.moe_layers
+        if self.is_moe:
+            self.mlp = MoIIESparseBlock(config, text_config)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=False,
+        position_embeddings=None,
+        token_type_ids=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + self.resid_attn_dropout(hidden_states)
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if self.is_moe:
+            if token_type_ids is None:  # decode steps and text-only calls: language tokens
+                token_type_ids = torch.zeros(hidden_states.shape[:-1], dtype=torch.long, device=hidden_states.device)
+            hidden_states = self.mlp(hidden_states, token_type_ids)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + self.resid_mlp_dropout(hidden_states)
+
+
+def _init_moiie_module(module, std: float):
+    if isinstance(module, MoIIEExperts):
+        init.normal_(module.gate_up_proj, std=std)
+        init.normal_(module.down_proj, std=std)
+    elif isinstance(module, MoIIERouter):
+        init.normal_(module.weight, std=std)
+
+
+class MoIIEPhi3TextModel(Phi3Model):
+    """transformers' Phi-3 decoder with [`MoIIEPhi3DecoderLayer`]s; `token_type_ids` (1 = image) reach the MoE MLPs."""
+
+    _can_record_outputs = {**Phi3Model._can_record_outputs, "router_logits": OutputRecorder(MoIIERouter, index=0)}
+
+    def __init__(self, text_config, config: MoIIEConfig):
+        super().__init__(text_config)
+        self.layers = nn.ModuleList(
+            [MoIIEPhi3DecoderLayer(text_config, i, config) for i in range(text_config.num_hidden_layers)]
+        )
+        self._can_record_outputs = {
+            "hidden_states": MoIIEPhi3DecoderLayer,
+            **{k: v for k, v in self._can_record_outputs.items() if k != "hidden_states"},
+        }
+        self.post_init()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the experts decorator is in this file, not in Phi-3's
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_moiie_module(module, self.config.initializer_range)
+
+
+class MoIIEProjector(nn.Module):
+    """`mlp2x_gelu`: Linear -> GELU -> Linear from the vision width to the decoder width."""
+
+    def __init__(self, config: MoIIEConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class MoIIEPreTrainedModel(PreTrainedModel):
+    config: MoIIEConfig
+    config_class = MoIIEConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoIIEPhi3DecoderLayer", "SiglipEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # transformers looks for the experts decorator in this file's source
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        _init_moiie_module(module, self.config.text_config.initializer_range)
+
+
+class MoIIEModel(MoIIEPreTrainedModel):
+    """Vision tower, projector and MoIIE decoder (no LM head)."""
+
+    def __init__(self, config: MoIIEConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = MoIIEProjector(config)
+        self.language_model = MoIIEPhi3TextModel(config.text_config, config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features of the chosen vision hidden layer: `(num_images, tokens_per_image, hidden_size)`."""
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True)
+        return self.multi_modal_projector(outputs.hidden_states[self.config.vision_feature_layer])
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        token_type_ids=None,
+        use_cache=None,
+        output_router_logits=None,
+        **kwargs,
+    ) -> MoIIEModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if token_type_ids is None or token_type_ids.shape != inputs_embeds.shape[:-1]:
+            if input_ids is not None:
+                token_type_ids = (input_ids == self.config.image_token_id).long()
+            else:
+                token_type_ids = torch.zeros(inputs_embeds.shape[:-1], dtype=torch.long, device=inputs_embeds.device)
+        image_mask = token_type_ids == 1
+        num_image_tokens = int(image_mask.sum())
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values.to(self.vision_tower.dtype))
+            num_features = image_features.shape[0] * image_features.shape[1]
+            if num_features != num_image_tokens:
+                raise ValueError(
+                    f"Image features and image tokens do not match: {image_features.shape[0]} image(s) of "
+                    f"{image_features.shape[1]} tokens give {num_features} features, but the batch holds "
+                    f"{num_image_tokens} image tokens (image_token_id={self.config.image_token_id})."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
+            )
+        elif num_image_tokens and (cache is None or cache.get_seq_length() == 0):
+            raise ValueError(f"The batch holds {num_image_tokens} image tokens but no pixel_values were given.")
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            token_type_ids=token_type_ids,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        return MoIIEModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.get("router_logits"),
+            image_hidden_states=image_features,
+        )
+
+
+class MoIIEPhi3ForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
+    """MoIIE with a Phi-3 decoder and its LM head.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_pretrained("path/to/moiie", trust_remote_code=True)
+    >>> out = model(input_ids=ids, pixel_values=pixels, labels=ids, output_router_logits=True)
+    >>> out.loss, out.vision_aux_loss, out.language_aux_loss
+    ```"""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: MoIIEConfig):
+        super().__init__(config)
+        self.model = MoIIEModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def modality_masks(self, token_type_ids, attention_mask):
+        """Float `(batch, seq)` masks of the non-padding vision and language tokens."""
+        valid = torch.ones_like(token_type_ids, dtype=torch.bool)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -token_type_ids.shape[1] :].bool()
+        return (valid & (token_type_ids == 1)).float(), (valid & (token_type_ids != 1)).float()
+
+    def balance_losses(self, router_logits, token_type_ids, attention_mask):
+        """(vision_aux_loss, language_aux_loss): unweighted Mixtral balance losses, padding excluded."""
+        config = self.config
+        if not router_logits:
+            return None, None
+        vision_mask, language_mask = self.modality_masks(token_type_ids, attention_mask)
+        if config.variant == "moiie":
+            vision_logits, language_logits = router_logits[0::2], router_logits[1::2]
+            vision_experts = config.num_vision_experts + config.num_shared_experts
+            language_experts = config.num_shared_experts + config.num_language_experts
+        else:
+            vision_logits = language_logits = router_logits
+            vision_experts = language_experts = config.num_local_experts
+        losses = []
+        for logits, experts, mask in (
+            (vision_logits, vision_experts, vision_mask),
+            (language_logits, language_experts, language_mask),
+        ):
+            if mask.sum() == 0:
+                losses.append(torch.zeros((), device=logits[0].device))
+            else:
+                losses.append(load_balancing_loss(logits, experts, config.num_experts_per_tok, mask))
+        return tuple(losses)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        token_type_ids=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoIIECausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if input_ids is not None and (token_type_ids is None or token_type_ids.shape != input_ids.shape):
+            token_type_ids = (input_ids == self.config.image_token_id).long()
+            if cache is not None and cache.get_seq_length() > 0 and pixel_values is None:
+                token_type_ids = torch.zeros_like(input_ids)  # decode steps are language tokens
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        vision_aux_loss = language_aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(hidden_states.shape[:-1], dtype=torch.long, device=hidden_states.device)
+            vision_aux_loss, language_aux_loss = self.balance_losses(
+                outputs.router_logits, token_type_ids, attention_mask
+            )
+            if loss is not None:
+                coef = self.config.router_aux_loss_coef
+                loss = loss + coef * (vision_aux_loss + language_aux_loss).to(loss.device)
+        return MoIIECausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            vision_aux_loss=vision_aux_loss,
+            language_aux_loss=language_aux_loss,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+MoIIEConfig.register_for_auto_class()
+MoIIEPhi3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MoIIEPhi3ForCausalLM.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "MoIIECausalLMOutputWithPast",
+    "MoIIEModel",
+    "MoIIEModelOutputWithPast",
+    "MoIIEPhi3ForCausalLM",
+    "MoIIEPreTrainedModel",
+    "MoIIESparseBlock",
+]

@@ -1,0 +1,210 @@
+"""MoIIE (SigLIP -> projector -> Phi-3 with intra-/inter-modality experts): equivalence with the dense model,
+modality-respecting routing, several images per sample, padding-free balance losses, cached generation and
+a fresh-process load without hf_moe."""
+
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_moe.modeling import MoIIEConfig, MoIIEPhi3ForCausalLM
+
+from conftest import experts_implementations
+from helpers import run_without_hf_moe
+
+
+IMAGE_TOKEN = 99
+TOKENS_PER_IMAGE = 4  # 16 x 16 pixels in 8 x 8 patches
+
+
+def tiny_config(**kwargs) -> MoIIEConfig:
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16)
+    text = dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
+    text.update(vocab_size=100, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return MoIIEConfig(
+        vision_config={**vision, "patch_size": 8}, text_config=text, image_token_id=IMAGE_TOKEN, **kwargs
+    )
+
+
+def tiny_model(seed: int = 0, **kwargs) -> MoIIEPhi3ForCausalLM:
+    torch.manual_seed(seed)
+    return MoIIEPhi3ForCausalLM(tiny_config(**kwargs)).eval()
+
+
+def batch(images_per_row=(1, 2), seq_len: int = 14, pad: int = 0, seed: int = 0):
+    """Token ids with `images_per_row[i]` image blocks in row i; the last `pad` tokens of row 0 are padding."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 90, (len(images_per_row), seq_len), generator=generator)
+    for row, count in enumerate(images_per_row):
+        for image in range(count):
+            start = 1 + image * (TOKENS_PER_IMAGE + 1)
+            input_ids[row, start : start + TOKENS_PER_IMAGE] = IMAGE_TOKEN
+    attention_mask = torch.ones_like(input_ids)
+    if pad:
+        input_ids[0, -pad:] = 0
+        attention_mask[0, -pad:] = 0
+    pixel_values = torch.randn(sum(images_per_row), 3, 16, 16, generator=generator)
+    pixel_values = pixel_values if sum(images_per_row) else None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def copy_dense_into_experts(dense, moe):
+    """Every expert (and the non-MoE MLPs) a copy of the dense MLP; routers stay random."""
+    state = dense.state_dict()
+    missing, _ = moe.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for index, layer in enumerate(moe.model.language_model.layers):
+            if layer.is_moe:
+                mlp = dense.model.language_model.layers[index].mlp
+                layer.mlp.experts.gate_up_proj.copy_(mlp.gate_up_proj.weight.expand_as(layer.mlp.experts.gate_up_proj))
+                layer.mlp.experts.down_proj.copy_(mlp.down_proj.weight.expand_as(layer.mlp.experts.down_proj))
+    assert all("router" in key or "experts" in key for key in missing)
+
+
+@pytest.mark.parametrize("implementation", experts_implementations())
+@pytest.mark.parametrize("variant", ["moiie", "vanilla", "modality"])
+def test_experts_copied_from_the_dense_mlp_give_the_dense_logits(variant, implementation):
+    dense = tiny_model(variant="dense")
+    moe = tiny_model(seed=1, variant=variant)
+    copy_dense_into_experts(dense, moe)
+    moe.set_experts_implementation(implementation)
+    inputs = batch(pad=2)
+    with torch.no_grad():
+        expected = dense(**inputs).logits
+        got = moe(**inputs, output_router_logits=True).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def expert_assignment(model, inputs):
+    """Per MoE layer, the (token -> expert set) the experts received, by hooking the experts' forward."""
+    seen = []
+    for layer in model.model.language_model.layers:
+        if layer.is_moe:
+            layer.mlp.experts.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    with torch.no_grad():
+        model(**inputs)
+    return seen
+
+
+def test_modalities_reach_only_their_experts_and_shared_ones():
+    model = tiny_model(num_vision_experts=2, num_shared_experts=2, num_language_experts=2, num_experts_per_tok=2)
+    inputs = batch(images_per_row=(2, 1))
+    is_vision = (inputs["input_ids"] == IMAGE_TOKEN).reshape(-1)
+    assignments = expert_assignment(model, inputs)
+    assert len(assignments) == 2  # layers 1 and 3
+    for index in assignments:
+        assert (index[is_vision] < 4).all()  # vision [0, 1] + shared [2, 3]
+        assert (index[~is_vision] >= 2).all()  # shared [2, 3] + language [4, 5]
+    out = model(**inputs, output_router_logits=True)
+    assert [tuple(r.shape) for r in out.router_logits] == [(28, 4)] * 4  # vision router, language router per layer
+
+
+def test_modality_variant_sends_each_token_to_its_expert():
+    model = tiny_model(variant="modality", num_vision_experts=1, num_shared_experts=2, num_language_experts=1)
+    inputs = batch()
+    is_vision = (inputs["input_ids"] == IMAGE_TOKEN).reshape(-1)
+    for index in expert_assignment(model, inputs):
+        assert index.shape[-1] == 1
+        assert (index[is_vision] == 0).all() and (index[~is_vision] == 3).all()
+
+
+def test_several_images_per_sample_text_only_batches_and_count_mismatch():
+    model = tiny_model()
+    inputs = batch(images_per_row=(2, 2))
+    out = model(**inputs)
+    assert out.image_hidden_states.shape == (4, TOKENS_PER_IMAGE, 32)
+    text_only = batch(images_per_row=(0, 0))
+    text_only["pixel_values"] = None
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    assert model(**text_only).logits.shape == (2, 14, 100) and not calls
+    with pytest.raises(ValueError, match="do not match"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:3])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_padding_is_excluded_from_the_balance_losses():
+    model = tiny_model()
+    inputs = batch(pad=3)
+    out = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    changed = dict(inputs, input_ids=inputs["input_ids"].clone())
+    changed["input_ids"][0, -3:] = 57  # other padding content: losses unchanged
+    again = model(**changed, output_router_logits=True)
+    torch.testing.assert_close(again.vision_aux_loss, out.vision_aux_loss)
+    torch.testing.assert_close(again.language_aux_loss, out.language_aux_loss)
+    lm = model(**inputs, labels=inputs["input_ids"]).loss
+    expected = lm + 0.001 * (out.vision_aux_loss + out.language_aux_loss)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_generate_with_images_matches_uncached_greedy_decoding():
+    model = tiny_model(seed=3)
+    inputs = batch(images_per_row=(1, 2))
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    types = (ids == IMAGE_TOKEN).long()
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=inputs["pixel_values"],
+                token_type_ids=types,
+                use_cache=False,
+            ).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], 1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], 1)
+            types = torch.cat([types, torch.zeros_like(next_token)], 1)
+    assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_experts_per_tok": 4}, "top-k"),
+        ({"variant": "sparse"}, "variant"),
+        ({"moe_layers": [7]}, "moe_layers"),
+        ({"variant": "modality", "num_language_experts": 0}, "modality"),
+        ({"variant": "vanilla", "num_experts_per_tok": 5}, "top-k"),
+        ({"projector_type": "linear"}, "projector_type"),
+    ],
+)
+def test_bad_config_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**kwargs)
+
+
+FRESH = textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder, workdir = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    inputs = torch.load(f"{workdir}/inputs.pt")
+    with torch.no_grad():
+        out = model(**inputs, output_router_logits=True)
+    torch.save({"logits": out.logits, "aux": out.vision_aux_loss, "module": type(model).__module__},
+               f"{workdir}/out.pt")
+    assert not any(name.startswith("hf_moe") for name in sys.modules)
+    """
+)
+
+
+def test_saved_folder_loads_in_a_fresh_process_without_hf_moe(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "moiie")
+    files = {path.name for path in (tmp_path / "moiie").iterdir()}
+    assert {"configuration_moiie.py", "modeling_moiie.py", "moe.py"} <= files
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moiie")) is MoIIEPhi3ForCausalLM
+    inputs = batch(pad=2)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    run_without_hf_moe(FRESH, [tmp_path / "moiie", tmp_path], tmp_path)
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["module"].startswith("transformers_modules")
+    with torch.no_grad():
+        local = model(**inputs, output_router_logits=True)
+    torch.testing.assert_close(remote["logits"], local.logits, atol=0, rtol=0)
+    torch.testing.assert_close(remote["aux"], local.vision_aux_loss, atol=0, rtol=0)
