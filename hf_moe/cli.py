@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from .clip_moe import commands as clip_moe_commands
+from .moiie import commands as moiie_commands
 from .we_moe import commands as we_moe_commands
 
 
@@ -61,6 +62,7 @@ FAMILIES = [
     ("shared", SHARED_COMMANDS),
     ("CLIP-MoE", clip_moe_commands.COMMANDS),
     ("WEMoE", we_moe_commands.COMMANDS),
+    ("MoIIE", moiie_commands.COMMANDS),
 ]
 COMMANDS = {name: entry for _, commands in FAMILIES for name, entry in commands.items()}
 
