@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoModelForZeroShotImageClassification,
+    AutoProcessor,
 )
 
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
@@ -41,6 +42,7 @@ from .modeling_we_moe import (
     per_sample_merged_linear,
 )
 from .moe import MoEMLPExperts, MoESparseBlock, MoETopKRouter, expert_load, load_balancing_loss, router_z_loss
+from .processing_moiie import MoIIEProcessor, num_image_tokens_of
 
 
 # (config, Auto class -> model class) for in-process use; saved folders also carry an `auto_map`.
@@ -60,6 +62,8 @@ def register_auto_classes() -> None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto_class, model_class in models.items():
             auto_class.register(config_class, model_class, exist_ok=True)
+
+    AutoProcessor.register(MoIIEConfig, MoIIEProcessor, exist_ok=True)
 
 
 register_auto_classes()
