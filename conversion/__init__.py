@@ -3,3 +3,4 @@
 from .convert_clip_moe_original import convert_clip_moe_original
 from .merge_wemoe import merge_wemoe
 from .upcycle_clip import upcycle_clip
+from .upcycle_moiie import upcycle_moiie

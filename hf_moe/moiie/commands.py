@@ -1,7 +1,57 @@
 """MoIIE's `hf-moe` sub-commands. Only the standard library is imported here: `hf-moe --help` reads `COMMANDS`
-without importing torch or transformers; each command imports its module when it runs."""
+without importing torch or transformers; each command imports its module when it runs.
+
+    hf-moe upcycle-moiie --llm PHI3_OR_LLAVA [--vision SIGLIP] --num_vision_experts 1 --num_shared_experts 2
+        --num_language_experts 1 --top_k 2 --output_dir DIR [--variant moiie|vanilla|modality|dense]
+        [--projector FOLDER] [--moe_layers 1 3 ...] [--image_token_id ID] [--seed 0]
+"""
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..arguments import HubArguments
 
 
-COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {}
+@dataclass
+class UpcycleMoIIEArguments:
+    llm: str = field(
+        metadata={"help": "Dense Phi-3 (Phi3ForCausalLM), or a dense LLaVA-style folder (then no --vision)."}
+    )
+    output_dir: str = field(metadata={"help": "Folder to write the MoIIE model to (must be new or empty)."})
+    vision: str | None = field(default=None, metadata={"help": "SigLIP (SiglipVisionModel or SiglipModel)."})
+    num_vision_experts: int = field(default=1, metadata={"help": "Vision-only experts per MoE layer."})
+    num_shared_experts: int = field(default=2, metadata={"help": "Shared (inter-modality) experts per MoE layer."})
+    num_language_experts: int = field(default=1, metadata={"help": "Language-only experts per MoE layer."})
+    top_k: int = field(default=2, metadata={"help": "Experts per token of each router."})
+    variant: str = field(default="moiie", metadata={"help": "moiie, vanilla, modality or dense."})
+    moe_layers: list[int] | None = field(
+        default=None, metadata={"help": "MoE decoder-layer indices (default: the odd ones).", "nargs": "+"}
+    )
+    projector: str | None = field(
+        default=None, metadata={"help": "Folder with the mlp2x_gelu projector weights (default: random init)."}
+    )
+    image_token_id: int | None = field(default=None, metadata={"help": "Image placeholder token id."})
+    seed: int = field(default=0, metadata={"help": "Seed of the router (and random projector) initialisation."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+def upcycle_moiie_command(argv: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from ..conversion import upcycle_moiie
+
+    parser = HfArgumentParser(
+        (UpcycleMoIIEArguments, HubArguments),
+        prog="hf-moe upcycle-moiie",
+        description=upcycle_moiie.__doc__.split("\n")[0],
+    )
+    args, hub_args = parser.parse_args_into_dataclasses(argv)
+    options = vars(args)
+    llm, vision, output_dir = options.pop("llm"), options.pop("vision"), options.pop("output_dir")
+    upcycle_moiie(llm, vision, output_dir, **options, **vars(hub_args))
+    print(f"Upcycled {llm} into the {args.variant} MoIIE model {output_dir}")
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "upcycle-moiie": (upcycle_moiie_command, "Upcycle a dense Phi-3 + SigLIP (or a dense LLaVA folder) into MoIIE."),
+}
