@@ -390,10 +390,13 @@ class MoIIEPhi3ForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
     ) -> MoIIECausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if input_ids is not None and (token_type_ids is None or token_type_ids.shape != input_ids.shape):
-            token_type_ids = (input_ids == self.config.image_token_id).long()
-            if cache is not None and cache.get_seq_length() > 0 and pixel_values is None:
-                token_type_ids = torch.zeros_like(input_ids)  # decode steps are language tokens
+        # Decode steps are language tokens, even when `generate()` extends given `token_type_ids` by repeating the
+        # prompt's last value (a prompt ending on an image token would otherwise route its answer as vision).
+        decoding = cache is not None and cache.get_seq_length() > 0 and pixel_values is None
+        if input_ids is not None and (decoding or token_type_ids is None or token_type_ids.shape != input_ids.shape):
+            token_type_ids = (
+                torch.zeros_like(input_ids) if decoding else (input_ids == self.config.image_token_id).long()
+            )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

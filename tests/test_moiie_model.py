@@ -2,6 +2,7 @@
 modality-respecting routing, several images per sample, padding-free balance losses, cached generation and
 a fresh-process load without hf_moe."""
 
+import copy
 import textwrap
 
 import pytest
@@ -159,6 +160,28 @@ def test_generate_with_images_matches_uncached_greedy_decoding():
             mask = torch.cat([mask, torch.ones_like(next_token)], 1)
             types = torch.cat([types, torch.zeros_like(next_token)], 1)
     assert torch.equal(generated, ids)
+
+
+def test_decode_steps_route_as_language_even_with_given_vision_token_type_ids():
+    # generate() extends given token_type_ids by repeating the prompt's last value; a prompt that ends on an image
+    # token would then mark every generated token as vision.
+    model = tiny_model(seed=3)
+    inputs = batch(images_per_row=(1, 1))
+    with torch.no_grad():
+        prefill = model(**inputs, token_type_ids=(inputs["input_ids"] == IMAGE_TOKEN).long(), use_cache=True)
+        next_token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_token)], 1)
+        steps = {}
+        for value in (0, 1):
+            cache = copy.deepcopy(prefill.past_key_values)
+            steps[value] = model(
+                input_ids=next_token,
+                attention_mask=mask,
+                cache=cache,
+                token_type_ids=torch.full_like(next_token, value),
+                use_cache=True,
+            ).logits
+    assert torch.equal(steps[0], steps[1])
 
 
 @pytest.mark.parametrize(
