@@ -1,0 +1,191 @@
+# Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
+"""Trainer subclass for the two MoIIE training stages (METHODS.md section 4).
+
+    pretrain  stage 1: the projector only (official: lr 5e-4);
+    finetune  stage 2, visual instruction tuning: LLM (MoE layers included) + projector (official: lr 2e-5);
+              `moe_only` trains the MoE layers' experts and routers only; `train_vision_tower` adds the
+              vision tower (off by default).
+
+loss = LM loss + router_aux_loss_coef (0.001) * (vision balance loss + language balance loss), as the model
+computes it when `output_router_logits=True` (always passed here). lm_loss, vision_aux_loss, language_aux_loss
+and each modality's expert load per MoE layer go to the Trainer's `report_to` targets at `logging_steps`; they
+are accumulated on the device in between (one host synchronisation per log).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from ..modeling import expert_load
+from ..training import freeze_all_but
+
+
+logger = logging.get_logger(__name__)
+
+STAGES = ("pretrain", "finetune")
+STAGE_LEARNING_RATES = {"pretrain": 5e-4, "finetune": 2e-5}
+EXPERT_LOAD_LOGGING = ("none", "summary", "full")
+PROJECTOR = r"multi_modal_projector\."
+VISION_TOWER = r"vision_tower\."
+MOE_PARAMETERS = r"\.mlp\.(experts|router|vision_router|language_router)\."
+
+
+@dataclass
+class MoIIETrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the MoIIE stage (which parameters train) and the stage's learning rate."""
+
+    stage: Literal["pretrain", "finetune"] = field(
+        default="finetune",
+        metadata={"help": "'pretrain' (stage 1): projector only; 'finetune' (stage 2): LLM + MoE + projector."},
+    )
+    moe_only: bool = field(
+        default=False, metadata={"help": "finetune: train only the MoE layers' experts and routers."}
+    )
+    train_vision_tower: bool = field(default=False, metadata={"help": "finetune: also train the vision tower."})
+    trainable_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Regexes overriding the stage's trainable parameters (names matching one train)."},
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate; unset: the stage's (pretrain 5e-4, finetune 2e-5)."}
+    )
+    log_expert_load: Literal["none", "summary", "full"] = field(
+        default="summary",
+        metadata={
+            "help": "Per-modality expert load at logging_steps. 'summary': per MoE layer and modality the most and "
+            "least loaded expert's share relative to an even share (expert_load/vision/layer_1/max_ratio); "
+            "'full': also every expert's share (.../layer_1/expert_0, global expert indices); 'none': off."
+        },
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Conversations are collated by hand."})
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
+        if self.log_expert_load not in EXPERT_LOAD_LOGGING:
+            raise ValueError(f"log_expert_load must be one of {EXPERT_LOAD_LOGGING}, got {self.log_expert_load!r}.")
+        if self.stage == "pretrain" and (self.moe_only or self.train_vision_tower):
+            raise ValueError(
+                "moe_only and train_vision_tower apply to stage='finetune'; pretrain trains the projector only."
+            )
+        if self.learning_rate is None:
+            self.learning_rate = STAGE_LEARNING_RATES[self.stage]
+        super().__post_init__()
+
+    def stage_parameters(self) -> list[str]:
+        """The regexes of the parameters this stage trains."""
+        if self.trainable_parameters:
+            return list(self.trainable_parameters)
+        if self.stage == "pretrain":
+            return [PROJECTOR]
+        patterns = [MOE_PARAMETERS] if self.moe_only else [PROJECTOR, r"language_model\.", r"lm_head\."]
+        return patterns + ([VISION_TOWER] if self.train_vision_tower else [])
+
+
+class MoIIETrainer(Trainer):
+    """`Trainer` for MoIIE stage 1 / stage 2; batches from `hf_moe.moiie.data.MoIIECollator`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        patterns = self.args.stage_parameters()
+        trainable = freeze_all_but(self.model, patterns)
+        count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        logger.info(f"Stage {self.args.stage}: training {len(trainable)} tensors ({count:,} parameters) {patterns}")
+        self._metric_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._load_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._load_reach: dict[str, tuple[int, int]] = {}  # modality -> (first expert, number) its router reaches
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs, output_router_logits=True, **kwargs)
+        loss = outputs.loss
+        if model.training:  # evaluation batches must not leak into the training log
+            config = self.accelerator.unwrap_model(model).config
+            aux = [outputs.vision_aux_loss, outputs.language_aux_loss]
+            lm_loss = loss
+            if aux[0] is not None:
+                lm_loss = loss - config.router_aux_loss_coef * (aux[0] + aux[1]).to(loss.device)
+            self._record("lm_loss", lm_loss)
+            self._record("vision_aux_loss", aux[0])
+            self._record("language_aux_loss", aux[1])
+            if self.args.log_expert_load != "none" and outputs.router_logits:
+                self._record_expert_load(config, outputs.router_logits, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, name: str, value: torch.Tensor | None) -> None:
+        if value is None:
+            return
+        value = value.detach().float()  # out of place: the backward pass still needs the original
+        total, count = self._metric_sums.get(name, (0.0, 0))
+        self._metric_sums[name] = (total + value, count + 1)
+
+    def _record_expert_load(self, config, router_logits, inputs) -> None:
+        """Each modality's share of routing slots per global expert, `(num_moe_layers, num_local_experts)`."""
+        token_type_ids = inputs["token_type_ids"]
+        valid = inputs.get("attention_mask", torch.ones_like(token_type_ids)).bool()
+        masks = {"vision": valid & (token_type_ids == 1), "language": valid & (token_type_ids != 1)}
+        num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+        if config.variant == "moiie":
+            num_vision, num_shared = config.num_vision_experts, config.num_shared_experts
+            routers = {"vision": (router_logits[0::2], 0), "language": (router_logits[1::2], num_vision)}
+            widths = {"vision": num_vision + num_shared, "language": num_shared + config.num_language_experts}
+        else:
+            routers = {modality: (router_logits, 0) for modality in masks}
+            widths = dict.fromkeys(masks, num_experts)
+        for modality, mask in masks.items():
+            logits, offset = routers[modality]
+            loads = expert_load(logits, top_k, mask.to(logits[0].device)).detach()
+            full = loads.new_zeros(loads.shape[0], num_experts)
+            full[:, offset : offset + widths[modality]] = loads
+            # a batch without this modality's tokens adds nothing (its count does not grow)
+            self._load_reach[modality] = (offset, widths[modality])
+            present = mask.any().to(full)
+            total, count = self._load_sums.get(modality, (0.0, 0.0))
+            self._load_sums[modality] = (total + full * present, count + present)
+
+    def _pop_logged_metrics(self) -> dict[str, float]:
+        names = list(self._metric_sums)
+        parts = [(total / count).reshape(1) for total, count in self._metric_sums.values()]
+        modalities = list(self._load_sums)
+        parts += [(total / count.clamp(min=1)).flatten() for total, count in self._load_sums.values()]
+        shapes = {modality: self._load_sums[modality][0].shape for modality in modalities}
+        present = [self._load_sums[modality][1] for modality in modalities]
+        self._metric_sums, self._load_sums = {}, {}
+        if not parts:
+            return {}
+        packed = torch.cat([part.to(self.args.device) for part in parts + [p.reshape(1) for p in present]])
+        if self.args.world_size > 1:
+            packed = self.accelerator.reduce(packed, reduction="mean")
+        values = packed.tolist()  # the one host synchronisation per log
+        metrics = dict(zip(names, values[: len(names)]))
+        offset = len(names)
+        config = self.accelerator.unwrap_model(self.model).config
+        layers = list(config.moe_layers)
+        seen = values[len(values) - len(modalities) :]
+        for modality, was_seen in zip(modalities, seen):
+            num_layers, num_experts = shapes[modality]
+            if was_seen > 0:
+                for row, layer in enumerate(layers[:num_layers]):
+                    shares = values[offset + row * num_experts : offset + (row + 1) * num_experts]
+                    prefix = f"expert_load/{modality}/layer_{layer}"
+                    first, width = self._load_reach[modality]
+                    reachable = shares[first : first + width]
+                    metrics[f"{prefix}/max_ratio"] = max(reachable) * len(reachable)
+                    metrics[f"{prefix}/min_ratio"] = min(reachable) * len(reachable)
+                    if self.args.log_expert_load == "full":
+                        metrics.update({f"{prefix}/expert_{e}": share for e, share in enumerate(shares)})
+            offset += num_layers * num_experts
+        return metrics
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and (self._metric_sums or self._load_sums):
+            for name, value in self._pop_logged_metrics().items():
+                if value == value:  # not NaN
+                    logs[name] = round(value, 6)
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = ["MoIIETrainer", "MoIIETrainingArguments", "STAGES", "STAGE_LEARNING_RATES"]
