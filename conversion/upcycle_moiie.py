@@ -16,12 +16,13 @@ from transformers.utils import logging
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
 from ..loading import load_config, load_pretrained
-from ..modeling import MoIIEConfig, MoIIEPhi3ForCausalLM
+from ..modeling import MoIIEConfig, MoIIEForCausalLM, MoIIELlamaForCausalLM, MoIIEPhi3ForCausalLM
 
 
 logger = logging.get_logger(__name__)
 
 VISION_TYPES = ("siglip", "siglip_vision_model")
+TEXT_TYPES = ("phi3", "llama")
 # Tokenizer / processor files of the LLM (or LLaVA) folder copied next to the model when present.
 PROCESSOR_FILES = (
     "tokenizer.json",
@@ -49,8 +50,12 @@ def _vision_config(vision, config):
 
 
 def _check_phi3(name, text_config, key="model_type"):
-    if text_config.model_type != "phi3":
-        raise ValueError(f"'{name}' has {key}={text_config.model_type!r}; upcycle-moiie needs a Phi-3 ('phi3').")
+    if text_config.model_type not in TEXT_TYPES:
+        raise ValueError(
+            f"'{name}' has {key}={text_config.model_type!r}; upcycle-moiie needs a Phi-3 ('phi3') or a Llama ('llama')."
+        )
+    if getattr(text_config, "mlp_bias", False):
+        raise ValueError(f"'{name}' has mlp_bias=True; MoIIE's packed experts are bias-free.")
 
 
 def read_projector(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -101,6 +106,10 @@ def upcycle_state_dict(config: MoIIEConfig, dense: dict[str, torch.Tensor]) -> d
         parts = key.split(".")
         if key.startswith("model.language_model.layers.") and int(parts[3]) in moe and parts[4] == "mlp":
             prefix = ".".join(parts[:5])
+            if parts[5] == "up_proj":  # Llama: stacked under its gate_proj
+                continue
+            if parts[5] == "gate_proj":  # Llama's separate gate / up -> the experts' fused [gate; up]
+                value, parts[5] = torch.cat([value, dense[f"{prefix}.up_proj.weight"]]), "gate_up_proj"
             packed = value.unsqueeze(0).expand(experts, *value.shape).clone()
             state[f"{prefix}.experts.{parts[5]}"] = packed  # gate_up_proj / down_proj
         else:
@@ -127,12 +136,14 @@ def upcycle_moiie(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
-) -> MoIIEPhi3ForCausalLM:
-    """Upcycle a dense Phi-3 + SigLIP (+ projector), or a dense LLaVA-style folder, into a MoIIE saved in `output_dir`.
+) -> MoIIEForCausalLM:
+    """Upcycle a dense Phi-3 or Llama + SigLIP (+ projector), or a dense LLaVA-style folder, into a MoIIE in
+    `output_dir`.
 
     Args:
-        llm: A dense `Phi3ForCausalLM` (Hub id or folder), or a `LlavaForConditionalGeneration` with a SigLIP
-            vision config and a Phi-3 text config (then `vision` must be None: tower, projector and LM come from it).
+        llm: A dense `Phi3ForCausalLM` or `LlamaForCausalLM` (Hub id or folder), or a `LlavaForConditionalGeneration`
+            with a SigLIP vision config and a Phi-3 or Llama text config (then `vision` must be None: tower,
+            projector and LM come from it).
         vision: A `SiglipVisionModel` or `SiglipModel` (its vision tower is taken).
         output_dir: Written atomically (nothing left behind on error); may not hold an input.
         num_vision_experts, num_shared_experts, num_language_experts: Experts per MoE layer.
@@ -171,12 +182,12 @@ def upcycle_moiie(
     else:
         _check_phi3(llm, llm_config)
         if vision is None:
-            raise ValueError(f"'{llm}' is a plain Phi-3: pass vision (a SigLIP) as well.")
+            raise ValueError(f"'{llm}' is a plain {llm_config.model_type} LLM: pass vision (a SigLIP) as well.")
         vision_config = _vision_config(vision, load_config(vision, require_moe=False))
         text_config, feature_layer = llm_config, -2
     image_token_id = 32044 if image_token_id is None else image_token_id
     if not 0 <= image_token_id < text_config.vocab_size:
-        raise ValueError(f"image_token_id={image_token_id} is outside the Phi-3 vocab_size {text_config.vocab_size}.")
+        raise ValueError(f"image_token_id={image_token_id} is outside the LLM's vocab_size {text_config.vocab_size}.")
     config = MoIIEConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -203,9 +214,10 @@ def upcycle_moiie(
         dense = load_pretrained(llm, LlavaForConditionalGeneration, config=llm_config).state_dict()
         dtype = dense["lm_head.weight"].dtype
     else:
-        from transformers import AutoModel, Phi3ForCausalLM
+        from transformers import AutoModel, LlamaForCausalLM, Phi3ForCausalLM
 
-        lm = load_pretrained(llm, Phi3ForCausalLM, config=llm_config)
+        lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
+        lm = load_pretrained(llm, lm_class, config=llm_config)
         tower = load_pretrained(vision, AutoModel)
         tower = tower.vision_model if hasattr(tower, "text_model") else tower  # SiglipModel: its vision tower
         dense = {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
@@ -216,13 +228,14 @@ def upcycle_moiie(
         dense.update({f"model.multi_modal_projector.{k}": v for k, v in projector_state.items()})
 
     torch.manual_seed(seed)
-    model = MoIIEPhi3ForCausalLM(config)
+    model_class = {"phi3": MoIIEPhi3ForCausalLM, "llama": MoIIELlamaForCausalLM}[text_config.model_type]
+    model = model_class(config)
     missing, unexpected = model.load_state_dict(upcycle_state_dict(config, dense), strict=False)
     allowed = ("router.weight",) + (("multi_modal_projector.",) if not is_llava and projector is None else ())
     wrong = [key for key in missing if not any(a in key for a in allowed)]
     if wrong or unexpected:
         raise RuntimeError(
-            f"Upcycled state dict does not fit MoIIEPhi3ForCausalLM: missing {wrong}, unexpected {unexpected}"
+            f"Upcycled state dict does not fit {model_class.__name__}: missing {wrong}, unexpected {unexpected}"
         )
     model = model.to(dtype).eval()
     model.config.name_or_path = ""
@@ -230,7 +243,7 @@ def upcycle_moiie(
     card = {
         "base_model": [str(x) for x in (llm, vision) if x is not None],
         "how_built": how_built(llm, vision, projector, is_llava, config, seed),
-        "tags": ["moiie", "phi3", "siglip", "vision-language", "upcycling"],
+        "tags": ["moiie", text_config.model_type, "siglip", "vision-language", "upcycling"],
         "pipeline_tag": "image-text-to-text",
         "usage": usage(hub_model_id or Path(output_dir).name),
         "model_name": hub_model_id or Path(output_dir).name,

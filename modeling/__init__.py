@@ -29,7 +29,14 @@ from .modeling_clip_moe import (
     CLIPMoEVisionModelWithProjection,
     stretch_text_positions,
 )
-from .modeling_moiie import MoIIECausalLMOutputWithPast, MoIIEModel, MoIIEPhi3ForCausalLM, MoIIEPreTrainedModel
+from .modeling_moiie import (
+    MoIIECausalLMOutputWithPast,
+    MoIIEForCausalLM,
+    MoIIELlamaForCausalLM,
+    MoIIEModel,
+    MoIIEPhi3ForCausalLM,
+    MoIIEPreTrainedModel,
+)
 from .modeling_we_moe import (
     PerSampleMergedLinear,
     WEMoECLIPModel,
@@ -52,7 +59,8 @@ AUTO_CLASSES = [
     (CLIPMoEVisionConfig, {AutoModel: CLIPMoEVisionModel}),
     (WEMoEConfig, {AutoModel: WEMoECLIPModel, AutoModelForZeroShotImageClassification: WEMoECLIPModel}),
     (WEMoEVisionConfig, {AutoModel: WEMoECLIPVisionModel}),
-    (MoIIEConfig, {AutoModelForCausalLM: MoIIEPhi3ForCausalLM, AutoModelForImageTextToText: MoIIEPhi3ForCausalLM}),
+    # MoIIEForCausalLM.from_pretrained / _from_config return MoIIEPhi3ForCausalLM or MoIIELlamaForCausalLM.
+    (MoIIEConfig, {AutoModelForCausalLM: MoIIEForCausalLM, AutoModelForImageTextToText: MoIIEForCausalLM}),
 ]
 
 

@@ -9,12 +9,14 @@ from transformers.models.auto.configuration_auto import AutoConfig
 
 
 MOIIE_VARIANTS = ("moiie", "vanilla", "modality", "dense")
+# text_config.model_type -> the model class (in modeling_moiie.py) that a saved folder's auto_map names.
+MOIIE_TEXT_MODELS = {"phi3": "MoIIEPhi3ForCausalLM", "llama": "MoIIELlamaForCausalLM"}
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 
 
 @strict
 class MoIIEConfig(PreTrainedConfig):
-    r"""Configuration of [`MoIIEPhi3ForCausalLM`].
+    r"""Configuration of [`MoIIEPhi3ForCausalLM`] (Phi-3 text config) and [`MoIIELlamaForCausalLM`] (Llama).
 
     Experts of a MoE layer are packed in the order `[vision..., shared..., language...]`. Under `variant="moiie"`
     vision tokens are routed (top-k) over the vision + shared experts and language tokens over the shared +
@@ -24,7 +26,7 @@ class MoIIEConfig(PreTrainedConfig):
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*): The vision tower (SigLIP vision by default).
-        text_config (`dict` or `PreTrainedConfig`, *optional*): The decoder (Phi-3 by default).
+        text_config (`dict` or `PreTrainedConfig`, *optional*): The decoder: Phi-3 (default) or Llama.
         moe_layers (`list[int]`, *optional*): Decoder-layer indices with MoE MLPs; default the odd indices.
         num_vision_experts (`int`, defaults to 1): Vision-only experts per MoE layer.
         num_shared_experts (`int`, defaults to 2): Experts both modalities can reach.
@@ -65,11 +67,18 @@ class MoIIEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.moe_layers is None:
             self.moe_layers = list(range(1, self.text_config.num_hidden_layers, 2))
+        if self.text_config.model_type not in MOIIE_TEXT_MODELS:
+            raise ValueError(
+                f"text_config.model_type must be one of {tuple(MOIIE_TEXT_MODELS)}, "
+                f"got {self.text_config.model_type!r}."
+            )
         if not getattr(self, "auto_map", None):
+            # One config class, one model class per text decoder: the auto_map of each config names its own.
+            model_class = f"modeling_moiie.{MOIIE_TEXT_MODELS[self.text_config.model_type]}"
             self.auto_map = {
                 "AutoConfig": "configuration_moiie.MoIIEConfig",
-                "AutoModelForCausalLM": "modeling_moiie.MoIIEPhi3ForCausalLM",
-                "AutoModelForImageTextToText": "modeling_moiie.MoIIEPhi3ForCausalLM",
+                "AutoModelForCausalLM": model_class,
+                "AutoModelForImageTextToText": model_class,
             }
         self.validate_moe()
 
@@ -119,4 +128,4 @@ class MoIIEConfig(PreTrainedConfig):
             raise ValueError(f"router_jitter_noise must not be negative, got {self.router_jitter_noise}.")
 
 
-__all__ = ["MOIIE_VARIANTS", "MoIIEConfig"]
+__all__ = ["MOIIE_TEXT_MODELS", "MOIIE_VARIANTS", "MoIIEConfig"]

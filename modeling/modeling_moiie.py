@@ -14,11 +14,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3Model
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder
 
-from .configuration_moiie import MoIIEConfig
+from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
 from .moe import MoETopKRouter, load_balancing_loss
 
 
@@ -55,7 +56,8 @@ class MoIIERouter(MoETopKRouter):
 
 @use_experts_implementation
 class MoIIEExperts(nn.Module):
-    """Phi-3 gated MLP experts packed as 3-D parameters: `down(up * act(gate))`, `gate_up_proj` = [gate; up]."""
+    """Gated MLP experts (Phi-3's and Llama's MLP) packed as 3-D parameters: `down(up * act(gate))`,
+    `gate_up_proj` = [gate; up] (Phi-3's fused `gate_up_proj`, or Llama's `gate_proj` and `up_proj` stacked)."""
 
     def __init__(self, config, num_experts: int):
         super().__init__()
@@ -121,8 +123,9 @@ class MoIIESparseBlock(nn.Module):
         return hidden_states.reshape(input_shape)
 
 
-class MoIIEPhi3DecoderLayer(Phi3DecoderLayer):
-    """Phi-3's decoder layer whose MLP, in MoE layers, is a [`MoIIESparseBlock`] fed the tokens' modality."""
+class MoIIEDecoderLayerMixin:
+    """Mixed into a decoder layer class (Phi-3's, Llama's): in MoE layers its MLP is a [`MoIIESparseBlock`] fed the
+    tokens' modality. Phi-3's residual dropouts are applied where the layer has them."""
 
     def __init__(self, text_config, layer_idx: int, config: MoIIEConfig):
         super().__init__(text_config, layer_idx)
@@ -152,7 +155,7 @@ class MoIIEPhi3DecoderLayer(Phi3DecoderLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = residual + self.resid_attn_dropout(hidden_states)
+        hidden_states = residual + self._dropout("resid_attn_dropout", hidden_states)
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.is_moe:
@@ -161,7 +164,19 @@ class MoIIEPhi3DecoderLayer(Phi3DecoderLayer):
             hidden_states = self.mlp(hidden_states, token_type_ids)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + self.resid_mlp_dropout(hidden_states)
+        return residual + self._dropout("resid_mlp_dropout", hidden_states)
+
+    def _dropout(self, name: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        dropout = getattr(self, name, None)
+        return hidden_states if dropout is None else dropout(hidden_states)
+
+
+class MoIIEPhi3DecoderLayer(MoIIEDecoderLayerMixin, Phi3DecoderLayer):
+    """Phi-3's decoder layer with MoIIE MoE MLPs."""
+
+
+class MoIIELlamaDecoderLayer(MoIIEDecoderLayerMixin, LlamaDecoderLayer):
+    """Llama's decoder layer with MoIIE MoE MLPs."""
 
 
 def _init_moiie_module(module, std: float):
@@ -172,30 +187,47 @@ def _init_moiie_module(module, std: float):
         init.normal_(module.weight, std=std)
 
 
-class MoIIEPhi3TextModel(Phi3Model):
-    """transformers' Phi-3 decoder with [`MoIIEPhi3DecoderLayer`]s; `token_type_ids` (1 = image) reach the MoE MLPs."""
+class MoIIETextModelMixin:
+    """Mixed into a decoder model class: its layers are `decoder_layer_class` (a [`MoIIEDecoderLayerMixin`]);
+    `token_type_ids` (1 = image) reach the MoE MLPs."""
 
-    _can_record_outputs = {**Phi3Model._can_record_outputs, "router_logits": OutputRecorder(MoIIERouter, index=0)}
+    decoder_layer_class = None
 
     def __init__(self, text_config, config: MoIIEConfig):
         super().__init__(text_config)
-        self.layers = nn.ModuleList(
-            [MoIIEPhi3DecoderLayer(text_config, i, config) for i in range(text_config.num_hidden_layers)]
-        )
+        layer = self.decoder_layer_class
+        self.layers = nn.ModuleList([layer(text_config, i, config) for i in range(text_config.num_hidden_layers)])
         self._can_record_outputs = {
-            "hidden_states": MoIIEPhi3DecoderLayer,
+            "hidden_states": layer,
             **{k: v for k, v in self._can_record_outputs.items() if k != "hidden_states"},
         }
         self.post_init()
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
-        return True  # the experts decorator is in this file, not in Phi-3's
+        return True  # the experts decorator is in this file, not in the decoder's
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         _init_moiie_module(module, self.config.initializer_range)
+
+
+class MoIIEPhi3TextModel(MoIIETextModelMixin, Phi3Model):
+    """transformers' Phi-3 decoder with [`MoIIEPhi3DecoderLayer`]s."""
+
+    decoder_layer_class = MoIIEPhi3DecoderLayer
+    _can_record_outputs = {**Phi3Model._can_record_outputs, "router_logits": OutputRecorder(MoIIERouter, index=0)}
+
+
+class MoIIELlamaTextModel(MoIIETextModelMixin, LlamaModel):
+    """transformers' Llama decoder with [`MoIIELlamaDecoderLayer`]s."""
+
+    decoder_layer_class = MoIIELlamaDecoderLayer
+    _can_record_outputs = {**LlamaModel._can_record_outputs, "router_logits": OutputRecorder(MoIIERouter, index=0)}
+
+
+TEXT_MODELS = {"phi3": MoIIEPhi3TextModel, "llama": MoIIELlamaTextModel}
 
 
 class MoIIEProjector(nn.Module):
@@ -217,7 +249,7 @@ class MoIIEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MoIIEPhi3DecoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["MoIIEPhi3DecoderLayer", "MoIIELlamaDecoderLayer", "SiglipEncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -233,13 +265,13 @@ class MoIIEPreTrainedModel(PreTrainedModel):
 
 
 class MoIIEModel(MoIIEPreTrainedModel):
-    """Vision tower, projector and MoIIE decoder (no LM head)."""
+    """Vision tower, projector and MoIIE decoder (Phi-3 or Llama, by `text_config.model_type`; no LM head)."""
 
     def __init__(self, config: MoIIEConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = MoIIEProjector(config)
-        self.language_model = MoIIEPhi3TextModel(config.text_config, config)
+        self.language_model = TEXT_MODELS[config.text_config.model_type](config.text_config, config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -315,8 +347,10 @@ class MoIIEModel(MoIIEPreTrainedModel):
         )
 
 
-class MoIIEPhi3ForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
-    """MoIIE with a Phi-3 decoder and its LM head.
+class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
+    """MoIIE with its decoder (Phi-3 or Llama, by `text_config.model_type`) and LM head; the code shared by
+    [`MoIIEPhi3ForCausalLM`] and [`MoIIELlamaForCausalLM`]. `MoIIEForCausalLM.from_pretrained` / `_from_config`
+    (what the in-process Auto mapping of `MoIIEConfig` calls) return the subclass of the config's decoder.
 
     Example:
 
@@ -329,11 +363,36 @@ class MoIIEPhi3ForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
+    text_model_type = None  # the decoder this class requires; None: any
+
     def __init__(self, config: MoIIEConfig):
+        if self.text_model_type is not None and config.text_config.model_type != self.text_model_type:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.text_model_type!r} text_config, got "
+                f"{config.text_config.model_type!r}; use {MOIIE_TEXT_MODELS[config.text_config.model_type]}."
+            )
         super().__init__(config)
         self.model = MoIIEModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def _for_config(cls, config):
+        if cls is not MoIIEForCausalLM or not isinstance(config, MoIIEConfig):
+            return cls
+        return {"phi3": MoIIEPhi3ForCausalLM, "llama": MoIIELlamaForCausalLM}[config.text_config.model_type]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        if cls is MoIIEForCausalLM and not isinstance(config, MoIIEConfig):
+            config = MoIIEConfig.from_pretrained(pretrained_model_name_or_path)
+        return super(MoIIEForCausalLM, cls._for_config(config)).from_pretrained(
+            pretrained_model_name_or_path, *args, config=config, **kwargs
+        )
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        return super(MoIIEForCausalLM, cls._for_config(config))._from_config(config, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -438,14 +497,29 @@ class MoIIEPhi3ForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
         )
 
 
+class MoIIEPhi3ForCausalLM(MoIIEForCausalLM):
+    """MoIIE with a Phi-3 decoder (SigLIP -> mlp2x_gelu -> Phi-3 with vision / shared / language experts)."""
+
+    text_model_type = "phi3"
+
+
+class MoIIELlamaForCausalLM(MoIIEForCausalLM):
+    """MoIIE with a Llama decoder; its experts pack Llama's `gate_proj` / `up_proj` as `gate_up_proj`."""
+
+    text_model_type = "llama"
+
+
 MoIIEConfig.register_for_auto_class()
-MoIIEPhi3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-MoIIEPhi3ForCausalLM.register_for_auto_class("AutoModelForImageTextToText")
+for _model_class in (MoIIEPhi3ForCausalLM, MoIIELlamaForCausalLM):
+    _model_class.register_for_auto_class("AutoModelForCausalLM")
+    _model_class.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "MoIIECausalLMOutputWithPast",
     "MoIIEModel",
     "MoIIEModelOutputWithPast",
+    "MoIIEForCausalLM",
+    "MoIIELlamaForCausalLM",
     "MoIIEPhi3ForCausalLM",
     "MoIIEPreTrainedModel",
     "MoIIESparseBlock",
