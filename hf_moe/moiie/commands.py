@@ -4,6 +4,8 @@ without importing torch or transformers; each command imports its module when it
     hf-moe upcycle-moiie --llm PHI3_OR_LLAVA [--vision SIGLIP] --num_vision_experts 1 --num_shared_experts 2
         --num_language_experts 1 --top_k 2 --output_dir DIR [--variant moiie|vanilla|modality|dense]
         [--projector FOLDER] [--moe_layers 1 3 ...] [--image_token_id ID] [--seed 0]
+    hf-moe train-moiie --model DIR --data CONVERSATIONS.json --image_folder DIR --output_dir OUT
+        --stage pretrain|finetune [--moe_only] [TrainingArguments flags]
 """
 
 from collections.abc import Callable
@@ -52,6 +54,14 @@ def upcycle_moiie_command(argv: list[str]) -> None:
     print(f"Upcycled {llm} into the {args.variant} MoIIE model {output_dir}")
 
 
+def train_moiie_command(argv: list[str]) -> None:
+    from .train import main as train_moiie_main
+
+    output_dir = train_moiie_main(argv)
+    print(f"The trained MoIIE model is in {output_dir}")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "upcycle-moiie": (upcycle_moiie_command, "Upcycle a dense Phi-3 + SigLIP (or a dense LLaVA folder) into MoIIE."),
+    "train-moiie": (train_moiie_command, "Train MoIIE: stage pretrain (projector) or finetune (LLM + MoE)."),
 }

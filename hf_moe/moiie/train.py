@@ -1,0 +1,142 @@
+# Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
+"""MoIIE training, stage 1 (`--stage pretrain`: the projector only) or stage 2 (`--stage finetune`: LLM + MoE +
+projector; `--moe_only`: the MoE layers only), on LLaVA-format conversations.
+
+    hf-moe train-moiie --model moiie-upcycled --data llava.json --image_folder images/ --output_dir out \
+        --stage pretrain --max_steps 1000
+    accelerate launch examples/moiie/train_moiie.py --model ... (the same options)
+
+A re-run continues the same job or refuses: the options and fingerprints of the model, the JSON file and the
+image folder are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete
+checkpoint; a finished run is reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the final
+folder with its model card.
+"""
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+from transformers.utils import logging
+
+from ..hub import push_training_output
+from ..loading import check_model_path, load_pretrained
+from ..training import (
+    TrainingJob,
+    input_fingerprint,
+    last_complete_checkpoint,
+    local_path,
+    model_fingerprint,
+    result_options,
+)
+from .data import MoIIECollator, load_conversations
+from .trainer import MoIIETrainer, MoIIETrainingArguments
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MoIIEScriptArguments:
+    model: str = field(metadata={"help": "MoIIE folder or Hub id (e.g. the output of hf-moe upcycle-moiie)."})
+    data: str = field(metadata={"help": "LLaVA-format conversation JSON file."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the JSON's image paths are relative to (default: the JSON's folder)."}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Truncate longer samples to this many tokens."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow --model to run model code from its folder or Hub repo."}
+    )
+
+
+# `data` and `image_folder` are compared by their fingerprints; trust_remote_code does not change the result.
+NOT_RESULT_OPTIONS = {"data", "image_folder", "trust_remote_code"}
+
+
+def moiie_job(script_args: MoIIEScriptArguments, training_args: MoIIETrainingArguments) -> TrainingJob:
+    """The MoIIE training job in `training_args.output_dir`: its options (the model by absolute path) and
+    fingerprints of the model's weights, the JSON file and the image folder."""
+    options = result_options(script_args, training_args, exclude=NOT_RESULT_OPTIONS)
+    options["model"] = local_path(script_args.model)
+    inputs = {"model": model_fingerprint(script_args.model), "data": input_fingerprint(script_args.data)}
+    if script_args.image_folder is not None:
+        inputs["image_folder"] = input_fingerprint(script_args.image_folder)
+    return TrainingJob(
+        training_args.output_dir,
+        "train-moiie",
+        options,
+        inputs=inputs,
+        owned_outputs=("checkpoint-*", "model*.safetensors"),
+    )
+
+
+def train_moiie(script_args: MoIIEScriptArguments, training_args: MoIIETrainingArguments) -> Path:
+    """Train `script_args.model` (stage `training_args.stage`) on `script_args.data`; save the model, its
+    processor and a model card in `training_args.output_dir`.
+
+    Re-running continues an interrupted job from its last complete checkpoint, returns a finished one untouched,
+    and refuses (`JobMismatchError`) one whose options, model or data differ.
+    """
+    output_dir = Path(training_args.output_dir)
+    check_model_path(script_args.model)
+    job = moiie_job(script_args, training_args)
+    job.check()
+    if job.is_complete() and (output_dir / "config.json").is_file():
+        logger.warning(f"MoIIE training in {output_dir} is already complete; nothing to do.")
+        push_training_output(output_dir, training_args)
+        return output_dir
+
+    model = load_pretrained(script_args.model, AutoModelForCausalLM, trust_remote_code=script_args.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(script_args.model, trust_remote_code=script_args.trust_remote_code)
+    dataset = load_conversations(script_args.data, script_args.image_folder)
+    job.record()
+    # We push the final folder ourselves, with our model card; the Trainer would push every checkpoint with its own.
+    trainer = MoIIETrainer(
+        model=model,
+        args=replace(training_args, push_to_hub=False),
+        train_dataset=dataset,
+        data_collator=MoIIECollator(processor, max_length=script_args.max_length),
+    )
+    last = last_complete_checkpoint(output_dir)
+    if last:
+        logger.warning(f"Resuming MoIIE training from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        _write_card(output_dir, script_args, training_args)
+        job.mark_complete(global_step=trainer.state.global_step)
+    PartialState().wait_for_everyone()
+    push_training_output(output_dir, training_args)
+    return output_dir
+
+
+def _write_card(output_dir: Path, script_args, training_args) -> None:
+    from ..hub import write_model_card
+
+    options = result_options(script_args, training_args, exclude={"trust_remote_code"})
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
+    trained = {
+        "pretrain": "the projector trained (stage 1), every other weight frozen",
+        "finetune": "the MoE layers' experts and routers trained (stage 2, --moe_only)"
+        if training_args.moe_only
+        else "the language model (MoE layers included) and the projector trained (stage 2)",
+    }[training_args.stage]
+    write_model_card(
+        output_dir,
+        base_model=script_args.model,
+        how_built=(
+            f"`hf-moe train-moiie --stage {training_args.stage}`: {trained} on `{script_args.data}` with the LM "
+            "loss plus the vision and language balance losses.\n\n"
+            f"| option | value |\n| --- | --- |\n{rows}"
+        ),
+        tags=("moiie", "image-text-to-text"),
+        pipeline_tag="image-text-to-text",
+        model_name=training_args.hub_model_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = HfArgumentParser((MoIIEScriptArguments, MoIIETrainingArguments), prog="hf-moe train-moiie")
+    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return train_moiie(script_args, training_args)
