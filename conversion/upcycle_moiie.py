@@ -94,7 +94,7 @@ def check_projector(projector: dict, vision_hidden: int, text_hidden: int, name:
         if tuple(projector[key].shape) != shape:
             raise ValueError(
                 f"{name}: {key} has shape {tuple(projector[key].shape)}, but the vision hidden_size {vision_hidden} "
-                f"and the Phi-3 hidden_size {text_hidden} need {shape}."
+                f"and the language model's hidden_size {text_hidden} need {shape}."
             )
 
 
@@ -278,11 +278,16 @@ class _Files:
                 shutil.copy2(self.source / name, Path(folder) / name)
 
 
+# How a model card names the language model a MoIIE was upcycled from.
+DECODER_NAMES = {"phi3": "Phi-3", "llama": "Llama"}
+
+
 def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int) -> str:
+    decoder = DECODER_NAMES.get(config.text_config.model_type, config.text_config.model_type)
     if is_llava:
-        source = f"the dense LLaVA-style model `{llm}` (its SigLIP tower, projector and Phi-3 decoder)"
+        source = f"the dense LLaVA-style model `{llm}` (its SigLIP tower, projector and {decoder} decoder)"
     else:
-        source = f"the dense Phi-3 `{llm}` and the SigLIP vision tower of `{vision}`"
+        source = f"the dense {decoder} `{llm}` and the SigLIP vision tower of `{vision}`"
     if is_llava or projector is not None:
         proj = f"the mlp2x_gelu projector from `{projector or llm}`"
     else:
@@ -292,7 +297,7 @@ def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int) 
         )
     lines = [
         f"**Sparse upcycling** of {source}, with {proj}. Every expert of every MoE layer is a copy of that layer's "
-        f"dense Phi-3 MLP and the routers start N(0, 0.02) (seed {seed}), so the model computes the dense LVLM's "
+        f"dense {decoder} MLP and the routers start N(0, 0.02) (seed {seed}), so the model computes the dense LVLM's "
         "function until its routers are trained.",
         "",
         f"- variant: `{config.variant}`",

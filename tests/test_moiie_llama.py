@@ -118,6 +118,8 @@ def test_llava_llama_folder_upcycles_and_loads_in_process(parts, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moiie").eval()
     assert type(model) is MoIIELlamaForCausalLM
     assert model.config.auto_map["AutoModelForCausalLM"] == "modeling_moiie.MoIIELlamaForCausalLM"
+    card = (tmp_path / "moiie" / "README.md").read_text()
+    assert "Llama decoder" in card and "Phi-3" not in card
     check_same_logits(model, llava)
     assert type(AutoModelForCausalLM.from_config(model.config)) is MoIIELlamaForCausalLM
 
