@@ -10,6 +10,7 @@ newest Trainer checkpoint that was completely written, skipping one a kill inter
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -378,3 +379,52 @@ __all__ = [
     "model_fingerprint",
     "result_options",
 ]
+
+
+class RecordedMetricsMixin:
+    """For `Trainer` subclasses: values recorded in `compute_loss` (scalars or tensors, e.g. expert loads) are summed
+    on the device, and their means reach the host in ONE transfer per training log (averaged over processes), never
+    through a host synchronisation per step. `_logged_metrics` turns the means into log entries (scalars as they
+    are by default); `log` adds them to the Trainer's training-loss logs."""
+
+    def _record(self, name: str, value: torch.Tensor | None, weight: torch.Tensor | float = 1.0) -> None:
+        """Add `value` (weighted: a weight of 0 adds nothing) to the running sum of `name`."""
+        if value is None:
+            return
+        value = value.detach().float()  # out of place: the backward pass still needs the original
+        sums = self.__dict__.setdefault("_recorded", {})
+        total, count = sums.get(name, (0.0, 0.0))
+        sums[name] = (total + value * weight, count + weight)
+
+    def _pop_recorded(self) -> dict[str, tuple]:
+        """{name: (mean since the last call: a float or nested lists, total weight seen)}, emptying the sums."""
+        recorded, self._recorded = self.__dict__.get("_recorded", {}), {}
+        if not recorded:
+            return {}
+        parts, shapes = [], []
+        for total, count in recorded.values():
+            total = torch.as_tensor(total, dtype=torch.float32, device=self.args.device)
+            count = torch.as_tensor(count, dtype=torch.float32, device=self.args.device)
+            parts += [(total / count.clamp(min=1)).flatten(), count.reshape(1)]
+            shapes.append(total.shape)
+        packed = torch.cat(parts)
+        if self.args.world_size > 1:
+            packed = self.accelerator.reduce(packed, reduction="mean")
+        values, offset, means = packed.tolist(), 0, {}  # the one host synchronisation per log
+        for name, shape in zip(recorded, shapes):
+            size = math.prod(shape)
+            mean = torch.tensor(values[offset : offset + size]).reshape(shape).tolist()
+            means[name] = (mean, values[offset + size])
+            offset += size + 1
+        return means
+
+    def _logged_metrics(self) -> dict[str, float]:
+        return {name: mean for name, (mean, _) in self._pop_recorded().items()}
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Training-loss logs (at logging_steps) carry the means of what compute_loss recorded since the last one.
+        if "loss" in logs and self.__dict__.get("_recorded"):
+            for name, value in self._logged_metrics().items():
+                if not math.isnan(value):
+                    logs[name] = round(value, 6)
+        super().log(logs, *args, **kwargs)

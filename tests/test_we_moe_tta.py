@@ -109,6 +109,7 @@ def test_tta_changes_only_the_trainable_parameters_and_lowers_the_entropy(toy_cl
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
+        logging_steps=3,
     )
     assert (args.weight_decay, args.lr_scheduler_type, args.max_grad_norm) == (0.0, "cosine", 0.0)
     dataset = TaskBatches(tasks, processor.image_processor, 4, num_batches=6, seed=args.seed)
@@ -122,6 +123,9 @@ def test_tta_changes_only_the_trainable_parameters_and_lowers_the_entropy(toy_cl
     trainer.seen.clear()
     trainer.train()
     assert trainer.seen == [{"a": (4, 3, 32, 32), "b": (4, 3, 32, 32)}] * 6  # every task in every step
+    # Each training log carries every task's mean entropy since the previous log.
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all({"entropy/a", "entropy/b"} <= set(entry) for entry in logged)
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"}

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from ..losses import clip_contrastive_loss
 from ..modeling import expert_load, load_balancing_loss
-from ..training import freeze_all_but
+from ..training import RecordedMetricsMixin, freeze_all_but
 
 
 logger = logging.get_logger(__name__)
@@ -118,7 +118,7 @@ def balance_loss_weights(setting: str, vision_coef: float, text_coef: float, wor
     raise ValueError(f"balance_loss_weights must be one of {BALANCE_LOSS_WEIGHTS}, got {setting!r}.")
 
 
-class CLIPMoETrainer(Trainer):
+class CLIPMoETrainer(RecordedMetricsMixin, Trainer):
     """`Trainer` for CLIP-MoE router training and for MCL stages of a dense CLIP (no aux loss there).
 
     Expects batches from `hf_moe.data.ImageTextCollator` (`input_ids`, `attention_mask`, `pixel_values`, and an
@@ -132,10 +132,7 @@ class CLIPMoETrainer(Trainer):
         logger.info(
             f"Training {len(trainable)} tensors ({count:,} parameters) matching {self.args.trainable_parameters}"
         )
-        # Running sums on the device since the last log: {name: (sum tensor, count)}; expert loads are
-        # `(num_moe_blocks, num_experts)` sums per tower, with the tower's block indices.
-        self._metric_sums: dict[str, tuple[torch.Tensor, int]] = {}
-        self._load_sums: dict[str, tuple[torch.Tensor, int]] = {}
+        # Expert loads are recorded as `expert_load/{tower}`: `(num_moe_blocks, num_experts)`; the tower's blocks:
         self._load_blocks: dict[str, list[int]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -184,14 +181,6 @@ class CLIPMoETrainer(Trainer):
                 extra = extra + (weight - tower.router_aux_loss_coef) * balance
         return extra
 
-    def _record(self, name: str, value: torch.Tensor | None) -> None:
-        if value is None:
-            return
-        # Out of place: the detached value shares storage with a tensor the backward pass still needs.
-        value = value.detach().float()
-        total, count = self._metric_sums.get(name, (0.0, 0))
-        self._metric_sums[name] = (total + value, count + 1)
-
     def _record_expert_load(self, config, outputs, attention_mask) -> None:
         for tower, tower_config, logits, mask in (
             ("vision", config.vision_config, outputs.vision_router_logits, None),
@@ -199,43 +188,21 @@ class CLIPMoETrainer(Trainer):
         ):
             if not logits:
                 continue
-            loads = expert_load(logits, tower_config.num_experts_per_tok, mask).detach()  # (num_moe_blocks, experts)
-            total, count = self._load_sums.get(tower, (0.0, 0))
-            self._load_sums[tower] = (total + loads, count + 1)
+            # (num_moe_blocks, num_experts)
+            self._record(f"expert_load/{tower}", expert_load(logits, tower_config.num_experts_per_tok, mask))
             self._load_blocks[tower] = tower_config.moe_layer_indices()
 
-    def _pop_logged_metrics(self) -> dict[str, float]:
-        """The means since the last log (averaged over processes), fetched from the device in one transfer."""
-        names = list(self._metric_sums)
-        parts = [(total / count).reshape(1) for total, count in self._metric_sums.values()]
-        towers = list(self._load_sums)
-        parts += [(total / count).flatten() for total, count in self._load_sums.values()]
-        shapes = {tower: self._load_sums[tower][0].shape for tower in towers}
-        self._metric_sums, self._load_sums = {}, {}
-        if not parts:
-            return {}
-        packed = torch.cat([part.to(self.args.device) for part in parts])
-        if self.args.world_size > 1:
-            packed = self.accelerator.reduce(packed, reduction="mean")
-        values = packed.tolist()  # the one host synchronisation per log
-        metrics = dict(zip(names, values[: len(names)]))
-        offset = len(names)
-        for tower in towers:
-            num_blocks, num_experts = shapes[tower]
-            for row, block in enumerate(self._load_blocks[tower]):
-                shares = values[offset + row * num_experts : offset + (row + 1) * num_experts]
+    def _logged_metrics(self) -> dict[str, float]:
+        metrics = {}
+        for name, (mean, _) in self._pop_recorded().items():
+            if not name.startswith("expert_load/"):
+                metrics[name] = mean
+                continue
+            tower = name.split("/")[1]
+            for block, shares in zip(self._load_blocks[tower], mean):
                 prefix = f"expert_load/{tower}/block_{block}"
-                metrics[f"{prefix}/max_ratio"] = max(shares) * num_experts
-                metrics[f"{prefix}/min_ratio"] = min(shares) * num_experts
+                metrics[f"{prefix}/max_ratio"] = max(shares) * len(shares)
+                metrics[f"{prefix}/min_ratio"] = min(shares) * len(shares)
                 if self.args.log_expert_load == "full":
                     metrics.update({f"{prefix}/expert_{e}": share for e, share in enumerate(shares)})
-            offset += num_blocks * num_experts
         return metrics
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        # Training-loss logs (at logging_steps) carry the averages of what compute_loss recorded since the last.
-        if "loss" in logs and (self._metric_sums or self._load_sums):
-            for name, value in self._pop_logged_metrics().items():
-                if value == value:  # not NaN
-                    logs[name] = round(value, 6)
-        super().log(logs, *args, **kwargs)

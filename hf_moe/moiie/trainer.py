@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..modeling import expert_load
-from ..training import freeze_all_but
+from ..training import RecordedMetricsMixin, freeze_all_but
 
 
 logger = logging.get_logger(__name__)
@@ -85,7 +85,7 @@ class MoIIETrainingArguments(TrainingArguments):
         return patterns + ([VISION_TOWER] if self.train_vision_tower else [])
 
 
-class MoIIETrainer(Trainer):
+class MoIIETrainer(RecordedMetricsMixin, Trainer):
     """`Trainer` for MoIIE stage 1 / stage 2; batches from `hf_moe.moiie.data.MoIIECollator`."""
 
     def __init__(self, *args, **kwargs):
@@ -94,8 +94,6 @@ class MoIIETrainer(Trainer):
         trainable = freeze_all_but(self.model, patterns)
         count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info(f"Stage {self.args.stage}: training {len(trainable)} tensors ({count:,} parameters) {patterns}")
-        self._metric_sums: dict[str, tuple[torch.Tensor, int]] = {}
-        self._load_sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._load_reach: dict[str, tuple[int, int]] = {}  # modality -> (first expert, number) its router reaches
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -115,13 +113,6 @@ class MoIIETrainer(Trainer):
                 self._record_expert_load(config, outputs.router_logits, inputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, name: str, value: torch.Tensor | None) -> None:
-        if value is None:
-            return
-        value = value.detach().float()  # out of place: the backward pass still needs the original
-        total, count = self._metric_sums.get(name, (0.0, 0))
-        self._metric_sums[name] = (total + value, count + 1)
-
     def _record_expert_load(self, config, router_logits, inputs) -> None:
         """Each modality's share of routing slots per global expert, `(num_moe_layers, num_local_experts)`."""
         token_type_ids = inputs["token_type_ids"]
@@ -140,52 +131,29 @@ class MoIIETrainer(Trainer):
             loads = expert_load(logits, top_k, mask.to(logits[0].device)).detach()
             full = loads.new_zeros(loads.shape[0], num_experts)
             full[:, offset : offset + widths[modality]] = loads
-            # a batch without this modality's tokens adds nothing (its count does not grow)
             self._load_reach[modality] = (offset, widths[modality])
-            present = mask.any().to(full)
-            total, count = self._load_sums.get(modality, (0.0, 0.0))
-            self._load_sums[modality] = (total + full * present, count + present)
+            # a batch without this modality's tokens adds nothing (weight 0)
+            self._record(f"expert_load/{modality}", full, weight=mask.any().to(full))
 
-    def _pop_logged_metrics(self) -> dict[str, float]:
-        names = list(self._metric_sums)
-        parts = [(total / count).reshape(1) for total, count in self._metric_sums.values()]
-        modalities = list(self._load_sums)
-        parts += [(total / count.clamp(min=1)).flatten() for total, count in self._load_sums.values()]
-        shapes = {modality: self._load_sums[modality][0].shape for modality in modalities}
-        present = [self._load_sums[modality][1] for modality in modalities]
-        self._metric_sums, self._load_sums = {}, {}
-        if not parts:
-            return {}
-        packed = torch.cat([part.to(self.args.device) for part in parts + [p.reshape(1) for p in present]])
-        if self.args.world_size > 1:
-            packed = self.accelerator.reduce(packed, reduction="mean")
-        values = packed.tolist()  # the one host synchronisation per log
-        metrics = dict(zip(names, values[: len(names)]))
-        offset = len(names)
-        config = self.accelerator.unwrap_model(self.model).config
-        layers = list(config.moe_layers)
-        seen = values[len(values) - len(modalities) :]
-        for modality, was_seen in zip(modalities, seen):
-            num_layers, num_experts = shapes[modality]
-            if was_seen > 0:
-                for row, layer in enumerate(layers[:num_layers]):
-                    shares = values[offset + row * num_experts : offset + (row + 1) * num_experts]
-                    prefix = f"expert_load/{modality}/layer_{layer}"
-                    first, width = self._load_reach[modality]
-                    reachable = shares[first : first + width]
-                    metrics[f"{prefix}/max_ratio"] = max(reachable) * len(reachable)
-                    metrics[f"{prefix}/min_ratio"] = min(reachable) * len(reachable)
-                    if self.args.log_expert_load == "full":
-                        metrics.update({f"{prefix}/expert_{e}": share for e, share in enumerate(shares)})
-            offset += num_layers * num_experts
+    def _logged_metrics(self) -> dict[str, float]:
+        layers = list(self.accelerator.unwrap_model(self.model).config.moe_layers)
+        metrics = {}
+        for name, (mean, seen) in self._pop_recorded().items():
+            if not name.startswith("expert_load/"):
+                metrics[name] = mean
+                continue
+            modality = name.split("/")[1]
+            if seen <= 0:
+                continue
+            first, width = self._load_reach[modality]
+            for layer, shares in zip(layers, mean):
+                prefix = f"expert_load/{modality}/layer_{layer}"
+                reachable = shares[first : first + width]
+                metrics[f"{prefix}/max_ratio"] = max(reachable) * len(reachable)
+                metrics[f"{prefix}/min_ratio"] = min(reachable) * len(reachable)
+                if self.args.log_expert_load == "full":
+                    metrics.update({f"{prefix}/expert_{e}": share for e, share in enumerate(shares)})
         return metrics
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and (self._metric_sums or self._load_sums):
-            for name, value in self._pop_logged_metrics().items():
-                if value == value:  # not NaN
-                    logs[name] = round(value, 6)
-        super().log(logs, *args, **kwargs)
 
 
 __all__ = ["MoIIETrainer", "MoIIETrainingArguments", "STAGES", "STAGE_LEARNING_RATES"]

@@ -17,7 +17,6 @@ fingerprints recorded, `hf_moe.training.TrainingJob`), resumes an interrupted on
 and leaves a finished one untouched.
 """
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from transformers.utils import logging
 
 from ..evaluation import _EvalMode, class_embeddings, projected_embeddings
 from ..hub import push_training_output
-from ..training import freeze_all_but
+from ..training import RecordedMetricsMixin, freeze_all_but
 
 
 logger = logging.get_logger(__name__)
@@ -188,7 +187,7 @@ class TTATrainingArguments(TrainingArguments):
             raise ValueError(f"Test-time adaptation is step-based: --max_steps must be positive, got {self.max_steps}.")
 
 
-class TTATrainer(Trainer):
+class TTATrainer(RecordedMetricsMixin, Trainer):
     """`Trainer` minimising the summed per-task mean entropy of the zero-shot predictions (see the module docstring).
 
     Args:
@@ -206,7 +205,6 @@ class TTATrainer(Trainer):
             f"Test-time adaptation of {len(trainable)} tensors ({count:,} parameters) matching "
             f"{self.args.trainable_parameters} on {len(self.heads)} tasks"
         )
-        self._task_entropy: dict[str, tuple[torch.Tensor, int]] = {}
 
     def get_train_dataloader(self) -> DataLoader:
         # Each item of the dataset already is one step's batch of every task (B images each), shuffled inside the
@@ -260,18 +258,8 @@ class TTATrainer(Trainer):
             entropy = entropy_loss(logits)
             loss = loss + entropy
             if model.training:
-                total, count = self._task_entropy.get(task, (0.0, 0))
-                self._task_entropy[task] = (total + entropy.detach(), count + 1)
+                self._record(f"entropy/{task}", entropy)
         return (loss, {"loss": loss}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._task_entropy:
-            for task, (total, count) in self._task_entropy.items():
-                value = float(total / count)
-                if not math.isnan(value):
-                    logs[f"entropy/{task}"] = round(value, 6)
-            self._task_entropy = {}
-        super().log(logs, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
