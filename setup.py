@@ -16,6 +16,7 @@ setup(
         "hf_moe.clip_moe",
         "hf_moe.we_moe",
         "hf_moe.moiie",
+        "hf_moe.mode",
         "hf_moe.modeling",
         "hf_moe.conversion",
         "hf_moe.metrics",

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from .clip_moe import commands as clip_moe_commands
+from .mode import commands as mode_commands
 from .moiie import commands as moiie_commands
 from .we_moe import commands as we_moe_commands
 
@@ -63,6 +64,7 @@ FAMILIES = [
     ("CLIP-MoE", clip_moe_commands.COMMANDS),
     ("WEMoE", we_moe_commands.COMMANDS),
     ("MoIIE", moiie_commands.COMMANDS),
+    ("MoDE", mode_commands.COMMANDS),
 ]
 COMMANDS = {name: entry for _, commands in FAMILIES for name, entry in commands.items()}
 
