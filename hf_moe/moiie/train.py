@@ -9,7 +9,9 @@ projector; `--moe_only`: the MoE layers only), on LLaVA-format conversations.
 A re-run continues the same job or refuses: the options and fingerprints of the model, the JSON file and the
 image folder are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete
 checkpoint; a finished run is reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the final
-folder with its model card.
+folder with its model card. `--lora_rank R` (stage finetune) trains PEFT LoRA adapters on the decoder's attention
+and / or packed experts instead of their full weights (see `hf_moe.moiie.lora`); checkpoints hold the adapters,
+the output folder the merged model, which loads without PEFT.
 """
 
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,7 @@ from ..training import (
     result_options,
 )
 from .data import MoIIECollator, load_conversations
+from .lora import LORA_TRAINABLE_PARAMETERS, MoIIELoraArguments, apply_lora, check_lora_stage
 from .trainer import MoIIETrainer, MoIIETrainingArguments
 
 
@@ -53,10 +56,12 @@ class MoIIEScriptArguments:
 NOT_RESULT_OPTIONS = {"data", "image_folder", "trust_remote_code"}
 
 
-def moiie_job(script_args: MoIIEScriptArguments, training_args: MoIIETrainingArguments) -> TrainingJob:
+def moiie_job(
+    script_args: MoIIEScriptArguments, training_args: MoIIETrainingArguments, lora_args: MoIIELoraArguments
+) -> TrainingJob:
     """The MoIIE training job in `training_args.output_dir`: its options (the model by absolute path) and
     fingerprints of the model's weights, the JSON file and the image folder."""
-    options = result_options(script_args, training_args, exclude=NOT_RESULT_OPTIONS)
+    options = result_options(script_args, training_args, lora_args, exclude=NOT_RESULT_OPTIONS)
     options["model"] = local_path(script_args.model)
     inputs = {"model": model_fingerprint(script_args.model), "data": input_fingerprint(script_args.data)}
     if script_args.image_folder is not None:
@@ -70,16 +75,23 @@ def moiie_job(script_args: MoIIEScriptArguments, training_args: MoIIETrainingArg
     )
 
 
-def train_moiie(script_args: MoIIEScriptArguments, training_args: MoIIETrainingArguments) -> Path:
+def train_moiie(
+    script_args: MoIIEScriptArguments,
+    training_args: MoIIETrainingArguments,
+    lora_args: MoIIELoraArguments | None = None,
+) -> Path:
     """Train `script_args.model` (stage `training_args.stage`) on `script_args.data`; save the model, its
     processor and a model card in `training_args.output_dir`.
 
     Re-running continues an interrupted job from its last complete checkpoint, returns a finished one untouched,
-    and refuses (`JobMismatchError`) one whose options, model or data differ.
+    and refuses (`JobMismatchError`) one whose options, model or data differ. With `lora_args.lora_rank > 0` the
+    model trains through LoRA adapters and is saved merged.
     """
+    lora_args = lora_args or MoIIELoraArguments()
     output_dir = Path(training_args.output_dir)
     check_model_path(script_args.model)
-    job = moiie_job(script_args, training_args)
+    check_lora_stage(lora_args, training_args)
+    job = moiie_job(script_args, training_args, lora_args)
     job.check()
     if job.is_complete() and (output_dir / "config.json").is_file():
         logger.warning(f"MoIIE training in {output_dir} is already complete; nothing to do.")
@@ -89,11 +101,15 @@ def train_moiie(script_args: MoIIEScriptArguments, training_args: MoIIETrainingA
     model = load_pretrained(script_args.model, AutoModelForCausalLM, trust_remote_code=script_args.trust_remote_code)
     processor = AutoProcessor.from_pretrained(script_args.model, trust_remote_code=script_args.trust_remote_code)
     dataset = load_conversations(script_args.data, script_args.image_folder)
+    args = replace(training_args, push_to_hub=False)
+    if lora_args.enabled:
+        model = apply_lora(model, lora_args, training_args)
+        args = replace(args, trainable_parameters=LORA_TRAINABLE_PARAMETERS)
     job.record()
     # We push the final folder ourselves, with our model card; the Trainer would push every checkpoint with its own.
     trainer = MoIIETrainer(
         model=model,
-        args=replace(training_args, push_to_hub=False),
+        args=args,
         train_dataset=dataset,
         data_collator=MoIIECollator(processor, max_length=script_args.max_length),
     )
@@ -101,20 +117,26 @@ def train_moiie(script_args: MoIIEScriptArguments, training_args: MoIIETrainingA
     if last:
         logger.warning(f"Resuming MoIIE training from {last}")
     trainer.train(resume_from_checkpoint=last)
-    trainer.save_model()
+    if lora_args.enabled:
+        # The Trainer would save the adapter only; users get a plain MoIIE folder that loads without PEFT.
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(output_dir)
+    else:
+        trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
-        _write_card(output_dir, script_args, training_args)
+        _write_card(output_dir, script_args, training_args, lora_args)
         job.mark_complete(global_step=trainer.state.global_step)
     PartialState().wait_for_everyone()
     push_training_output(output_dir, training_args)
     return output_dir
 
 
-def _write_card(output_dir: Path, script_args, training_args) -> None:
+def _write_card(output_dir: Path, script_args, training_args, lora_args: MoIIELoraArguments) -> None:
     from ..hub import write_model_card
 
-    options = result_options(script_args, training_args, exclude={"trust_remote_code"})
+    options = result_options(script_args, training_args, lora_args, exclude={"trust_remote_code"})
     rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
     trained = {
         "pretrain": "the projector trained (stage 1), every other weight frozen",
@@ -122,6 +144,11 @@ def _write_card(output_dir: Path, script_args, training_args) -> None:
         if training_args.moe_only
         else "the language model (MoE layers included) and the projector trained (stage 2)",
     }[training_args.stage]
+    if lora_args.enabled:
+        trained += (
+            f", the decoder's {lora_args.lora_target} weights through rank-{lora_args.lora_rank} LoRA adapters "
+            "(merged into this model)"
+        )
     write_model_card(
         output_dir,
         base_model=script_args.model,
@@ -137,6 +164,8 @@ def _write_card(output_dir: Path, script_args, training_args) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = HfArgumentParser((MoIIEScriptArguments, MoIIETrainingArguments), prog="hf-moe train-moiie")
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
-    return train_moiie(script_args, training_args)
+    parser = HfArgumentParser(
+        (MoIIEScriptArguments, MoIIETrainingArguments, MoIIELoraArguments), prog="hf-moe train-moiie"
+    )
+    script_args, training_args, lora_args = parser.parse_args_into_dataclasses(argv)
+    return train_moiie(script_args, training_args, lora_args)
