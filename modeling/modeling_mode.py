@@ -2,17 +2,27 @@
 """MoDE (mixture of data experts, seed 001): N CLIP data experts, each trained on the pairs of one coarse caption
 cluster, ensembled per task with weights from how close the task's class names lie to the fine cluster centers."""
 
+import math
+from dataclasses import dataclass
+
 import torch
-from transformers import CLIPModel, CLIPTextModelWithProjection
-from transformers.utils import logging
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModel,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.utils import ModelOutput, can_return_tuple, logging
+
+from .configuration_mode import CLUSTERING_POOLINGS, MoDEConfig
 
 
 logger = logging.get_logger(__name__)
 
-# How a clustering text encoder turns tokens into one caption embedding. "pooler": BERT's pooler output, which is
-# what supervised SimCSE (the paper's encoder) was trained through; "cls" / "mean": the last hidden state's first
-# token / attention-masked mean; "clip": CLIP's projected text features.
-CLUSTERING_POOLINGS = ("pooler", "cls", "mean", "clip")
 
 
 def clustering_text_embeddings(
@@ -56,3 +66,248 @@ def clustering_text_embeddings(
         return hidden.mean(dim=1)
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (batch, seq, 1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def released_task_weights(distances: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The expert weights `(num_experts,)` of the official MoDE code from each class's distance to its nearest fine
+    center (`distances`, `(num_classes,)`) and that center's expert (`experts`, `(num_classes,)` long)."""
+    num_classes = distances.shape[0]
+    # The constants are the released code's (MetaCLIP mode/post_report_ensemble.py), see METHODS.md section 2.
+    add = math.exp(0.5 - math.sqrt(num_classes)) if num_classes < 10 else 0.0
+    mul = 5.0 * math.log10(max(10, num_classes - 200))
+    per_class = torch.exp((add - distances) * mul)  # (num_classes,)
+    scores = distances.new_zeros(num_experts).index_add_(0, experts, per_class)  # (num_experts,)
+    return torch.softmax(scores / 8.0, dim=0)
+
+
+def paper_task_weights(
+    embeddings: torch.Tensor, fine_centers: torch.Tensor, fine_to_coarse: torch.Tensor, num_experts: int, lam: float
+) -> torch.Tensor:
+    """The expert weights `(num_experts,)` of the paper: A_ls = exp(-||e_l - e_s||^2 / lambda) between class l and
+    fine center s; the row-wise max filter keeps, in each row l, only its largest entry (the nearest fine center) and
+    zeroes the rest; then p(c|T) is proportional to exp(sum over l and s in S_c of A_ls), S_c the fine centers of
+    expert c, i.e. a softmax over the experts of the summed kept affinities."""
+    affinity = torch.exp(-torch.cdist(embeddings, fine_centers).square() / lam)  # (num_classes, m)
+    kept, nearest = affinity.max(dim=1)  # (num_classes,)
+    scores = embeddings.new_zeros(num_experts).index_add_(0, fine_to_coarse[nearest], kept)
+    return torch.softmax(scores, dim=0)
+
+
+@dataclass
+class MoDEOutput(ModelOutput):
+    r"""Output of [`MoDEModel`]: CLIP's logits, ensembled over the data experts, and what they were made of.
+
+    Args:
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            sum_k w_k * logits_k, the experts' CLIP logits weighted by the task weights (per text with
+            `per_query_weights`).
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        expert_logits_per_image (`torch.FloatTensor` of shape `(num_experts, image_batch_size, text_batch_size)`):
+            Each expert's own CLIP logits (its logit scale times the cosine similarities).
+        task_weights (`torch.FloatTensor` of shape `(num_experts,)`, or `(text_batch_size, num_experts)` with
+            `per_query_weights`): The expert weights used.
+        text_embeds (`torch.FloatTensor` of shape `(num_experts, text_batch_size, projection_dim)`):
+            Each expert's normalised text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(num_experts, image_batch_size, projection_dim)`):
+            Each expert's normalised image embeddings.
+    """
+
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    expert_logits_per_image: torch.FloatTensor | None = None
+    task_weights: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class MoDEPreTrainedModel(PreTrainedModel):
+    config_class = MoDEConfig
+    base_model_prefix = "mode"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    # The experts and the clustering encoder are whole transformers models, which init and split themselves.
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "BertLayer"]
+
+    def _init_weights(self, module):
+        if isinstance(module, MoDEModel):
+            init.zeros_(module.fine_centers)
+            init.zeros_(module.fine_to_coarse)
+
+
+class MoDEModel(MoDEPreTrainedModel):
+    r"""MoDE: `num_experts` CLIP data experts (`experts`, each a `CLIPModel`), the fine cluster centers of the caption
+    clustering (`fine_centers`, `(m, D)`, with their experts `fine_to_coarse`, `(m,)`) and the clustering text encoder
+    (`clustering_encoder`), ensembled per task: the task's class names (the texts given to `forward`, one per class,
+    e.g. the zero-shot pipeline's candidate labels) are embedded with the clustering encoder, weighed against the fine
+    centers (`task_weights`), and the prediction is sum_k w_k * logits_k over the experts' CLIP logits.
+
+    The clustering tokens come as `clustering_input_ids` / `clustering_attention_mask` (the folder's `MoDETokenizer`
+    adds them to its output); with the "clip" pooling of the experts' tokenizer, `input_ids` themselves are used.
+    """
+
+    def __init__(self, config: MoDEConfig):
+        super().__init__(config)
+        self.experts = nn.ModuleList([CLIPModel(config.expert_config) for _ in range(config.num_experts)])
+        encoder_config = config.clustering_encoder_config
+        if encoder_config is None:
+            self.clustering_encoder = None
+        elif isinstance(encoder_config, CLIPTextConfig):
+            # AutoModel would give CLIPTextModel, without the projection CLIP's text features go through.
+            self.clustering_encoder = CLIPTextModelWithProjection(encoder_config)
+        else:
+            self.clustering_encoder = AutoModel.from_config(encoder_config)
+        dim = config.clustering_dim
+        self.register_buffer("fine_centers", torch.zeros(config.num_fine_clusters, dim))
+        self.register_buffer("fine_to_coarse", torch.zeros(config.num_fine_clusters, dtype=torch.long))
+        self.post_init()
+
+    def get_text_features(self, input_ids, attention_mask=None, position_ids=None, expert: int | None = None):
+        """Projected (unnormalised) text features of every expert, `(num_experts, batch, projection_dim)`, or of
+        expert `expert`, `(batch, projection_dim)`."""
+        experts = self.experts if expert is None else [self.experts[expert]]
+        features = torch.stack(
+            [
+                clip.get_text_features(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                ).pooler_output
+                for clip in experts
+            ]
+        )
+        return features if expert is None else features[0]
+
+    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False, expert: int | None = None):
+        """Projected (unnormalised) image features of every expert, `(num_experts, batch, projection_dim)`, or of
+        expert `expert`, `(batch, projection_dim)`."""
+        experts = self.experts if expert is None else [self.experts[expert]]
+        features = torch.stack(
+            [
+                clip.get_image_features(
+                    pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+                ).pooler_output
+                for clip in experts
+            ]
+        )
+        return features if expert is None else features[0]
+
+    def clustering_embeddings(
+        self, input_ids=None, attention_mask=None, clustering_input_ids=None, clustering_attention_mask=None
+    ) -> torch.Tensor:
+        """The unnormalised clustering embeddings `(batch, D)` of texts: of `clustering_input_ids` with the clustering
+        encoder, or, with the "clip" pooling and no clustering tokens, of the experts' `input_ids`."""
+        pooling = self.config.clustering_pooling
+        if clustering_input_ids is None:
+            if pooling != "clip":
+                raise ValueError(
+                    f"This MoDE model embeds class names with its clustering encoder ({pooling!r} pooling of "
+                    f"'{self.config.clustering_encoder_name_or_path}'), which needs `clustering_input_ids`: tokenize "
+                    "with the model folder's tokenizer (AutoTokenizer.from_pretrained(folder, "
+                    "trust_remote_code=True)), or pass `task_weights`."
+                )
+            clustering_input_ids, clustering_attention_mask = input_ids, attention_mask
+        encoder = self.clustering_encoder if self.clustering_encoder is not None else self.experts[0]
+        return clustering_text_embeddings(encoder, clustering_input_ids, clustering_attention_mask, pooling)
+
+    def task_weights(self, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """The expert weights `(num_experts,)` of a task from its class names' clustering embeddings: `(num_classes, D)`
+        or `(num_classes, num_templates, D)` (each template's embedding normalised, averaged over the templates).
+        Each class embedding is L2-normalised, then compared (euclidean) with the fine centers as stored; the formula
+        is `config.ensemble_formula` ("released" or "paper", see `released_task_weights` / `paper_task_weights`)."""
+        embeddings = class_embeddings.float()
+        if embeddings.dim() == 3:
+            embeddings = F.normalize(embeddings, dim=-1).mean(dim=1)
+        if embeddings.dim() != 2 or embeddings.shape[-1] != self.fine_centers.shape[-1]:
+            raise ValueError(
+                f"class_embeddings must be (num_classes, {self.fine_centers.shape[-1]}) or (num_classes, "
+                f"num_templates, {self.fine_centers.shape[-1]}), got {tuple(class_embeddings.shape)}."
+            )
+        embeddings = F.normalize(embeddings, dim=-1)
+        centers = self.fine_centers.float()
+        num_experts = self.config.num_experts
+        if self.config.ensemble_formula == "paper":
+            return paper_task_weights(embeddings, centers, self.fine_to_coarse, num_experts, self.config.paper_lambda)
+        distances, nearest = torch.cdist(embeddings, centers).min(dim=1)  # (num_classes,)
+        return released_task_weights(distances, self.fine_to_coarse[nearest], num_experts)
+
+    def per_query_task_weights(self, query_embeddings: torch.Tensor) -> torch.Tensor:
+        """Weights `(num_queries, num_experts)` for text->image retrieval: each query text is its own one-class task."""
+        return torch.stack([self.task_weights(query[None]) for query in query_embeddings])
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        clustering_input_ids: torch.LongTensor | None = None,
+        clustering_attention_mask: torch.Tensor | None = None,
+        task_weights: torch.Tensor | None = None,
+        per_query_weights: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> MoDEOutput:
+        r"""
+        clustering_input_ids (`torch.LongTensor` of shape `(text_batch_size, clustering_sequence_length)`, *optional*):
+            The texts (one per class of the task) tokenised for the clustering encoder; `MoDETokenizer` returns them.
+        clustering_attention_mask (`torch.Tensor`, *optional*): Their attention mask.
+        task_weights (`torch.Tensor` of shape `(num_experts,)` or `(text_batch_size, num_experts)`, *optional*):
+            Expert weights to use instead of computing them from the texts (e.g. from `task_weights(...)` of
+            template-averaged class embeddings, or one-hot to run a single expert).
+        per_query_weights (`bool`, defaults to `False`): Text->image retrieval: weights from each text alone
+            (`(text_batch_size, num_experts)`), so every text column is ensembled with its own weights. Off: the
+            texts are the classes of ONE task (zero-shot classification, image->text retrieval over a corpus).
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("MoDEModel.forward needs both input_ids (the class texts) and pixel_values.")
+        outputs = [
+            clip(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                return_dict=True,
+            )
+            for clip in self.experts
+        ]
+        expert_logits = torch.stack([out.logits_per_image for out in outputs])  # (E, B_img, B_txt)
+        if task_weights is None:
+            embeddings = self.clustering_embeddings(
+                input_ids, attention_mask, clustering_input_ids, clustering_attention_mask
+            )
+            if per_query_weights:
+                task_weights = self.per_query_task_weights(embeddings)
+            else:
+                task_weights = self.task_weights(embeddings)
+        task_weights = task_weights.to(device=expert_logits.device, dtype=torch.float32)
+        if task_weights.dim() == 1:
+            logits_per_image = torch.einsum("e,eit->it", task_weights, expert_logits.float())
+        else:
+            logits_per_image = torch.einsum("te,eit->it", task_weights, expert_logits.float())
+        return MoDEOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            expert_logits_per_image=expert_logits,
+            task_weights=task_weights,
+            text_embeds=torch.stack([out.text_embeds for out in outputs]),
+            image_embeds=torch.stack([out.image_embeds for out in outputs]),
+        )
+
+
+MoDEConfig.register_for_auto_class()
+MoDEModel.register_for_auto_class("AutoModel")
+MoDEModel.register_for_auto_class("AutoModelForZeroShotImageClassification")
+
+
+__all__ = [
+    "CLUSTERING_POOLINGS",
+    "MoDEModel",
+    "MoDEOutput",
+    "MoDEPreTrainedModel",
+    "clustering_text_embeddings",
+    "paper_task_weights",
+    "released_task_weights",
+]
