@@ -14,9 +14,11 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
+    AutoTokenizer,
 )
 
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .configuration_mode import MoDEConfig
 from .configuration_moiie import MoIIEConfig
 from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
 from .modeling_clip_moe import (
@@ -28,6 +30,14 @@ from .modeling_clip_moe import (
     CLIPMoEVisionModel,
     CLIPMoEVisionModelWithProjection,
     stretch_text_positions,
+)
+from .modeling_mode import (
+    MoDEModel,
+    MoDEOutput,
+    MoDEPreTrainedModel,
+    clustering_text_embeddings,
+    paper_task_weights,
+    released_task_weights,
 )
 from .modeling_moiie import (
     MoIIECausalLMOutputWithPast,
@@ -50,6 +60,7 @@ from .modeling_we_moe import (
 )
 from .moe import MoEMLPExperts, MoESparseBlock, MoETopKRouter, expert_load, load_balancing_loss, router_z_loss
 from .processing_moiie import MoIIEProcessor, num_image_tokens_of
+from .tokenization_mode import MoDETokenizer
 
 
 # (config, Auto class -> model class) for in-process use; saved folders also carry an `auto_map`.
@@ -59,6 +70,7 @@ AUTO_CLASSES = [
     (CLIPMoEVisionConfig, {AutoModel: CLIPMoEVisionModel}),
     (WEMoEConfig, {AutoModel: WEMoECLIPModel, AutoModelForZeroShotImageClassification: WEMoECLIPModel}),
     (WEMoEVisionConfig, {AutoModel: WEMoECLIPVisionModel}),
+    (MoDEConfig, {AutoModel: MoDEModel, AutoModelForZeroShotImageClassification: MoDEModel}),
     # MoIIEForCausalLM.from_pretrained / _from_config return MoIIEPhi3ForCausalLM or MoIIELlamaForCausalLM.
     (MoIIEConfig, {AutoModelForCausalLM: MoIIEForCausalLM, AutoModelForImageTextToText: MoIIEForCausalLM}),
 ]
@@ -72,6 +84,7 @@ def register_auto_classes() -> None:
             auto_class.register(config_class, model_class, exist_ok=True)
 
     AutoProcessor.register(MoIIEConfig, MoIIEProcessor, exist_ok=True)
+    AutoTokenizer.register(MoDEConfig, MoDETokenizer, exist_ok=True)
 
 
 register_auto_classes()
