@@ -1,0 +1,254 @@
+"""Build one MoDE model from N trained CLIP data experts and the caption clusters they were trained on.
+
+The output folder holds the experts, the fine cluster centers with their experts and the clustering text encoder in
+one safetensors checkpoint, plus the experts' image processor and a tokenizer that tokenizes every text for both the
+experts and the clustering encoder (`MoDETokenizer`; a plain CLIP tokenizer when the clustering encoder is a CLIP),
+so that `pipeline("zero-shot-image-classification", model=OUT, trust_remote_code=True)` ensembles the experts with
+weights from the candidate labels.
+
+    hf-moe mode build EXPERT [EXPERT ...] --clusters DIR --output_dir OUT [--clustering_encoder NAME]
+        [--ensemble_formula released|paper]
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTextModelWithProjection
+from transformers.utils import logging
+
+from ..fileio import check_output_dir
+from ..hub import check_hub_model_id, save_model_folder
+from ..loading import check_safetensors_file, load_config
+from ..merging import load_processor
+from ..modeling.configuration_mode import CLUSTERING_POOLINGS, ENSEMBLE_FORMULAS, MoDEConfig
+from ..modeling.modeling_mode import MoDEModel
+from ..modeling.tokenization_mode import MoDETokenizer
+
+
+logger = logging.get_logger(__name__)
+
+CLUSTERS_FILE = "clusters.json"
+CENTERS_FILE = "centers.safetensors"
+# Config entries that say where a checkpoint came from, not what it computes.
+NOT_ARCHITECTURE = {"transformers_version", "architectures", "dtype", "torch_dtype", "auto_map", "_name_or_path"}
+
+
+def read_clusters(clusters: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`clusters.json` and the tensors of `centers.safetensors` of a `hf-moe mode cluster` folder, their keys and
+    shapes checked (not yet against the experts or the encoder), each error naming the file and key."""
+    folder = Path(clusters)
+    info_path, centers_path = folder / CLUSTERS_FILE, folder / CENTERS_FILE
+    for path in (info_path, centers_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: --clusters must be a folder written by `hf-moe mode cluster`.")
+    info = json.loads(info_path.read_text())
+    for key in ("num_fine_clusters", "num_experts", "encoder"):
+        if key not in info:
+            raise ValueError(f"{info_path} has no '{key}'.")
+    for key in ("name_or_path", "pooling", "max_length"):
+        if key not in info["encoder"]:
+            raise ValueError(f"{info_path} has no 'encoder.{key}'.")
+    if info["encoder"]["pooling"] not in CLUSTERING_POOLINGS:
+        raise ValueError(
+            f"{info_path}: 'encoder.pooling' is {info['encoder']['pooling']!r}, not one of {CLUSTERING_POOLINGS}."
+        )
+    check_safetensors_file(centers_path)
+    with safe_open(centers_path, framework="pt") as file:
+        missing = {"fine_centers", "fine_to_coarse"} - set(file.keys())
+        if missing:
+            raise ValueError(f"{centers_path} has no tensor(s) {sorted(missing)}.")
+        centers = {key: file.get_tensor(key) for key in file.keys()}
+    m, n = info["num_fine_clusters"], info["num_experts"]
+    fine, fine_to_coarse = centers["fine_centers"], centers["fine_to_coarse"]
+    if fine.dim() != 2 or fine.shape[0] != m:
+        raise ValueError(f"{centers_path}: 'fine_centers' has shape {tuple(fine.shape)}, expected ({m}, dim).")
+    if fine_to_coarse.shape != (m,) or fine_to_coarse.dtype != torch.int64:
+        raise ValueError(
+            f"{centers_path}: 'fine_to_coarse' is {fine_to_coarse.dtype} {tuple(fine_to_coarse.shape)}, expected "
+            f"int64 ({m},)."
+        )
+    bad = fine_to_coarse[(fine_to_coarse < 0) | (fine_to_coarse >= n)]
+    if bad.numel():
+        raise ValueError(
+            f"{centers_path}: 'fine_to_coarse' holds {sorted(set(bad.tolist()))}, outside the {n} experts [0, {n})."
+        )
+    return info, centers
+
+
+def _architecture(config) -> dict:
+    return {key: value for key, value in config.to_diff_dict().items() if key not in NOT_ARCHITECTURE}
+
+
+def _config_diff(reference: dict, other: dict, prefix: str = "") -> list[str]:
+    differences = []
+    for key in sorted(set(reference) | set(other)):
+        a, b = reference.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {a!r} vs {b!r}")
+    return differences
+
+
+def check_experts(experts: list[str], num_experts: int, clusters_json: Path):
+    """The experts' common CLIP config, after checking there is one expert per coarse cluster and that all are
+    CLIPs of one architecture (the first difference named)."""
+    if len(experts) != num_experts:
+        raise ValueError(
+            f"{len(experts)} expert(s) given but {clusters_json} has 'num_experts' {num_experts}: pass one EXPERT "
+            "per coarse cluster, in cluster order."
+        )
+    configs = [load_config(expert, require_moe=False) for expert in experts]
+    for expert, config in zip(experts, configs):
+        if config.model_type != "clip":
+            raise ValueError(f"Expert '{expert}' is a '{config.model_type}' model; MoDE experts are CLIPModels.")
+    reference = _architecture(configs[0])
+    for expert, config in zip(experts[1:], configs[1:]):
+        differences = _config_diff(reference, _architecture(config))
+        if differences:
+            raise ValueError(
+                f"Expert '{expert}' differs in architecture from '{experts[0]}' ({'; '.join(differences[:3])}): "
+                "MoDE experts share one architecture."
+            )
+    return configs[0]
+
+
+def clustering_encoder_config(encoder: str, pooling: str):
+    """The config of the clustering encoder as the MoDE model stores it (a CLIP's text tower with projection for the
+    "clip" pooling) and its output dim."""
+    config = load_config(encoder, require_moe=False)
+    if pooling == "clip":
+        if config.model_type != "clip":
+            raise ValueError(f"Clustering pooling 'clip' needs a CLIP encoder; '{encoder}' is '{config.model_type}'.")
+        text = config.text_config
+        text.projection_dim = config.projection_dim
+        return text, config.projection_dim
+    if config.model_type == "clip":
+        raise ValueError(
+            f"Clustering encoder '{encoder}' is a CLIP; its clusters need the pooling 'clip', not {pooling!r}."
+        )
+    return config, config.hidden_size
+
+
+def build_mode(
+    experts: list[str | Path],
+    clusters: str | Path,
+    output_dir: str | Path,
+    *,
+    clustering_encoder: str | None = None,
+    ensemble_formula: str = "released",
+    paper_lambda: float = 0.2,
+    overwrite: bool = False,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    hub_private_repo: bool | None = None,
+) -> MoDEModel:
+    """Build a `MoDEModel` from trained CLIP data experts and the clusters of `hf-moe mode cluster`.
+
+    Args:
+        experts: Hub ids or folders of the `CLIPModel` experts, expert k trained on coarse cluster k.
+        clusters: The clusters folder (`clusters.json`, `centers.safetensors`).
+        output_dir: New or empty folder (`overwrite=True` replaces a non-empty one); may not hold an input.
+        clustering_encoder: The text encoder the clusters were made with (default: `encoder.name_or_path` of
+            `clusters.json`), e.g. a local copy of it.
+        ensemble_formula: "released" (the official code's weights) or "paper".
+        paper_lambda: lambda of the paper's formula.
+
+    Returns:
+        The model (also saved, atomically, with the image processor, the tokenizer(s) and a model card).
+    """
+    experts = [str(expert) for expert in experts]
+    if not experts:
+        raise ValueError("build_mode needs at least one EXPERT.")
+    if ensemble_formula not in ENSEMBLE_FORMULAS:
+        raise ValueError(f"ensemble_formula must be one of {ENSEMBLE_FORMULAS}, got {ensemble_formula!r}.")
+    info, centers = read_clusters(clusters)
+    clusters_json = Path(clusters) / CLUSTERS_FILE
+    encoder = str(clustering_encoder or info["encoder"]["name_or_path"])
+    pooling, max_length = info["encoder"]["pooling"], int(info["encoder"]["max_length"])
+    inputs = [*experts, encoder, clusters]
+    check_output_dir(output_dir, overwrite, inputs=inputs)
+    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+
+    expert_config = check_experts(experts, info["num_experts"], clusters_json)
+    encoder_config, dim = clustering_encoder_config(encoder, pooling)
+    if centers["fine_centers"].shape[1] != dim:
+        raise ValueError(
+            f"{Path(clusters) / CENTERS_FILE}: 'fine_centers' have dim {centers['fine_centers'].shape[1]} but the "
+            f"clustering encoder '{encoder}' ({pooling} pooling) embeds in {dim}: the clusters were made with another "
+            "encoder (pass it as --clustering_encoder)."
+        )
+
+    config = MoDEConfig(
+        expert_config=expert_config.to_dict(),
+        num_experts=len(experts),
+        num_fine_clusters=info["num_fine_clusters"],
+        clustering_encoder_config=encoder_config.to_dict(),
+        clustering_encoder_name_or_path=encoder,
+        clustering_pooling=pooling,
+        clustering_max_length=max_length,
+        ensemble_formula=ensemble_formula,
+        paper_lambda=paper_lambda,
+    )
+    model = MoDEModel(config).eval()
+    with torch.no_grad():
+        for k, expert in enumerate(experts):
+            model.experts[k].load_state_dict(CLIPModel.from_pretrained(expert, dtype=torch.float32).state_dict())
+        encoder_class = CLIPTextModelWithProjection if pooling == "clip" else AutoModel
+        source = encoder_class.from_pretrained(encoder, dtype=torch.float32)
+        model.clustering_encoder.load_state_dict(source.state_dict())
+        model.fine_centers.copy_(centers["fine_centers"])
+        model.fine_to_coarse.copy_(centers["fine_to_coarse"])
+    model.config.name_or_path = ""
+
+    processor = load_processor(experts[0])
+    if pooling != "clip":
+        tokenizer = MoDETokenizer.from_pretrained(
+            experts[0], clustering_tokenizer=AutoTokenizer.from_pretrained(encoder), clustering_max_length=max_length
+        )
+        processor = CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
+
+    model_name = hub_model_id or Path(output_dir).name
+    card = {
+        "base_model": experts,
+        "how_built": mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, output_dir),
+        "tags": ["mode", "data-experts", "clip"],
+        "model_name": model_name,
+        "description": (
+            "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data experts, "
+            "each trained on one cluster of the captions, ensembled per task with weights from how close the "
+            "task's class names lie to the caption clusters."
+        ),
+    }
+    save_model_folder(
+        model,
+        processor,
+        output_dir,
+        overwrite=overwrite,
+        card=card,
+        inputs=inputs,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        hub_token=hub_token,
+        hub_private_repo=hub_private_repo,
+    )
+    logger.info(f"Saved a {len(experts)}-expert MoDE model to {output_dir}")
+    return model
+
+
+def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, output_dir) -> str:
+    listed = "\n".join(f"{k}. `{expert}`" for k, expert in enumerate(experts))
+    command = ["hf-moe", "mode", "build", *experts, "--clusters", str(clusters), "--output_dir", str(output_dir)]
+    command += ["--clustering_encoder", encoder, "--ensemble_formula", ensemble_formula]
+    return (
+        f"**MoDE** of {len(experts)} CLIP data experts over {info['num_fine_clusters']} fine caption clusters "
+        f"(clustering encoder `{encoder}`, {pooling} pooling, seed {info.get('seed')}); task weights by the "
+        f"{ensemble_formula} formula.\n\nExperts (expert k = coarse cluster k):\n\n{listed}\n\n"
+        f"```bash\n{' '.join(command)}\n```"
+    )
+
+
+__all__ = ["build_mode", "read_clusters"]

@@ -1,0 +1,43 @@
+"""`hf-moe mode build`: one MoDE model from the trained data experts and the clusters (see
+`hf_moe.conversion.build_mode`).
+
+    hf-moe mode build EXPERT [EXPERT ...] --clusters DIR --output_dir OUT [--clustering_encoder NAME]
+        [--ensemble_formula released|paper] [--paper_lambda 0.2] [--overwrite] [--push_to_hub ...]
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from ..arguments import HubArguments
+from ..conversion import build_mode
+from ..modeling.configuration_mode import ENSEMBLE_FORMULAS
+
+
+@dataclass
+class BuildArguments:
+    clusters: str = field(metadata={"help": "Folder of `hf-moe mode cluster` (clusters.json, centers.safetensors)."})
+    output_dir: str = field(metadata={"help": "Folder to write the MoDE model to (must be new or empty)."})
+    clustering_encoder: str | None = field(
+        default=None,
+        metadata={"help": "The text encoder the clusters were made with (default: the one clusters.json names)."},
+    )
+    ensemble_formula: str = field(
+        default="released",
+        metadata={
+            "help": "Task weights: released (the official code's formula) or paper.",
+            "choices": list(ENSEMBLE_FORMULAS),
+        },
+    )
+    paper_lambda: float = field(default=0.2, metadata={"help": "lambda of the paper's formula."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser(
+        (BuildArguments, HubArguments), prog="hf-moe mode build", description=build_mode.__doc__.split("\n")[0]
+    )
+    parser.add_argument("experts", nargs="+", metavar="EXPERT", help="The CLIP data experts, expert k = cluster k.")
+    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    build_mode(positional.experts, **vars(args), **vars(hub_args))
+    print(f"Built a {len(positional.experts)}-expert MoDE model in {args.output_dir}")

@@ -1,0 +1,225 @@
+"""MoDEModel: the task weights equal hand computations of the released and the paper's formulas, the ensembled
+logits equal the weighted sum of the individual CLIPs' logits, and the clustering embeddings are the poolings they
+claim to be."""
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer, CLIPModel
+
+from hf_moe.modeling import MoDEConfig, MoDEModel, clustering_text_embeddings
+from hf_moe.toy import save_toy_clip
+
+
+WORDS = ["this", "is", "photo", "of", "cat", "dog", "car", "bird", "ship", "red", "blue"]
+
+
+def save_tiny_bert(folder, seed: int = 0):
+    """A random tiny BertModel and a BertTokenizer over a small vocabulary (special tokens, letters, WORDS)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *"abcdefghijklmnopqrstuvwxyz", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mode_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mode")
+    clips = [save_toy_clip(root / f"expert{k}", seed=k) for k in range(3)]
+    return clips, save_tiny_bert(root / "bert")
+
+
+def make_model(clips, bert=None, num_fine: int = 6, formula: str = "released", seed: int = 0) -> MoDEModel:
+    experts = [CLIPModel.from_pretrained(clip).eval() for clip in clips]
+    encoder = BertModel.from_pretrained(bert).eval() if bert is not None else None
+    config = MoDEConfig(
+        expert_config=experts[0].config.to_dict(),
+        num_experts=len(experts),
+        num_fine_clusters=num_fine,
+        clustering_encoder_config=None if encoder is None else encoder.config.to_dict(),
+        ensemble_formula=formula,
+    )
+    model = MoDEModel(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for clip, expert in zip(model.experts, experts):
+            clip.load_state_dict(expert.state_dict())
+        if encoder is not None:
+            model.clustering_encoder.load_state_dict(encoder.state_dict())
+        dim = config.clustering_dim
+        model.fine_centers.copy_(torch.nn.functional.normalize(torch.randn(num_fine, dim, generator=generator), dim=1))
+        model.fine_to_coarse.copy_(torch.arange(num_fine) % len(experts))
+    return model
+
+
+def hand_released(embeddings, centers, fine_to_coarse, num_experts):
+    """The released formula with plain Python: METHODS.md section 2."""
+    rows = [[float(x) for x in row] for row in embeddings]
+    rows = [[x / math.sqrt(sum(v * v for v in row)) for x in row] for row in rows]
+    n = len(rows)
+    add = math.exp(0.5 - math.sqrt(n)) if n < 10 else 0.0
+    mul = 5 * math.log10(max(10, n - 200))
+    scores = [0.0] * num_experts
+    for row in rows:
+        dists = [math.sqrt(sum((a - float(b)) ** 2 for a, b in zip(row, center))) for center in centers]
+        d = min(dists)
+        scores[int(fine_to_coarse[dists.index(d)])] += math.exp((add - d) * mul)
+    exps = [math.exp(s / 8) for s in scores]
+    return [e / sum(exps) for e in exps]
+
+
+def hand_paper(embeddings, centers, fine_to_coarse, num_experts, lam=0.2):
+    """The paper's formula with plain Python: A_ls = exp(-|e_l - e_s|^2 / lambda), only each row's max kept,
+    p(c) proportional to exp(sum of the kept A_ls of the centers of expert c)."""
+    scores = [0.0] * num_experts
+    for row in embeddings:
+        row = [float(x) for x in row]
+        norm = math.sqrt(sum(v * v for v in row))
+        row = [x / norm for x in row]
+        affinities = [math.exp(-sum((a - float(b)) ** 2 for a, b in zip(row, c)) / lam) for c in centers]
+        best = max(affinities)
+        scores[int(fine_to_coarse[affinities.index(best)])] += best
+    exps = [math.exp(s) for s in scores]
+    return [e / sum(exps) for e in exps]
+
+
+@pytest.mark.parametrize("num_classes", [3, 12, 230])
+def test_released_task_weights_equal_hand_computation(mode_inputs, num_classes):
+    clips, bert = mode_inputs
+    model = make_model(clips, bert)
+    # Class embeddings near the centers, so that the weights are far from uniform and the nearest center matters.
+    generator = torch.Generator().manual_seed(num_classes)
+    picks = torch.randint(0, 6, (num_classes,), generator=generator)
+    embeddings = model.fine_centers[picks] * 3 + 0.3 * torch.randn(num_classes, 16, generator=generator)
+    weights = model.task_weights(embeddings)
+    expected = hand_released(embeddings, model.fine_centers, model.fine_to_coarse, 3)
+    torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert weights.max() - weights.min() > 1e-3
+
+
+def test_paper_task_weights_equal_hand_computation(mode_inputs):
+    clips, bert = mode_inputs
+    model = make_model(clips, bert, formula="paper")
+    generator = torch.Generator().manual_seed(1)
+    embeddings = model.fine_centers[torch.tensor([0, 3, 1, 4])] + 0.2 * torch.randn(4, 16, generator=generator)
+    weights = model.task_weights(embeddings)
+    expected = hand_paper(embeddings, model.fine_centers, model.fine_to_coarse, 3)
+    torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert weights.max() - weights.min() > 1e-3
+
+
+def test_template_averaged_class_embeddings(mode_inputs):
+    clips, bert = mode_inputs
+    model = make_model(clips, bert)
+    per_template = torch.randn(4, 3, 16)  # (classes, templates, dim)
+    averaged = torch.nn.functional.normalize(per_template, dim=-1).mean(dim=1)
+    torch.testing.assert_close(model.task_weights(per_template), model.task_weights(averaged))
+    with pytest.raises(ValueError, match=r"\(num_classes, 16\).*got \(4, 8\)"):
+        model.task_weights(torch.randn(4, 8))
+
+
+def clip_batch(model, num_texts=4, num_images=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.expert_config.text_config.vocab_size
+    input_ids = torch.randint(2, vocab, (num_texts, 7), generator=generator)
+    input_ids[:, 0], input_ids[:, -1] = 0, 1
+    size = model.config.expert_config.vision_config.image_size
+    return input_ids, torch.randn(num_images, 3, size, size, generator=generator)
+
+
+def test_ensembled_logits_are_the_weighted_sum_of_the_clips(mode_inputs):
+    clips, bert = mode_inputs
+    model = make_model(clips, bert)
+    input_ids, pixel_values = clip_batch(model)
+    clustering_ids = torch.randint(5, 40, (4, 5))
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixel_values, clustering_input_ids=clustering_ids)
+        embeddings = BertModel.from_pretrained(bert).eval()(input_ids=clustering_ids).pooler_output
+        weights = model.task_weights(embeddings)
+        references = [
+            CLIPModel.from_pretrained(c).eval()(input_ids=input_ids, pixel_values=pixel_values) for c in clips
+        ]
+    torch.testing.assert_close(out.task_weights, weights)
+    expected = sum(w * ref.logits_per_image for w, ref in zip(weights, references))
+    torch.testing.assert_close(out.logits_per_image, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.t())
+    for k, ref in enumerate(references):
+        torch.testing.assert_close(out.expert_logits_per_image[k], ref.logits_per_image, atol=0, rtol=0)
+
+    for k, ref in enumerate(references):  # one-hot weights: exactly that CLIP
+        one_hot = torch.nn.functional.one_hot(torch.tensor(k), 3).float()
+        with torch.no_grad():
+            single = model(input_ids=input_ids, pixel_values=pixel_values, task_weights=one_hot)
+        torch.testing.assert_close(single.logits_per_image, ref.logits_per_image, atol=0, rtol=0)
+
+
+def test_one_expert_with_its_own_text_tower_is_that_clip(mode_inputs):
+    clips, _ = mode_inputs
+    model = make_model(clips[:1])  # no clustering encoder: expert 0's CLIP text features ("clip" pooling)
+    assert model.config.clustering_pooling == "clip" and model.clustering_encoder is None
+    input_ids, pixel_values = clip_batch(model)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixel_values)
+        reference = CLIPModel.from_pretrained(clips[0]).eval()(input_ids=input_ids, pixel_values=pixel_values)
+    torch.testing.assert_close(out.task_weights, torch.ones(1))
+    torch.testing.assert_close(out.logits_per_image, reference.logits_per_image, atol=0, rtol=0)
+
+
+def test_per_query_weights_for_text_to_image_retrieval(mode_inputs):
+    clips, bert = mode_inputs
+    model = make_model(clips, bert)
+    input_ids, pixel_values = clip_batch(model, num_texts=3, num_images=4)
+    clustering_ids = torch.randint(5, 40, (3, 6))
+    with torch.no_grad():
+        out = model(input_ids, pixel_values, clustering_input_ids=clustering_ids, per_query_weights=True)
+        embeddings = model.clustering_embeddings(clustering_input_ids=clustering_ids)
+    assert out.task_weights.shape == (3, 3)
+    for j in range(3):
+        weights = model.task_weights(embeddings[j : j + 1])  # the query text alone is the task
+        torch.testing.assert_close(out.task_weights[j], weights)
+        expected = sum(weights[k] * out.expert_logits_per_image[k, :, j] for k in range(3))
+        torch.testing.assert_close(out.logits_per_text[j], expected)
+
+
+def test_clustering_encoder_tokens_are_required(mode_inputs):
+    clips, bert = mode_inputs
+    model = make_model(clips, bert)
+    input_ids, pixel_values = clip_batch(model)
+    with pytest.raises(ValueError, match="clustering_input_ids"):
+        model(input_ids=input_ids, pixel_values=pixel_values)
+
+
+def test_clustering_text_embeddings_poolings(mode_inputs):
+    clips, bert = mode_inputs
+    encoder = BertModel.from_pretrained(bert).eval()
+    ids = torch.randint(5, 40, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        out = encoder(input_ids=ids, attention_mask=mask)
+        mean = clustering_text_embeddings(encoder, ids, mask, "mean")
+        torch.testing.assert_close(clustering_text_embeddings(encoder, ids, mask, "pooler"), out.pooler_output)
+        torch.testing.assert_close(clustering_text_embeddings(encoder, ids, mask, "cls"), out.last_hidden_state[:, 0])
+        clip = CLIPModel.from_pretrained(clips[0]).eval()
+        torch.testing.assert_close(
+            clustering_text_embeddings(clip, ids, mask, "clip"),
+            clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output,
+        )
+    for b, length in enumerate([6, 3]):
+        torch.testing.assert_close(mean[b], out.last_hidden_state[b, :length].mean(dim=0))
+    with pytest.raises(ValueError, match="'max'"):
+        clustering_text_embeddings(encoder, ids, mask, "max")
+    with pytest.raises(TypeError, match="BertModel"):
+        clustering_text_embeddings(encoder, ids, mask, "clip")
