@@ -1,4 +1,6 @@
-"""Trainer subclass for CLIP and CLIP-MoE: the recipe's contrastive loss plus the router balance loss.
+"""Trainer subclass for CLIP and CLIP-MoE: the recipe's contrastive loss plus the router balance loss. The
+contrastive part is the shared `hf_moe.clip_training.CLIPTrainer`; this module adds the CLIP-MoE recipe's defaults
+and router terms.
 
 loss = CLIP contrastive loss (features all-gathered with gradient, label smoothing, fixed logit scale)
        + w_image * image balance loss + w_text * text balance loss [+ the model's z-loss terms]
@@ -22,12 +24,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..losses import clip_contrastive_loss
+from ..clip_training import CLIPTrainer, CLIPTrainingArguments
 from ..modeling import expert_load, load_balancing_loss
-from ..training import RecordedMetricsMixin, freeze_all_but
 
 
 logger = logging.get_logger(__name__)
@@ -37,8 +37,9 @@ EXPERT_LOAD_LOGGING = ("none", "summary", "full")
 
 
 @dataclass
-class CLIPMoETrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the CLIP-MoE recipe's loss settings and which parameters train."""
+class CLIPMoETrainingArguments(CLIPTrainingArguments):
+    """`CLIPTrainingArguments` with the CLIP-MoE recipe's loss settings (label smoothing 0.1, logit scale fixed at
+    100, routers only) plus its balance-loss weighting and expert-load logging."""
 
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the contrastive loss."})
     logit_scale: float | None = field(
@@ -65,7 +66,6 @@ class CLIPMoETrainingArguments(TrainingArguments):
             "1.0 = balanced); 'full': also every expert's share (.../block_3/expert_0); 'none': off."
         },
     )
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Image-text rows are collated by hand."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,8 +118,9 @@ def balance_loss_weights(setting: str, vision_coef: float, text_coef: float, wor
     raise ValueError(f"balance_loss_weights must be one of {BALANCE_LOSS_WEIGHTS}, got {setting!r}.")
 
 
-class CLIPMoETrainer(RecordedMetricsMixin, Trainer):
-    """`Trainer` for CLIP-MoE router training and for MCL stages of a dense CLIP (no aux loss there).
+class CLIPMoETrainer(CLIPTrainer):
+    """`CLIPTrainer` for CLIP-MoE router training and for MCL stages of a dense CLIP (no aux loss there): adds the
+    model's router loss (reweighted per `--balance_loss_weights`) and logs the aux loss and expert loads.
 
     Expects batches from `hf_moe.data.ImageTextCollator` (`input_ids`, `attention_mask`, `pixel_values`, and an
     optional `index` that is dropped here).
@@ -127,40 +128,29 @@ class CLIPMoETrainer(RecordedMetricsMixin, Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        trainable = freeze_all_but(self.model, self.args.trainable_parameters)
-        count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        logger.info(
-            f"Training {len(trainable)} tensors ({count:,} parameters) matching {self.args.trainable_parameters}"
-        )
         # Expert loads are recorded as `expert_load/{tower}`: `(num_moe_blocks, num_experts)`; the tower's blocks:
         self._load_blocks: dict[str, list[int]] = {}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {key: value for key, value in inputs.items() if key != "index"}
+    @staticmethod
+    def _is_moe(config) -> bool:
+        return hasattr(config, "num_local_experts")
+
+    def _clip_outputs(self, model, inputs: dict):
         config = self.accelerator.unwrap_model(model).config
-        is_moe = hasattr(config, "num_local_experts")
-        outputs = model(**inputs, output_router_logits=True) if is_moe else model(**inputs)
-        if self.args.logit_scale is not None:
-            logit_scale = self.args.logit_scale
-        else:
-            logit_scale = self.accelerator.unwrap_model(model).logit_scale.exp()
-        contrastive = clip_contrastive_loss(
-            outputs.image_embeds, outputs.text_embeds, logit_scale, self.args.label_smoothing
-        )
-        loss = contrastive
-        record = model.training  # evaluation batches must not leak into the training log
+        return model(**inputs, output_router_logits=True) if self._is_moe(config) else model(**inputs)
+
+    def _additional_loss(self, model, inputs: dict, outputs, record: bool) -> torch.Tensor | float:
+        config = self.accelerator.unwrap_model(model).config
+        if not self._is_moe(config):
+            return 0.0
+        # The model owns the router terms (per-tower balance-loss weights, z-loss).
+        router_loss = outputs.router_loss + self._balance_reweighting(config, outputs, inputs.get("attention_mask"))
         if record:
-            self._record("contrastive_loss", contrastive)
-        if is_moe:
-            # The model owns the router terms (per-tower balance-loss weights, z-loss).
-            router_loss = outputs.router_loss + self._balance_reweighting(config, outputs, inputs.get("attention_mask"))
-            loss = loss + router_loss
-            if record:
-                self._record("aux_loss", outputs.aux_loss)
-                self._record("router_loss", router_loss)
-                if self.args.log_expert_load != "none":
-                    self._record_expert_load(config, outputs, inputs.get("attention_mask"))
-        return (loss, outputs) if return_outputs else loss
+            self._record("aux_loss", outputs.aux_loss)
+            self._record("router_loss", router_loss)
+            if self.args.log_expert_load != "none":
+                self._record_expert_load(config, outputs, inputs.get("attention_mask"))
+        return router_loss
 
     def _balance_reweighting(self, config, outputs, attention_mask) -> torch.Tensor | float:
         """What to add to the model's router loss (weighted by each tower's coefficient) so that each tower's
