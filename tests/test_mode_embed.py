@@ -85,6 +85,8 @@ def save_tiny_bert(folder, seed=0):
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        # Large random weights: with BERT's 0.02 every caption gets nearly the same (cosine ~1) embedding.
+        initializer_range=0.5,
     )
     BertModel(config).eval().save_pretrained(folder)
     return folder
@@ -95,20 +97,25 @@ def bert_dir(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("encoder") / "bert")
 
 
-def reference_embedding(encoder_dir, text: str, pooling: str, max_length: int = 77) -> torch.Tensor:
+def reference_embeddings(encoder_dir, texts: list[str], pooling: str, max_length: int = 77) -> torch.Tensor:
     """One caption at a time, straight from the model's outputs."""
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-    inputs = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
-    with torch.no_grad():
-        if pooling == "clip":
-            model = CLIPModel.from_pretrained(encoder_dir).eval()
-            return model.get_text_features(**inputs).pooler_output[0]
-        outputs = BertModel.from_pretrained(encoder_dir).eval()(**inputs)
-    if pooling == "pooler":
-        return outputs.pooler_output[0]
-    if pooling == "cls":
-        return outputs.last_hidden_state[0, 0]
-    return outputs.last_hidden_state[0].mean(0)  # one caption: no padding to mask
+    model = (CLIPModel if pooling == "clip" else BertModel).from_pretrained(encoder_dir).eval()
+    rows = []
+    for text in texts:
+        inputs = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            if pooling == "clip":
+                rows.append(model.get_text_features(**inputs).pooler_output[0])
+                continue
+            outputs = model(**inputs)
+        if pooling == "pooler":
+            rows.append(outputs.pooler_output[0])
+        elif pooling == "cls":
+            rows.append(outputs.last_hidden_state[0, 0])
+        else:
+            rows.append(outputs.last_hidden_state[0].mean(0))  # one caption: no padding to mask
+    return torch.stack(rows)
 
 
 def read_embeddings(output_dir) -> tuple[list[str], torch.Tensor]:
@@ -134,7 +141,7 @@ def test_shard_embeddings_equal_a_per_caption_loop(tmp_path, bert_dir, pooling):
     output = run_embed(tmp_path / "data" / "*" / "*.tar", tmp_path / "emb", bert_dir, "--pooling", pooling)
     keys, embeddings = read_embeddings(output)
     assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys) == len(SHARD_IDS) * PER_SHARD
-    reference = torch.stack([reference_embedding(bert_dir, expected[key], pooling) for key in keys])
+    reference = reference_embeddings(bert_dir, [expected[key] for key in keys], pooling)
     assert embeddings.dtype == torch.float32
     torch.testing.assert_close(embeddings, reference, atol=1e-5, rtol=0)
     # Stored as the encoder gives them, not normalised.
@@ -158,7 +165,7 @@ def test_image_folder_embeddings(tmp_path, bert_dir, toy_clip_dir, pooling):
     output = run_embed(tmp_path / "images", tmp_path / "emb", encoder, "--pooling", pooling)
     keys, embeddings = read_embeddings(output)
     assert keys == sorted(expected)
-    reference = torch.stack([reference_embedding(encoder, expected[key], pooling) for key in keys])
+    reference = reference_embeddings(encoder, [expected[key] for key in keys], pooling)
     torch.testing.assert_close(embeddings, reference, atol=1e-5, rtol=0)
 
 
