@@ -1,0 +1,234 @@
+"""MoDE data-expert training: ordinary CLIP training of the WHOLE seed model, where only the sampling changes: the
+pairs of expert K's fine clusters plus a random `--other_share` (0.02) of the other pairs (`hf_moe.mode.sampling`).
+
+    hf-moe mode train-expert --seed_model seed-clip --data shards/ --clusters clusters/ --expert 0 \
+        --output_dir expert-0 --bf16 --gradient_checkpointing --per_device_train_batch_size 256 --max_steps 10000
+    accelerate launch examples/mode/train_mode_expert.py ... (the same options)
+
+As in the paper, every expert starts from one seed checkpoint trained on all the data and continues with the
+seed's recipe (OpenCLIP / MetaCLIP): AdamW (beta2 0.98, eps 1e-6, weight decay 0.2), cosine decay, no label
+smoothing, the model's learned logit scale (capped at 100, as OpenCLIP clamps it), no gradient clipping. The
+default peak learning rate, 3e-5, is where MetaCLIP B/32's cosine schedule (5e-4 over 32 epochs) stands at epoch
+27, where MoDE's experts branch off; an optimizer state is not carried over from the seed.
+
+A re-run continues the same job or refuses: the options and fingerprints of the seed model, the data and the
+clusters are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete checkpoint;
+a finished run is reported as done and left untouched.
+"""
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from safetensors import safe_open
+from transformers import AutoProcessor, CLIPConfig, CLIPModel, HfArgumentParser
+from transformers.utils import logging
+
+from ..clip_training import CLIPTrainer, CLIPTrainingArguments
+from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
+from ..hub import push_training_output
+from ..loading import load_config, load_pretrained
+from ..training import (
+    TrainingJob,
+    input_fingerprint,
+    last_complete_checkpoint,
+    local_path,
+    model_fingerprint,
+    result_options,
+)
+from .data import data_fingerprint, fine_labels_of
+from .sampling import expert_subset
+
+
+logger = logging.get_logger(__name__)
+
+CLUSTERS_FILE = "clusters.json"
+CENTERS_FILE = "centers.safetensors"
+
+
+@dataclass
+class DataExpertArguments:
+    seed_model: str = field(metadata={"help": "Dense CLIP every expert starts from (folder or Hub id)."})
+    data: str = field(metadata={"help": "Image-caption data that `hf-moe mode cluster` assigned (any layout)."})
+    clusters: str = field(metadata={"help": "Output folder of `hf-moe mode cluster`."})
+    expert: int = field(metadata={"help": "The expert K to train: the coarse cluster K, 0 <= K < num_experts."})
+    other_share: float = field(
+        default=0.02,
+        metadata={"help": "Share of the OTHER experts' pairs also trained on (paper: 0.02), drawn once under --seed."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow --seed_model to run model code from its folder or Hub repo."}
+    )
+
+
+@dataclass
+class DataExpertTrainingArguments(CLIPTrainingArguments):
+    """`CLIPTrainingArguments` with the seed's (OpenCLIP / MetaCLIP) recipe as defaults; see the module docstring."""
+
+    learning_rate: float = field(
+        default=3e-5, metadata={"help": "Peak learning rate (MetaCLIP B/32's cosine at epoch 27 of 32: 3e-5)."}
+    )
+    weight_decay: float = field(default=0.2, metadata={"help": "AdamW weight decay (OpenCLIP / MetaCLIP: 0.2)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (OpenCLIP / MetaCLIP: 0.98)."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (OpenCLIP / MetaCLIP: 1e-6)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warm-up (cosine)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping norm; 0: none (OpenCLIP: none)."})
+    max_logit_scale: float = field(
+        default=100.0, metadata={"help": "Cap of the learned logit scale (OpenCLIP clamps it at 100)."}
+    )
+
+
+class DataExpertTrainer(CLIPTrainer):
+    """`CLIPTrainer` whose learned logit scale is capped at `max_logit_scale`."""
+
+    def _logit_scale(self, model) -> torch.Tensor | float:
+        # OpenCLIP clamps the parameter in place after each step; capping the value used gives the same loss
+        # without editing the weights behind the optimizer's back.
+        scale = super()._logit_scale(model)
+        return scale.clamp(max=self.args.max_logit_scale) if torch.is_tensor(scale) else scale
+
+
+def read_clusters(clusters_dir: str | Path) -> tuple[int, torch.Tensor]:
+    """`(num_experts, fine_to_coarse)` of the output of `hf-moe mode cluster`, checked against each other."""
+    clusters_dir = Path(clusters_dir)
+    meta_path, centers_path = clusters_dir / CLUSTERS_FILE, clusters_dir / CENTERS_FILE
+    for path in (meta_path, centers_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: pass the output folder of `hf-moe mode cluster`.")
+    try:
+        meta = json.loads(meta_path.read_text())
+        num_experts, num_fine = int(meta["num_experts"]), int(meta["num_fine_clusters"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{meta_path} lacks a valid num_experts / num_fine_clusters ({err!r}).") from err
+    with safe_open(centers_path, framework="pt") as centers:
+        if "fine_to_coarse" not in centers.keys():
+            raise ValueError(f"{centers_path} holds no 'fine_to_coarse' tensor (it has {sorted(centers.keys())}).")
+        fine_to_coarse = centers.get_tensor("fine_to_coarse").long()
+    if fine_to_coarse.shape != (num_fine,) or not (0 <= fine_to_coarse).all() or (fine_to_coarse >= num_experts).any():
+        raise ValueError(
+            f"'fine_to_coarse' in {centers_path} (shape {tuple(fine_to_coarse.shape)}) must map the "
+            f"{num_fine} fine clusters of {meta_path} to experts in [0, {num_experts})."
+        )
+    return num_experts, fine_to_coarse
+
+
+def check_expert_arguments(script_args: DataExpertArguments) -> tuple[int, torch.Tensor]:
+    """Every check that needs no data or training, before anything is written; returns `read_clusters`."""
+    if not 0.0 <= script_args.other_share <= 1.0:
+        raise ValueError(f"--other_share must be in [0, 1], got {script_args.other_share}.")
+    config = load_config(script_args.seed_model, trust_remote_code=script_args.trust_remote_code, require_moe=False)
+    if not isinstance(config, CLIPConfig):
+        raise ValueError(
+            f"A data expert is a dense CLIP: --seed_model '{script_args.seed_model}' is a '{config.model_type}', "
+            "not a 'clip'."
+        )
+    num_experts, fine_to_coarse = read_clusters(script_args.clusters)
+    if not 0 <= script_args.expert < num_experts:
+        raise ValueError(
+            f"--expert {script_args.expert} is out of range: {script_args.clusters} has {num_experts} experts "
+            f"(0 to {num_experts - 1})."
+        )
+    return num_experts, fine_to_coarse
+
+
+# Compared by their fingerprints, not by how their paths are spelled; trust_remote_code does not change the result.
+NOT_RESULT_OPTIONS = {"data", "clusters", "trust_remote_code"}
+
+
+def expert_job(script_args: DataExpertArguments, training_args: DataExpertTrainingArguments) -> TrainingJob:
+    """The data-expert job in `training_args.output_dir`: its options (the seed by absolute path) and fingerprints
+    of the seed's weights, the data and the clusters."""
+    options = result_options(script_args, training_args, exclude=NOT_RESULT_OPTIONS)
+    options["seed_model"] = local_path(script_args.seed_model)
+    inputs = {
+        "seed_model": model_fingerprint(script_args.seed_model),
+        "data": data_fingerprint(script_args.data),
+        "clusters": input_fingerprint(script_args.clusters),
+    }
+    return TrainingJob(
+        training_args.output_dir,
+        "mode train-expert",
+        options,
+        inputs=inputs,
+        owned_outputs=("checkpoint-*", "model*.safetensors"),
+    )
+
+
+def train_expert(script_args: DataExpertArguments, training_args: DataExpertTrainingArguments) -> Path:
+    """Train data expert `script_args.expert` from the seed model; save the model, its processor and a model card
+    in `training_args.output_dir`.
+
+    Re-running continues an interrupted job from its last complete checkpoint, returns a finished one untouched,
+    and refuses (`JobMismatchError`) one whose options, seed model, data or clusters differ.
+    """
+    output_dir = Path(training_args.output_dir)
+    num_experts, fine_to_coarse = check_expert_arguments(script_args)
+    job = expert_job(script_args, training_args)
+    job.check()
+    if job.is_complete() and (output_dir / "config.json").is_file():
+        logger.warning(f"Data expert {script_args.expert} in {output_dir} is already trained; nothing to do.")
+        push_training_output(output_dir, training_args)
+        return output_dir
+
+    # The index column lets the collator report which rows a batch holds (the trainer drops it).
+    dataset = add_index_column(load_image_text_dataset(script_args.data, streaming=False))
+    fine_labels = fine_labels_of(dataset, script_args.clusters)
+    subset, rows = expert_subset(
+        dataset, fine_labels, fine_to_coarse, script_args.expert, script_args.other_share, training_args.seed
+    )
+    model = load_pretrained(
+        script_args.seed_model, CLIPModel, trust_remote_code=script_args.trust_remote_code, require_moe=False
+    )
+    processor = AutoProcessor.from_pretrained(script_args.seed_model)
+    job.record()
+    # We push the final folder ourselves, with our model card; the Trainer would push every checkpoint with its own.
+    trainer = DataExpertTrainer(
+        model=model,
+        args=replace(training_args, push_to_hub=False),
+        train_dataset=subset,
+        data_collator=ImageTextCollator(processor),
+    )
+    last = last_complete_checkpoint(output_dir)
+    if last:
+        logger.warning(f"Resuming data expert {script_args.expert} from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        _write_card(output_dir, script_args, training_args, num_experts, rows, len(dataset), trainer.state.global_step)
+        job.mark_complete(global_step=trainer.state.global_step)
+    PartialState().wait_for_everyone()
+    push_training_output(output_dir, training_args)
+    return output_dir
+
+
+def _write_card(output_dir: Path, script_args, training_args, num_experts: int, rows, num_rows: int, steps: int):
+    from ..hub import write_model_card
+
+    options = result_options(script_args, training_args, exclude={"trust_remote_code"})
+    table = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
+    write_model_card(
+        output_dir,
+        base_model=script_args.seed_model,
+        how_built=(
+            f"`hf-moe mode train-expert`: MoDE data expert {script_args.expert} of {num_experts}, the whole CLIP "
+            f"`{script_args.seed_model}` trained for {steps} steps with the CLIP contrastive loss on the "
+            f"{len(rows.own)} pairs of `{script_args.data}` whose fine cluster (clusters `{script_args.clusters}`) "
+            f"belongs to expert {script_args.expert}, plus {len(rows.other)} pairs of the other experts (other share "
+            f"{script_args.other_share:g}), of {num_rows} pairs.\n\n| option | value |\n| --- | --- |\n{table}"
+        ),
+        tags=("clip", "mode", "data-expert"),
+        model_name=training_args.hub_model_id,
+        description=(
+            f"A CLIP data expert (MoDE: CLIP Data Experts via Clustering): expert {script_args.expert} of "
+            f"{num_experts}, for `hf-moe mode build` to ensemble with the others."
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = HfArgumentParser((DataExpertArguments, DataExpertTrainingArguments), prog="hf-moe mode train-expert")
+    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return train_expert(script_args, training_args)
