@@ -69,18 +69,26 @@ class MoIIEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            current = nn.functional.linear(up * self.act_fn(gate), self.down_proj[expert_idx])
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, current.to(final.dtype))
-        return final
+        # (token, expert) pairs sorted by expert, then one contiguous slice per expert that received tokens: one host
+        # sync (the counts) instead of one_hot + nonzero + a torch.where per expert, and no visit to empty experts.
+        num_tokens, top_k = top_k_index.shape
+        if num_tokens == 0:
+            return torch.zeros_like(hidden_states)
+        expert_ids = top_k_index.reshape(-1)  # (num_tokens * top_k,)
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        sorted_states = hidden_states[order // top_k]  # (num_tokens * top_k, hidden_dim), grouped by expert
+        outputs, start = [], 0
+        for expert_idx, count in enumerate(counts):
+            if count:
+                current = sorted_states[start : start + count]
+                gate, up = nn.functional.linear(current, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+                outputs.append(nn.functional.linear(up * self.act_fn(gate), self.down_proj[expert_idx]))
+                start += count
+        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
+        # Back to (token, k) order, then the k outputs of a token summed (deterministic, unlike index_add_ on CUDA).
+        final = torch.empty_like(weighted).index_copy_(0, order, weighted)
+        return final.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 class MoIIESparseBlock(nn.Module):
