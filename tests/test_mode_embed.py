@@ -227,7 +227,7 @@ class FakeProcess:
         self.counter = None
 
     def enter(self):
-        self.monkeypatch.setattr(embed_module, "PartialState", lambda: self)
+        self.monkeypatch.setattr(embed_module, "PartialState", lambda **kwargs: self)
         self.monkeypatch.setattr("hf_moe.training._is_main_process", lambda: self.is_main_process)
         self.counter = CountingEmbed(self.monkeypatch)
 

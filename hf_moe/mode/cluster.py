@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -42,7 +41,15 @@ from ..clustering import balanced_kmeans, nearest_centers
 from ..fileio import atomic_output_file, check_output_dir
 from ..training import JOB_FILE, TrainingJob, local_path
 from .data import ASSIGNMENTS_DIR, data_fingerprint, read_assignments
-from .embed import EMBED_FILE, NOT_RESULT_OPTIONS, EmbedArguments, EncoderArguments, embed_captions, shard_path
+from .embed import (
+    EMBED_FILE,
+    NOT_RESULT_OPTIONS,
+    EmbedArguments,
+    EncoderArguments,
+    embed_captions,
+    process_state,
+    shard_path,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -161,7 +168,7 @@ def cluster_pairs(args: ClusterArguments, encoder_args: EncoderArguments) -> Pat
     """Run the clustering (see the module docstring) and return the output folder."""
     check_cluster_arguments(args)
     output_dir = check_output_dir(args.output_dir, overwrite=True, inputs=[args.data])
-    state = PartialState()
+    state = process_state()
     embeddings_dir = Path(args.embeddings) if args.embeddings else output_dir / "embeddings"
     job = cluster_job(args, encoder_args, embeddings_dir)
     job.check()

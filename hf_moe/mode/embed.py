@@ -78,6 +78,12 @@ class EmbedArguments:
 NOT_RESULT_OPTIONS = ("batch_size", "trust_remote_code")
 
 
+def process_state() -> PartialState:
+    """accelerate's process state, distributed also on machines without an accelerator: `PartialState()` there
+    ignores torchrun's world size (every process would believe it is the only one) unless told to use the CPU."""
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
 def shard_path(output_dir: str | Path, index: int) -> Path:
     return Path(output_dir) / f"embeddings-{index:05d}.safetensors"
 
@@ -142,7 +148,7 @@ def embed_captions(args: EmbedArguments, encoder_args: EncoderArguments) -> Path
     output folder. Resumes an interrupted run of the same job; returns at once if it is complete."""
     check_encoder_arguments(encoder_args)
     output_dir = check_output_dir(args.output_dir, overwrite=True, inputs=[args.data])
-    state = PartialState()
+    state = process_state()
     job = embed_job(args, encoder_args)
     job.check()
     if job.is_complete() and _all_shards_present(output_dir):
