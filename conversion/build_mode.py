@@ -202,6 +202,8 @@ def build_mode(
         model.clustering_encoder.load_state_dict(source.state_dict())
         model.fine_centers.copy_(centers["fine_centers"])
         model.fine_to_coarse.copy_(centers["fine_to_coarse"])
+        # One scale for the ensembled cosines: the experts' mean, so that a single expert keeps its own.
+        model.logit_scale.copy_(torch.stack([clip.logit_scale.exp() for clip in model.experts]).mean().log())
     model.config.name_or_path = ""
 
     processor = load_processor(experts[0])

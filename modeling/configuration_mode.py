@@ -38,6 +38,9 @@ class MoDEConfig(PreTrainedConfig):
         clustering_max_length (`int`, defaults to 77): Token limit of the clustering tokenizer.
         ensemble_formula (`str`, defaults to `"released"`): "released" (the official code's weights) or "paper".
         paper_lambda (`float`, defaults to 0.2): lambda of the paper's formula.
+        logit_scale_init_value (`float`, defaults to 2.6592): Initial log of the ONE logit scale of the ensemble
+            (as in CLIP): the released code ensembles the experts' cosine similarities; the scale turns the sum
+            into CLIP-like logits (it changes no argmax). `build_mode` sets it to the log of the experts' mean scale.
     """
 
     model_type = "mode"
@@ -55,6 +58,7 @@ class MoDEConfig(PreTrainedConfig):
     clustering_max_length: int = 77
     ensemble_formula: str = "released"
     paper_lambda: float | int = 0.2
+    logit_scale_init_value: float | int = 2.6592
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

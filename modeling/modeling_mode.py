@@ -24,7 +24,6 @@ from .configuration_mode import CLUSTERING_POOLINGS, MoDEConfig
 logger = logging.get_logger(__name__)
 
 
-
 def clustering_text_embeddings(
     encoder: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -99,8 +98,8 @@ class MoDEOutput(ModelOutput):
 
     Args:
         logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            sum_k w_k * logits_k, the experts' CLIP logits weighted by the task weights (per text with
-            `per_query_weights`).
+            s * sum_k w_k * cos_k: the experts' cosine similarities weighted by the task weights (per text with
+            `per_query_weights`), times the ensemble's logit scale s = `logit_scale.exp()`.
         logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
             The transpose of `logits_per_image`.
         expert_logits_per_image (`torch.FloatTensor` of shape `(num_experts, image_batch_size, text_batch_size)`):
@@ -128,13 +127,15 @@ class MoDEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    # The experts and the clustering encoder are whole transformers models, which init and split themselves.
-    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "BertLayer"]
+    # The experts' (CLIPModel's): post_init collects only direct children's, and the experts sit in a ModuleList.
+    # The clustering encoder, a direct child, contributes its own.
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
 
     def _init_weights(self, module):
         if isinstance(module, MoDEModel):
             init.zeros_(module.fine_centers)
             init.zeros_(module.fine_to_coarse)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
 
 class MoDEModel(MoDEPreTrainedModel):
@@ -142,7 +143,9 @@ class MoDEModel(MoDEPreTrainedModel):
     clustering (`fine_centers`, `(m, D)`, with their experts `fine_to_coarse`, `(m,)`) and the clustering text encoder
     (`clustering_encoder`), ensembled per task: the task's class names (the texts given to `forward`, one per class,
     e.g. the zero-shot pipeline's candidate labels) are embedded with the clustering encoder, weighed against the fine
-    centers (`task_weights`), and the prediction is sum_k w_k * logits_k over the experts' CLIP logits.
+    centers (`task_weights`), and the logits are s * sum_k w_k * cos_k over the experts' cosine similarities
+    cos_k, as the released code ensembles them, times one CLIP-like logit scale s (`logit_scale`, learnable like
+    CLIP's; the build sets it to the experts' mean scale). With one expert, this is that CLIP.
 
     The clustering tokens come as `clustering_input_ids` / `clustering_attention_mask` (the folder's `MoDETokenizer`
     adds them to its output); with the "clip" pooling of the experts' tokenizer, `input_ids` themselves are used.
@@ -162,6 +165,7 @@ class MoDEModel(MoDEPreTrainedModel):
         dim = config.clustering_dim
         self.register_buffer("fine_centers", torch.zeros(config.num_fine_clusters, dim))
         self.register_buffer("fine_to_coarse", torch.zeros(config.num_fine_clusters, dtype=torch.long))
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
     def get_text_features(self, input_ids, attention_mask=None, position_ids=None, expert: int | None = None):
@@ -282,18 +286,23 @@ class MoDEModel(MoDEPreTrainedModel):
                 task_weights = self.per_query_task_weights(embeddings)
             else:
                 task_weights = self.task_weights(embeddings)
-        task_weights = task_weights.to(device=expert_logits.device, dtype=torch.float32)
-        if task_weights.dim() == 1:
-            logits_per_image = torch.einsum("e,eit->it", task_weights, expert_logits.float())
+        text_embeds = torch.stack([out.text_embeds for out in outputs])  # (E, B_txt, P), normalised
+        image_embeds = torch.stack([out.image_embeds for out in outputs])  # (E, B_img, P), normalised
+        # One matmul per expert, as CLIPModel computes it, so that a single expert's logits are bitwise its own.
+        cosine_per_text = torch.stack([torch.matmul(t, i.t()) for t, i in zip(text_embeds, image_embeds)])
+        weights = task_weights.to(device=cosine_per_text.device, dtype=cosine_per_text.dtype)
+        if weights.dim() == 1:
+            weights = weights[:, None, None]  # one task: every text the same weights
         else:
-            logits_per_image = torch.einsum("te,eit->it", task_weights, expert_logits.float())
+            weights = weights.t()[:, :, None]  # (E, B_txt, 1): per query text
+        logits_per_text = (weights * cosine_per_text).sum(dim=0) * self.logit_scale.exp()
         return MoDEOutput(
-            logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
             expert_logits_per_image=expert_logits,
             task_weights=task_weights,
-            text_embeds=torch.stack([out.text_embeds for out in outputs]),
-            image_embeds=torch.stack([out.image_embeds for out in outputs]),
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
         )
 
 

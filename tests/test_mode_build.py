@@ -87,6 +87,8 @@ def test_built_folder_is_the_experts_centers_and_encoder(built):
     for key, value in model.clustering_encoder.state_dict().items():
         torch.testing.assert_close(value, bert_state[key], atol=0, rtol=0)
     torch.testing.assert_close(model.fine_to_coarse, torch.tensor([0, 0, 0, 1, 1, 1]))
+    scales = torch.stack([CLIPModel.from_pretrained(expert).logit_scale.exp() for expert in experts])
+    torch.testing.assert_close(model.logit_scale.exp(), scales.mean())
     card = (folder / "README.md").read_text()
     assert str(experts[0]) in card and str(experts[1]) in card
 

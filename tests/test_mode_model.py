@@ -143,25 +143,32 @@ def clip_batch(model, num_texts=4, num_images=2, seed=0):
 def test_ensembled_logits_are_the_weighted_sum_of_the_clips(mode_inputs):
     clips, bert = mode_inputs
     model = make_model(clips, bert)
+    references = [CLIPModel.from_pretrained(c).eval() for c in clips]
+    with torch.no_grad():  # experts of different logit scales; the ensemble has its own
+        for k, (expert, reference) in enumerate(zip(model.experts, references)):
+            expert.logit_scale.fill_(2.0 + 0.5 * k)
+            reference.logit_scale.fill_(2.0 + 0.5 * k)
+        model.logit_scale.fill_(math.log(30.0))
     input_ids, pixel_values = clip_batch(model)
     clustering_ids = torch.randint(5, 40, (4, 5))
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixel_values, clustering_input_ids=clustering_ids)
         embeddings = BertModel.from_pretrained(bert).eval()(input_ids=clustering_ids).pooler_output
         weights = model.task_weights(embeddings)
-        references = [
-            CLIPModel.from_pretrained(c).eval()(input_ids=input_ids, pixel_values=pixel_values) for c in clips
-        ]
+        ref_out = [ref(input_ids=input_ids, pixel_values=pixel_values) for ref in references]
     torch.testing.assert_close(out.task_weights, weights)
-    expected = sum(w * ref.logits_per_image for w, ref in zip(weights, references))
+    # The released code's ensemble: the weighted sum of the experts' cosine similarities.
+    cosines = [ref.logits_per_image / ref_model.logit_scale.exp() for ref, ref_model in zip(ref_out, references)]
+    expected = 30.0 * sum(w * cosine for w, cosine in zip(weights, cosines))
     torch.testing.assert_close(out.logits_per_image, expected)
     torch.testing.assert_close(out.logits_per_text, expected.t())
-    for k, ref in enumerate(references):
+    for k, ref in enumerate(ref_out):
         torch.testing.assert_close(out.expert_logits_per_image[k], ref.logits_per_image, atol=0, rtol=0)
 
-    for k, ref in enumerate(references):  # one-hot weights: exactly that CLIP
+    for k, ref in enumerate(ref_out):  # one-hot weights and the expert's own scale: exactly that CLIP
         one_hot = torch.nn.functional.one_hot(torch.tensor(k), 3).float()
         with torch.no_grad():
+            model.logit_scale.copy_(references[k].logit_scale)
             single = model(input_ids=input_ids, pixel_values=pixel_values, task_weights=one_hot)
         torch.testing.assert_close(single.logits_per_image, ref.logits_per_image, atol=0, rtol=0)
 
@@ -176,6 +183,9 @@ def test_one_expert_with_its_own_text_tower_is_that_clip(mode_inputs):
         reference = CLIPModel.from_pretrained(clips[0]).eval()(input_ids=input_ids, pixel_values=pixel_values)
     torch.testing.assert_close(out.task_weights, torch.ones(1))
     torch.testing.assert_close(out.logits_per_image, reference.logits_per_image, atol=0, rtol=0)
+    with torch.no_grad():
+        as_tuple = model(input_ids=input_ids, pixel_values=pixel_values, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image, atol=0, rtol=0)
 
 
 def test_per_query_weights_for_text_to_image_retrieval(mode_inputs):
@@ -190,7 +200,8 @@ def test_per_query_weights_for_text_to_image_retrieval(mode_inputs):
     for j in range(3):
         weights = model.task_weights(embeddings[j : j + 1])  # the query text alone is the task
         torch.testing.assert_close(out.task_weights[j], weights)
-        expected = sum(weights[k] * out.expert_logits_per_image[k, :, j] for k in range(3))
+        cosines = out.image_embeds @ out.text_embeds[:, j, :, None]  # (E, B_img, 1)
+        expected = model.logit_scale.exp() * sum(weights[k] * cosines[k, :, 0] for k in range(3))
         torch.testing.assert_close(out.logits_per_text[j], expected)
 
 
