@@ -11,7 +11,9 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer, CLIPModel
 
+from hf_moe.data import load_image_text_dataset
 from hf_moe.mode import embed as embed_module
+from hf_moe.mode.data import dataset_pair_keys, read_captions
 from hf_moe.mode.embed import EMBED_FILE, embed_texts, main, read_shard_keys, shard_path
 from hf_moe.training import JobMismatchError
 
@@ -288,3 +290,28 @@ def test_output_inside_the_data_is_refused(tmp_path, bert_dir):
     write_image_folder(tmp_path / "images")
     with pytest.raises(ValueError, match="would destroy that input"):
         run_embed(tmp_path / "images", tmp_path / "images", bert_dir)
+
+
+def write_img2dataset(root, count=5) -> dict[str, str]:
+    expected = {}
+    for i in range(count):
+        folder = root / f"{i // 3:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (0, 0, i * 40)).save(folder / f"{i:09d}.jpg")
+        (folder / f"{i:09d}.txt").write_text(caption(i + 80))
+        expected[f"{folder.name}/{i:09d}"] = caption(i + 80)
+    return expected
+
+
+@pytest.mark.parametrize("layout", ["shards", "img2dataset", "imagefolder"])
+def test_embedding_and_training_see_the_same_pair_keys(tmp_path, layout, monkeypatch):
+    """The keys of the embedding pass (streamed captions, no image decoded) are those `fine_labels_of` computes
+    from the training dataset, for every layout."""
+    writers = {"shards": write_mode_shards, "img2dataset": write_img2dataset, "imagefolder": write_image_folder}
+    expected = writers[layout](tmp_path / "data")
+    data = tmp_path / "data" / "*" / "*.tar" if layout == "shards" else tmp_path / "data"
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("the caption pass decoded an image"))
+        assert dict(read_captions(str(data))) == expected
+    training = load_image_text_dataset(str(data), streaming=False)
+    assert sorted(dataset_pair_keys(training)) == sorted(expected)
