@@ -251,7 +251,6 @@ class MoDEModel(MoDEPreTrainedModel):
         task_weights: torch.Tensor | None = None,
         per_query_weights: bool = False,
         interpolate_pos_encoding: bool = False,
-        **kwargs,
     ) -> MoDEOutput:
         r"""
         clustering_input_ids (`torch.LongTensor` of shape `(text_batch_size, clustering_sequence_length)`, *optional*):
