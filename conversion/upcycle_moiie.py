@@ -1,6 +1,8 @@
 """Build a MoIIE vision-language model (SigLIP -> mlp2x_gelu projector -> Phi-3 with vision / shared / language
 experts) by sparse upcycling of dense checkpoints: every expert of every MoE layer is a copy of that layer's
 dense MLP and the routers start N(0, 0.02), so the model computes the dense LVLM's function until trained.
+A plain LLM's tokenizer whose `<image>` token has the model's image_token_id becomes a `MoIIEProcessor` (with
+the decoder's chat template, Phi-3's or Llama-3's, when the tokenizer has none).
 
     hf-moe upcycle-moiie --llm microsoft/Phi-3-mini-4k-instruct --vision google/siglip-so400m-patch14-384 \
         --num_vision_experts 1 --num_shared_experts 2 --num_language_experts 1 --top_k 2 --output_dir moiie
@@ -16,7 +18,15 @@ from transformers.utils import logging
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
 from ..loading import load_config, load_pretrained
-from ..modeling import MoIIEConfig, MoIIEForCausalLM, MoIIELlamaForCausalLM, MoIIEPhi3ForCausalLM
+from ..modeling import (
+    MoIIEConfig,
+    MoIIEForCausalLM,
+    MoIIELlamaForCausalLM,
+    MoIIEPhi3ForCausalLM,
+    MoIIEProcessor,
+    num_image_tokens_of,
+)
+from ..modeling.processing_moiie import CHAT_TEMPLATES
 
 
 logger = logging.get_logger(__name__)
@@ -250,7 +260,7 @@ def upcycle_moiie(
     }
     save_model_folder(
         model,
-        _Files(llm),
+        (None if is_llava else moiie_processor(llm, vision, config)) or _Files(llm),
         output_dir,
         overwrite=overwrite,
         card=card,
@@ -262,6 +272,44 @@ def upcycle_moiie(
     )
     logger.info(f"Saved a {config.num_local_experts}-expert {variant} MoIIE to {output_dir}")
     return model
+
+
+def moiie_processor(llm, vision, config: MoIIEConfig) -> MoIIEProcessor | None:
+    """A `MoIIEProcessor` for the upcycled model from the tokenizer of a plain `llm` and the image processor of
+    `vision` (a SigLIP one for the tower's image size when `vision` has none). Without a chat template of its own
+    the tokenizer gets its decoder's (Phi-3's, or Llama-3's header / <|eot_id|> format). None (the tokenizer files
+    are then copied as they are) when `llm` has no tokenizer or the tokenizer lacks the `<image>` token with id
+    `config.image_token_id`."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm)
+    except (OSError, ValueError) as err:
+        logger.info(f"No tokenizer in '{llm}' ({err}); the upcycled folder gets no processor.")
+        return None
+    image_token = "<image>"
+    ids = tokenizer.encode(image_token, add_special_tokens=False)
+    if ids != [config.image_token_id]:
+        logger.warning(
+            f"The tokenizer of '{llm}' encodes {image_token!r} as {ids}, not as image_token_id "
+            f"[{config.image_token_id}]; no MoIIE processor is written (the tokenizer files are copied as they are). "
+            "Add the token to the tokenizer (and the embeddings) and upcycle with its id."
+        )
+        return None
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision)
+    except (OSError, ValueError, ImportError):
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+        size = config.vision_config.image_size
+        image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+    return MoIIEProcessor(
+        image_processor,
+        tokenizer,
+        num_image_tokens=num_image_tokens_of(config.vision_config),
+        image_token=image_token,
+        chat_template=tokenizer.chat_template or CHAT_TEMPLATES.get(config.text_config.model_type),
+    )
 
 
 class _Files:

@@ -20,6 +20,23 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# Llama-3 chat format (header ids, <|eot_id|> ends each turn), with the same image items.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# The chat template a MoIIE processor gets when its tokenizer has none, by decoder (`text_config.model_type`).
+CHAT_TEMPLATES = {"phi3": DEFAULT_CHAT_TEMPLATE, "llama": LLAMA3_CHAT_TEMPLATE}
+
 
 def num_image_tokens_of(vision_config) -> int:
     """Tokens per image of a vision config: its `num_image_tokens`, else `(image_size // patch_size) ** 2`."""
@@ -39,7 +56,8 @@ class MoIIEProcessor(ProcessorMixin):
             (width // patch_size)` of the processed image. Use `num_image_tokens_of(model.config.vision_config)`.
         patch_size (`int`, *optional*): The vision tower's patch size (used only without `num_image_tokens`).
         image_token (`str`, defaults to `"<image>"`): The placeholder; its id must be the model's `image_token_id`.
-        chat_template (`str`, *optional*): Defaults to a Phi-3 template with `<image>` lines for image items.
+        chat_template (`str`, *optional*): Defaults to the tokenizer's, else a Phi-3 template with `<image>` lines for
+            image items (`CHAT_TEMPLATES[text_config.model_type]` has the one for each decoder).
 
     Returns (`__call__`): `input_ids`, `attention_mask`, `token_type_ids` (1 at image tokens) and, with images,
     `pixel_values`; the placeholders must match the images in number, else a `ValueError`.
@@ -109,4 +127,4 @@ class MoIIEProcessor(ProcessorMixin):
 
 MoIIEProcessor.register_for_auto_class()
 
-__all__ = ["MoIIEProcessor", "num_image_tokens_of"]
+__all__ = ["CHAT_TEMPLATES", "LLAMA3_CHAT_TEMPLATE", "MoIIEProcessor", "num_image_tokens_of"]

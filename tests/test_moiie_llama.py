@@ -1,23 +1,36 @@
 """MoIIE over a Llama decoder: upcycled from a dense Llama + SigLIP (+ projector) or a dense LLaVA folder it
 computes the dense LLaVA-style logits; routing keeps the modalities apart; cached generate() equals uncached
-greedy decoding; saved folders load through AutoModelForCausalLM as MoIIELlamaForCausalLM."""
+greedy decoding; saved folders load through AutoModelForCausalLM as MoIIELlamaForCausalLM. A Llama tokenizer
+without a chat template gets Llama-3's (whose assistant turns the training collator finds), and the upcycled folder
+runs through AutoModelForCausalLM and the image-text-to-text pipeline in a fresh process without hf_moe."""
 
+import json
+import shutil
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoProcessor,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
     SiglipVisionModel,
+    pipeline,
 )
 
 from hf_moe.conversion import upcycle_moiie
 from hf_moe.modeling import MoIIEConfig, MoIIELlamaForCausalLM, MoIIEPhi3ForCausalLM
 from hf_moe.modeling.modeling_moiie import MoIIEExperts
+from hf_moe.moiie.data import IGNORE_INDEX, MoIIECollator
 
 from conftest import experts_implementations
+from helpers import run_without_hf_moe
 
 
 IMAGE_TOKEN = 99
@@ -175,3 +188,127 @@ def test_wrong_decoder_is_refused():
     config = tiny_model().config
     with pytest.raises(ValueError, match="needs a 'phi3' text_config"):
         MoIIEPhi3ForCausalLM(config)
+
+
+# ---- Llama-3 chat template, fresh-process loading -----------------------------------------------------------------
+
+LLAMA3_SPECIALS = ["<pad>", "<|eot_id|>", "<|begin_of_text|>", "<unk>", "<|start_header_id|>", "<|end_header_id|>"]
+WORDS = "user assistant what digit is this ? seven no even a cat photo".split()
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Llama-3's header / turn tokens at TEXT's pad / eos / bos ids and `<image>` at
+    IMAGE_TOKEN; no chat template."""
+    vocab = LLAMA3_SPECIALS + WORDS
+    vocab += [f"w{i}" for i in range(IMAGE_TOKEN - len(vocab))] + ["<image>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in LLAMA3_SPECIALS + ["<image>"]])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_folder(parts, tmp_path_factory):
+    """A MoIIE upcycled from a dense Llama whose folder holds a tokenizer without a chat template."""
+    root, _ = parts
+    llm = tmp_path_factory.mktemp("llama_chat") / "llama"
+    shutil.copytree(root / "llama", llm)
+    tokenizer = llama3_tokenizer()
+    assert tokenizer.chat_template is None and tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
+    tokenizer.save_pretrained(llm)
+    out = llm.parent / "moiie"
+    upcycle_moiie(llm, root / "siglip", out, projector=root / "projector", image_token_id=IMAGE_TOKEN)
+    return out
+
+
+def image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 24, 3), dtype=np.uint8))
+
+
+def test_llama_moiie_gets_a_llama3_chat_template(chat_folder):
+    processor = AutoProcessor.from_pretrained(chat_folder, trust_remote_code=True)
+    assert type(processor).__name__ == "MoIIEProcessor" and processor.image_token_id == IMAGE_TOKEN
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is this ?"}]},
+        {"role": "assistant", "content": "seven"},
+        {"role": "user", "content": "is this even ?"},
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat digit is this ?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nseven<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nis this even ?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_collator_keeps_exactly_the_llama3_assistant_turns(chat_folder, tmp_path):
+    processor = AutoProcessor.from_pretrained(chat_folder, trust_remote_code=True)
+    image().save(tmp_path / "seven.png")
+    conversations = [
+        {"from": "human", "value": "<image>\nwhat digit is this ?"},
+        {"from": "gpt", "value": "seven"},
+        {"from": "human", "value": "is this even ?"},
+        {"from": "gpt", "value": "no"},
+    ]
+    rows = [
+        {"id": "a", "images": [str(tmp_path / "seven.png")], "conversations": conversations},
+        {"id": "b", "images": [], "conversations": conversations[2:]},
+    ]
+    batch = MoIIECollator(processor)(rows)
+    assert batch["token_type_ids"].sum(1).tolist() == [TOKENS_PER_IMAGE, 0]
+    for row, answers in enumerate(["seven<|eot_id|>no<|eot_id|>", "no<|eot_id|>"]):
+        labels = batch["labels"][row]
+        kept = labels != IGNORE_INDEX
+        assert processor.tokenizer.decode(labels[kept]).replace(" ", "") == answers
+        assert torch.equal(batch["input_ids"][row][kept], labels[kept])
+    assert batch["input_ids"][0, 0] == processor.tokenizer.bos_token_id  # the template's <|begin_of_text|>
+
+
+def test_fresh_process_runs_the_llama_moiie_and_its_pipeline_without_hf_moe(chat_folder, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(chat_folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(chat_folder, trust_remote_code=True)
+    image(0).save(tmp_path / "image.png")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is this ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image(0)], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, tmp_path / "logits.pt")
+    pipe = pipeline("image-text-to-text", model=str(chat_folder), trust_remote_code=True)
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(tmp_path / "image.png")}, messages[0]["content"][1]],
+        }
+    ]
+    generated = pipe(text=chat, max_new_tokens=4, do_sample=False)[0]["generated_text"][-1]
+    assert generated["role"] == "assistant"
+    (tmp_path / "expected.json").write_text(json.dumps({"prompt": prompt, "generated": generated["content"]}))
+    script = """
+        import json, sys
+        from pathlib import Path
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+
+        folder, work = sys.argv[1], Path(sys.argv[2])
+        expected = json.loads((work / "expected.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__name__ == "MoIIELlamaForCausalLM", type(model)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        text = [{"type": "text", "text": "what digit is this ?"}]
+        messages = [{"role": "user", "content": [{"type": "image"}, *text]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert prompt == expected["prompt"], prompt
+        image = Image.open(work / "image.png").convert("RGB")
+        with torch.no_grad():
+            logits = model(**processor(images=[image], text=prompt, return_tensors="pt")).logits
+        torch.testing.assert_close(logits, torch.load(work / "logits.pt"), atol=1e-6, rtol=0)
+        pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        chat = [{"role": "user", "content": [{"type": "image", "image": str(work / "image.png")}, *text]}]
+        generated = pipe(text=chat, max_new_tokens=4, do_sample=False)[0]["generated_text"][-1]
+        assert generated["content"] == expected["generated"], (generated, expected)
+    """
+    run_without_hf_moe(script, [chat_folder, tmp_path], tmp_path)
