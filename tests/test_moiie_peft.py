@@ -1,9 +1,11 @@
 """PEFT LoRA for MoIIE (hf_moe.moiie.lora): at init the LoRA model is the base model; gradients reach exactly the
 adapters of the chosen targets plus the routers and projector (modules_to_save); the merged model is the LoRA model
-under every experts implementation; `hf-moe train-moiie --lora_rank` lowers the loss and saves a plain merged
-MoIIE; contradicting options are refused before anything is written."""
+under every experts implementation; `hf-moe train-moiie --lora_rank` (with gradient checkpointing) lowers the loss,
+saves a plain merged MoIIE and resumes from its adapter checkpoints; contradicting options are refused before
+anything is written."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,9 +15,9 @@ from test_moiie_training import toy_processor
 from transformers import AutoModelForCausalLM
 
 from hf_moe.moiie.data import MoIIECollator, load_conversations
-from hf_moe.moiie.lora import LORA_TRAINABLE_PARAMETERS, MoIIELoraArguments, apply_lora
+from hf_moe.moiie.lora import LORA_TRAINABLE_PARAMETERS, MoIIELoraArguments, apply_lora, check_lora_stage
 from hf_moe.moiie.trainer import MoIIETrainingArguments
-from hf_moe.training import freeze_all_but
+from hf_moe.training import JOB_FILE, freeze_all_but
 
 from conftest import experts_implementations
 
@@ -112,8 +114,10 @@ def collated_loss(model, inputs):  # noqa: F811
         return model.eval()(**batch).loss.item()
 
 
-def test_train_moiie_lora_lowers_the_loss_and_saves_a_merged_model(inputs):  # noqa: F811
-    assert run(inputs, "--lora_rank", "4", "--lora_alpha", "8", "--max_steps", "3", "--save_steps", "2") == 0
+def test_train_moiie_lora_lowers_the_loss_saves_a_merged_model_and_resumes(inputs):  # noqa: F811
+    lora = ["--lora_rank", "4", "--lora_alpha", "8", "--max_steps", "3", "--save_steps", "2"]
+    lora += ["--gradient_checkpointing", "true"]  # with the embeddings frozen, as LoRA leaves them
+    assert run(inputs, *lora) == 0
     out = inputs / "out"
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()  # checkpoints hold the adapter
     before, after = weights(inputs / "model"), weights(out)
@@ -130,6 +134,28 @@ def test_train_moiie_lora_lowers_the_loss_and_saves_a_merged_model(inputs):  # n
     options = json.loads((out / "hf_moe_job.json").read_text())["options"]
     assert options["lora_rank"] == 4 and options["lora_target"] == "all" and options["lora_alpha"] == 8
     assert "LoRA" in (out / "README.md").read_text()
+
+    # What a kill during step 3 leaves: resuming from the adapter checkpoint (routers and projector included, as
+    # modules_to_save) gives the same merged model.
+    shutil.rmtree(out / "checkpoint-3")
+    for name in ("model.safetensors", "config.json"):
+        (out / name).unlink()
+    job = json.loads((out / JOB_FILE).read_text())
+    (out / JOB_FILE).write_text(json.dumps({**job, "complete": False}))
+    assert run(inputs, *lora) == 0
+    resumed = weights(out)
+    for name, value in after.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_lora_is_refused_under_zero3(tmp_path, monkeypatch):
+    import transformers.integrations
+
+    args = MoIIETrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_lora_stage(MoIIELoraArguments(lora_rank=4), args)
+    check_lora_stage(MoIIELoraArguments(lora_rank=0), args)  # no LoRA, nothing to refuse
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,13 @@ def check_lora_stage(lora_args: MoIIELoraArguments, training_args) -> None:
             f"--lora_rank {lora_args.lora_rank} applies to --stage finetune; stage {training_args.stage!r} trains "
             "the projector only, which LoRA does not adapt."
         )
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "--lora_rank with DeepSpeed ZeRO-3 is not supported: the output is merged with PEFT's merge_and_unload, "
+            "which needs whole (not partitioned) weights; use ZeRO-2 or train without LoRA."
+        )
     if training_args.trainable_parameters:
         raise ValueError(
             "--trainable_parameters and --lora_rank exclude each other: with LoRA the adapters, the routers and the "
