@@ -2,6 +2,7 @@
 logits equal the weighted sum of the individual CLIPs' logits, and the clustering embeddings are the poolings they
 claim to be."""
 
+import functools
 import math
 
 import pytest
@@ -42,9 +43,15 @@ def mode_inputs(tmp_path_factory):
     return clips, save_tiny_bert(root / "bert")
 
 
+@functools.cache
+def load_once(model_class, folder):
+    """Each saved tiny model is read once per session; callers only read its weights."""
+    return model_class.from_pretrained(folder).eval()
+
+
 def make_model(clips, bert=None, num_fine: int = 6, formula: str = "released", seed: int = 0) -> MoDEModel:
-    experts = [CLIPModel.from_pretrained(clip).eval() for clip in clips]
-    encoder = BertModel.from_pretrained(bert).eval() if bert is not None else None
+    experts = [load_once(CLIPModel, clip) for clip in clips]
+    encoder = load_once(BertModel, bert) if bert is not None else None
     config = MoDEConfig(
         expert_config=experts[0].config.to_dict(),
         num_experts=len(experts),
