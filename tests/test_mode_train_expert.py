@@ -23,6 +23,7 @@ FINE_TO_COARSE = torch.tensor([0, 1, 0, 1])  # 4 fine clusters, 2 experts
 TRAINING_FLAGS = [
     "--max_steps", "4", "--save_steps", "3", "--per_device_train_batch_size", "10", "--learning_rate", "1e-3",
     "--other_share", "0.25", "--report_to", "none", "--use_cpu", "--seed", "0", "--disable_tqdm", "true",
+    "--bf16", "--gradient_checkpointing",
 ]  # fmt: skip
 
 
@@ -62,12 +63,30 @@ class SpyCollator(ImageTextCollator):
         return batch
 
 
+class SpyTrainer(train_expert_module.DataExpertTrainer):
+    """Records, per training step, whether activation checkpointing is on and the dtype the projections compute in
+    (the embeddings themselves are float32: their normalisation runs in float32 under autocast)."""
+
+    modes: list[tuple[bool, torch.dtype]] = []
+
+    def _clip_outputs(self, model, inputs):
+        unwrapped, dtypes = self.accelerator.unwrap_model(model), []
+        hook = unwrapped.visual_projection.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        try:
+            outputs = super()._clip_outputs(model, inputs)
+        finally:
+            hook.remove()
+        SpyTrainer.modes.append((unwrapped.is_activation_checkpointing, *dtypes))
+        return outputs
+
+
 @pytest.fixture(scope="module")
 def trained(inputs):
     output = inputs["root"] / "expert-0"
-    SpyCollator.seen = []
+    SpyCollator.seen, SpyTrainer.modes = [], []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_expert_module, "ImageTextCollator", SpyCollator)
+        patch.setattr(train_expert_module, "DataExpertTrainer", SpyTrainer)
         main(argv(inputs, output))
     return output, list(SpyCollator.seen)
 
@@ -92,6 +111,7 @@ def test_expert_trains_the_whole_model_on_its_rows_only_and_lowers_their_loss(in
     assert (len(rows.own), len(rows.other)) == (16, 4)
     assert sorted(seen[:20]) == sorted(seen[20:40]) == rows.indices.tolist()
     assert seen[:20] != seen[20:40]  # reshuffled per epoch
+    assert SpyTrainer.modes == [(True, torch.bfloat16)] * 4  # --gradient_checkpointing and --bf16 reach every step
     seed, expert = load_file(inputs["seed"] / "model.safetensors"), load_file(output / "model.safetensors")
     assert seed.keys() == expert.keys()
     unchanged = [name for name in seed if torch.equal(seed[name], expert[name]) and "position_ids" not in name]
