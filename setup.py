@@ -39,7 +39,7 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
         "demo": ["scikit-learn>=1.3"],
-        "test": ["pytest>=8", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "scikit-learn>=1.3", "deepspeed>=0.19,<0.20"],
     },
     entry_points={"console_scripts": ["hf-moe=hf_moe.cli:main"]},
 )

@@ -74,6 +74,8 @@ class MoIIETrainingArguments(TrainingArguments):
         if self.learning_rate is None:
             self.learning_rate = STAGE_LEARNING_RATES[self.stage]
         super().__post_init__()
+        if self.deepspeed:
+            _share_process_group_with_deepspeed()
 
     def stage_parameters(self) -> list[str]:
         """The regexes of the parameters this stage trains."""
@@ -85,6 +87,21 @@ class MoIIETrainingArguments(TrainingArguments):
         return patterns + ([VISION_TOWER] if self.train_vision_tower else [])
 
 
+def _share_process_group_with_deepspeed() -> None:
+    """Let DeepSpeed's communication layer use the process group the arguments set up.
+
+    With `use_cpu` the arguments start torch.distributed (gloo) without DeepSpeed's layer; `from_pretrained` then
+    builds the model under ZeRO-3's `zero.Init`, which reads the world size from that layer, finds it uninitialised,
+    assumes one process and fails its batch-size check. DeepSpeed adopts an initialised group as it is.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 class MoIIETrainer(RecordedMetricsMixin, Trainer):
     """`Trainer` for MoIIE stage 1 / stage 2; batches from `hf_moe.moiie.data.MoIIECollator`."""
 
@@ -92,9 +109,15 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
         super().__init__(*args, **kwargs)
         patterns = self.args.stage_parameters()
         trainable = freeze_all_but(self.model, patterns)
-        count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # under ZeRO-3 a parameter's own tensor is this rank's partition; ds_numel is the full size
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         logger.info(f"Stage {self.args.stage}: training {len(trainable)} tensors ({count:,} parameters) {patterns}")
         self._load_reach: dict[str, tuple[int, int]] = {}  # modality -> (first expert, number) its router reaches
+        # The MoE blocks are deliberately not ZeRO-3 leaf modules (deepspeed.utils.set_z3_leaf_modules): the experts
+        # are one packed module that every rank enters whatever its routing, so ranks gather the same parameters in
+        # the same order; and under DeepSpeed 0.19.8 a leaf MoIIESparseBlock makes the first backward fail ("size of
+        # tensor a (0) must match ... (64)" in the experts' down_proj slice). tests/test_moiie_deepspeed.py trains
+        # ZeRO-3 on ranks whose tokens reach different experts.
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
