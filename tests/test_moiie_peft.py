@@ -12,10 +12,11 @@ import torch
 from test_moiie_checkpointing import image_batch, llama_model, phi3_model
 from test_moiie_train_command import inputs, run, weights  # noqa: F401 (inputs is a fixture)
 from test_moiie_training import toy_processor
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, HfArgumentParser
 
 from hf_moe.moiie.data import MoIIECollator, load_conversations
 from hf_moe.moiie.lora import LORA_TRAINABLE_PARAMETERS, MoIIELoraArguments, apply_lora, check_lora_stage
+from hf_moe.moiie.train import MoIIEScriptArguments, moiie_job
 from hf_moe.moiie.trainer import MoIIETrainingArguments
 from hf_moe.training import JOB_FILE, freeze_all_but
 
@@ -146,6 +147,16 @@ def test_train_moiie_lora_lowers_the_loss_saves_a_merged_model_and_resumes(input
     resumed = weights(out)
     for name, value in after.items():
         torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_a_lora_job_and_a_full_job_differ(inputs):  # noqa: F811
+    parser = HfArgumentParser((MoIIEScriptArguments, MoIIETrainingArguments, MoIIELoraArguments))
+    argv = ["--model", str(inputs / "model"), "--data", str(inputs / "data.json"), "--output_dir", str(inputs / "o")]
+    lora = moiie_job(*parser.parse_args_into_dataclasses(argv + ["--use_cpu", "--lora_rank", "4"]))
+    full = moiie_job(*parser.parse_args_into_dataclasses(argv + ["--use_cpu"]))
+    assert full.differences({"command": "train-moiie", "options": lora.options, "inputs": lora.inputs}) == [
+        "--lora_rank: 4 (recorded) vs 0 (now)"
+    ]
 
 
 def test_lora_is_refused_under_zero3(tmp_path, monkeypatch):
