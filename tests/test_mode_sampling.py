@@ -101,3 +101,10 @@ def test_the_trainers_sampler_reshuffles_the_subset_every_epoch_deterministicall
     assert first != second
     assert epoch_orders(seed=0) == [first, second]
     assert epoch_orders(seed=1)[0] != first
+
+
+def test_an_expert_without_rows_of_its_own_is_refused():
+    labels = torch.tensor([0, 1, 3, 4])  # fine clusters of experts 0 and 1 only
+    dataset = Dataset.from_dict({"index": list(range(4))})
+    with pytest.raises(ValueError, match="Expert 2 has no row of its own"):
+        expert_subset(dataset, labels, FINE_TO_COARSE, 2, other_share=1.0)

@@ -192,6 +192,8 @@ def test_a_clip_moe_seed_is_refused(inputs, upcycled_dir, tmp_path):
 def test_inconsistent_clusters_are_named(inputs, tmp_path):
     clusters = tmp_path / "clusters"
     clusters.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"clusters\.json does not exist: pass the output folder"):
+        main(argv(inputs, tmp_path / "out", "--clusters", str(clusters)))
     (clusters / "clusters.json").write_text(json.dumps({"num_fine_clusters": 4, "num_experts": 2}))
     save_file({"fine_to_coarse": torch.tensor([0, 1, 2, 1])}, clusters / "centers.safetensors")
     with pytest.raises(ValueError, match=r"'fine_to_coarse' in .*centers.safetensors.*experts in \[0, 2\)"):
