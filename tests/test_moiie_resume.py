@@ -59,7 +59,8 @@ def test_killed_train_moiie_resumes_to_the_uninterrupted_result(inputs, tmp_path
     assert f"Resuming MoIIE training from {interrupted / f'checkpoint-{step}'}" in caplog.text
     state = json.loads((interrupted / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS
-    assert json.loads((interrupted / JOB_FILE).read_text())["complete"] is True
+    job = json.loads((interrupted / JOB_FILE).read_text())
+    assert job["complete"] is True and job["global_step"] == MAX_STEPS
 
     assert main(argv(inputs, reference)) == 0
     expected, resumed, initial = weights(reference), weights(interrupted), weights(inputs / "model")
