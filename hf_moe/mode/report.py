@@ -1,0 +1,335 @@
+"""`hf-moe mode report`: the zero-shot report of a MoDE model, as the released code writes it (MetaCLIP
+mode/post_report_ensemble.py, METHODS.md section 2): per task, every expert's top-1 accuracy, the best of them
+(`expert-max`, an oracle), the uniform mean of the experts' cosine logits (`all_unit`) and MoDE's task-adaptive
+ensemble (`ensemble`), then a last row `average` over the tasks.
+
+    hf-moe mode report --model OUT --tasks TASK_DIR [TASK_DIR ...] [--output report.csv] [--task_names ...]
+        [--class_names NAMES [NAMES ...]] [--templates auto|default|imagenet|FILE] [--batch_size 64]
+
+Each task is a class-folder image set (as `hf-moe eval zero-shot` takes). Every image is encoded once by every
+expert; all columns reuse those features. The expert columns are what `hf-moe eval zero-shot` gives for that expert
+CLIP alone; accuracies are fractions in [0, 1] (the `top1_accuracy` of `hf-moe eval`), not the released percents.
+"""
+
+import csv
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..evaluation import (
+    AUTO_TEMPLATES,
+    _check_batch_size,
+    _EvalMode,
+    _templates_option,
+    class_embeddings,
+    dataset_class_names,
+    encode_images,
+    load_image_dataset,
+    resolve_templates,
+    text_max_length,
+)
+from ..fileio import atomic_output_file
+from ..metrics import load_metric
+
+
+logger = logging.get_logger(__name__)
+
+MODE_MODEL_TYPE = "mode"
+AVERAGE_ROW = "average"
+DEFAULT_OUTPUT_NAME = "mode_report.csv"
+# Token keys `MoDEModel.clustering_embeddings` takes; the "clip" pooling has no clustering tokens of its own.
+_CLUSTERING_KEYS = ("input_ids", "attention_mask", "clustering_input_ids", "clustering_attention_mask")
+
+
+def report_columns(num_experts: int) -> list[str]:
+    """The CSV columns of the released report for `num_experts` experts."""
+    return [
+        "dataset",
+        "num_classes",
+        *(f"expert-{k}" for k in range(num_experts)),
+        "expert-max",
+        "all_unit",
+        "ensemble",
+    ]
+
+
+@dataclass
+class TaskReport:
+    """One task's report row (`row`: column -> value), the task weights used for `ensemble` (`(num_experts,)`) and
+    the predicted label of every image under each prediction column (`expert-k`, `all_unit`, `ensemble`)."""
+
+    row: dict
+    task_weights: torch.Tensor
+    predictions: dict[str, list[int]] = field(repr=False)
+
+
+class _AllExperts:
+    """Makes `encode_images` encode every expert in one pass over the images (decoded and preprocessed once): its
+    `get_image_features` returns `(batch, num_experts, projection_dim)`, which `encode_images` normalises along the
+    last dimension, i.e. per expert, and concatenates along the images."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values=pixel_values).transpose(0, 1)
+
+
+@torch.inference_mode()
+def class_task_weights(model, tokenizer, class_names, templates, batch_size: int = 64, device=None, progress=True):
+    """MoDE's expert weights `(num_experts,)` for a task: every class name under every template embedded with the
+    clustering encoder, the embeddings template-averaged (`model.task_weights` on `(classes, templates, D)`), as
+    the released report weighs the experts."""
+    texts = [template.format(name) for name in class_names for template in templates]
+    max_length = text_max_length(model.experts[0], tokenizer)
+    device = torch.device(device) if device is not None else model.device
+    chunks = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="Clustering embeddings", unit="batch", disable=not progress):
+        tokens = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        inputs = {key: tokens[key].to(device) for key in _CLUSTERING_KEYS if key in tokens}
+        chunks.append(model.clustering_embeddings(**inputs).float())
+    embeddings = torch.cat(chunks).reshape(len(class_names), len(templates), -1)
+    return model.task_weights(embeddings.to(model.fine_centers.device)).float().cpu()
+
+
+def evaluate_task(
+    model,
+    processor,
+    data,
+    class_names=None,
+    templates: str | Sequence[str] | None = AUTO_TEMPLATES,
+    batch_size: int = 64,
+    device=None,
+    name: str | None = None,
+    progress: bool = True,
+) -> TaskReport:
+    """The report row of one zero-shot task for a `MoDEModel`.
+
+    Args:
+        model: A `MoDEModel`.
+        processor: Its processor (the model folder's: a CLIP image processor and the `MoDETokenizer`).
+        data, class_names, templates: As for `hf_moe.evaluation.zero_shot_classification`; the same templates
+            embed the class names for the experts and for the clustering encoder.
+        batch_size: Images or texts per forward pass.
+        device: Move the model there first; default: leave it where it is.
+        name: The `dataset` cell (default: the folder name of `data`).
+        progress: Show tqdm progress bars.
+    """
+    _check_batch_size(batch_size)
+    dataset = load_image_dataset(data)
+    names, class_name_set = dataset_class_names(dataset, class_names)
+    templates = resolve_templates(templates, class_name_set)
+    references = torch.tensor([int(label) for label in dataset.select_columns(["label"])[:]["label"]])
+    if len(references) == 0:
+        raise ValueError(f"Task '{name or data}' has no images.")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    with _EvalMode(model, device):
+        classes = [
+            class_embeddings(expert, processor, names, templates, batch_size, device, progress)
+            for expert in model.experts
+        ]  # num_experts x (num_classes, P)
+        images = encode_images(_AllExperts(model), processor, dataset, batch_size, device, progress)  # (N, E, P)
+        weights = class_task_weights(model, tokenizer, names, templates, batch_size, device, progress)
+    # Per expert the same matmul as zero_shot_classification, so each expert column is exactly its CLIP's.
+    cosines = torch.stack([images[:, k] @ expert_classes.T for k, expert_classes in enumerate(classes)])  # (E, N, C)
+    predictions = {f"expert-{k}": cosines[k].argmax(dim=-1).tolist() for k in range(len(classes))}
+    # The released code ensembles the experts' cosine logits: their mean, and their sum weighted by the task weights.
+    predictions["all_unit"] = cosines.mean(dim=0).argmax(dim=-1).tolist()
+    predictions["ensemble"] = (weights[:, None, None] * cosines).sum(dim=0).argmax(dim=-1).tolist()
+    accuracy = load_metric("accuracy")
+    scores = {
+        column: float(accuracy.compute(predictions=predicted, references=references.tolist())["accuracy"])
+        for column, predicted in predictions.items()
+    }
+    experts = [scores[f"expert-{k}"] for k in range(len(classes))]
+    row = {
+        "dataset": name if name is not None else (Path(data).name if isinstance(data, (str, Path)) else "data"),
+        "num_classes": len(names),
+        **{f"expert-{k}": score for k, score in enumerate(experts)},
+        "expert-max": max(experts),
+        "all_unit": scores["all_unit"],
+        "ensemble": scores["ensemble"],
+    }
+    logger.info(f"{row['dataset']}: task weights {[round(w, 4) for w in weights.tolist()]}")
+    return TaskReport(row=row, task_weights=weights, predictions=predictions)
+
+
+def average_row(rows: Sequence[dict]) -> dict:
+    """The last row of the report: the mean of every numeric column over the tasks (num_classes included, as the
+    released report has it)."""
+    columns = [column for column in rows[0] if column != "dataset"]
+    return {"dataset": AVERAGE_ROW, **{column: sum(row[column] for row in rows) / len(rows) for column in columns}}
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The rows as an aligned markdown table (numbers right-aligned, 4 decimals)."""
+    columns = list(rows[0])
+    cells = [[_cell(row[column]) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+
+    def line(values, numeric):
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    numeric = [column != "dataset" for column in columns]
+    rule = "|" + "|".join("-" * (w + 1) + (":" if num else "-") for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(columns, [False] * len(columns)), rule, *(line(values, numeric) for values in cells)])
+
+
+def write_report(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write the rows as CSV to `path` atomically (floats at full precision: they read back exactly)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(path).expanduser()
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return path
+
+
+@dataclass
+class ReportArguments:
+    model: str = field(metadata={"help": "MoDE model: a folder of `hf-moe mode build` or a Hub id."})
+    tasks: list[str] = field(metadata={"help": "Class-folder image sets (as `hf-moe eval zero-shot` takes)."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": f"CSV file (default: MODEL/{DEFAULT_OUTPUT_NAME} for a local MODEL, else ./{DEFAULT_OUTPUT_NAME})."
+        },
+    )
+    task_names: list[str] | None = field(
+        default=None, metadata={"help": "The `dataset` cell of each task, in --tasks order (default: folder names)."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Class names as `hf-moe eval zero-shot --class_names` takes them: one value for every task, or "
+            "one per task in --tasks order ('folders': the folder names). Default: the folder names."
+        },
+    )
+    templates: str = field(
+        default=AUTO_TEMPLATES,
+        metadata={
+            "help": "Prompt templates, for the experts and the clustering encoder alike: 'auto', 'default', 'imagenet' "
+            "or a text file with one template per line ('{}' for the class name); see `hf-moe eval zero-shot`."
+        },
+    )
+    batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
+
+
+# `--class_names folders` for one task among several: that task keeps its folder names.
+FOLDER_CLASS_NAMES = "folders"
+
+
+def _per_task(values: list[str] | None, num_tasks: int, option: str) -> list:
+    if values is None:
+        return [None] * num_tasks
+    if len(values) == 1:
+        return values * num_tasks
+    if len(values) != num_tasks:
+        raise ValueError(f"{option} takes one value or one per task: got {len(values)} for {num_tasks} tasks.")
+    return list(values)
+
+
+def _load_task(folder: str, class_names):
+    """The task's dataset and templates set, with any problem reported against the task folder."""
+    try:
+        dataset = load_image_dataset(folder)
+        return dataset, dataset_class_names(dataset, class_names)[1]
+    except (ValueError, OSError, TypeError) as err:
+        raise ValueError(f"Task folder '{folder}' is not a class-folder image set: {err}") from err
+
+
+def default_report_path(model: str) -> Path:
+    model_dir = Path(model).expanduser()
+    return (model_dir if model_dir.is_dir() else Path.cwd()) / DEFAULT_OUTPUT_NAME
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """`hf-moe mode report`: evaluate, print the table, write the CSV and return its rows (the average last)."""
+    from transformers import AutoProcessor, HfArgumentParser
+
+    from ..loading import load_config, load_pretrained
+
+    parser = HfArgumentParser(ReportArguments, prog="hf-moe mode report", description=__doc__.split("\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
+    if args.task_names is not None and len(args.task_names) != len(args.tasks):
+        raise ValueError(f"--task_names needs one name per task: got {len(args.task_names)} for {len(args.tasks)}.")
+    names = args.task_names or [Path(task).expanduser().resolve().name for task in args.tasks]
+    repeated = sorted({name for name in names if names.count(name) > 1 or name == AVERAGE_ROW})
+    if repeated:
+        raise ValueError(
+            f"Task names must be unique and not '{AVERAGE_ROW}' (the last row); {repeated} is not: name the tasks "
+            "with --task_names."
+        )
+    class_names = [
+        None if value == FOLDER_CLASS_NAMES else value
+        for value in _per_task(args.class_names, len(args.tasks), "--class_names")
+    ]
+    templates = _templates_option(args.templates)
+
+    # Every task, its class names and the model type are checked before the model is loaded and anything written.
+    tasks = [_load_task(folder, names_option) for folder, names_option in zip(args.tasks, class_names)]
+    for (dataset, class_name_set), folder in zip(tasks, args.tasks):
+        if len(dataset) == 0:
+            raise ValueError(f"Task folder '{folder}' holds no images.")
+        resolve_templates(templates, class_name_set)
+    config = load_config(args.model)
+    if config.model_type != MODE_MODEL_TYPE:
+        raise ValueError(
+            f"'{args.model}' is a '{config.model_type}' model, not a MoDE model (model_type '{MODE_MODEL_TYPE}'): "
+            "pass the folder `hf-moe mode build` wrote."
+        )
+    output = Path(args.output).expanduser() if args.output else default_report_path(args.model)
+
+    model = load_pretrained(args.model, config=config)
+    processor = AutoProcessor.from_pretrained(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [
+        evaluate_task(
+            model,
+            processor,
+            dataset,
+            class_names=names_option,
+            templates=templates,
+            batch_size=args.batch_size,
+            device=device,
+            name=name,
+        ).row
+        for (dataset, _), names_option, name in zip(tasks, class_names, names)
+    ]
+    rows.append(average_row(rows))
+    write_report(rows, output)
+    if Path(args.model).is_dir():  # a local model folder: its card records the scores, as `hf-moe eval` does
+        from ..hub import add_eval_results
+
+        for row in rows[:-1]:
+            metrics = {f"{column}_top1_accuracy": value for column, value in row.items() if isinstance(value, float)}
+            add_eval_results(args.model, metrics, task="zero-shot-image-classification", dataset=row["dataset"])
+    print(format_table(rows))
+    print(f"Wrote {output}", file=sys.stderr)
+    return rows
