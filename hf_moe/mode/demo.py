@@ -1,0 +1,244 @@
+"""MoDE in under a minute on a CPU, offline: data experts of one small CLIP, ensembled per task.
+
+1. a small CLIP (`hf_moe.toy`, whole-word tokens) trained contrastively on captioned handwritten digits
+   ("a heavy narrow seven", scikit-learn's digits) as the SEED model;
+2. `hf-moe mode cluster`: the captions embedded with the seed's own text tower ("clip" pooling, so that no other
+   model is needed), fine balanced k-means, then the fine centers grouped into 2 coarse clusters = 2 data experts;
+3. `hf-moe mode train-expert` for each: the whole seed CLIP trained a few steps on its clusters' pairs plus 2% of
+   the others;
+4. `hf-moe mode build`: one `MoDEModel` folder; the held-out digits classified through
+   `pipeline("zero-shot-image-classification", model=OUT, trust_remote_code=True)`, whose predictions must be the
+   model's own argmax; per-expert, uniform and task-adaptive ensemble accuracy and the task weights are printed.
+
+    hf-moe demo mode [--output_dir outputs/demo]
+
+The helpers here (seed training, the pipeline steps called from Python, the ensemble's accuracies) also serve
+`examples/mode/experiment.py`. Every result-changing hyper-parameter is set here: the library's defaults are the
+paper's (ViT-B on billions of pairs) and would barely move a tiny CLIP in a few CPU steps.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModel, AutoProcessor, pipeline
+from transformers.utils import logging
+
+from ..conversion import build_mode
+from ..data import ImageTextCollator, load_image_text_dataset
+from ..evaluation import class_embeddings, encode_images
+from ..fileio import atomic_output_file
+from ..loading import load_pretrained
+from ..toy import save_toy_clip
+from ..toy_data import (
+    DIGIT_NAMES,
+    NUM_DIGITS,
+    described_digit_words,
+    digit_classification_dataset,
+    save_described_digit_folder,
+)
+from .cluster import ClusterArguments, cluster_pairs
+from .embed import EncoderArguments
+from .train_expert import DataExpertArguments, DataExpertTrainer, DataExpertTrainingArguments, train_expert
+
+
+RESULT_FILE = "demo_result.json"
+# What the demo writes in OUTPUT_DIR; a re-run removes these (and only these) first, so that it starts afresh
+# instead of being refused by the jobs recorded there by the previous run.
+DEMO_OUTPUTS = ("seed-init", "seed-clip", "digit-captions", "clusters", "experts", "mode")
+TRAIN_DIGITS = range(0, 1200)
+HELD_OUT_DIGITS = range(1500, NUM_DIGITS)
+PROMPT = "a handwritten digit {}"
+
+
+def training_arguments(output_dir: str | Path, **fields) -> DataExpertTrainingArguments:
+    """The data experts' recipe (AdamW, cosine) with CPU settings: no checkpoints, logs or progress bars; `fields`
+    override (`max_steps`, `learning_rate`, ...).
+
+    The logit scale is fixed at 100, where CLIP's learned one ends (and where the experts' cap is): from CLIP's init
+    (14.3) a tiny CLIP spends most of a few hundred steps growing it and barely learns (loss ~ log(batch size)).
+    Zero-shot predictions and the ensemble (of cosines) do not depend on it."""
+    settings = dict(
+        logit_scale=100.0,
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings.update(fields)
+    settings.setdefault("warmup_steps", max(1, settings.get("max_steps", 10) // 10))
+    return DataExpertTrainingArguments(**settings)
+
+
+def train_seed(init_dir: Path, data_dir: Path, output_dir: Path, **fields) -> Path:
+    """The seed CLIP: every parameter of `init_dir` trained on all of `data_dir` with the experts' recipe (MoDE's
+    seed is an ordinary CLIP run on all the data, the experts continue it)."""
+    processor = AutoProcessor.from_pretrained(init_dir)
+    trainer = DataExpertTrainer(
+        model=load_pretrained(init_dir, require_moe=False),
+        args=training_arguments(output_dir, **fields),
+        train_dataset=load_image_text_dataset(data_dir),
+        data_collator=ImageTextCollator(processor),
+    )
+    trainer.train()
+    trainer.save_model()
+    processor.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def cluster_captions(
+    data_dir: Path, seed_dir: Path, output_dir: Path, num_experts: int, num_fine_clusters: int, seed: int = 0
+) -> Path:
+    """`hf-moe mode cluster` with the seed CLIP's text tower as the caption encoder ("clip" pooling)."""
+    args = ClusterArguments(
+        data=str(data_dir),
+        num_experts=num_experts,
+        output_dir=str(output_dir),
+        num_fine_clusters=num_fine_clusters,
+        seed=seed,
+    )
+    return cluster_pairs(args, EncoderArguments(encoder=str(seed_dir), pooling="clip", batch_size=512))
+
+
+def train_data_expert(
+    seed_dir: Path, data_dir: Path, clusters: Path, expert: int, output_dir: Path, other_share: float = 0.02, **fields
+) -> Path:
+    """`hf-moe mode train-expert` for expert `expert`; `fields` are `training_arguments` fields."""
+    script_args = DataExpertArguments(
+        seed_model=str(seed_dir), data=str(data_dir), clusters=str(clusters), expert=expert, other_share=other_share
+    )
+    return train_expert(script_args, training_arguments(output_dir, **fields))
+
+
+@torch.no_grad()
+def ensemble_accuracies(model, processor, dataset, class_names: list[str], templates: list[str]) -> dict:
+    """Zero-shot top-1 accuracy of each expert of a `MoDEModel`, their uniform mean and the task-adaptive ensemble on
+    `dataset` (`image`, `label` indexing `class_names`), with prompt ensembling over `templates`.
+
+    Each expert's logits are its cosine similarities to its template-averaged class embeddings (CLIP's prompt
+    ensembling); the task weights come from the class names' template-averaged clustering embeddings, as the
+    released code computes them. `MoDEModel.forward` takes one text per class, hence this per-expert assembly.
+    Returns `{"experts": [...], "all_unit", "ensemble", "task_weights": [...]}`.
+    """
+    model.eval()
+    labels = torch.tensor(dataset["label"])
+    cosines = torch.stack(
+        [
+            encode_images(expert, processor, dataset, progress=False)
+            @ class_embeddings(expert, processor, class_names, templates, progress=False).T
+            for expert in model.experts
+        ]
+    )  # (num_experts, num_images, num_classes)
+    texts = [template.format(name) for name in class_names for template in templates]
+    tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    embeddings = model.clustering_embeddings(tokens["input_ids"], tokens["attention_mask"])
+    weights = model.task_weights(embeddings.reshape(len(class_names), len(templates), -1)).float()
+
+    def accuracy(logits):
+        return float((logits.argmax(dim=-1) == labels).float().mean())
+
+    return {
+        "experts": [accuracy(cosine) for cosine in cosines],
+        "all_unit": accuracy(cosines.mean(dim=0)),
+        "ensemble": accuracy((weights[:, None, None] * cosines).sum(dim=0)),
+        "task_weights": weights.tolist(),
+    }
+
+
+def run_demo(output_dir: str | Path = "outputs/demo", seed_steps: int = 300, expert_steps: int = 40, seed: int = 0):
+    """Run the MoDE demo in `output_dir` (its demo sub-folders are recreated); returns its numbers."""
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    for name in DEMO_OUTPUTS:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
+    # The Trainer's and datasets' notices and the per-load progress bars would drown the tour.
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # A tiny model gains little from a second thread, and threads waiting on each other on busy cores are far slower.
+    torch.set_num_threads(1)
+    try:
+        result = _run(output_dir, seed_steps, expert_steps, seed)
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        torch.set_num_threads(threads)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    with atomic_output_file(output_dir / RESULT_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Done in {result['seconds']:.0f} s. The MoDE model folder is {(output_dir / 'mode').resolve()}")
+    return result
+
+
+def _run(output_dir: Path, seed_steps: int, expert_steps: int, seed: int) -> dict:
+    init_dir, seed_dir, data_dir = output_dir / "seed-init", output_dir / "seed-clip", output_dir / "digit-captions"
+    clusters_dir, mode_dir = output_dir / "clusters", output_dir / "mode"
+    schedule = dict(per_device_train_batch_size=64, seed=seed)
+
+    print(f"1. Seed CLIP: a small CLIP trained {seed_steps} steps on {len(TRAIN_DIGITS)} captioned digits")
+    save_toy_clip(init_dir, seed=seed, words=described_digit_words())
+    save_described_digit_folder(data_dir, TRAIN_DIGITS, seed=seed)
+    train_seed(init_dir, data_dir, seed_dir, max_steps=seed_steps, learning_rate=2e-3, weight_decay=0.1, **schedule)
+
+    print("2. hf-moe mode cluster: captions embedded by the seed's text tower, 16 fine clusters -> 2 experts")
+    cluster_captions(data_dir, seed_dir, clusters_dir, num_experts=2, num_fine_clusters=16, seed=seed)
+    info = json.loads((clusters_dir / "clusters.json").read_text())
+    print(f"   pairs per expert: {info['expert_sizes']}")
+
+    print(f"3. hf-moe mode train-expert: each expert continues the seed {expert_steps} steps on its clusters + 2%")
+    experts = [
+        train_data_expert(
+            seed_dir,
+            data_dir,
+            clusters_dir,
+            k,
+            output_dir / "experts" / f"expert-{k}",
+            max_steps=expert_steps,
+            learning_rate=5e-4,
+            weight_decay=0.1,
+            **schedule,
+        )  # fmt: skip
+        for k in range(2)
+    ]
+
+    print(f"4. hf-moe mode build -> {mode_dir}; {len(HELD_OUT_DIGITS)} held-out digits through the pipeline")
+    build_mode(experts, clusters_dir, mode_dir)
+    dataset = digit_classification_dataset(HELD_OUT_DIGITS)
+    images, labels = list(dataset["image"]), list(dataset["label"])
+    classifier = pipeline("zero-shot-image-classification", model=str(mode_dir), trust_remote_code=True)
+    outputs = classifier(images, candidate_labels=DIGIT_NAMES, hypothesis_template=PROMPT, batch_size=64)
+    pipeline_predictions = [DIGIT_NAMES.index(output[0]["label"]) for output in outputs]
+
+    model = AutoModel.from_pretrained(mode_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(mode_dir)
+    with torch.no_grad():
+        texts = [PROMPT.format(name) for name in DIGIT_NAMES]
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        model_predictions = model(**inputs).logits_per_image.argmax(dim=-1).tolist()
+    scores = ensemble_accuracies(model, processor, dataset, DIGIT_NAMES, [PROMPT])
+    pipeline_accuracy = sum(p == label for p, label in zip(pipeline_predictions, labels)) / len(labels)
+    agree = sum(a == b for a, b in zip(pipeline_predictions, model_predictions))
+    weights = ", ".join(f"{w:.3f}" for w in scores["task_weights"])
+    print(f"   zero-shot accuracy (chance {1 / len(DIGIT_NAMES):.1f}):")
+    for k, value in enumerate(scores["experts"]):
+        print(f"     expert {k}:                 {value:.3f}")
+    print(f"     uniform ensemble:         {scores['all_unit']:.3f}")
+    print(f"     task-adaptive ensemble:   {scores['ensemble']:.3f}  (task weights {weights})")
+    print(f"     pipeline:                 {pipeline_accuracy:.3f}  (= the model's argmax for {agree}/{len(labels)})")
+    return {
+        **scores,
+        "pairs_per_expert": info["expert_sizes"],
+        "pipeline_accuracy": pipeline_accuracy,
+        "pipeline_predictions": pipeline_predictions,
+        "model_predictions": model_predictions,
+        "labels": labels,
+        "model_dir": str(mode_dir),
+    }
