@@ -33,12 +33,13 @@ SCRIPT = REPO / "examples" / "moiie" / "train_moiie.py"
 # a hang (ranks waiting on each other's collectives) fails the test instead of blocking CI; the first run on a
 # machine includes the shared-memory op's compile
 RUN_TIMEOUT = 600
-COLORS = ["seven.png", "three.png", "five.png", "nine.png"]
-# every sample holds an image: a text-only batch on one rank skips the vision tower there (see the report)
+IMAGES = ["seven.png", "three.png", "five.png", "nine.png"]
+# Every sample holds an image: a rank whose batch is text-only skips the vision tower and projector, and its
+# collectives then stop matching the other rank's (ZeRO-2 and ZeRO-3 alike) until the model runs them on such batches.
 SAMPLES = [
     {
         "id": str(i),
-        "image": COLORS[i % len(COLORS)],
+        "image": IMAGES[i % len(IMAGES)],
         "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
     }
     for i, (question, answer) in enumerate(
@@ -52,7 +53,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moiie_ds")
     images = root / "images"
     images.mkdir()
-    for seed, name in enumerate(COLORS):
+    for seed, name in enumerate(IMAGES):
         pixels = np.random.RandomState(seed).randint(0, 255, (20, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / name)
     (root / "data.json").write_text(json.dumps(SAMPLES))
@@ -87,7 +88,8 @@ def launch(inputs: Path, output: Path, config: str, nproc: int, *extra: str) -> 
     try:
         result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{config} with {nproc} processes did not finish in {RUN_TIMEOUT} s:\n{error.stdout}{error.stderr}")
+        printed = error.stdout.decode() if isinstance(error.stdout, bytes) else error.stdout or ""
+        pytest.fail(f"{config} with {nproc} processes did not finish in {RUN_TIMEOUT} s:\n{printed[-3000:]}")
     log = result.stdout + result.stderr
     # torchrun ends with its own summary; the ranks' errors come before it
     errors = "\n".join(line for line in log.splitlines() if "Error" in line or "error" in line)
