@@ -40,9 +40,17 @@ def inputs(toy_clip_dir, tmp_path_factory):
     (clusters / "assignments").mkdir(parents=True)
     table = {"key": dataset_pair_keys(dataset), "fine": fine.tolist(), "coarse": FINE_TO_COARSE[fine].tolist()}
     pq.write_table(pa.table(table), clusters / "assignments" / "part-00000.parquet")
-    save_file({"fine_to_coarse": FINE_TO_COARSE, "fine": torch.randn(4, 8)}, clusters / "centers.safetensors")
-    (clusters / "clusters.json").write_text(json.dumps({"num_fine_clusters": 4, "num_experts": 2}))
+    save_file({"fine_to_coarse": FINE_TO_COARSE, "fine_centers": torch.randn(4, 8)}, clusters / "centers.safetensors")
+    (clusters / "clusters.json").write_text(json.dumps(CLUSTERS_JSON))
     return {"seed": toy_clip_dir, "data": data, "clusters": clusters, "fine": fine, "root": root}
+
+
+# The clusters.json of a 4-fine-cluster, 2-expert `hf-moe mode cluster` run (its encoder is not used here).
+CLUSTERS_JSON = {
+    "num_fine_clusters": 4,
+    "num_experts": 2,
+    "encoder": {"name_or_path": "toy-clip", "pooling": "clip", "max_length": 16},
+}
 
 
 def argv(inputs, output_dir, *extra):
@@ -192,11 +200,12 @@ def test_a_clip_moe_seed_is_refused(inputs, upcycled_dir, tmp_path):
 def test_inconsistent_clusters_are_named(inputs, tmp_path):
     clusters = tmp_path / "clusters"
     clusters.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"clusters\.json does not exist: pass the output folder"):
+    with pytest.raises(FileNotFoundError, match=r"clusters\.json is missing: --clusters must be a folder written"):
         main(argv(inputs, tmp_path / "out", "--clusters", str(clusters)))
-    (clusters / "clusters.json").write_text(json.dumps({"num_fine_clusters": 4, "num_experts": 2}))
-    save_file({"fine_to_coarse": torch.tensor([0, 1, 2, 1])}, clusters / "centers.safetensors")
-    with pytest.raises(ValueError, match=r"'fine_to_coarse' in .*centers.safetensors.*experts in \[0, 2\)"):
+    (clusters / "clusters.json").write_text(json.dumps(CLUSTERS_JSON))
+    fine_to_coarse = torch.tensor([0, 1, 2, 1])
+    save_file({"fine_to_coarse": fine_to_coarse, "fine_centers": torch.randn(4, 8)}, clusters / "centers.safetensors")
+    with pytest.raises(ValueError, match=r"centers.safetensors: 'fine_to_coarse' holds \[2\], outside the 2 experts"):
         main(argv(inputs, tmp_path / "out", "--clusters", str(clusters)))
     assert not (tmp_path / "out").exists()
 

@@ -38,6 +38,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from ..clustering import balanced_kmeans, nearest_centers
+from ..conversion.build_mode import CENTERS_FILE, CLUSTERS_FILE
 from ..fileio import atomic_output_file, check_output_dir
 from ..training import JOB_FILE, TrainingJob, local_path
 from .data import ASSIGNMENTS_DIR, data_fingerprint, read_assignments
@@ -53,9 +54,6 @@ from .embed import (
 
 
 logger = logging.get_logger(__name__)
-
-CLUSTERS_FILE = "clusters.json"
-CENTERS_FILE = "centers.safetensors"
 
 
 @dataclass

@@ -16,17 +16,16 @@ clusters are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resume
 a finished run is reported as done and left untouched.
 """
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from safetensors import safe_open
 from transformers import AutoProcessor, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
 from ..clip_training import CLIPTrainer, CLIPTrainingArguments
+from ..conversion.build_mode import read_clusters as read_cluster_files
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..hub import push_training_output
 from ..loading import load_config, load_pretrained
@@ -43,9 +42,6 @@ from .sampling import expert_subset
 
 
 logger = logging.get_logger(__name__)
-
-CLUSTERS_FILE = "clusters.json"
-CENTERS_FILE = "centers.safetensors"
 
 
 @dataclass
@@ -91,27 +87,10 @@ class DataExpertTrainer(CLIPTrainer):
 
 
 def read_clusters(clusters_dir: str | Path) -> tuple[int, torch.Tensor]:
-    """`(num_experts, fine_to_coarse)` of the output of `hf-moe mode cluster`, checked against each other."""
-    clusters_dir = Path(clusters_dir)
-    meta_path, centers_path = clusters_dir / CLUSTERS_FILE, clusters_dir / CENTERS_FILE
-    for path in (meta_path, centers_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: pass the output folder of `hf-moe mode cluster`.")
-    try:
-        meta = json.loads(meta_path.read_text())
-        num_experts, num_fine = int(meta["num_experts"]), int(meta["num_fine_clusters"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{meta_path} lacks a valid num_experts / num_fine_clusters ({err!r}).") from err
-    with safe_open(centers_path, framework="pt") as centers:
-        if "fine_to_coarse" not in centers.keys():
-            raise ValueError(f"{centers_path} holds no 'fine_to_coarse' tensor (it has {sorted(centers.keys())}).")
-        fine_to_coarse = centers.get_tensor("fine_to_coarse").long()
-    if fine_to_coarse.shape != (num_fine,) or not (0 <= fine_to_coarse).all() or (fine_to_coarse >= num_experts).any():
-        raise ValueError(
-            f"'fine_to_coarse' in {centers_path} (shape {tuple(fine_to_coarse.shape)}) must map the "
-            f"{num_fine} fine clusters of {meta_path} to experts in [0, {num_experts})."
-        )
-    return num_experts, fine_to_coarse
+    """`(num_experts, fine_to_coarse)` of the output of `hf-moe mode cluster`, checked as `hf-moe mode build`
+    checks it."""
+    info, centers = read_cluster_files(clusters_dir)
+    return int(info["num_experts"]), centers["fine_to_coarse"].long()
 
 
 def check_expert_arguments(script_args: DataExpertArguments) -> tuple[int, torch.Tensor]:
