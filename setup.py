@@ -37,6 +37,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
+        "bench": ["faiss-cpu>=1.8", "scikit-learn>=1.3"],
         "deepspeed": ["deepspeed>=0.16"],
         "demo": ["scikit-learn>=1.3"],
         "test": ["pytest>=8", "scikit-learn>=1.3", "deepspeed>=0.19,<0.20"],

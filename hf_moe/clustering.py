@@ -19,9 +19,9 @@ logger = logging.get_logger(__name__)
 # Balanced k-means keeps, per point, the distances to its nearest few centers: the price rounds only move a point
 # among those, so they cost O(N x candidates) instead of a pass over the data per round.
 NUM_CANDIDATES = 16
-AUCTION_ROUNDS = 500
-AUCTION_EPS = 1e-3
-AUCTION_EPS_FACTOR = 8
+SINKHORN_ROUNDS = 20
+SINKHORN_TEMPERATURE = 0.05
+SINKHORN_CHECK_EVERY = 5
 # Lloyd stops early once fewer than this fraction of the points change cluster in an iteration.
 CONVERGED_FRACTION = 1e-3
 
@@ -171,67 +171,35 @@ def _candidates(points, centers, num_candidates, chunk_size, device, normalize):
     return index, distance
 
 
-def _auction(index, distance, high, max_rounds, prices=None):
-    """Capacity-constrained assignment (every cluster at most `high` points) by a Jacobi forward auction with
-    similar objects (Bertsekas & Castanon, 1989), restricted to each point's candidate centers.
+def _balanced_assignment(index, distance, prices, low, high, num_rounds):
+    """Assignment with cluster sizes (nearly) within [low, high], by per-cluster prices found with Sinkhorn
+    iterations restricted to each point's candidate centers.
 
-    Every unassigned point bids for the candidate minimising `distance + price`, raising that cluster's price by
-    its regret (second-best minus best cost) plus eps; a cluster keeps its `high` highest bidders, evicts the
-    others, and once full its price is its lowest kept bid. Prices only rise, so the rounds end; the result is
-    within N x eps of the optimal capacitated assignment to the candidates. Points still unassigned after
-    `max_rounds` (their candidates are all full) take their nearest candidate; the exact repair fixes them.
-    Returns the labels, the position of each point's label in its candidate list, and the prices.
+    Each point is assigned to the candidate minimising `distance + price`. The prices are the column potentials of
+    an entropic transport problem: in each round every point spreads a unit of mass over its candidates with a
+    softmin of `(distance + price) / temperature`, and a cluster whose mass is above `high` (below `low`) raises
+    (lowers) its price by `temperature * log(mass / bound)`, the KL projection onto the size bounds. This is a
+    damped, smooth version of the auction's price updates: every round costs O(N x candidates) with no sorting,
+    and the rounds stop as soon as the hard assignment meets the bounds. What is left over is fixed by the exact
+    repair. Prices carry over between Lloyd iterations. Returns the labels, their positions in the candidate
+    lists and the prices.
     """
-    num_points, num_clusters = len(index), int(index.max()) + 1
-    # eps-scaling: big increments first so prices climb to the scale of the distances in few rounds, then finer
-    # ones (prices kept, assignment restarted) down to eps-optimality relative to the typical distance.
-    final_eps = AUCTION_EPS * distance[:, 0].abs().mean().clamp(min=1e-12)
-    if prices is None:
-        eps = max((distance[:, -1] - distance[:, 0]).mean(), final_eps)
-        prices = torch.zeros(num_clusters, device=index.device)
-    else:
-        # Warm start from the previous Lloyd iteration's prices: the centers moved little, so did the prices.
-        eps = final_eps
-    rounds, complete = 0, None
-    while True:
-        labels = torch.full((num_points,), -1, dtype=torch.long, device=index.device)
-        position = torch.zeros(num_points, dtype=torch.long, device=index.device)
-        bids = torch.zeros(num_points, device=index.device)
-        bidders = torch.arange(num_points, device=index.device)
-        while len(bidders) and rounds < max_rounds:
-            rounds += 1
-            cost = distance[bidders] + prices[index[bidders]]
-            two = cost.topk(min(2, cost.shape[1]), dim=1, largest=False)
-            target = index[bidders, two.indices[:, 0]]
-            regret = (two.values[:, 1] - two.values[:, 0]) if cost.shape[1] > 1 else torch.zeros_like(cost[:, 0])
-            bid = prices[target] + regret + eps
-            # The holders of the clusters bid for compete with the bidders; each cluster keeps its highest bids.
-            contested = torch.zeros(num_clusters, dtype=torch.bool, device=index.device)
-            contested[target] = True
-            holders = (labels >= 0).logical_and_(contested[labels.clamp(min=0)]).nonzero().squeeze(1)
-            pool = torch.cat([holders, bidders])
-            pool_cluster = torch.cat([labels[holders], target])
-            pool_bid = torch.cat([bids[holders], bid])
-            pool_position = torch.cat([position[holders], two.indices[:, 0]])
-            order, rank, starts, counts = _group_order(-pool_bid, pool_cluster, num_clusters)
-            kept = rank < high
-            labels[pool] = torch.where(kept, pool_cluster, -1)
-            bids[pool] = pool_bid
-            position[pool] = pool_position
-            bidders = pool[~kept]
-            lowest_kept = pool_bid[order][(starts + high - 1).clamp(max=len(order) - 1)]
-            prices = torch.where(counts >= high, lowest_kept, prices)
-        if not len(bidders):
-            complete = labels, position
-        if eps <= final_eps or rounds >= max_rounds:
-            break
-        eps = max(eps / AUCTION_EPS_FACTOR, final_eps)
-    if len(bidders) and complete is not None:
-        # Out of rounds mid-phase: the last phase that assigned every point is the better answer.
-        return *complete, prices
-    if len(bidders):
-        nearest = distance[bidders].argmin(dim=1)
-        labels[bidders], position[bidders] = index[bidders, nearest], nearest
+    num_clusters = len(prices)
+    temperature = SINKHORN_TEMPERATURE * (distance[:, -1] - distance[:, 0]).mean().clamp(min=1e-12)
+    flat_index = index.flatten()
+    for round_ in range(num_rounds + 1):
+        cost = distance + prices[index]
+        if round_ % SINKHORN_CHECK_EVERY == 0 or round_ == num_rounds:
+            position = cost.argmin(dim=1)
+            labels = index.gather(1, position[:, None]).squeeze(1)
+            counts = torch.bincount(labels, minlength=num_clusters)
+            if round_ == num_rounds or (counts.min() >= low and counts.max() <= high):
+                break
+        mass = torch.zeros(num_clusters, device=index.device)
+        mass.index_add_(0, flat_index, torch.softmax(cost / -temperature, dim=1).flatten())
+        # A cluster no point lists gets a bounded price cut per round rather than an infinite one.
+        mass = mass.clamp(min=1e-3)
+        prices += temperature * (mass.log() - mass.clamp(min=max(low, 1e-3), max=high).log())
     return labels, position, prices
 
 
@@ -245,24 +213,27 @@ def _gather_rows(points, rows, chunk_size, device, normalize):
 def _repair(points, labels, position, index, distance, centers, low, high, chunk_size, device, normalize):
     """Exact step that brings every cluster size into [low, high], moving as little cost as it can greedily.
 
-    1. Over-full clusters evict the members that are cheapest to move (smallest gap to a candidate cluster with
-       room), which then go to their nearest cluster with room; clusters over-subscribed in a round keep their
-       nearest proposers. Each round fills a cluster or places every point, so at most K rounds.
+    1. The points left unassigned (label -1), and the members of over-full clusters that are cheapest
+       to move (smallest gap to a candidate cluster with room), go to their nearest cluster with room; clusters
+       over-subscribed in a round keep their nearest proposers. Each round fills a cluster or places every point,
+       so at most K rounds.
     2. Each under-full cluster takes the points of clusters with a surplus (size > low) whose distance increases
        least; one pass over the data per round, each round fills at least one point of the first cluster.
     Both steps only move points into clusters below the bound they fix, so the first step's result holds.
     """
     num_clusters = len(centers)
-    counts = torch.bincount(labels, minlength=num_clusters)
+    unassigned = labels < 0
+    counts = torch.bincount(labels[~unassigned], minlength=num_clusters)
     excess = (counts - high).clamp(min=0)
-    if excess.any():
+    if excess.any() or unassigned.any():
         own = distance.gather(1, position[:, None]).squeeze(1)
-        members = (excess[labels] > 0).nonzero().squeeze(1)
+        members = (excess[labels] > 0).logical_and_(~unassigned).nonzero().squeeze(1)
         has_room = counts < high
         alternative = torch.where(has_room[index[members]], distance[members], float("inf")).min(dim=1).values
         _, rank, _, _ = _group_order(alternative - own[members], labels[members], num_clusters)
         evicted = members[rank < excess[labels[members]]]
         counts -= torch.bincount(labels[evicted], minlength=num_clusters)
+        evicted = torch.cat([evicted, unassigned.nonzero().squeeze(1)])
         center_norms = centers.square().sum(-1)
         while len(evicted):
             room = high - counts
@@ -298,20 +269,31 @@ def _repair(points, labels, position, index, distance, centers, low, high, chunk
             values = torch.cat([best_value, increase.T], dim=1)
             best_value, where = values.topk(min(keep, values.shape[1]), dim=1, largest=False)
             best_index = torch.cat([best_index, rows], dim=1).gather(1, where)
-        moved = torch.zeros(len(labels), dtype=torch.bool, device=device)
-        for cluster, wanted, values, rows in zip(needy.tolist(), need.tolist(), best_value, best_index):
-            valid = torch.isfinite(values) & ~moved[rows] & (surplus[labels[rows]] > 0)
-            rows = rows[valid]
-            donors = labels[rows]
-            # Greedy in order of increase, no donor giving more than its surplus.
-            _, donor_rank, _, _ = _group_order(torch.arange(len(rows), device=device), donors, num_clusters)
-            rows = rows[donor_rank < surplus[donors]][:wanted]
-            surplus -= torch.bincount(labels[rows], minlength=num_clusters)
-            counts -= torch.bincount(labels[rows], minlength=num_clusters)
-            labels[rows] = cluster
-            counts[cluster] += len(rows)
-            surplus[cluster] += len(rows)
+        # Greedy in order of increase, vectorised in rounds: each point's cheapest move, each cluster up to its need,
+        # each donor down to its surplus. The globally cheapest valid move always passes, so every round moves.
+        pair_cluster = needy.repeat_interleave(best_value.shape[1])
+        pair_row, pair_value = best_index.flatten(), best_value.flatten()
+        need_left = torch.zeros_like(counts).index_put_((needy,), need)
+        valid = torch.isfinite(pair_value)
+        while valid.any():
+            pair_cluster, pair_row, pair_value = pair_cluster[valid], pair_row[valid], pair_value[valid]
+            _, point_rank, _, _ = _group_order(pair_value, pair_row, len(labels))
+            ok = point_rank == 0
+            _, cluster_rank, _, _ = _group_order(pair_value[ok], pair_cluster[ok], num_clusters)
+            ok[ok.clone()] = cluster_rank < need_left[pair_cluster[ok]]
+            donors = labels[pair_row[ok]]
+            _, donor_rank, _, _ = _group_order(pair_value[ok], donors, num_clusters)
+            ok[ok.clone()] = donor_rank < surplus[donors]
+            rows, clusters = pair_row[ok], pair_cluster[ok]
+            moved_from = torch.bincount(labels[rows], minlength=num_clusters)
+            moved_to = torch.bincount(clusters, minlength=num_clusters)
+            surplus += moved_to - moved_from
+            counts += moved_to - moved_from
+            need_left -= moved_to
+            labels[rows] = clusters
+            moved = torch.zeros(len(labels), dtype=torch.bool, device=device)
             moved[rows] = True
+            valid = ~moved[pair_row] & (need_left[pair_cluster] > 0) & (surplus[labels[pair_row]] > 0)
     return labels
 
 
@@ -392,12 +374,12 @@ def balanced_kmeans(
     centers = torch.cat([chunk for _, chunk in _gather_rows(points, initial, chunk_size, device, normalize)])
 
     num_candidates = min(NUM_CANDIDATES, num_clusters)
-    labels = prices = None
+    labels, prices = None, torch.zeros(num_clusters, device=device)
     bar = tqdm(range(num_iters), desc="balanced k-means", unit="iter", disable=not progress)
     for iteration in bar:
         index, distance = _candidates(points, centers, num_candidates, chunk_size, device, normalize)
         previous = labels
-        labels, position, prices = _auction(index, distance, high, AUCTION_ROUNDS, prices)
+        labels, position, prices = _balanced_assignment(index, distance, prices, low, high, SINKHORN_ROUNDS)
         labels = _repair(points, labels, position, index, distance, centers, low, high, chunk_size, device, normalize)
         changed = num_points if previous is None else (labels != previous).sum().item()
         last = iteration == num_iters - 1 or changed < CONVERGED_FRACTION * num_points
