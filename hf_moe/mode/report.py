@@ -259,7 +259,7 @@ def _load_task(folder: str, class_names):
         dataset = load_image_dataset(folder)
         return dataset, dataset_class_names(dataset, class_names)[1]
     except (ValueError, OSError, TypeError) as err:
-        raise ValueError(f"Task folder '{folder}' is not a class-folder image set: {err}") from err
+        raise ValueError(f"Task folder '{folder}' (a class-folder image set is needed): {err}") from err
 
 
 def default_report_path(model: str) -> Path:
@@ -273,7 +273,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from ..loading import load_config, load_pretrained
 
-    parser = HfArgumentParser(ReportArguments, prog="hf-moe mode report", description=__doc__.split("\n")[0])
+    parser = HfArgumentParser(
+        ReportArguments,
+        prog="hf-moe mode report",
+        description="Per-expert, best-expert, uniform and task-adaptive ensemble zero-shot accuracy of a MoDE model "
+        "on class-folder tasks, as a CSV (the released MoDE report) and a printed table.",
+    )
     (args,) = parser.parse_args_into_dataclasses(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
