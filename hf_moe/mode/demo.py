@@ -49,7 +49,6 @@ RESULT_FILE = "demo_result.json"
 # What the demo writes in OUTPUT_DIR; a re-run removes these (and only these) first, so that it starts afresh
 # instead of being refused by the jobs recorded there by the previous run.
 DEMO_OUTPUTS = ("seed-init", "seed-clip", "digit-captions", "clusters", "experts", "mode")
-TRAIN_DIGITS = range(0, 1200)
 HELD_OUT_DIGITS = range(1500, NUM_DIGITS)
 PROMPT = "a handwritten digit {}"
 
@@ -151,8 +150,17 @@ def ensemble_accuracies(model, processor, dataset, class_names: list[str], templ
     }
 
 
-def run_demo(output_dir: str | Path = "outputs/demo", seed_steps: int = 300, expert_steps: int = 40, seed: int = 0):
-    """Run the MoDE demo in `output_dir` (its demo sub-folders are recreated); returns its numbers."""
+def run_demo(
+    output_dir: str | Path = "outputs/demo",
+    seed_steps: int = 300,
+    expert_steps: int = 40,
+    train_digits: int = 1200,
+    seed: int = 0,
+) -> dict:
+    """Run the MoDE demo in `output_dir` (its demo sub-folders are recreated): the first `train_digits` digits are
+    captioned for training, the last 297 are held out. Returns its numbers."""
+    if not 1 <= train_digits <= HELD_OUT_DIGITS.start:
+        raise ValueError(f"train_digits must be in [1, {HELD_OUT_DIGITS.start}] (the rest are held out).")
     started = time.perf_counter()
     output_dir = Path(output_dir)
     for name in DEMO_OUTPUTS:
@@ -165,7 +173,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", seed_steps: int = 300, exp
     # A tiny model gains little from a second thread, and threads waiting on each other on busy cores are far slower.
     torch.set_num_threads(1)
     try:
-        result = _run(output_dir, seed_steps, expert_steps, seed)
+        result = _run(output_dir, seed_steps, expert_steps, range(train_digits), seed)
     finally:
         logging.set_verbosity(verbosity)
         logging.enable_progress_bar()
@@ -178,14 +186,14 @@ def run_demo(output_dir: str | Path = "outputs/demo", seed_steps: int = 300, exp
     return result
 
 
-def _run(output_dir: Path, seed_steps: int, expert_steps: int, seed: int) -> dict:
+def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: range, seed: int) -> dict:
     init_dir, seed_dir, data_dir = output_dir / "seed-init", output_dir / "seed-clip", output_dir / "digit-captions"
     clusters_dir, mode_dir = output_dir / "clusters", output_dir / "mode"
     schedule = dict(per_device_train_batch_size=64, seed=seed)
 
-    print(f"1. Seed CLIP: a small CLIP trained {seed_steps} steps on {len(TRAIN_DIGITS)} captioned digits")
+    print(f"1. Seed CLIP: a small CLIP trained {seed_steps} steps on {len(train_digits)} captioned digits")
     save_toy_clip(init_dir, seed=seed, words=described_digit_words())
-    save_described_digit_folder(data_dir, TRAIN_DIGITS, seed=seed)
+    save_described_digit_folder(data_dir, train_digits, seed=seed)
     train_seed(init_dir, data_dir, seed_dir, max_steps=seed_steps, learning_rate=2e-3, weight_decay=0.1, **schedule)
 
     print("2. hf-moe mode cluster: captions embedded by the seed's text tower, 16 fine clusters -> 2 experts")
