@@ -47,18 +47,6 @@ DEFAULT_OUTPUT_NAME = "mode_report.csv"
 _CLUSTERING_KEYS = ("input_ids", "attention_mask", "clustering_input_ids", "clustering_attention_mask")
 
 
-def report_columns(num_experts: int) -> list[str]:
-    """The CSV columns of the released report for `num_experts` experts."""
-    return [
-        "dataset",
-        "num_classes",
-        *(f"expert-{k}" for k in range(num_experts)),
-        "expert-max",
-        "all_unit",
-        "ensemble",
-    ]
-
-
 @dataclass
 class TaskReport:
     """One task's report row (`row`: column -> value), the task weights used for `ensemble` (`(num_experts,)`) and
