@@ -147,7 +147,7 @@ def load_image_text_dataset(
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`.
     """
-    layout, source = _detect_layout(data)
+    layout, source = detect_layout(data)
     if streaming is None:
         streaming = layout == "webdataset"
     if layout == "imagefolder":
@@ -222,7 +222,7 @@ class ImageTextCollator:
     max_length: int | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> BatchFeature:
-        captions = [_first_caption(row["text"]) for row in rows]
+        captions = [first_caption(row["text"]) for row in rows]
         if any(not caption for caption in captions):
             raise ValueError("A row has no caption; load the data with `load_image_text_dataset` to skip such rows.")
         images = [row["image"] if row["image"].mode == "RGB" else row["image"].convert("RGB") for row in rows]
@@ -266,7 +266,7 @@ def add_index_column(dataset: Dataset, column: str = "index") -> Dataset:
 # Layout detection
 
 
-def _detect_layout(data: str | Path) -> tuple[str, Path | list[str]]:
+def detect_layout(data: str | Path) -> tuple[str, Path | list[str]]:
     """`("imagefolder" | "img2dataset", folder)` or `("webdataset", shard paths)`."""
     text = os.path.expanduser(str(data))
     path = Path(text)
@@ -494,7 +494,7 @@ def _ends_with_end_of_archive(path: str) -> bool:
         return not any(file.read(2 * tarfile.BLOCKSIZE))
 
 
-def _is_truncation_marker(key: Any) -> bool:
+def is_truncation_marker(key: Any) -> bool:
     return isinstance(key, str) and key.rpartition("/")[2].endswith(_TRUNCATION_SUFFIX)
 
 
@@ -612,15 +612,15 @@ class _StreamingCheck:
 
 
 def _skip_reason(image: Any, text: Any, key: Any = None) -> str | None:
-    if _is_truncation_marker(key):
+    if is_truncation_marker(key):
         return TRUNCATED_SHARD
-    caption = _first_caption(text)
+    caption = first_caption(text)
     if not caption or not caption.strip():
         return MISSING_CAPTION
     return _image_problem(image)
 
 
-def _first_caption(text: Any) -> str | None:
+def first_caption(text: Any) -> str | None:
     if isinstance(text, (list, tuple)):
         text = text[0] if text else None
     return text if isinstance(text, str) else None
@@ -649,7 +649,7 @@ def _image_problem(image: Any) -> str | None:
 
 def _where(row: dict, image_column: str, position: int) -> str:
     """A human pointer to a row for the logs: its image path, its sample key, or its position."""
-    if _is_truncation_marker(row.get("__key__")):
+    if is_truncation_marker(row.get("__key__")):
         last_key = row["__key__"][: -len(_TRUNCATION_SUFFIX)]
         return f"{row.get('__url__')}: the rest of the shard" + (f" after sample {last_key}" if last_key else "")
     image = row.get(image_column)

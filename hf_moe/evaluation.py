@@ -275,7 +275,7 @@ def encode_images(model, processor, dataset, batch_size: int = 64, device=None, 
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-class _EvalMode:
+class EvalMode:
     """Put the model in eval mode (and optionally on `device`) for the block; restore its training flag after."""
 
     def __init__(self, model, device):
@@ -292,7 +292,7 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
-def _check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
 
@@ -387,11 +387,11 @@ def zero_shot_classification(
     Returns:
         `{"top1_accuracy", "num_images", "num_classes", "num_templates"}` (+ `predictions`).
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     dataset = load_image_dataset(data, split)
     names, class_name_set = dataset_class_names(dataset, class_names)
     templates = resolve_templates(templates, class_name_set)
-    with _EvalMode(model, device):
+    with EvalMode(model, device):
         classes = class_embeddings(model, processor, names, templates, batch_size, device, progress)
         images = encode_images(model, processor, dataset, batch_size, device, progress)
     references = [int(label) for label in dataset.select_columns(["label"])[:]["label"]]
@@ -529,7 +529,7 @@ def image_text_retrieval(
         `{"image_to_text_R@1", ..., "text_to_image_R@1", ..., "num_images", "num_texts", "num_skipped_images",
         "num_skipped_captions"}`.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1:
         raise ValueError(f"k_values must be positive integers, got {k_values}.")
@@ -540,7 +540,7 @@ def image_text_retrieval(
         raise ValueError(f"None of the {len(dataset)} images of the data has a non-empty caption.")
     image_captions, caption_image = flat.image_captions, flat.caption_image
     scored = dataset.select(flat.images) if flat.skipped_images else dataset
-    with _EvalMode(model, device):
+    with EvalMode(model, device):
         images = encode_images(model, processor, scored, batch_size, device, progress)
         texts = encode_texts(model, processor, flat.captions, batch_size, device, progress)
     recall = load_metric("recall_at_k")
@@ -651,7 +651,7 @@ def default_output_path(model: str, task: str) -> Path:
     return (model_dir if model_dir.is_dir() else Path.cwd()) / f"eval_{task}.json"
 
 
-def _templates_option(value: str) -> str | list[str]:
+def templates_option(value: str) -> str | list[str]:
     if value in TEMPLATE_SETS or value == AUTO_TEMPLATES:
         return value
     path = Path(value).expanduser()
@@ -694,7 +694,7 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     # The data and the options that depend on it are checked before the (possibly large) model is loaded.
     dataset = load_image_dataset(args.data, args.split)
     if task == "zero-shot":
-        templates = _templates_option(args.templates)
+        templates = templates_option(args.templates)
         dataset_class_names(dataset, args.class_names)
     else:
         if args.max_captions_per_image < 0:

@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset, Image, IterableDataset
 from transformers.utils import logging
 
-from ..data import _detect_layout, _first_caption, _is_truncation_marker, load_image_text_dataset
+from ..data import detect_layout, first_caption, is_truncation_marker, load_image_text_dataset
 from ..training import input_fingerprint
 
 
@@ -36,7 +36,7 @@ def data_fingerprint(data: str | Path) -> dict:
     of the files it matches, not of the pattern's text)."""
     if Path(data).expanduser().exists():
         return input_fingerprint(data)
-    _, shards = _detect_layout(data)
+    _, shards = detect_layout(data)
     root = source_root(shards)
     digest, total = hashlib.sha256(), 0
     for shard in shards:
@@ -105,14 +105,14 @@ def read_captions(data: str | Path) -> Iterator[tuple[str, str]]:
     root = None
     if "__url__" in columns:
         # Streamed shards: the root comes from the shard list, since the rows arrive one by one.
-        root = source_root(_detect_layout(data)[1])
+        root = source_root(detect_layout(data)[1])
     elif "__key__" not in columns:
         root = source_root(image["path"] for image in dataset.select_columns(["image"])["image"])
     wanted = [column for column in ("text", "__key__", "__url__", "image") if column in columns]
     skipped = 0
     for row in dataset.select_columns(wanted):
-        caption = _first_caption(row["text"])
-        if _is_truncation_marker(row.get("__key__")) or not caption or not caption.strip():
+        caption = first_caption(row["text"])
+        if is_truncation_marker(row.get("__key__")) or not caption or not caption.strip():
             skipped += 1
             continue
         yield pair_key(row, root), caption

@@ -24,14 +24,14 @@ from transformers.utils import logging
 
 from ..evaluation import (
     AUTO_TEMPLATES,
-    _check_batch_size,
-    _EvalMode,
-    _templates_option,
+    EvalMode,
+    check_batch_size,
     class_embeddings,
     dataset_class_names,
     encode_images,
     load_image_dataset,
     resolve_templates,
+    templates_option,
     text_max_length,
 )
 from ..fileio import atomic_output_file
@@ -119,7 +119,7 @@ def evaluate_task(
         name: The `dataset` cell (default: the folder name of `data`).
         progress: Show tqdm progress bars.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     dataset = load_image_dataset(data)
     names, class_name_set = dataset_class_names(dataset, class_names)
     templates = resolve_templates(templates, class_name_set)
@@ -127,7 +127,7 @@ def evaluate_task(
     if len(references) == 0:
         raise ValueError(f"Task '{name or data}' has no images.")
     tokenizer = getattr(processor, "tokenizer", processor)
-    with _EvalMode(model, device):
+    with EvalMode(model, device):
         classes = [
             class_embeddings(expert, processor, names, templates, batch_size, device, progress)
             for expert in model.experts
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         None if value == FOLDER_CLASS_NAMES else value
         for value in _per_task(args.class_names, len(args.tasks), "--class_names")
     ]
-    templates = _templates_option(args.templates)
+    templates = templates_option(args.templates)
 
     # Every task, its class names and the model type are checked before the model is loaded and anything written.
     tasks = [_load_task(folder, names_option) for folder, names_option in zip(args.tasks, class_names)]

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..evaluation import _EvalMode, class_embeddings, projected_embeddings
+from ..evaluation import EvalMode, class_embeddings, projected_embeddings
 from ..hub import push_training_output
 from ..training import RecordedMetricsMixin, freeze_all_but
 
@@ -90,7 +90,7 @@ def zero_shot_heads(
 ) -> dict[str, torch.Tensor]:
     """{task: (classes, dim) float32 head}: CLIP prompt ensembling with the task's class names and templates."""
     heads = {}
-    with _EvalMode(model, None):
+    with EvalMode(model, None):
         for task, names in class_names.items():
             head = class_embeddings(model, processor, names, templates[task], batch_size, progress=False)
             heads[task] = head.clone()  # out of inference mode: the loss's backward may save it
@@ -319,7 +319,7 @@ def _per_task(values: list | None, count: int, option: str) -> list:
 
 def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
     """{task: dataset}, {task: class names}, {task: templates} of `script_args.tasks` (validated)."""
-    from ..evaluation import _templates_option, dataset_class_names, load_image_dataset, resolve_templates
+    from ..evaluation import dataset_class_names, load_image_dataset, resolve_templates, templates_option
 
     if not script_args.tasks:
         raise ValueError("--tasks needs at least one class-folder image set.")
@@ -331,7 +331,7 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
         datasets[name] = load_image_dataset(folder, script_args.split)
         class_names[name], class_set = dataset_class_names(datasets[name], classes)
         known = clip_task_templates(name) if template in (None, "auto") and class_set is None else None
-        templates[name] = known or resolve_templates(_templates_option(template), class_set)
+        templates[name] = known or resolve_templates(templates_option(template), class_set)
     return datasets, class_names, templates
 
 
