@@ -271,7 +271,7 @@ def detect_layout(data: str | Path) -> tuple[str, Path | list[str]]:
     text = os.path.expanduser(str(data))
     path = Path(text)
     if not path.exists() and re.search(r"[*?\[{]", text):
-        shards = _expand_shard_pattern(text)
+        shards = expand_shard_pattern(text)
         if not shards:
             raise ValueError(f"No tar shard matches {str(data)!r}.")
         return "webdataset", shards
@@ -298,7 +298,7 @@ def detect_layout(data: str | Path) -> tuple[str, Path | list[str]]:
     )
 
 
-def _expand_shard_pattern(pattern: str) -> list[str]:
+def expand_shard_pattern(pattern: str) -> list[str]:
     """Expand webdataset brace notation (`{000..099}`, `{a,b}`) and globs into the sorted existing files."""
     files = set()
     for expanded in _expand_braces(pattern):

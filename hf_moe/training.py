@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -111,21 +112,31 @@ def local_path(name_or_path: str | Path) -> str | Path:
 
 def input_fingerprint(name_or_path: str | Path, pattern: str = "**/*") -> dict:
     """A cheap fingerprint of an input: for a local file or folder, the count, total size and a hash of the
-    relative names, sizes and modification times of its files matching `pattern` (no file is read); for a
-    Hub id, the id.
+    relative names, sizes and modification times of its files matching `pattern` (no file is read); for a glob or
+    brace pattern of shards (`shards/{00000..00099}.tar`), the same over the files it matches, named relative to
+    the deepest folder holding them all; for a Hub id, the id.
 
     Moving a folder keeps its fingerprint; adding, removing, resizing or touching a file changes it.
     """
     path = Path(name_or_path).expanduser()
-    if not path.exists():
-        return {"name": str(name_or_path)}
-    files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
+        return _files_fingerprint(files, path.parent if path.is_file() else path)
+    if re.search(r"[*?\[{]", str(name_or_path)):
+        from .data import expand_shard_pattern  # imports datasets: only for patterns
+
+        files = [Path(file).resolve() for file in expand_shard_pattern(str(path))]
+        if files:
+            return _files_fingerprint(files, Path(os.path.commonpath([file.parent for file in files])))
+    return {"name": str(name_or_path)}
+
+
+def _files_fingerprint(files: list[Path], root: Path) -> dict:
     digest, total = hashlib.sha256(), 0
     for file in files:
         stat = file.stat()
         total += stat.st_size
-        name = file.name if file == path else file.relative_to(path).as_posix()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
 
 

@@ -40,8 +40,8 @@ from transformers.utils import logging
 from ..clustering import balanced_kmeans, nearest_centers
 from ..conversion.build_mode import CENTERS_FILE, CLUSTERS_FILE
 from ..fileio import atomic_output_file, check_output_dir
-from ..training import JOB_FILE, TrainingJob, local_path
-from .data import ASSIGNMENTS_DIR, data_fingerprint, read_assignments
+from ..training import JOB_FILE, TrainingJob, input_fingerprint, local_path
+from .data import ASSIGNMENTS_DIR, read_assignments
 from .embed import (
     EMBED_FILE,
     NOT_RESULT_OPTIONS,
@@ -139,7 +139,7 @@ def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:
 
 def cluster_job(args: ClusterArguments, encoder_args: EncoderArguments, embeddings_dir: Path) -> TrainingJob:
     options = {k: v for k, v in vars(args).items() if k not in ("data", "output_dir", "embeddings", "chunk_size")}
-    inputs = {"data": data_fingerprint(args.data)}
+    inputs = {"data": input_fingerprint(args.data)}
     if args.embeddings is None:
         options.update({k: v for k, v in vars(encoder_args).items() if k not in NOT_RESULT_OPTIONS})
         options["encoder"] = local_path(encoder_args.encoder)
@@ -155,7 +155,7 @@ def cluster_job(args: ClusterArguments, encoder_args: EncoderArguments, embeddin
 def _check_same_data(args: ClusterArguments, embeddings_dir: Path) -> None:
     job_file = embeddings_dir / JOB_FILE
     recorded = json.loads(job_file.read_text()).get("inputs", {}).get("data") if job_file.is_file() else None
-    if recorded != data_fingerprint(args.data):
+    if recorded != input_fingerprint(args.data):
         raise ValueError(
             f"The embeddings in {embeddings_dir} were not computed from {args.data} as it is now (fingerprint "
             f"{recorded} in {job_file}): embed this data (`hf-moe mode embed --data {args.data}`) first."

@@ -13,7 +13,6 @@ The data root is the deepest folder holding every shard (or image) file of the d
 where the data lives or on how `--data` spells it (a folder, a glob or a brace pattern).
 """
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,28 +22,11 @@ from datasets import Dataset, Image, IterableDataset
 from transformers.utils import logging
 
 from ..data import detect_layout, first_caption, is_truncation_marker, load_image_text_dataset
-from ..training import input_fingerprint
 
 
 logger = logging.get_logger(__name__)
 
 ASSIGNMENTS_DIR = "assignments"
-
-
-def data_fingerprint(data: str | Path) -> dict:
-    """`hf_moe.training.input_fingerprint` of `data`, also for a glob or brace pattern of shards (the fingerprint
-    of the files it matches, not of the pattern's text)."""
-    if Path(data).expanduser().exists():
-        return input_fingerprint(data)
-    _, shards = detect_layout(data)
-    root = source_root(shards)
-    digest, total = hashlib.sha256(), 0
-    for shard in shards:
-        stat = os.stat(shard)
-        total += stat.st_size
-        name = os.path.relpath(os.path.realpath(shard), root)
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return {"files": len(shards), "bytes": total, "sha256": digest.hexdigest()}
 
 
 def source_root(paths: Iterable[str]) -> str:

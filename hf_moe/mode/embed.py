@@ -33,8 +33,8 @@ from transformers.utils import logging
 from ..fileio import atomic_output_file, check_output_dir
 from ..loading import check_safetensors_file, load_pretrained
 from ..modeling.modeling_mode import CLUSTERING_POOLINGS, clustering_text_embeddings
-from ..training import TrainingJob, local_path, model_fingerprint
-from .data import data_fingerprint, read_captions
+from ..training import TrainingJob, input_fingerprint, local_path, model_fingerprint
+from .data import read_captions
 
 
 logger = logging.get_logger(__name__)
@@ -101,7 +101,7 @@ def embed_job(args: EmbedArguments, encoder_args: EncoderArguments) -> TrainingJ
         args.output_dir,
         "mode-embed",
         options,
-        inputs={"data": data_fingerprint(args.data), "encoder": model_fingerprint(encoder_args.encoder)},
+        inputs={"data": input_fingerprint(args.data), "encoder": model_fingerprint(encoder_args.encoder)},
         owned_outputs=(SHARD_PATTERN, EMBED_FILE),
     )
 

@@ -37,7 +37,7 @@ from ..training import (
     model_fingerprint,
     result_options,
 )
-from .data import data_fingerprint, fine_labels_of
+from .data import fine_labels_of
 from .sampling import expert_subset
 
 
@@ -123,7 +123,7 @@ def expert_job(script_args: DataExpertArguments, training_args: DataExpertTraini
     options["seed_model"] = local_path(script_args.seed_model)
     inputs = {
         "seed_model": model_fingerprint(script_args.seed_model),
-        "data": data_fingerprint(script_args.data),
+        "data": input_fingerprint(script_args.data),
         "clusters": input_fingerprint(script_args.clusters),
     }
     return TrainingJob(
