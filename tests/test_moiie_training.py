@@ -7,40 +7,25 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from hf_moe.modeling import MoIIEConfig, MoIIEPhi3ForCausalLM, MoIIEProcessor
+from hf_moe.moiie import toy
 from hf_moe.moiie.data import IGNORE_INDEX, MoIIECollator, load_conversations
 from hf_moe.moiie.trainer import MoIIETrainer, MoIIETrainingArguments
 
 
-SPECIALS = ["<pad>", "<|endoftext|>", "<s>", "<unk>"]
 WORDS = "what digit is this ? seven three even yes no".split()
 TOKENS_PER_IMAGE = 4
 
 
 def toy_processor() -> MoIIEProcessor:
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = ["<|user|>", "<|assistant|>", "<|end|>", "<image>"]
-    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in SPECIALS + extra])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>"
-    )
-    image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
-    return MoIIEProcessor(image_processor, tokenizer, num_image_tokens=TOKENS_PER_IMAGE)
+    return toy.toy_processor(WORDS, image_size=16, num_image_tokens=TOKENS_PER_IMAGE)
 
 
 def toy_model(processor: MoIIEProcessor) -> MoIIEPhi3ForCausalLM:
-    tokenizer = processor.tokenizer
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
-    text.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     config = MoIIEConfig(
-        vision_config={**vision, "image_size": 16, "patch_size": 8},
-        text_config={**text, "bos_token_id": tokenizer.bos_token_id},
+        vision_config=toy.toy_vision_config(image_size=16, patch_size=8).to_dict(),
+        text_config=toy.toy_text_config(processor.tokenizer).to_dict(),
         image_token_id=processor.image_token_id,
     )
     torch.manual_seed(0)

@@ -61,6 +61,15 @@ def train_moiie_command(argv: list[str]) -> None:
     print(f"The trained MoIIE model is in {output_dir}")
 
 
+def demo(output_dir: str) -> None:
+    """MoIIE's part of `hf-moe demo` (writes OUTPUT_DIR/moiie)."""
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    run_demo(Path(output_dir) / "moiie")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "upcycle-moiie": (upcycle_moiie_command, "Upcycle a dense Phi-3 + SigLIP (or a dense LLaVA folder) into MoIIE."),
     "train-moiie": (train_moiie_command, "Train MoIIE: stage pretrain (projector) or finetune (LLM + MoE)."),

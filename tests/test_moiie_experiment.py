@@ -1,0 +1,85 @@
+"""examples/moiie/experiment_digits.py at its --quick size: every variant trains and is evaluated on every question
+kind, the routing shares are computed from the routers (each modality's shares sum to 1 per layer; under MoIIE
+vision tokens never reach the language-only expert nor language tokens the vision-only one), the JSON and the
+markdown table agree, and the aggregation over seeds is right."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "moiie" / "experiment_digits.py"
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("experiment_moiie_digits", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_trains_every_variant_and_reports_accuracy_and_routing(experiment, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    experiment.main(["--quick", "--seeds", "0", "--output", str(output), "--work_dir", str(tmp_path / "work")])
+    result = json.loads(output.read_text())
+    assert result["settings"]["quick"] and result["num_held_out_images"] == 20
+
+    runs = result["per_seed"]["0"]
+    assert set(runs) == set(experiment.VARIANTS)
+    for variant, run in runs.items():
+        accuracy = run["accuracy"]
+        assert set(accuracy) == set(experiment.KINDS)
+        assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+        assert accuracy["mean"] == pytest.approx(sum(accuracy[k] for k in ("digit", "even", "greater")) / 3)
+        # each variant went through upcycling, stage 1 and stage 2, and its stage-2 model is the one evaluated
+        work = tmp_path / "work" / "seed0" / variant
+        for stage in ("upcycled", "stage1", "stage2"):
+            assert (work / stage / "model.safetensors").is_file(), (variant, stage)
+        config = json.loads((work / "stage2" / "config.json").read_text())
+        assert config["variant"] == variant
+    assert (tmp_path / "work" / "seed0" / "parts" / "phi3" / "model.safetensors").is_file()
+
+    assert set(result["summary"]["routing"]) == {"vanilla", "moiie"}
+    for variant in ("vanilla", "moiie"):
+        routing = runs[variant]["routing"]
+        for modality in ("vision", "language"):
+            layers = routing[modality]
+            assert len(layers) == 2 and all(len(shares) == 4 for shares in layers)  # MoE layers 1 and 3
+            for shares in layers:
+                assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+    moiie = runs["moiie"]["routing"]
+    assert all(shares[3] == 0 and shares[0] > 0 for shares in moiie["vision"])
+    assert all(shares[0] == 0 and shares[3] > 0 for shares in moiie["language"])
+    # vanilla routes both modalities over all experts: some token of each modality reaches a shared expert
+    assert any(shares[1] + shares[2] > 0 for shares in runs["vanilla"]["routing"]["vision"])
+
+    table = result["table"]
+    row = next(line for line in table.splitlines() if line.startswith(f"| {experiment.VARIANTS['moiie']} |"))
+    assert f"| {runs['moiie']['accuracy']['digit']:.3f} |" in row
+    assert table in capsys.readouterr().out
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(experiment):
+    def run(accuracy, vision_share):
+        shares = [vision_share, 1 - vision_share, 0.0, 0.0]
+        routing = {"vision": [shares, shares], "language": [[0, 0.5, 0.5, 0], [0, 0.5, 0.5, 0]]}
+        accuracies = dict.fromkeys(experiment.KINDS, accuracy)
+        return {v: {"accuracy": accuracies, "routing": routing} for v in experiment.VARIANTS}
+
+    summary = experiment.summarize({0: run(0.5, 0.2), 1: run(0.7, 0.4)})
+    stats = summary["accuracy"]["moiie"]["digit"]
+    assert stats["mean"] == pytest.approx(0.6) and stats["std"] == pytest.approx(math.sqrt(0.02))
+    vision = summary["routing"]["moiie"]["vision"]
+    assert vision[0]["mean"] == pytest.approx(0.3) and vision[1]["mean"] == pytest.approx(0.7)
+    assert experiment.summarize({0: run(0.5, 0.2)})["accuracy"]["dense"]["even"]["std"] is None
+
+
+def test_bad_settings_are_refused(experiment):
+    with pytest.raises(ValueError, match="train_images"):
+        experiment.ExperimentArguments(train_images=1600)
+    with pytest.raises(ValueError, match="seed"):
+        experiment.ExperimentArguments(seeds=[])
