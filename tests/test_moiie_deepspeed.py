@@ -1,4 +1,4 @@
-"""MoIIE training under DeepSpeed on CPU: `examples/moiie/train_moiie.py` in 2 gloo processes with ZeRO-3 (the ranks
+"""MoIIE training under DeepSpeed on CPU: `hf-moe train-moiie` in 2 gloo processes with ZeRO-3 (the ranks
 see different images and texts, so their tokens reach different experts: no rank may wait on a gather the other
 skips) and ZeRO-2, each with the Trainer's own AdamW (no "optimizer" block in the configs). The loss is finite, the
 saved folder loads with AutoModelForCausalLM and differs from the input in exactly the stage's parameters.
@@ -24,12 +24,11 @@ from PIL import Image
 from test_moiie_training import toy_model, toy_processor
 from transformers import AutoModelForCausalLM
 
-import hf_moe.modeling  # noqa: F401  (registers MoIIE with the Auto classes)
-from hf_moe.moiie.trainer import MOE_PARAMETERS
+from hf_moe.modeling import MoIIEConfig, MoIIEPhi3ForCausalLM
+from hf_moe.moiie.trainer import MOE_PARAMETERS, moe_block_classes, set_moe_blocks_as_zero3_leaves
 
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "examples" / "moiie" / "train_moiie.py"
 # a hang (ranks waiting on each other's collectives) fails the test instead of blocking CI; the first run on a
 # machine includes the shared-memory op's compile
 RUN_TIMEOUT = 600
@@ -71,7 +70,7 @@ def free_port() -> int:
 
 
 def launch(inputs: Path, output: Path, config: str, nproc: int, *extra: str) -> str:
-    """Run the training script under torchrun; return its output (rank 0's log lines included)."""
+    """Run `hf-moe train-moiie` under torchrun; return its output (every rank's log lines)."""
     command = [
         sys.executable,
         "-m",
@@ -79,7 +78,9 @@ def launch(inputs: Path, output: Path, config: str, nproc: int, *extra: str) -> 
         f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
     ]
-    command += [str(SCRIPT), "--model", str(inputs / "model"), "--data", str(inputs / "data.json")]
+    # the `hf-moe` entry point (examples/moiie/train_moiie.py runs the same main) shows hf_moe's info log lines
+    command += ["-m", "hf_moe.cli", "train-moiie", "--model", str(inputs / "model")]
+    command += ["--data", str(inputs / "data.json")]
     command += ["--image_folder", str(inputs / "images"), "--output_dir", str(output), "--deepspeed", config]
     command += ["--max_steps", "2", "--per_device_train_batch_size", "1", "--learning_rate", "1e-2", "--use_cpu"]
     command += ["--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"]
@@ -111,9 +112,24 @@ def changed_tensors(before: Path, after: Path) -> set[str]:
     return {name for name in initial if not torch.equal(initial[name], trained[name])}
 
 
+def test_moe_blocks_become_zero3_leaves_and_a_dense_model_has_none():
+    model = toy_model(toy_processor())
+    assert [cls.__name__ for cls in set_moe_blocks_as_zero3_leaves(model)] == ["MoIIESparseBlock"]
+    layers = model.model.language_model.layers
+    assert {i for i, layer in enumerate(layers) if getattr(layer.mlp, "_z3_leaf", False)} == {1, 3}
+    assert not any(getattr(module, "_z3_leaf", False) for module in model.model.vision_tower.modules())
+    # the embeddings' output requires grad even when the embeddings are frozen (see set_moe_blocks_as_zero3_leaves)
+    model.requires_grad_(False)
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
+
+    dense = MoIIEPhi3ForCausalLM(MoIIEConfig(**{**model.config.to_dict(), "variant": "dense"}))
+    assert moe_block_classes(dense) == [] and set_moe_blocks_as_zero3_leaves(dense) == []
+
+
 def test_zero3_two_processes_trains_the_moe_layers_and_saves_a_full_model(inputs, tmp_path):
     output = tmp_path / "zero3"
     log = launch(inputs, output, "examples/ds_zero3.json", 2, "--stage", "finetune", "--moe_only")
+    assert "ZeRO-3 leaf modules: MoIIESparseBlock" in log
     losses = logged_losses(log)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
 
@@ -125,6 +141,7 @@ def test_zero3_two_processes_trains_the_moe_layers_and_saves_a_full_model(inputs
 def test_zero2_two_processes_trains_the_language_model_and_projector(inputs, tmp_path):
     output = tmp_path / "zero2"
     log = launch(inputs, output, "examples/ds_zero2.json", 2, "--stage", "finetune")
+    assert "Stage finetune: training" in log and "ZeRO-3 leaf modules" not in log
     losses = logged_losses(log)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import Trainer, TrainingArguments
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from ..modeling import expert_load
@@ -102,6 +104,34 @@ def _share_process_group_with_deepspeed() -> None:
         comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """The classes of `model`'s MoE blocks: the modules holding an `experts` submodule (`MoIIESparseBlock`, or its
+    remote-code copy, which is another class of the same name)."""
+    classes = {type(module) for module in model.modules() if isinstance(getattr(module, "experts", None), nn.Module)}
+    return sorted(classes, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+
+
+def set_moe_blocks_as_zero3_leaves(model: PreTrainedModel) -> list[type]:
+    """Make each MoE block a ZeRO-3 leaf: its parameters are gathered together when it is entered, not per submodule
+    in a traced order that ranks whose tokens reach different experts need not share. Returns the classes (none for
+    a dense model).
+
+    DeepSpeed reduces a leaf's gradients in a backward hook on the block, which fires as soon as the gradient of the
+    block's input is computed, or, when that input needs no gradient (`--moe_only`: everything below the first MoE
+    layer is frozen), as soon as the block's output gradient arrives: before the experts' weight gradients exist, so
+    they later land on re-partitioned parameters and the backward fails. Making the embeddings' output require grad
+    (transformers' `enable_input_require_grads`) gives every block an input gradient to wait for.
+    """
+    classes = moe_block_classes(model)
+    if classes:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, classes)
+        model.enable_input_require_grads()
+        logger.info(f"ZeRO-3 leaf modules: {', '.join(cls.__name__ for cls in classes)}")
+    return classes
+
+
 class MoIIETrainer(RecordedMetricsMixin, Trainer):
     """`Trainer` for MoIIE stage 1 / stage 2; batches from `hf_moe.moiie.data.MoIIECollator`."""
 
@@ -113,11 +143,8 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
         count = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         logger.info(f"Stage {self.args.stage}: training {len(trainable)} tensors ({count:,} parameters) {patterns}")
         self._load_reach: dict[str, tuple[int, int]] = {}  # modality -> (first expert, number) its router reaches
-        # The MoE blocks are deliberately not ZeRO-3 leaf modules (deepspeed.utils.set_z3_leaf_modules): the experts
-        # are one packed module that every rank enters whatever its routing, so ranks gather the same parameters in
-        # the same order; and under DeepSpeed 0.19.8 a leaf MoIIESparseBlock makes the first backward fail ("size of
-        # tensor a (0) must match ... (64)" in the experts' down_proj slice). tests/test_moiie_deepspeed.py trains
-        # ZeRO-3 on ranks whose tokens reach different experts.
+        if is_deepspeed_zero3_enabled():  # DeepSpeed itself starts later, in train()
+            set_moe_blocks_as_zero3_leaves(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -179,4 +206,11 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
         return metrics
 
 
-__all__ = ["MoIIETrainer", "MoIIETrainingArguments", "STAGES", "STAGE_LEARNING_RATES"]
+__all__ = [
+    "MoIIETrainer",
+    "MoIIETrainingArguments",
+    "STAGES",
+    "STAGE_LEARNING_RATES",
+    "moe_block_classes",
+    "set_moe_blocks_as_zero3_leaves",
+]
