@@ -83,3 +83,32 @@ def test_bad_settings_are_refused(experiment):
         experiment.ExperimentArguments(train_images=1600)
     with pytest.raises(ValueError, match="seed"):
         experiment.ExperimentArguments(seeds=[])
+
+
+def test_digit_questions_are_answered_from_the_labels(tmp_path):
+    from hf_moe.moiie.toy import digit_labels, save_digit_questions, toy_processor
+    from hf_moe.toy_data import DIGIT_NAMES
+
+    indices = [0, 1, 2, 3, 4, 5]
+    path = save_digit_questions(tmp_path / "q.json", tmp_path / "img", indices, ["digit", "even"], text_only_per_kind=2)
+    samples = json.loads(path.read_text())
+    assert len(samples) == 6 * 2 + 2 * 2 and len({s["id"] for s in samples}) == len(samples)
+    by_image = {}
+    for sample in samples:
+        question, answer = (turn["value"] for turn in sample["conversations"])
+        if "image" in sample:
+            assert (tmp_path / "img" / sample["image"]).is_file()
+            by_image.setdefault(sample["image"], {})[question.split("\n")[1]] = answer
+    assert len(by_image) == 6
+    for index, label in zip(indices, digit_labels(indices)):
+        answers = next(a for name, a in by_image.items() if name.startswith(f"digit_{index:04d}"))
+        assert answers == {"what digit is this ?": DIGIT_NAMES[label], "is it even ?": "no" if label % 2 else "yes"}
+    # every word of every question and answer is one token of the toy tokenizer
+    tokenizer = toy_processor().tokenizer
+    for sample in samples:
+        for turn in sample["conversations"]:
+            text = turn["value"].replace("<image>\n", "")
+            assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"], text
+    with pytest.raises(ValueError, match="colour"):
+        save_digit_questions(tmp_path / "bad.json", tmp_path / "img", indices, ["colour"])
+    assert not (tmp_path / "bad.json").exists()

@@ -178,11 +178,12 @@ def text_conversation(label: int, kind: str) -> dict:
 
 
 def save_digit_images(image_folder: str | Path, indices: Iterable[int], size: int = 16) -> list[str]:
-    """Write the digits at `indices` (upscaled to `size`) as `digit_<index>.png`; return the file names."""
+    """Write the digits at `indices` (upscaled to `size`) as `digit_<index>_<size>px.png`, unless already there;
+    return the file names."""
     image_folder = Path(image_folder)
     image_folder.mkdir(parents=True, exist_ok=True)
     indices = list(indices)
-    names = [f"digit_{index:04d}.png" for index in indices]
+    names = [f"digit_{index:04d}_{size}px.png" for index in indices]
     for name, image in zip(names, digit_images_at(indices, size)):
         if not (image_folder / name).is_file():
             image.save(image_folder / name)
