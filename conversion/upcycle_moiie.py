@@ -1,8 +1,13 @@
 """Build a MoIIE vision-language model (SigLIP -> mlp2x_gelu projector -> Phi-3 with vision / shared / language
 experts) by sparse upcycling of dense checkpoints: every expert of every MoE layer is a copy of that layer's
 dense MLP and the routers start N(0, 0.02), so the model computes the dense LVLM's function until trained.
-A plain LLM's tokenizer whose `<image>` token has the model's image_token_id becomes a `MoIIEProcessor` (with
-the decoder's chat template, Phi-3's or Llama-3's, when the tokenizer has none).
+A plain LLM's tokenizer becomes a `MoIIEProcessor`. As LLaVA does, `<image>` is added to it as a special token
+when missing (real Phi-3 and Llama-3 tokenizers have none); when the new id falls outside the LM's embedding rows
+(Llama-3: exactly 128256 rows for 128256 tokens) the embeddings and lm_head grow by `resize_token_embeddings`
+(new rows mean-initialised, rows padded to a multiple of 64), so the logits over the old vocabulary stay the dense
+model's. The processor's chat template is the tokenizer's own only if it renders `{"type": "image"}` items as
+`<image>`; otherwise (Phi-3's and Llama-3's own templates are text-only) the decoder's image-aware one
+(`CHAT_TEMPLATES`: the same special tokens and turn format), which the folder's tokenizer then shares.
 
     hf-moe upcycle-moiie --llm microsoft/Phi-3-mini-4k-instruct --vision google/siglip-so400m-patch14-384 \
         --num_vision_experts 1 --num_shared_experts 2 --num_language_experts 1 --top_k 2 --output_dir moiie
@@ -33,6 +38,9 @@ logger = logging.get_logger(__name__)
 
 VISION_TYPES = ("siglip", "siglip_vision_model")
 TEXT_TYPES = ("phi3", "llama")
+IMAGE_TOKEN = "<image>"
+# transformers' and LLaVA's customary padding of a resized vocabulary (tensor-core friendly row counts).
+PAD_VOCAB_TO = 64
 # Tokenizer / processor files of the LLM (or LLaVA) folder copied next to the model when present.
 PROCESSOR_FILES = (
     "tokenizer.json",
@@ -162,7 +170,9 @@ def upcycle_moiie(
         moe_layers: MoE decoder-layer indices (default the odd ones).
         projector: A folder with the mlp2x_gelu weights (`linear_1/2` or Bunny's `mm_projector.0/2`); when absent
             (and `llm` is not a LLaVA folder) the projector is random-initialised, as the card says.
-        image_token_id: The image placeholder id (default: the LLaVA config's, else MoIIEConfig's 32044).
+        image_token_id: The image placeholder id (default: the LLaVA config's, else the id of the tokenizer's
+            `<image>`, added when missing; MoIIEConfig's 32044 when `llm` has no tokenizer). With a tokenizer it must
+            be that `<image>` id, else a `ValueError` naming both.
         seed: Seed of the router (and random projector) initialisation.
         push_to_hub, hub_model_id, hub_token, hub_private_repo: As `TrainingArguments`.
     """
@@ -195,12 +205,19 @@ def upcycle_moiie(
             raise ValueError(f"'{llm}' is a plain {llm_config.model_type} LLM: pass vision (a SigLIP) as well.")
         vision_config = _vision_config(vision, load_config(vision, require_moe=False))
         text_config, feature_layer = llm_config, -2
+    tokenizer = None if is_llava else load_tokenizer(llm)
+    added_image_token = tokenizer is not None and add_image_token(tokenizer)
+    if tokenizer is not None:
+        image_token_id = check_image_token_id(tokenizer, image_token_id, llm)
     image_token_id = 32044 if image_token_id is None else image_token_id
-    if not 0 <= image_token_id < text_config.vocab_size:
-        raise ValueError(f"image_token_id={image_token_id} is outside the LLM's vocab_size {text_config.vocab_size}.")
+    rows = text_config.vocab_size
+    # only a token we add may grow the embeddings; an existing id must already have its row
+    vocab_size = padded_vocab(len(tokenizer)) if added_image_token and image_token_id >= rows else rows
+    if not 0 <= image_token_id < vocab_size:
+        raise ValueError(f"image_token_id={image_token_id} is outside the LLM's vocab_size {rows}.")
     config = MoIIEConfig(
         vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
+        text_config={**text_config.to_dict(), "vocab_size": vocab_size},
         moe_layers=moe_layers,
         num_vision_experts=num_vision_experts,
         num_shared_experts=num_shared_experts,
@@ -228,6 +245,9 @@ def upcycle_moiie(
 
         lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
         lm = load_pretrained(llm, lm_class, config=llm_config)
+        if vocab_size != rows:
+            torch.manual_seed(seed)  # mean_resizing samples the new rows around the old rows' mean
+            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_VOCAB_TO)
         tower = load_pretrained(vision, AutoModel)
         tower = tower.vision_model if hasattr(tower, "text_model") else tower  # SiglipModel: its vision tower
         dense = {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
@@ -252,7 +272,9 @@ def upcycle_moiie(
 
     card = {
         "base_model": [str(x) for x in (llm, vision) if x is not None],
-        "how_built": how_built(llm, vision, projector, is_llava, config, seed),
+        "how_built": how_built(
+            llm, vision, projector, is_llava, config, seed, image_token_note(added_image_token, config, rows)
+        ),
         "tags": ["moiie", text_config.model_type, "siglip", "vision-language", "upcycling"],
         "pipeline_tag": "image-text-to-text",
         "usage": usage(hub_model_id or Path(output_dir).name),
@@ -260,7 +282,7 @@ def upcycle_moiie(
     }
     save_model_folder(
         model,
-        (None if is_llava else moiie_processor(llm, vision, config)) or _Files(llm),
+        (None if tokenizer is None else moiie_processor(tokenizer, vision, config)) or _Files(llm),
         output_dir,
         overwrite=overwrite,
         card=card,
@@ -274,28 +296,63 @@ def upcycle_moiie(
     return model
 
 
-def moiie_processor(llm, vision, config: MoIIEConfig) -> MoIIEProcessor | None:
-    """A `MoIIEProcessor` for the upcycled model from the tokenizer of a plain `llm` and the image processor of
-    `vision` (a SigLIP one for the tower's image size when `vision` has none). Without a chat template of its own
-    the tokenizer gets its decoder's (Phi-3's, or Llama-3's header / <|eot_id|> format). None (the tokenizer files
-    are then copied as they are) when `llm` has no tokenizer or the tokenizer lacks the `<image>` token with id
-    `config.image_token_id`."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+def load_tokenizer(llm):
+    """The tokenizer of `llm`, or None (its files, if any, are then copied as they are) when it has none."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(llm)
+        return AutoTokenizer.from_pretrained(llm)
     except (OSError, ValueError) as err:
         logger.info(f"No tokenizer in '{llm}' ({err}); the upcycled folder gets no processor.")
         return None
-    image_token = "<image>"
-    ids = tokenizer.encode(image_token, add_special_tokens=False)
-    if ids != [config.image_token_id]:
-        logger.warning(
-            f"The tokenizer of '{llm}' encodes {image_token!r} as {ids}, not as image_token_id "
-            f"[{config.image_token_id}]; no MoIIE processor is written (the tokenizer files are copied as they are). "
-            "Add the token to the tokenizer (and the embeddings) and upcycle with its id."
+
+
+def add_image_token(tokenizer) -> bool:
+    """Add `<image>` as a special token unless the tokenizer already encodes it as one token; True if added."""
+    from tokenizers import AddedToken
+
+    if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) == 1:
+        return False
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return True
+
+
+def check_image_token_id(tokenizer, image_token_id: int | None, llm) -> int:
+    """The tokenizer's `<image>` id; a requested `image_token_id` must be it, since the processor can only ever
+    write that id into prompts."""
+    token_id = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)[0]
+    if image_token_id is not None and image_token_id != token_id:
+        raise ValueError(
+            f"image_token_id={image_token_id} is not the id of {IMAGE_TOKEN!r} in the tokenizer of '{llm}' "
+            f"({len(tokenizer)} tokens), which is {token_id}: leave image_token_id unset or pass {token_id}."
         )
+    return token_id
+
+
+def padded_vocab(num_tokens: int) -> int:
+    """The embedding rows `resize_token_embeddings(num_tokens, pad_to_multiple_of=PAD_VOCAB_TO)` gives."""
+    return -(-num_tokens // PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+
+def image_token_note(added: bool, config: MoIIEConfig, rows: int) -> str | None:
+    """The model card's line on the `<image>` token upcycling added, None when the tokenizer had it."""
+    if not added:
         return None
+    note = f"`{IMAGE_TOKEN}` was added to the tokenizer as special token id {config.image_token_id}"
+    vocab_size = config.text_config.vocab_size
+    if vocab_size == rows:
+        return f"{note}; it fits the LM's {rows} embedding rows, so no row was added."
+    return (
+        f"{note}; the embeddings and lm_head grew from {rows} to {vocab_size} rows (new rows mean-initialised), so "
+        f"the logits over ids 0..{rows - 1} are the dense model's and ids {rows}.. are new."
+    )
+
+
+def moiie_processor(tokenizer, vision, config: MoIIEConfig) -> MoIIEProcessor:
+    """A `MoIIEProcessor` for the upcycled model from a tokenizer holding `<image>` (`add_image_token`) and the
+    image processor of `vision` (a SigLIP one for the tower's image size when `vision` has none)."""
+    from transformers import AutoImageProcessor
+
     try:
         image_processor = AutoImageProcessor.from_pretrained(vision)
     except (OSError, ValueError, ImportError):
@@ -303,13 +360,31 @@ def moiie_processor(llm, vision, config: MoIIEConfig) -> MoIIEProcessor | None:
 
         size = config.vision_config.image_size
         image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+    template = tokenizer.chat_template
+    if not renders_images(tokenizer, template):
+        template = CHAT_TEMPLATES.get(config.text_config.model_type)
+    # the processor's chat_template.jinja is the folder's only one, so the reloaded tokenizer gets it as well
+    tokenizer.chat_template = template
     return MoIIEProcessor(
         image_processor,
         tokenizer,
         num_image_tokens=num_image_tokens_of(config.vision_config),
-        image_token=image_token,
-        chat_template=tokenizer.chat_template or CHAT_TEMPLATES.get(config.text_config.model_type),
+        image_token=IMAGE_TOKEN,
+        chat_template=template,
     )
+
+
+def renders_images(tokenizer, template: str | None) -> bool:
+    """Whether `template` writes one `<image>` for an image item (text-only templates render the item list as a
+    string, or fail on it)."""
+    if not template:
+        return False
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    try:
+        prompt = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception:  # whatever a text-only template raises on list content, it renders no image
+        return False
+    return prompt.count(IMAGE_TOKEN) == 1
 
 
 class _Files:
@@ -330,7 +405,7 @@ class _Files:
 DECODER_NAMES = {"phi3": "Phi-3", "llama": "Llama"}
 
 
-def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int) -> str:
+def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int, token_note: str | None = None) -> str:
     decoder = DECODER_NAMES.get(config.text_config.model_type, config.text_config.model_type)
     if is_llava:
         source = f"the dense LLaVA-style model `{llm}` (its SigLIP tower, projector and {decoder} decoder)"
@@ -353,6 +428,7 @@ def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int) 
         f"{config.num_language_experts} language; top-{config.num_experts_per_tok}",
         f"- MoE decoder layers: {config.moe_layers}",
         f"- image_token_id: {config.image_token_id}; vision feature layer {config.vision_feature_layer}",
+        *([f"- {token_note}"] if token_note else []),
         "",
         "```bash",
         command_line(llm, vision, projector, config, seed),

@@ -2,7 +2,9 @@
 computes the dense LLaVA-style logits; routing keeps the modalities apart; cached generate() equals uncached
 greedy decoding; saved folders load through AutoModelForCausalLM as MoIIELlamaForCausalLM. A Llama tokenizer
 without a chat template gets Llama-3's (whose assistant turns the training collator finds), and the upcycled folder
-runs through AutoModelForCausalLM and the image-text-to-text pipeline in a fresh process without hf_moe."""
+runs through AutoModelForCausalLM and the image-text-to-text pipeline in a fresh process without hf_moe. A tokenizer
+filling every embedding row without `<image>` (as Llama-3's) grows the vocabulary by `<image>`, the old vocabulary's
+logits staying the dense model's."""
 
 import json
 import shutil
@@ -98,13 +100,16 @@ def batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
-def check_same_logits(model, llava):
+def check_same_logits(model, llava, image_token_id=IMAGE_TOKEN):
+    """The dense LLaVA's logits, its placeholders written as the model's `image_token_id`; over the dense vocabulary
+    only, since rows a resize adds only add logits for the new ids."""
     inputs = batch()
     with torch.no_grad():
         expected = llava(**inputs).logits
-        got = model(**inputs).logits
+        ids = inputs["input_ids"]
+        got = model(**{**inputs, "input_ids": ids.masked_fill(ids == IMAGE_TOKEN, image_token_id)}).logits
     mask = inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[mask][:, : expected.shape[-1]], expected[mask], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["moiie", "vanilla", "modality"])
@@ -196,14 +201,16 @@ LLAMA3_SPECIALS = ["<pad>", "<|eot_id|>", "<|begin_of_text|>", "<unk>", "<|start
 WORDS = "user assistant what digit is this ? seven no even a cat photo".split()
 
 
-def llama3_tokenizer() -> PreTrainedTokenizerFast:
+def llama3_tokenizer(with_image: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with Llama-3's header / turn tokens at TEXT's pad / eos / bos ids and `<image>` at
-    IMAGE_TOKEN; no chat template."""
+    IMAGE_TOKEN (without it, a word there: then, as Llama-3's, its tokens fill the embedding rows exactly); no chat
+    template."""
+    specials = LLAMA3_SPECIALS + (["<image>"] if with_image else [])
     vocab = LLAMA3_SPECIALS + WORDS
-    vocab += [f"w{i}" for i in range(IMAGE_TOKEN - len(vocab))] + ["<image>"]
+    vocab += [f"w{i}" for i in range(IMAGE_TOKEN - len(vocab))] + (["<image>"] if with_image else ["last"])
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in LLAMA3_SPECIALS + ["<image>"]])
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in specials])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<pad>"
     )
@@ -312,3 +319,43 @@ def test_fresh_process_runs_the_llama_moiie_and_its_pipeline_without_hf_moe(chat
         assert generated["content"] == expected["generated"], (generated, expected)
     """
     run_without_hf_moe(script, [chat_folder, tmp_path], tmp_path)
+
+
+def test_full_vocabulary_grows_by_the_image_token(parts, tmp_path):
+    root, llava = parts
+    llm, out, rows = tmp_path / "llama", tmp_path / "moiie", TEXT["vocab_size"]
+    shutil.copytree(root / "llama", llm)
+    tokenizer = llama3_tokenizer(with_image=False)
+    assert len(tokenizer) == rows and len(tokenizer.encode("<image>", add_special_tokens=False)) > 1
+    tokenizer.save_pretrained(llm)
+    upcycle_moiie(llm, root / "siglip", out, projector=root / "projector")
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert model.config.image_token_id == rows and model.config.text_config.vocab_size == 128  # padded to 64s
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 128
+    dense = LlamaForCausalLM.from_pretrained(root / "llama").eval()
+    new_rows = model.lm_head.weight[rows:]
+    mean = dense.lm_head.weight.mean(0).expand_as(new_rows)
+    torch.testing.assert_close(new_rows, mean, atol=1e-3, rtol=0)  # mean-initialised
+    check_same_logits(model, llava, image_token_id=rows)
+    text = {k: v for k, v in batch().items() if k != "pixel_values"}
+    text["input_ids"] = text["input_ids"].masked_fill(text["input_ids"] == IMAGE_TOKEN, 5)
+    with torch.no_grad():
+        expected = dense(**text).logits
+        got = model(**text).logits
+    mask = text["attention_mask"].bool()
+    torch.testing.assert_close(got[mask][:, :rows], expected[mask], atol=1e-5, rtol=0)
+    card = (out / "README.md").read_text()
+    assert f"special token id {rows}; the embeddings and lm_head grew from {rows} to 128 rows" in card
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert processor.image_token_id == rows
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is this ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat digit" in prompt  # Llama-3's image template
+    inputs = processor(images=[image(0)], text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == rows).sum() == TOKENS_PER_IMAGE
+    with torch.no_grad():
+        first = model(**inputs).logits[0, -1].argmax()
+        out_ids = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    length = inputs["input_ids"].shape[1]
+    assert out_ids.shape == (1, length + 3) and out_ids[0, length] == first

@@ -1,21 +1,33 @@
 """upcycle_moiie and `hf-moe upcycle-moiie`: the upcycled MoIIE computes the dense LLaVA-style model's logits
-(Phi-3 + SigLIP + projector parts, or a LLaVA folder), incompatible inputs are refused with nothing written."""
+(Phi-3 + SigLIP + projector parts, or a LLaVA folder), incompatible inputs are refused with nothing written. A
+tokenizer without `<image>` (as real Phi-3's) gets it added and the folder a processor the image-text-to-text pipeline
+runs."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
     Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
     SiglipVisionModel,
+    pipeline,
 )
 
 from hf_moe.cli import main
 from hf_moe.conversion import upcycle_moiie
+from hf_moe.conversion.upcycle_moiie import add_image_token, moiie_processor
+from hf_moe.modeling import MoIIEConfig
 
 
 IMAGE_TOKEN = 99
@@ -88,12 +100,14 @@ def batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
-def assert_same_logits(folder, llava):
+def assert_same_logits(folder, llava, image_token_id=IMAGE_TOKEN):
+    """The dense LLaVA's logits, its placeholders written as the upcycled model's `image_token_id`."""
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     inputs = batch()
     with torch.no_grad():
         expected = llava(**inputs).logits
-        got = model(**inputs).logits
+        ids = inputs["input_ids"]
+        got = model(**{**inputs, "input_ids": ids.masked_fill(ids == IMAGE_TOKEN, image_token_id)}).logits
     mask = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
     return model
@@ -199,3 +213,94 @@ def test_command_line(parts, tmp_path, capsys):
     assert "vanilla MoIIE" in capsys.readouterr().out
     assert_same_logits(out, llava)
     assert "hf-moe upcycle-moiie --llm" in (out / "README.md").read_text()
+
+
+# ---- a Phi-3-like tokenizer without <image> ------------------------------------------------------------------------
+
+PHI3_SPECIALS = ["<pad>", "<|end|>", "<s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+PHI3_VOCAB = 90  # < TEXT's 100 embedding rows, as Phi-3-mini's 32011 tokens < its 32064 rows
+# Phi-3's own template is text-only: it concatenates message['content'] as a string.
+PHI3_TEXT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def phi3_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Phi-3's turn tokens at TEXT's pad / eos / bos ids, no `<image>`, and a text-only
+    chat template."""
+    vocab = PHI3_SPECIALS + "what digit is this ? seven".split()
+    vocab += [f"w{i}" for i in range(PHI3_VOCAB - len(vocab))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in PHI3_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = PHI3_TEXT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def phi3_chat(parts, tmp_path_factory):
+    """The dense Phi-3 folder with `phi3_tokenizer`."""
+    root, _ = parts
+    llm = tmp_path_factory.mktemp("phi3_chat") / "phi3"
+    shutil.copytree(root / "phi3", llm)
+    tokenizer = phi3_tokenizer()
+    assert len(tokenizer.encode("<image>", add_special_tokens=False)) > 1 and len(tokenizer) == PHI3_VOCAB
+    tokenizer.save_pretrained(llm)
+    return llm
+
+
+def test_tokenizer_without_image_token_gets_it_within_the_embedding_rows(parts, phi3_chat, tmp_path):
+    root, llava = parts
+    out = tmp_path / "moiie"
+    upcycle_moiie(phi3_chat, root / "siglip", out, projector=root / "projector")
+    model = assert_same_logits(out, llava, image_token_id=PHI3_VOCAB)  # full vocabulary: no row was added
+    assert model.config.image_token_id == PHI3_VOCAB and model.config.text_config.vocab_size == TEXT["vocab_size"]
+    card = (out / "README.md").read_text()
+    assert f"`<image>` was added to the tokenizer as special token id {PHI3_VOCAB}" in card
+    assert "so no row was added" in card
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == "MoIIEProcessor" and processor.image_token_id == PHI3_VOCAB
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is this ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # Phi-3's text-only template cannot place images: the image-aware Phi-3 one with the same turn tokens replaces it
+    assert prompt == "<|user|>\n<image>\nwhat digit is this ?<|end|>\n<|assistant|>\n"
+    assert AutoTokenizer.from_pretrained(out).chat_template == processor.chat_template
+
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    inputs = processor(images=[Image.open(tmp_path / "a.png").convert("RGB")], text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == PHI3_VOCAB).sum() == TOKENS_PER_IMAGE == inputs["token_type_ids"].sum()
+    with torch.no_grad():
+        new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    pipe = pipeline("image-text-to-text", model=str(out), trust_remote_code=True)
+    image_item = {"type": "image", "image": str(tmp_path / "a.png")}
+    chat = [{"role": "user", "content": [image_item, messages[0]["content"][1]]}]
+    generated = pipe(text=chat, max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]
+    assert generated["role"] == "assistant"
+    assert generated["content"].split() == processor.decode(new, skip_special_tokens=True).split()
+
+
+def test_image_token_id_other_than_the_tokenizers_is_refused(parts, phi3_chat, tmp_path):
+    root, _ = parts
+    with pytest.raises(ValueError, match=f"image_token_id=95 is not the id of '<image>'.*which is {PHI3_VOCAB}"):
+        upcycle_moiie(phi3_chat, root / "siglip", tmp_path / "out", image_token_id=95)
+    assert not (tmp_path / "out").exists()
+
+
+def test_own_chat_template_is_kept_only_when_it_places_images(parts):
+    root, _ = parts
+    config = MoIIEConfig(vision_config=VISION, text_config=TEXT, image_token_id=PHI3_VOCAB)
+    own = (
+        "{% for m in messages %}{% for item in m['content'] %}{% if item['type'] == 'image' %}<image>"
+        "{% else %}[{{ item['text'] }}]{% endif %}{% endfor %}{% endfor %}"
+    )
+    for template, kept in ((own, True), (PHI3_TEXT_TEMPLATE, False)):
+        tokenizer = phi3_tokenizer()
+        tokenizer.chat_template = template
+        assert add_image_token(tokenizer) and not add_image_token(tokenizer)  # added once, then found
+        processor = moiie_processor(tokenizer, root / "siglip", config)
+        assert (processor.chat_template == own) is kept and tokenizer.chat_template == processor.chat_template
