@@ -45,7 +45,8 @@ from hf_moe.conversion import build_mode  # noqa: E402
 from hf_moe.evaluation import zero_shot_classification  # noqa: E402
 from hf_moe.fileio import atomic_output_file  # noqa: E402
 from hf_moe.mode.data import read_assignments  # noqa: E402
-from hf_moe.mode.demo import cluster_captions, ensemble_accuracies, train_data_expert, train_seed  # noqa: E402
+from hf_moe.mode.demo import cluster_captions, train_data_expert, train_seed  # noqa: E402
+from hf_moe.mode.report import evaluate_task  # noqa: E402
 from hf_moe.task_data import TASK_TEMPLATES, build_tasks  # noqa: E402
 from hf_moe.toy import save_toy_clip  # noqa: E402
 from hf_moe.toy_data import (  # noqa: E402
@@ -80,8 +81,8 @@ class ExperimentArguments:
     hidden_size: int = field(default=64, metadata={"help": "Width of both towers of the small CLIP."})
     num_fine_clusters: int = field(default=32, metadata={"help": "Fine clusters m."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size (seed, experts, all-data)."})
-    seed_steps: int = field(default=400, metadata={"help": "Seed training steps on all pairs."})
-    seed_learning_rate: float = field(default=2e-3, metadata={"help": "Seed peak lr (cosine)."})
+    seed_steps: int = field(default=600, metadata={"help": "Seed training steps on all pairs."})
+    seed_learning_rate: float = field(default=3e-3, metadata={"help": "Seed peak lr (cosine)."})
     expert_steps: int = field(default=100, metadata={"help": "Steps per expert (all-data: N x this)."})
     expert_learning_rate: float = field(default=5e-4, metadata={"help": "Expert / all-data peak lr (cosine)."})
     other_share: float = field(default=0.02, metadata={"help": "Share of the other experts' pairs (paper: 0.02)."})
@@ -192,13 +193,18 @@ def run_mode(args, n: int, seed: int, root: Path, data_dir: Path, seed_dir: Path
     ]
     model = build_mode(experts, clusters, root / "mode")
     processor = AutoProcessor.from_pretrained(root / "mode")
-    per_task = {name: ensemble_accuracies(model, processor, *test) for name, test in sets.items()}
-    scores = {f"expert_{k}": with_average({name: s["experts"][k] for name, s in per_task.items()}) for k in range(n)}
+    reports = {
+        name: evaluate_task(model, processor, data, names, templates, name=name, progress=False)
+        for name, (data, names, templates) in sets.items()
+    }
+
+    def column(key):
+        return with_average({name: report.row[key] for name, report in reports.items()})
+
+    scores = {f"expert_{k}": column(f"expert-{k}") for k in range(n)}
     best = max(range(n), key=lambda k: scores[f"expert_{k}"]["average"])
     scores["best_expert"] = scores[f"expert_{best}"]
-    scores["expert_max"] = with_average({name: max(s["experts"]) for name, s in per_task.items()})
-    scores["all_unit"] = with_average({name: s["all_unit"] for name, s in per_task.items()})
-    scores["ensemble"] = with_average({name: s["ensemble"] for name, s in per_task.items()})
+    scores.update(expert_max=column("expert-max"), all_unit=column("all_unit"), ensemble=column("ensemble"))
     # Every pair (other share 1) with the experts' recipe: the same trainer, schedule shape and learning rate.
     all_data = train_data_expert(
         seed_dir, data_dir, clusters, 0, root / "all-data", 1.0, max_steps=n * args.expert_steps, **training
@@ -207,7 +213,7 @@ def run_mode(args, n: int, seed: int, root: Path, data_dir: Path, seed_dir: Path
     return {
         "scores": scores,
         "best_expert_index": best,
-        "task_weights": {name: s["task_weights"] for name, s in per_task.items()},
+        "task_weights": {name: report.task_weights.tolist() for name, report in reports.items()},
         "expert_pairs_by_task": expert_tasks(clusters, n),
         "steps": {"experts": [trained_steps(e) for e in experts], "all_data": trained_steps(all_data)},
     }

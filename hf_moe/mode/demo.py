@@ -12,7 +12,7 @@
 
     hf-moe demo mode [--output_dir outputs/demo]
 
-The helpers here (seed training, the pipeline steps called from Python, the ensemble's accuracies) also serve
+The helpers here (seed training, the pipeline steps called from Python) also serve
 `examples/mode/experiment.py`. Every result-changing hyper-parameter is set here: the library's defaults are the
 paper's (ViT-B on billions of pairs) and would barely move a tiny CLIP in a few CPU steps.
 """
@@ -29,7 +29,6 @@ from transformers.utils import logging
 
 from ..conversion import build_mode
 from ..data import ImageTextCollator, load_image_text_dataset
-from ..evaluation import class_embeddings, encode_images
 from ..fileio import atomic_output_file
 from ..loading import load_pretrained
 from ..toy import save_toy_clip
@@ -42,6 +41,7 @@ from ..toy_data import (
 )
 from .cluster import ClusterArguments, cluster_pairs
 from .embed import EncoderArguments
+from .report import evaluate_task
 from .train_expert import DataExpertArguments, DataExpertTrainer, DataExpertTrainingArguments, train_expert
 
 
@@ -59,9 +59,13 @@ def training_arguments(output_dir: str | Path, **fields) -> DataExpertTrainingAr
 
     The logit scale is fixed at 100, where CLIP's learned one ends (and where the experts' cap is): from CLIP's init
     (14.3) a tiny CLIP spends most of a few hundred steps growing it and barely learns (loss ~ log(batch size)).
-    Zero-shot predictions and the ensemble (of cosines) do not depend on it."""
+    Zero-shot predictions and the ensemble (of cosines) do not depend on it. Gradient clipping at 1 and label
+    smoothing 0.1 are the CLIP-MoE demo's digit recipe: with them a tiny CLIP reaches ~80% zero-shot on held-out
+    digits in 600 steps, without them (and at lr 2e-3, 300 steps) it stayed at ~15%."""
     settings = dict(
         logit_scale=100.0,
+        max_grad_norm=1.0,
+        label_smoothing=0.1,
         output_dir=str(output_dir),
         use_cpu=True,
         report_to=[],
@@ -115,44 +119,9 @@ def train_data_expert(
     return train_expert(script_args, training_arguments(output_dir, **fields))
 
 
-@torch.no_grad()
-def ensemble_accuracies(model, processor, dataset, class_names: list[str], templates: list[str]) -> dict:
-    """Zero-shot top-1 accuracy of each expert of a `MoDEModel`, their uniform mean and the task-adaptive ensemble on
-    `dataset` (`image`, `label` indexing `class_names`), with prompt ensembling over `templates`.
-
-    Each expert's logits are its cosine similarities to its template-averaged class embeddings (CLIP's prompt
-    ensembling); the task weights come from the class names' template-averaged clustering embeddings, as the
-    released code computes them. `MoDEModel.forward` takes one text per class, hence this per-expert assembly.
-    Returns `{"experts": [...], "all_unit", "ensemble", "task_weights": [...]}`.
-    """
-    model.eval()
-    labels = torch.tensor(dataset["label"])
-    cosines = torch.stack(
-        [
-            encode_images(expert, processor, dataset, progress=False)
-            @ class_embeddings(expert, processor, class_names, templates, progress=False).T
-            for expert in model.experts
-        ]
-    )  # (num_experts, num_images, num_classes)
-    texts = [template.format(name) for name in class_names for template in templates]
-    tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
-    embeddings = model.clustering_embeddings(tokens["input_ids"], tokens["attention_mask"])
-    weights = model.task_weights(embeddings.reshape(len(class_names), len(templates), -1)).float()
-
-    def accuracy(logits):
-        return float((logits.argmax(dim=-1) == labels).float().mean())
-
-    return {
-        "experts": [accuracy(cosine) for cosine in cosines],
-        "all_unit": accuracy(cosines.mean(dim=0)),
-        "ensemble": accuracy((weights[:, None, None] * cosines).sum(dim=0)),
-        "task_weights": weights.tolist(),
-    }
-
-
 def run_demo(
     output_dir: str | Path = "outputs/demo",
-    seed_steps: int = 300,
+    seed_steps: int = 600,
     expert_steps: int = 40,
     train_digits: int = 1200,
     seed: int = 0,
@@ -194,7 +163,7 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
     print(f"1. Seed CLIP: a small CLIP trained {seed_steps} steps on {len(train_digits)} captioned digits")
     save_toy_clip(init_dir, seed=seed, words=described_digit_words())
     save_described_digit_folder(data_dir, train_digits, seed=seed)
-    train_seed(init_dir, data_dir, seed_dir, max_steps=seed_steps, learning_rate=2e-3, weight_decay=0.1, **schedule)
+    train_seed(init_dir, data_dir, seed_dir, max_steps=seed_steps, learning_rate=3e-3, weight_decay=0.1, **schedule)
 
     print("2. hf-moe mode cluster: captions embedded by the seed's text tower, 16 fine clusters -> 2 experts")
     cluster_captions(data_dir, seed_dir, clusters_dir, num_experts=2, num_fine_clusters=16, seed=seed)
@@ -231,7 +200,14 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
         texts = [PROMPT.format(name) for name in DIGIT_NAMES]
         inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
         model_predictions = model(**inputs).logits_per_image.argmax(dim=-1).tolist()
-    scores = ensemble_accuracies(model, processor, dataset, DIGIT_NAMES, [PROMPT])
+    # `hf-moe mode report`'s row: each expert, their uniform mean and the task-adaptive ensemble, same prompt.
+    report = evaluate_task(model, processor, dataset, DIGIT_NAMES, [PROMPT], name="digits", progress=False)
+    scores = {
+        "experts": [report.row[f"expert-{k}"] for k in range(len(experts))],
+        "all_unit": report.row["all_unit"],
+        "ensemble": report.row["ensemble"],
+        "task_weights": report.task_weights.tolist(),
+    }
     pipeline_accuracy = sum(p == label for p, label in zip(pipeline_predictions, labels)) / len(labels)
     agree = sum(a == b for a, b in zip(pipeline_predictions, model_predictions))
     weights = ", ".join(f"{w:.3f}" for w in scores["task_weights"])
