@@ -333,6 +333,16 @@ class MoIIEModel(MoIIEPreTrainedModel):
             )
         elif num_image_tokens and (cache is None or cache.get_seq_length() == 0):
             raise ValueError(f"The batch holds {num_image_tokens} image tokens but no pixel_values were given.")
+        elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The other processes' batches may hold images: their ZeRO gathers / DDP reductions over the vision
+            # tower's and projector's parameters wait for ours, so a text-only batch runs them too, on a blank image
+            # whose features enter with weight 0 (the result is unchanged, the gradients are zero, not missing).
+            vision = self.config.vision_config
+            blank = torch.zeros(
+                1, vision.num_channels, vision.image_size, vision.image_size, device=inputs_embeds.device
+            )
+            unused = self.get_image_features(blank.to(self.vision_tower.dtype)).sum()
+            inputs_embeds = inputs_embeds + 0 * unused.to(inputs_embeds.dtype)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         outputs = self.language_model(

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 # machine includes the shared-memory op's compile
 RUN_TIMEOUT = 600
 IMAGES = ["seven.png", "three.png", "five.png", "nine.png"]
-# Every sample holds an image: a rank whose batch is text-only skips the vision tower and projector, and its
-# collectives then stop matching the other rank's (ZeRO-2 and ZeRO-3 alike) until the model runs them on such batches.
+# One sample is text-only: its process runs the vision tower and projector on a blank image (weight 0), so its
+# collectives over their parameters still match the other process's.
 SAMPLES = [
     {
         "id": str(i),
@@ -45,6 +45,10 @@ SAMPLES = [
         [("what digit is this ?", "seven"), ("is this even ?", "no no"), ("what digit ?", "three"), ("yes ?", "yes")]
     )
 ]
+SAMPLES[1] = {
+    "id": "text",
+    "conversations": [{"from": "human", "value": "is seven even ?"}, {"from": "gpt", "value": "no"}],
+}
 
 
 @pytest.fixture(scope="module")

@@ -231,3 +231,24 @@ def test_saved_folder_loads_in_a_fresh_process_without_hf_moe(tmp_path):
         local = model(**inputs, output_router_logits=True)
     torch.testing.assert_close(remote["logits"], local.logits, atol=0, rtol=0)
     torch.testing.assert_close(remote["aux"], local.vision_aux_loss, atol=0, rtol=0)
+
+
+def test_text_only_training_batch_in_a_process_group_runs_the_vision_side_with_weight_zero(tmp_path):
+    """Distributed training: a process whose batch holds no image still runs the vision tower and projector (its
+    ZeRO / DDP collectives must match the other processes'), without changing its loss; their gradients are zero."""
+    model = tiny_model(seed=3).train()
+    text_only = batch(images_per_row=(0, 0))
+    text_only["labels"] = text_only["input_ids"]
+    alone = model(**text_only).loss
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loss = model(**text_only).loss
+        loss.backward()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert calls == [1]
+    torch.testing.assert_close(loss, alone, rtol=0, atol=0)
+    for param in model.model.multi_modal_projector.parameters():
+        assert param.grad is not None and not param.grad.any()
