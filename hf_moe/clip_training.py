@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .losses import clip_contrastive_loss
-from .training import RecordedMetricsMixin, freeze_all_but
+from .training import RecordedMetricsMixin, freeze_all_but, share_process_group_with_deepspeed
 
 
 logger = logging.get_logger(__name__)
@@ -36,6 +36,11 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={"help": "Regexes; parameters whose name matches one train, all others are frozen ('.*': all)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Image-text rows are collated by hand."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.deepspeed:
+            share_process_group_with_deepspeed()
 
 
 class CLIPTrainer(RecordedMetricsMixin, Trainer):

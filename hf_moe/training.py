@@ -365,6 +365,22 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
     return None
 
 
+def share_process_group_with_deepspeed() -> None:
+    """Let DeepSpeed's communication layer use the process group `TrainingArguments` set up; call it from a
+    `TrainingArguments` subclass's `__post_init__` when `deepspeed` is set (ZeRO-3 on CPU needs it).
+
+    With `use_cpu` the arguments start torch.distributed (gloo) without DeepSpeed's layer; `from_pretrained` then
+    builds the model under ZeRO-3's `zero.Init`, which reads the world size from that layer, finds it uninitialised,
+    assumes one process and fails its batch-size check. DeepSpeed adopts an initialised group as it is.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     """Make exactly the parameters whose name matches one of `patterns` trainable; return their names."""
     regexes = [re.compile(pattern) for pattern in patterns]
@@ -389,6 +405,7 @@ __all__ = [
     "local_path",
     "model_fingerprint",
     "result_options",
+    "share_process_group_with_deepspeed",
 ]
 
 

@@ -22,7 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from ..modeling import expert_load
-from ..training import RecordedMetricsMixin, freeze_all_but
+from ..training import RecordedMetricsMixin, freeze_all_but, share_process_group_with_deepspeed
 
 
 logger = logging.get_logger(__name__)
@@ -77,7 +77,7 @@ class MoIIETrainingArguments(TrainingArguments):
             self.learning_rate = STAGE_LEARNING_RATES[self.stage]
         super().__post_init__()
         if self.deepspeed:
-            _share_process_group_with_deepspeed()
+            share_process_group_with_deepspeed()
 
     def stage_parameters(self) -> list[str]:
         """The regexes of the parameters this stage trains."""
@@ -87,21 +87,6 @@ class MoIIETrainingArguments(TrainingArguments):
             return [PROJECTOR]
         patterns = [MOE_PARAMETERS] if self.moe_only else [PROJECTOR, r"language_model\.", r"lm_head\."]
         return patterns + ([VISION_TOWER] if self.train_vision_tower else [])
-
-
-def _share_process_group_with_deepspeed() -> None:
-    """Let DeepSpeed's communication layer use the process group the arguments set up.
-
-    With `use_cpu` the arguments start torch.distributed (gloo) without DeepSpeed's layer; `from_pretrained` then
-    builds the model under ZeRO-3's `zero.Init`, which reads the world size from that layer, finds it uninitialised,
-    assumes one process and fails its batch-size check. DeepSpeed adopts an initialised group as it is.
-    """
-    if not torch.distributed.is_initialized():
-        return
-    from deepspeed import comm
-
-    if not comm.is_initialized():
-        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def moe_block_classes(model: nn.Module) -> list[type]:
