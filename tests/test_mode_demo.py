@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hf_moe.mode.demo import DEMO_OUTPUTS, HELD_OUT_DIGITS, RESULT_FILE, run_demo
+from hf_moe.mode.demo import DEMO_OUTPUTS, HELD_OUT_DIGITS, MODEL_DIR, RESULT_FILE, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,8 @@ def test_demo_writes_its_folders_and_result(demo):
     output_dir, result = demo
     for name in DEMO_OUTPUTS:
         assert (output_dir / name).is_dir(), name
-    assert (output_dir / "mode" / "config.json").is_file()
+    assert (output_dir / MODEL_DIR / "config.json").is_file()
+    assert result["model_dir"] == str(output_dir / MODEL_DIR)
     assert json.loads((output_dir / RESULT_FILE).read_text()) == result
     assert sum(result["pairs_per_expert"]) == 300
 
@@ -36,7 +37,7 @@ def test_pipeline_predicts_the_models_argmax(demo):
 def test_accuracies_and_task_weights(demo):
     _, result = demo
     assert len(result["experts"]) == len(result["task_weights"]) == 2
-    for value in (*result["experts"], result["all_unit"], result["ensemble"]):
+    for value in (result["seed_accuracy"], *result["experts"], result["all_unit"], result["ensemble"]):
         assert 0.0 <= value <= 1.0
     assert all(w >= 0 for w in result["task_weights"])
     assert sum(result["task_weights"]) == pytest.approx(1.0, abs=1e-5)

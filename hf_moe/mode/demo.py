@@ -10,7 +10,7 @@
    `pipeline("zero-shot-image-classification", model=OUT, trust_remote_code=True)`, whose predictions must be the
    model's own argmax; per-expert, uniform and task-adaptive ensemble accuracy and the task weights are printed.
 
-    hf-moe demo mode [--output_dir outputs/demo]
+    hf-moe demo --family mode [--output_dir outputs/demo]
 
 The helpers here (seed training, the pipeline steps called from Python) also serve
 `examples/mode/experiment.py`. Every result-changing hyper-parameter is set here: the library's defaults are the
@@ -24,11 +24,12 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModel, AutoProcessor, pipeline
+from transformers import AutoModel, AutoProcessor, CLIPModel, pipeline
 from transformers.utils import logging
 
 from ..conversion import build_mode
 from ..data import ImageTextCollator, load_image_text_dataset
+from ..evaluation import zero_shot_classification
 from ..fileio import atomic_output_file
 from ..loading import load_pretrained
 from ..toy import save_toy_clip
@@ -45,10 +46,12 @@ from .report import evaluate_task
 from .train_expert import DataExpertArguments, DataExpertTrainer, DataExpertTrainingArguments, train_expert
 
 
-RESULT_FILE = "demo_result.json"
+RESULT_FILE = "mode_demo_result.json"
 # What the demo writes in OUTPUT_DIR; a re-run removes these (and only these) first, so that it starts afresh
-# instead of being refused by the jobs recorded there by the previous run.
-DEMO_OUTPUTS = ("seed-init", "seed-clip", "digit-captions", "clusters", "experts", "mode")
+# instead of being refused by the jobs recorded there by the previous run. `hf-moe demo` gives every family the same
+# OUTPUT_DIR: the "mode-" names keep clear of the CLIP-MoE demo's ("digit-captions", "demo_result.json", ...).
+DEMO_OUTPUTS = ("mode-seed-init", "mode-seed-clip", "mode-captions", "mode-clusters", "mode-experts", "mode-model")
+MODEL_DIR = DEMO_OUTPUTS[-1]
 HELD_OUT_DIGITS = range(1500, NUM_DIGITS)
 PROMPT = "a handwritten digit {}"
 
@@ -151,13 +154,12 @@ def run_demo(
     result["seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_file(output_dir / RESULT_FILE) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Done in {result['seconds']:.0f} s. The MoDE model folder is {(output_dir / 'mode').resolve()}")
+    print(f"Done in {result['seconds']:.0f} s. The MoDE model folder is {(output_dir / MODEL_DIR).resolve()}")
     return result
 
 
 def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: range, seed: int) -> dict:
-    init_dir, seed_dir, data_dir = output_dir / "seed-init", output_dir / "seed-clip", output_dir / "digit-captions"
-    clusters_dir, mode_dir = output_dir / "clusters", output_dir / "mode"
+    init_dir, seed_dir, data_dir, clusters_dir, experts_dir, mode_dir = (output_dir / name for name in DEMO_OUTPUTS)
     schedule = dict(per_device_train_batch_size=64, seed=seed)
 
     print(f"1. Seed CLIP: a small CLIP trained {seed_steps} steps on {len(train_digits)} captioned digits")
@@ -177,7 +179,7 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
             data_dir,
             clusters_dir,
             k,
-            output_dir / "experts" / f"expert-{k}",
+            experts_dir / f"expert-{k}",
             max_steps=expert_steps,
             learning_rate=5e-4,
             weight_decay=0.1,
@@ -211,13 +213,18 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
     pipeline_accuracy = sum(p == label for p, label in zip(pipeline_predictions, labels)) / len(labels)
     agree = sum(a == b for a, b in zip(pipeline_predictions, model_predictions))
     weights = ", ".join(f"{w:.3f}" for w in scores["task_weights"])
+    seed_accuracy = zero_shot_classification(
+        CLIPModel.from_pretrained(seed_dir), processor, dataset, [PROMPT], DIGIT_NAMES, progress=False
+    )["top1_accuracy"]
     print(f"   zero-shot accuracy (chance {1 / len(DIGIT_NAMES):.1f}):")
+    print(f"     seed CLIP:                {seed_accuracy:.3f}")
     for k, value in enumerate(scores["experts"]):
         print(f"     expert {k}:                 {value:.3f}")
     print(f"     uniform ensemble:         {scores['all_unit']:.3f}")
     print(f"     task-adaptive ensemble:   {scores['ensemble']:.3f}  (task weights {weights})")
     print(f"     pipeline:                 {pipeline_accuracy:.3f}  (= the model's argmax for {agree}/{len(labels)})")
     return {
+        "seed_accuracy": seed_accuracy,
         **scores,
         "pairs_per_expert": info["expert_sizes"],
         "pipeline_accuracy": pipeline_accuracy,
