@@ -68,7 +68,7 @@ HELD_OUT_DIGITS = range(1500, NUM_DIGITS)
 
 @dataclass
 class ExperimentArguments:
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "One full run per seed."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One full run per seed."})
     num_experts: list[int] = field(default_factory=lambda: [2, 4], metadata={"help": "MoDE sizes N to build."})
     output: str = field(default="experiment_results.json", metadata={"help": "JSON file for the results."})
     work_dir: str | None = field(
