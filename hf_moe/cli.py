@@ -31,6 +31,7 @@ FAMILY_DEMOS = {
     "clip_moe": clip_moe_commands.demo,
     "we_moe": we_moe_commands.demo,
     "moiie": moiie_commands.demo,
+    "mode": mode_commands.demo,
 }
 
 
@@ -40,8 +41,9 @@ def demo_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="hf-moe demo",
         description="Every family's demo, offline on a CPU: CLIP-MoE (train a small CLIP on digits, upcycle it, MCL, "
-        "router training, reload without hf_moe), WEMoE (fine-tune, merge, route per sample, reload) and MoIIE "
-        "(upcycle a small SigLIP + Phi-3, stage 1 and 2 training on digit questions, answer via the pipeline, reload).",
+        "router training, reload without hf_moe), WEMoE (fine-tune, merge, route per sample, reload), MoIIE "
+        "(upcycle a small SigLIP + Phi-3, stage 1 and 2 training on digit questions, answer via the pipeline, reload) "
+        "and MoDE (cluster captions, train 2 data experts, build one model, classify via the pipeline).",
     )
     parser.add_argument("--output_dir", "--output-dir", default="outputs/demo", help="Where the demos write.")
     parser.add_argument("--family", choices=["all", *FAMILY_DEMOS], default="all", help="Run one family's demo.")
@@ -60,7 +62,7 @@ def prepare_command(argv: list[str]) -> None:
 SHARED_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "eval": (eval_command, "Zero-shot classification or image-text retrieval evaluation (eval zero-shot|retrieval)."),
     "prepare": (prepare_command, "Turn official COCO / Flickr30k annotations into captioned image folders."),
-    "demo": (demo_command, "Every family's demo on built-in data (CLIP-MoE, WEMoE, MoIIE), offline, on a CPU."),
+    "demo": (demo_command, "Every family's demo on built-in data (CLIP-MoE, WEMoE, MoIIE, MoDE), offline, on a CPU."),
 }
 
 # (family, its commands): the order of `hf-moe --help`.

@@ -40,9 +40,12 @@ def mode_command(argv: list[str]) -> None:
 
 
 def demo(output_dir: str) -> None:
+    """MoDE's part of `hf-moe demo` (writes OUTPUT_DIR/mode)."""
+    from pathlib import Path
+
     from .demo import run_demo
 
-    run_demo(output_dir)
+    run_demo(Path(output_dir) / "mode")
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
