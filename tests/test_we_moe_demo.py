@@ -39,4 +39,4 @@ def test_demo_runs_every_family_in_order_into_one_folder(tmp_path, monkeypatch):
     demos = {name: (lambda output_dir, name=name: calls.append((name, output_dir))) for name in hf_moe.cli.FAMILY_DEMOS}
     monkeypatch.setattr(hf_moe.cli, "FAMILY_DEMOS", demos)
     assert main(["demo", "--output_dir", str(tmp_path)]) == 0
-    assert calls == [("clip_moe", str(tmp_path)), ("we_moe", str(tmp_path))]
+    assert calls == [(name, str(tmp_path)) for name in ("clip_moe", "we_moe", "moiie", "mode")]
