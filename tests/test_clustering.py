@@ -111,11 +111,21 @@ def test_sizes_within_bounds_on_unbalanced_data(num_points, num_clusters, tolera
     torch.testing.assert_close(centers, means, rtol=1e-4, atol=1e-4)
 
 
-def test_size_bounds_round_outward():
+def test_size_bounds_never_exceed_the_tolerance_when_feasible():
     assert balanced_size_bounds(1000, 3, 0.0) == (333, 334)
     assert balanced_size_bounds(1000, 10, 0.1) == (90, 110)
-    assert balanced_size_bounds(1005, 10, 0.1) == (90, 111)  # 90.45 -> 90, 110.55 -> 111
+    assert balanced_size_bounds(1005, 10, 0.1) == (90, 110)  # 90.45 -> 90, 110.55 -> 110
+    assert balanced_size_bounds(200_000, 1024, 0.1) == (175, 214)  # 175.78 -> 175, 214.84 -> 214 (MoDE's goal)
     assert balanced_size_bounds(10, 3, 2.0) == (0, 10)
+    # floor(1.02 x 10.5) = 10 < ceil(10.5): the upper bound rises to the smallest feasible one.
+    assert balanced_size_bounds(105, 10, 0.02) == (10, 11)
+    assert balanced_size_bounds(1009, 10, 0.001) == (100, 101)  # floor(101.0009) = 101 = ceil(100.9)
+    assert balanced_size_bounds(1005, 10, 0.001) == (100, 101)  # floor(100.6) = 100 < ceil(100.5) = 101
+    for num_points, num_clusters, tolerance in [(1005, 10, 0.1), (333, 64, 0.2), (97, 97, 0.0), (10**6, 1024, 0.1)]:
+        low, high = balanced_size_bounds(num_points, num_clusters, tolerance)
+        assert low * num_clusters <= num_points <= high * num_clusters
+        average = num_points / num_clusters
+        assert high <= (1 + tolerance) * average or high == -(-num_points // num_clusters)
 
 
 class LargestOutputs(TorchDispatchMode):

@@ -31,7 +31,7 @@ def test_balanced_kmeans_measurement(bench):
     result = bench.measure(bench.parse_args(TINY), "balanced_kmeans")
     assert result["within_bounds"] is True
     low, high = result["size_bounds"]
-    assert (low, high) == (33, 42)  # floor(0.9 * 37.5), ceil(1.1 * 37.5)
+    assert (low, high) == (33, 41)  # floor(0.9 * 37.5), floor(1.1 * 37.5)
     assert low <= result["min_cluster_size"] <= result["max_cluster_size"] <= high
     assert result["max_over_average"] == pytest.approx(result["max_cluster_size"] / 37.5)
     assert result["seconds"] > 0 and result["peak_memory_mib"] >= 0 and 0 < result["inertia"] < 4
