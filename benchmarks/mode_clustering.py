@@ -30,11 +30,8 @@ One JSON object goes to stdout, progress to stderr:
 """
 
 import argparse
-import gc
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -46,13 +43,15 @@ import torch
 from hf_moe.clustering import balanced_kmeans, balanced_size_bounds, nearest_centers
 
 
+# The peak-memory and device helpers live in the WEMoE benchmark; this script's folder is on sys.path when it runs
+# as a script, not when a test loads it by path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from we_moe_forward import device_name, log, peak_since, reset_peak  # noqa: E402
+
+
 SEED = 0
 METHODS = ("balanced_kmeans", "faiss", "minibatch_kmeans")
 ASSIGNERS = ("nearest_centers", "faiss_index")
-
-
-def log(message: str):
-    print(message, file=sys.stderr, flush=True)
 
 
 def clustered_points(num_points: int, dim: int, num_clusters: int, seed: int = SEED) -> torch.Tensor:
@@ -119,28 +118,6 @@ RUNNERS = {"balanced_kmeans": run_balanced_kmeans, "faiss": run_faiss, "minibatc
 # ----------------------------------------------------------------------------------------------------------
 # Measurement (in a fresh process per method)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
-
-
-def reset_peak(device: torch.device) -> int:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM (the peak resident size) to the current resident size
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_since(device: torch.device, baseline: int) -> float:
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    return (_status_kib("VmHWM") * 1024 - baseline) / 2**20
 
 
 def synchronize(device: torch.device):
@@ -247,19 +224,6 @@ def goals(clustering: dict, ratios: dict, device: str) -> dict:
         "max_over_average <= 1.1": ours.get("max_over_average"),
         "met": bool(ratios.get("time", 1e9) <= 2 and ours.get("max_over_average", 1e9) <= 1.1),
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
