@@ -25,17 +25,11 @@ the training set once per stage (forward passes only).
 """
 
 import json
-import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
-import torch
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
-from transformers.utils import logging
 
 from hf_moe.clip_moe.demo import (
     HELD_OUT_DIGITS,
@@ -45,6 +39,7 @@ from hf_moe.clip_moe.demo import (
     train_digit_router,
 )
 from hf_moe.conversion import upcycle_clip
+from hf_moe.experiments import experiment_workspace, format_mean_std, mean_std
 from hf_moe.fileio import atomic_output_file
 from hf_moe.toy import save_toy_clip
 from hf_moe.toy_data import described_digit_words, save_described_digit_folder
@@ -161,53 +156,30 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, dict]
     for method in METHODS:
         summary[method] = {}
         for metric in METRICS:
-            values = [runs[method][metric] for runs in per_seed.values()]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-            summary[method][metric] = {"mean": mean, "std": std}
+            summary[method][metric] = mean_std([runs[method][metric] for runs in per_seed.values()])
     return summary
 
 
 def markdown_table(summary: dict, args: ExperimentArguments) -> str:
-    def cell(stats):
-        return f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f}" if stats["std"] is not None else "")
-
     extra = f"{args.extra_steps} x {args.batch_size}"
     rows = [
         "| model | extra training (steps x batch) | " + " | ".join(METRICS.values()) + " |",
         "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
     ]
     for method, name in METHODS.items():
-        cells = [cell(summary[method][metric]) for metric in METRICS]
+        cells = [format_mean_std(summary[method][metric]) for metric in METRICS]
         rows.append(f"| {name} | {'-' if method == 'dense' else extra} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def run_experiment(args: ExperimentArguments) -> dict:
     started = time.perf_counter()
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="experiment_digits_") if temporary else args.work_dir)
-    if not temporary and work_dir.exists() and any(work_dir.iterdir()):
-        raise FileExistsError(f"--work_dir {work_dir} is not empty; give a new folder.")
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
-    torch.set_num_threads(1)
-    try:
+    with experiment_workspace(args.work_dir, prefix="experiment_digits_") as work_dir:
         evaluate = DigitEvaluation()
         per_seed = {}
         for seed in args.seeds:
             print(f"Seed {seed}")
             per_seed[seed] = run_seed(args, seed, work_dir / f"seed{seed}", evaluate)
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
     summary = summarize(per_seed)
     result = {
         "settings": {key: value for key, value in asdict(args).items() if key not in ("output", "work_dir")},

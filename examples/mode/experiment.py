@@ -23,26 +23,22 @@ released formula) and the all-data model. Also which task's pairs each expert go
 """
 
 import json
-import math
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoProcessor, CLIPModel, HfArgumentParser
-from transformers.utils import logging
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_moe.conversion import build_mode  # noqa: E402
 from hf_moe.evaluation import zero_shot_classification  # noqa: E402
+from hf_moe.experiments import experiment_workspace, format_mean_std, mean_std
 from hf_moe.fileio import atomic_output_file  # noqa: E402
 from hf_moe.mode.data import read_assignments  # noqa: E402
 from hf_moe.mode.demo import cluster_captions, train_data_expert, train_seed  # noqa: E402
@@ -274,48 +270,29 @@ def summarize(per_seed: dict, rows: dict[str, str]) -> dict:
     for row in rows:
         summary[row] = {}
         for column in (*TASKS, "average"):
-            values = [row_scores(run, row)[column] for run in per_seed.values()]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-            summary[row][column] = {"mean": mean, "std": std}
+            summary[row][column] = mean_std([row_scores(run, row)[column] for run in per_seed.values()])
     return summary
 
 
 def markdown_table(summary: dict, rows: dict[str, str]) -> str:
-    def cell(stats):
-        return f"{100 * stats['mean']:.1f}" + (f" ± {100 * stats['std']:.1f}" if stats["std"] is not None else "")
-
     columns = [*TASKS, "average"]
     lines = ["| method | " + " | ".join(columns) + " |", "| --- | " + " | ".join("---" for _ in columns) + " |"]
     for row, name in rows.items():
-        lines.append(f"| {name} | " + " | ".join(cell(summary[row][column]) for column in columns) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(format_mean_std(summary[row][column], scale=100, digits=1) for column in columns)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def run_experiment(args: ExperimentArguments) -> dict:
     started = time.perf_counter()
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="mode_experiment_") if temporary else args.work_dir)
-    if not temporary and work_dir.exists() and any(work_dir.iterdir()):
-        raise FileExistsError(f"--work_dir {work_dir} is not empty; give a new folder.")
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
-    torch.set_num_threads(1)
-    try:
+    with experiment_workspace(args.work_dir, prefix="mode_experiment_") as work_dir:
         per_seed = {}
         for seed in args.seeds:
             print(f"Seed {seed}", flush=True)
             per_seed[str(seed)] = run_seed(args, seed, work_dir / f"seed{seed}")
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
     rows = method_rows(args)
     summary = summarize(per_seed, rows)
     sets = build_tasks(OTHER_TASKS, train_per_class=1, test_per_class=1)

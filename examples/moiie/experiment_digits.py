@@ -28,19 +28,15 @@ and of language tokens that goes to each expert, per MoE layer and averaged over
 """
 
 import json
-import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
-from transformers.utils import logging
 
 from hf_moe.conversion import upcycle_moiie
+from hf_moe.experiments import experiment_workspace, format_mean_std, mean_std
 from hf_moe.fileio import atomic_output_file
 from hf_moe.modeling import expert_load
 from hf_moe.moiie.demo import HELD_OUT_DIGITS, answer_accuracy, question_inputs, train_stage
@@ -164,12 +160,6 @@ def run_seed(args: ExperimentArguments, seed: int, root: Path, data: dict[str, P
     return results
 
 
-def mean_std(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return {"mean": mean, "std": std}
-
-
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     """Accuracy per variant and question kind, and the routing shares averaged over layers, as mean and sample
     std over seeds."""
@@ -189,17 +179,15 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     return summary
 
 
-def cell(stats: dict) -> str:
-    return f"{stats['mean']:.3f}" + (f" ± {stats['std']:.3f}" if stats["std"] is not None else "")
-
-
 def markdown_tables(summary: dict) -> str:
     rows = [
         "| variant | " + " | ".join(KINDS.values()) + " |",
         "| --- | " + " | ".join("---" for _ in KINDS) + " |",
     ]
     for variant, name in VARIANTS.items():
-        rows.append(f"| {name} | " + " | ".join(cell(summary["accuracy"][variant][kind]) for kind in KINDS) + " |")
+        rows.append(
+            f"| {name} | " + " | ".join(format_mean_std(summary["accuracy"][variant][kind]) for kind in KINDS) + " |"
+        )
     num_experts = len(summary["routing"][ROUTED[0]]["vision"])
     rows += [
         "",
@@ -208,7 +196,7 @@ def markdown_tables(summary: dict) -> str:
     ]
     for variant in ROUTED:
         for modality, shares in summary["routing"][variant].items():
-            rows.append(f"| {variant}, {modality} tokens | " + " | ".join(cell(s) for s in shares) + " |")
+            rows.append(f"| {variant}, {modality} tokens | " + " | ".join(format_mean_std(s) for s in shares) + " |")
     return "\n".join(rows)
 
 
@@ -227,29 +215,12 @@ def build_data(args: ExperimentArguments, folder: Path) -> dict[str, Path]:
 
 def run_experiment(args: ExperimentArguments) -> dict:
     started = time.perf_counter()
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="experiment_moiie_") if temporary else args.work_dir)
-    if not temporary and work_dir.exists() and any(work_dir.iterdir()):
-        raise FileExistsError(f"--work_dir {work_dir} is not empty; give a new folder.")
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
-    torch.set_num_threads(1)
-    try:
+    with experiment_workspace(args.work_dir, prefix="experiment_moiie_") as work_dir:
         data = build_data(args, work_dir / "data")
         per_seed = {}
         for seed in args.seeds:
             print(f"Seed {seed}")
             per_seed[seed] = run_seed(args, seed, work_dir / f"seed{seed}", data)
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
     summary = summarize(per_seed)
     result = {
         "settings": {key: value for key, value in asdict(args).items() if key not in ("output", "work_dir")},

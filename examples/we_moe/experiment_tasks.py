@@ -25,17 +25,13 @@ paper: 1000 steps at lr 1e-4). A JSON with the per-seed numbers, the mean (+- st
 
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoProcessor, CLIPModel, HfArgumentParser
-from transformers.utils import logging
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -43,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hf_moe.clip_moe.demo import train_contrastive  # noqa: E402  (example script: the CLIP-MoE demo's recipe)
 from hf_moe.conversion import merge_wemoe  # noqa: E402
 from hf_moe.evaluation import zero_shot_classification  # noqa: E402
+from hf_moe.experiments import experiment_workspace, format_mean_std, mean_std
 from hf_moe.fileio import atomic_output_file  # noqa: E402
 from hf_moe.merging import load_for_merge, merge_clip_vision, task_vectors  # noqa: E402
 from hf_moe.task_data import TASK_NAMES, build_tasks  # noqa: E402
@@ -248,47 +245,28 @@ def summarize(per_seed: dict[int, dict], columns: list[str]) -> dict:
     for method in METHODS:
         summary[method] = {}
         for column in columns:
-            values = [runs[method][column] for runs in per_seed.values()]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-            summary[method][column] = {"mean": mean, "std": std}
+            summary[method][column] = mean_std([runs[method][column] for runs in per_seed.values()])
     return summary
 
 
 def markdown_table(summary: dict, columns: list[str]) -> str:
-    def cell(stats):
-        return f"{100 * stats['mean']:.1f}" + (f" ± {100 * stats['std']:.1f}" if stats["std"] is not None else "")
-
     rows = ["| method | " + " | ".join(columns) + " |", "| --- | " + " | ".join("---" for _ in columns) + " |"]
     for method, name in METHODS.items():
-        rows.append(f"| {name} | " + " | ".join(cell(summary[method][column]) for column in columns) + " |")
+        rows.append(
+            f"| {name} | "
+            + " | ".join(format_mean_std(summary[method][column], scale=100, digits=1) for column in columns)
+            + " |"
+        )
     return "\n".join(rows)
 
 
 def run_experiment(args: ExperimentArguments) -> dict:
     started = time.perf_counter()
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="experiment_tasks_") if temporary else args.work_dir)
-    if not temporary and work_dir.exists() and any(work_dir.iterdir()):
-        raise FileExistsError(f"--work_dir {work_dir} is not empty; give a new folder.")
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
-    torch.set_num_threads(1)
-    try:
+    with experiment_workspace(args.work_dir, prefix="experiment_tasks_") as work_dir:
         per_seed, routing = {}, {}
         for seed in args.seeds:
             print(f"Seed {seed}", flush=True)
             per_seed[seed], routing[str(seed)] = run_seed(args, seed, work_dir / f"seed{seed}")
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
     columns = [*args.tasks, "average"]
     summary = summarize(per_seed, columns)
     result = {
