@@ -26,14 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoProcessor, CLIPModel
-from transformers.utils import logging
 
 from ..conversion import upcycle_clip
 from ..data import ImageTextCollator, load_image_text_dataset
 from ..evaluation import image_text_retrieval, zero_shot_classification
+from ..experiments import quiet_tiny_run
 from ..fileio import atomic_output_file
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEModel
@@ -206,21 +205,8 @@ def run(output_dir: Path, pretrain_steps: int = 600, seed: int = 0) -> dict:
     output_dir = Path(output_dir)
     for name in DEMO_OUTPUTS:
         shutil.rmtree(output_dir / name, ignore_errors=True)
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    # The Trainer's and datasets' notices and the per-load progress bars would drown the tour.
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # The model is so small that a second thread gains little, while threads that wait on each other on busy
-    # cores (a laptop running other work, a shared CI runner) make a step up to 20x slower.
-    torch.set_num_threads(1)
-    try:
+    with quiet_tiny_run():
         result = _run(output_dir, pretrain_steps, seed)
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
     result["seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_file(output_dir / RESULT_FILE) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")

@@ -22,14 +22,13 @@ import shutil
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import AutoModel, AutoProcessor, CLIPModel, pipeline
-from transformers.utils import logging
 
 from ..conversion import build_mode
 from ..data import ImageTextCollator, load_image_text_dataset
 from ..evaluation import zero_shot_classification
+from ..experiments import quiet_tiny_run
 from ..fileio import atomic_output_file
 from ..loading import load_pretrained
 from ..toy import save_toy_clip
@@ -137,20 +136,8 @@ def run_demo(
     output_dir = Path(output_dir)
     for name in DEMO_OUTPUTS:
         shutil.rmtree(output_dir / name, ignore_errors=True)
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    # The Trainer's and datasets' notices and the per-load progress bars would drown the tour.
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # A tiny model gains little from a second thread, and threads waiting on each other on busy cores are far slower.
-    torch.set_num_threads(1)
-    try:
+    with quiet_tiny_run():
         result = _run(output_dir, seed_steps, expert_steps, range(train_digits), seed)
-    finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
     result["seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_file(output_dir / RESULT_FILE) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import logging
 
 from ..conversion import upcycle_moiie
+from ..experiments import quiet_tiny_run
 from ..fileio import atomic_output_file
 from ..toy_data import DIGIT_NAMES, digit_images_at
 from .toy import (
@@ -140,19 +141,8 @@ def pipeline_answer(model_dir: Path, image_path: Path, question: str) -> str:
 
 def run_demo(output_dir: str | Path, stage1_steps: int = 20, stage2_steps: int = 40, seed: int = 0) -> dict:
     """Run the MoIIE demo in `output_dir` (its sub-folders are recreated) and return its numbers."""
-    import datasets
-
-    verbosity, threads = logging.get_verbosity(), torch.get_num_threads()
-    logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    # Tiny models: one thread is nearly as fast as two on an idle CPU, and far faster on a shared one.
-    torch.set_num_threads(1)
-    try:
+    with quiet_tiny_run():
         return _run_demo(Path(output_dir), stage1_steps, stage2_steps, seed)
-    finally:
-        logging.set_verbosity(verbosity)
-        datasets.enable_progress_bars()
-        torch.set_num_threads(threads)
 
 
 def _run_demo(output_dir: Path, stage1_steps: int, stage2_steps: int, seed: int) -> dict:
