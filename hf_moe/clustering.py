@@ -304,9 +304,10 @@ def _repair(points, norms, labels, position, index, distance, centers, low, high
         need_left = (low - counts).clamp(min=0)
         if from_candidates:
             # The pairs (point, under-full cluster) already in the candidate lists, with their distance increase.
-            pair_row, pair_column = ((need_left[index] > 0) & (surplus[labels] > 0)[:, None]).nonzero().unbind(1)
-            pair_cluster = index[pair_row, pair_column]
-            pair_value = distance[pair_row, pair_column] - own[pair_row]
+            # Flat indices, so that no (pairs, 2) block can outgrow the N x candidates lists.
+            pair = ((need_left[index] > 0) & (surplus[labels] > 0)[:, None]).flatten().nonzero().squeeze(1)
+            pair_row = pair // index.shape[1]
+            pair_cluster, pair_value = index.flatten()[pair], distance.flatten()[pair] - own[pair_row]
             _fill(pair_cluster, pair_row, pair_value, labels, counts, surplus, need_left, own)
             from_candidates = False
             continue

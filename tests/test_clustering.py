@@ -184,3 +184,22 @@ def test_bad_input_is_named():
     points[3, 1] = float("nan")
     with pytest.raises(ValueError, match="row 3"):
         balanced_kmeans(points, 2, chunk_size=2, progress=False)
+
+
+def test_nearest_center_with_room_from_candidates_matches_brute_force():
+    """The repair looks a point's nearest center with room up in its candidate lists and passes over the data only
+    for the points whose candidates are all full; both paths must give the brute-force answer."""
+    points = unbalanced_blobs(dim=6)
+    centers = initial_centers(points, 40, seed=1)
+    norms = points.square().sum(-1)
+    index, distance = clustering._candidates(points, norms, centers, 4, 64, torch.device("cpu"), False)
+    room = torch.arange(40) % 2  # every other center full: most points keep a candidate with room, some do not
+    rows = torch.arange(len(points))
+    target, partial = clustering._nearest_with_room(
+        points, norms, rows, index, distance, centers, room, 64, torch.device("cpu"), False
+    )
+    brute = torch.cdist(points.double(), centers.double()).square().masked_fill(room[None] <= 0, float("inf"))
+    has_candidate = (room[index] > 0).any(dim=1)
+    assert has_candidate.any() and not has_candidate.all()  # both paths ran
+    assert torch.equal(target, brute.argmin(dim=1))
+    torch.testing.assert_close((partial + norms).double(), brute.min(dim=1).values, rtol=1e-4, atol=1e-4)
