@@ -19,10 +19,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
-    SiglipVisionModel,
     pipeline,
 )
 
@@ -33,19 +30,9 @@ from hf_moe.moiie.data import IGNORE_INDEX, MoIIECollator
 
 from conftest import experts_implementations
 from helpers import run_without_hf_moe
+from moiie_dense import IMAGE_TOKEN, TOKENS_PER_IMAGE, VISION, assert_dense_logits, batch, save_dense_parts
 
 
-IMAGE_TOKEN = 99
-TOKENS_PER_IMAGE = 4
-VISION = dict(
-    model_type="siglip_vision_model",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=16,
-    patch_size=8,
-)
 TEXT = dict(
     model_type="llama",
     hidden_size=32,
@@ -62,54 +49,15 @@ TEXT = dict(
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
+    """A random dense LLaVA (SigLIP + Llama) saved whole and as its parts; the projector in plain names."""
     root = tmp_path_factory.mktemp("moiie_llama")
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=VISION,
-        text_config=TEXT,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-2,
-    )
-    llava = LlavaForConditionalGeneration(config).eval()
-    llava.save_pretrained(root / "llava")
-    llama = LlamaForCausalLM(llava.config.text_config)
-    llama.model.load_state_dict(llava.model.language_model.state_dict())
-    llama.lm_head.load_state_dict(llava.lm_head.state_dict())
-    llama.save_pretrained(root / "llama")
-    siglip = SiglipVisionModel(llava.config.vision_config)
-    siglip.load_state_dict(llava.model.vision_tower.state_dict())
-    siglip.save_pretrained(root / "siglip")
+    llava = save_dense_parts(root, TEXT, LlamaForCausalLM, "llama")
     (root / "projector").mkdir()
     save_file(
         {f"{k}": v.contiguous() for k, v in llava.model.multi_modal_projector.state_dict().items()},
         root / "projector" / "projector.safetensors",
     )
     return root, llava
-
-
-def batch():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, 90, (2, 14), generator=generator)
-    input_ids[0, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-    input_ids[1, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-    input_ids[1, 6 : 6 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-    attention_mask = torch.ones_like(input_ids)
-    input_ids[0, -3:], attention_mask[0, -3:] = 0, 0
-    pixel_values = torch.randn(3, 3, 16, 16, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-
-
-def check_same_logits(model, llava, image_token_id=IMAGE_TOKEN):
-    """The dense LLaVA's logits, its placeholders written as the model's `image_token_id`; over the dense vocabulary
-    only, since rows a resize adds only add logits for the new ids."""
-    inputs = batch()
-    with torch.no_grad():
-        expected = llava(**inputs).logits
-        ids = inputs["input_ids"]
-        got = model(**{**inputs, "input_ids": ids.masked_fill(ids == IMAGE_TOKEN, image_token_id)}).logits
-    mask = inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[mask][:, : expected.shape[-1]], expected[mask], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["moiie", "vanilla", "modality"])
@@ -127,7 +75,7 @@ def test_upcycled_llama_is_the_dense_function(parts, tmp_path, variant, implemen
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moiie", trust_remote_code=True).eval()
     assert type(model).__name__ == "MoIIELlamaForCausalLM"
     model.set_experts_implementation(implementation)
-    check_same_logits(model, llava)
+    assert_dense_logits(model, llava)
 
 
 def test_llava_llama_folder_upcycles_and_loads_in_process(parts, tmp_path):
@@ -138,7 +86,7 @@ def test_llava_llama_folder_upcycles_and_loads_in_process(parts, tmp_path):
     assert model.config.auto_map["AutoModelForCausalLM"] == "modeling_moiie.MoIIELlamaForCausalLM"
     card = (tmp_path / "moiie" / "README.md").read_text()
     assert "Llama decoder" in card and "Phi-3" not in card
-    check_same_logits(model, llava)
+    assert_dense_logits(model, llava)
     assert type(AutoModelForCausalLM.from_config(model.config)) is MoIIELlamaForCausalLM
 
 
@@ -336,7 +284,7 @@ def test_full_vocabulary_grows_by_the_image_token(parts, tmp_path):
     new_rows = model.lm_head.weight[rows:]
     mean = dense.lm_head.weight.mean(0).expand_as(new_rows)
     torch.testing.assert_close(new_rows, mean, atol=1e-3, rtol=0)  # mean-initialised
-    check_same_logits(model, llava, image_token_id=rows)
+    assert_dense_logits(model, llava, image_token_id=rows)
     text = {k: v for k, v in batch().items() if k != "pixel_values"}
     text["input_ids"] = text["input_ids"].masked_fill(text["input_ids"] == IMAGE_TOKEN, 5)
     with torch.no_grad():

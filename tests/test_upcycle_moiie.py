@@ -16,11 +16,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     AutoTokenizer,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
     Phi3ForCausalLM,
     PreTrainedTokenizerFast,
-    SiglipVisionModel,
     pipeline,
 )
 
@@ -29,18 +26,9 @@ from hf_moe.conversion import upcycle_moiie
 from hf_moe.conversion.upcycle_moiie import add_image_token, moiie_processor
 from hf_moe.modeling import MoIIEConfig
 
+from moiie_dense import IMAGE_TOKEN, TOKENS_PER_IMAGE, VISION, assert_dense_logits, save_dense_parts
 
-IMAGE_TOKEN = 99
-TOKENS_PER_IMAGE = 4
-VISION = dict(
-    model_type="siglip_vision_model",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=16,
-    patch_size=8,
-)
+
 TEXT = dict(
     model_type="phi3",
     hidden_size=32,
@@ -56,26 +44,11 @@ TEXT = dict(
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    """A random dense LLaVA (SigLIP + Phi-3) saved whole and as its three parts (Phi-3, SigLIP, projector)."""
+    """A random dense LLaVA (SigLIP + Phi-3) saved whole and as its three parts (Phi-3, SigLIP, projector in the
+    original LLaVA's mm_projector names)."""
     root = tmp_path_factory.mktemp("moiie_parts")
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=VISION,
-        text_config=TEXT,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-2,
-    )
-    llava = LlavaForConditionalGeneration(config).eval()
-    llava.save_pretrained(root / "llava")
-    phi3 = Phi3ForCausalLM(llava.config.text_config)
-    phi3.model.load_state_dict(llava.model.language_model.state_dict())
-    phi3.lm_head.load_state_dict(llava.lm_head.state_dict())
-    phi3.save_pretrained(root / "phi3")
+    llava = save_dense_parts(root, TEXT, Phi3ForCausalLM, "phi3")
     (root / "phi3" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    siglip = SiglipVisionModel(llava.config.vision_config)
-    siglip.load_state_dict(llava.model.vision_tower.state_dict())
-    siglip.save_pretrained(root / "siglip")
     (root / "projector").mkdir()
     save_file(
         {
@@ -88,28 +61,12 @@ def parts(tmp_path_factory):
     return root, llava
 
 
-def batch():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, 90, (2, 14), generator=generator)
-    input_ids[0, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-    input_ids[1, 1 : 1 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-    input_ids[1, 6 : 6 + TOKENS_PER_IMAGE] = IMAGE_TOKEN
-    attention_mask = torch.ones_like(input_ids)
-    input_ids[0, -3:], attention_mask[0, -3:] = 0, 0
-    pixel_values = torch.randn(3, 3, 16, 16, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-
-
 def assert_same_logits(folder, llava, image_token_id=IMAGE_TOKEN):
-    """The dense LLaVA's logits, its placeholders written as the upcycled model's `image_token_id`."""
+    """The folder's model, loaded with remote code, after checking it gives the dense LLaVA's logits over the whole
+    vocabulary (a Phi-3 upcycling adds no embedding row here)."""
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    inputs = batch()
-    with torch.no_grad():
-        expected = llava(**inputs).logits
-        ids = inputs["input_ids"]
-        got = model(**{**inputs, "input_ids": ids.masked_fill(ids == IMAGE_TOKEN, image_token_id)}).logits
-    mask = inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+    assert model.config.text_config.vocab_size == llava.config.text_config.vocab_size
+    assert_dense_logits(model, llava, image_token_id)
     return model
 
 
