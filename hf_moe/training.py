@@ -14,6 +14,7 @@ import math
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -365,6 +366,30 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
     return None
 
 
+def train_from_last_checkpoint(trainer, folder: str | Path, what: str) -> None:
+    """`trainer.train()`, resumed from the last complete checkpoint in `folder` when there is one."""
+    last = last_complete_checkpoint(folder)
+    if last:
+        logger.warning(f"Resuming {what} from {last}")
+    trainer.train(resume_from_checkpoint=last)
+
+
+def complete_job(trainer, job: "TrainingJob", training_args, write_outputs: Callable[[], None]) -> Path:
+    """The end of a training command: the main process writes the outputs (`write_outputs()`) and marks `job`
+    complete at the trainer's step; every process waits for that; the output folder is pushed if asked. Returns
+    the output folder."""
+    from accelerate import PartialState
+
+    from .hub import push_training_output
+
+    if trainer.is_world_process_zero():
+        write_outputs()
+        job.mark_complete(global_step=trainer.state.global_step)
+    PartialState().wait_for_everyone()
+    push_training_output(job.output_dir, training_args)
+    return job.output_dir
+
+
 def share_process_group_with_deepspeed() -> None:
     """Let DeepSpeed's communication layer use the process group `TrainingArguments` set up; call it from a
     `TrainingArguments` subclass's `__post_init__` when `deepspeed` is set (ZeRO-3 on CPU needs it).
@@ -406,6 +431,8 @@ __all__ = [
     "model_fingerprint",
     "result_options",
     "share_process_group_with_deepspeed",
+    "complete_job",
+    "train_from_last_checkpoint",
 ]
 
 

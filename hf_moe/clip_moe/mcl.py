@@ -38,10 +38,10 @@ from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_L
 from ..training import (
     TrainingJob,
     input_fingerprint,
-    last_complete_checkpoint,
     local_path,
     model_fingerprint,
     result_options,
+    train_from_last_checkpoint,
 )
 from .trainer import CLIPMoETrainer, CLIPMoETrainingArguments, MCLTrainingArguments
 
@@ -382,10 +382,7 @@ def _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, 
         data_collator=collator,
         cluster_labels=labels,
     )
-    last = last_complete_checkpoint(run_dir)
-    if last:
-        logger.warning(f"Resuming MCL stage {stage} from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    train_from_last_checkpoint(trainer, run_dir, f"MCL stage {stage}")
     if trainer.is_world_process_zero():
         save_with_processor(trainer.model, stage_dirs[0], stage_dirs[stage], overwrite=True)
     PartialState().wait_for_everyone()

@@ -12,7 +12,6 @@ reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the f
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
@@ -21,11 +20,12 @@ from ..hub import push_training_output
 from ..loading import check_model_path, load_pretrained
 from ..training import (
     TrainingJob,
+    complete_job,
     input_fingerprint,
-    last_complete_checkpoint,
     local_path,
     model_fingerprint,
     result_options,
+    train_from_last_checkpoint,
 )
 from .trainer import CLIPMoERouterTrainingArguments, CLIPMoETrainer, CLIPMoETrainingArguments
 
@@ -95,18 +95,14 @@ def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETra
         train_dataset=dataset,
         data_collator=ImageTextCollator(processor),
     )
-    last = last_complete_checkpoint(output_dir)
-    if last:
-        logger.warning(f"Resuming router training from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    train_from_last_checkpoint(trainer, output_dir, "router training")
     trainer.save_model()
-    if trainer.is_world_process_zero():
+
+    def write_outputs():
         processor.save_pretrained(output_dir)
         _write_card(output_dir, script_args, training_args)
-        job.mark_complete(global_step=trainer.state.global_step)
-    PartialState().wait_for_everyone()
-    push_training_output(output_dir, training_args)
-    return output_dir
+
+    return complete_job(trainer, job, training_args, write_outputs)
 
 
 def _write_card(output_dir: Path, script_args, training_args) -> None:

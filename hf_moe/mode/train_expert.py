@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import AutoProcessor, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
@@ -31,11 +30,12 @@ from ..hub import push_training_output
 from ..loading import load_config, load_pretrained
 from ..training import (
     TrainingJob,
+    complete_job,
     input_fingerprint,
-    last_complete_checkpoint,
     local_path,
     model_fingerprint,
     result_options,
+    train_from_last_checkpoint,
 )
 from .data import fine_labels_of
 from .sampling import expert_subset
@@ -169,18 +169,14 @@ def train_expert(script_args: DataExpertArguments, training_args: DataExpertTrai
         train_dataset=subset,
         data_collator=ImageTextCollator(processor),
     )
-    last = last_complete_checkpoint(output_dir)
-    if last:
-        logger.warning(f"Resuming data expert {script_args.expert} from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    train_from_last_checkpoint(trainer, output_dir, f"data expert {script_args.expert}")
     trainer.save_model()
-    if trainer.is_world_process_zero():
+
+    def write_outputs():
         processor.save_pretrained(output_dir)
         _write_card(output_dir, script_args, training_args, num_experts, rows, len(dataset), trainer.state.global_step)
-        job.mark_complete(global_step=trainer.state.global_step)
-    PartialState().wait_for_everyone()
-    push_training_output(output_dir, training_args)
-    return output_dir
+
+    return complete_job(trainer, job, training_args, write_outputs)
 
 
 def _write_card(output_dir: Path, script_args, training_args, num_experts: int, rows, num_rows: int, steps: int):

@@ -17,7 +17,6 @@ the output folder the merged model, which loads without PEFT.
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
@@ -25,11 +24,12 @@ from ..hub import push_training_output
 from ..loading import check_model_path, load_pretrained
 from ..training import (
     TrainingJob,
+    complete_job,
     input_fingerprint,
-    last_complete_checkpoint,
     local_path,
     model_fingerprint,
     result_options,
+    train_from_last_checkpoint,
 )
 from .data import MoIIECollator, load_conversations
 from .lora import LORA_TRAINABLE_PARAMETERS, MoIIELoraArguments, apply_lora, check_lora_stage
@@ -113,10 +113,7 @@ def train_moiie(
         train_dataset=dataset,
         data_collator=MoIIECollator(processor, max_length=script_args.max_length),
     )
-    last = last_complete_checkpoint(output_dir)
-    if last:
-        logger.warning(f"Resuming MoIIE training from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    train_from_last_checkpoint(trainer, output_dir, "MoIIE training")
     if lora_args.enabled:
         # The Trainer would save the adapter only; users get a plain MoIIE folder that loads without PEFT.
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
@@ -124,13 +121,12 @@ def train_moiie(
             merged.save_pretrained(output_dir)
     else:
         trainer.save_model()
-    if trainer.is_world_process_zero():
+
+    def write_outputs():
         processor.save_pretrained(output_dir)
         _write_card(output_dir, script_args, training_args, lora_args)
-        job.mark_complete(global_step=trainer.state.global_step)
-    PartialState().wait_for_everyone()
-    push_training_output(output_dir, training_args)
-    return output_dir
+
+    return complete_job(trainer, job, training_args, write_outputs)
 
 
 def _write_card(output_dir: Path, script_args, training_args, lora_args: MoIIELoraArguments) -> None:

@@ -206,11 +206,10 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
     """Learn the AdaMerging coefficients of `script_args.finetuned` on the unlabeled `script_args.tasks`, and write
     the merged `CLIPModel` with the processor, a model card and the coefficients (`adamerging_coefficients.json`) to
     `training_args.output_dir`. Resumable as `hf-moe tta-wemoe` (same job record and checkpoints)."""
-    from accelerate import PartialState
 
     from ..hub import push_training_output, write_model_card
     from ..merging import load_for_merge, load_processor, task_vectors
-    from ..training import input_fingerprint, last_complete_checkpoint
+    from ..training import complete_job, input_fingerprint, train_from_last_checkpoint
     from .tta import TaskBatches, TTATrainer, load_tasks, tta_job, zero_shot_heads
 
     output_dir = Path(training_args.output_dir)
@@ -244,11 +243,9 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
     job.record()
     args = replace(training_args, push_to_hub=False, trainable_parameters=[r"^merge_coefficients$"])
     trainer = TTATrainer(model=wrapper, args=args, train_dataset=dataset, heads=heads)
-    last = last_complete_checkpoint(output_dir)
-    if last:
-        logger.warning(f"Resuming AdaMerging from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    if trainer.is_world_process_zero():
+    train_from_last_checkpoint(trainer, output_dir, "AdaMerging")
+
+    def write_outputs():
         merged = wrapper.merged_model()
         merged.config.name_or_path = ""
         merged.save_pretrained(output_dir)
@@ -271,10 +268,8 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
             model_name=training_args.hub_model_id,
             description="A dense CLIP merged by AdaMerging with hf-moe: an ordinary transformers model.",
         )
-        job.mark_complete(global_step=trainer.state.global_step)
-    PartialState().wait_for_everyone()
-    push_training_output(output_dir, training_args)
-    return output_dir
+
+    return complete_job(trainer, job, training_args, write_outputs)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from ..evaluation import EvalMode, class_embeddings, projected_embeddings
 from ..hub import push_training_output
-from ..training import RecordedMetricsMixin, freeze_all_but
+from ..training import RecordedMetricsMixin, complete_job, freeze_all_but, train_from_last_checkpoint
 
 
 logger = logging.get_logger(__name__)
@@ -347,7 +347,13 @@ def check_trainable(model, patterns: list[str], name: str) -> None:
 
 
 def tta_job(script_args: TTAScriptArguments, training_args: TrainingArguments, command: str = "tta-wemoe"):
-    from ..training import TrainingJob, input_fingerprint, local_path, model_fingerprint, result_options
+    from ..training import (
+        TrainingJob,
+        input_fingerprint,
+        local_path,
+        model_fingerprint,
+        result_options,
+    )
 
     options = result_options(script_args, training_args, exclude=TTA_NOT_RESULT_OPTIONS)
     options["model"] = local_path(script_args.model)
@@ -364,11 +370,9 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
     """Adapt the routers of `script_args.model` on the unlabeled images of `script_args.tasks`; save the model, its
     processor and a model card in `training_args.output_dir`. Re-running continues an interrupted job from its last
     complete checkpoint, returns a finished one untouched, and refuses one whose options, model or data differ."""
-    from accelerate import PartialState
     from transformers import AutoModel, AutoProcessor
 
     from ..loading import check_model_path, load_pretrained
-    from ..training import last_complete_checkpoint
 
     output_dir = Path(training_args.output_dir)
     check_model_path(script_args.model)
@@ -401,19 +405,15 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
     # We push the final folder ourselves, with our model card; the Trainer would push every checkpoint with its own.
     args = replace(training_args, push_to_hub=False)
     trainer = TTATrainer(model=model, args=args, train_dataset=dataset, heads=heads)
-    last = last_complete_checkpoint(output_dir)
-    if last:
-        logger.warning(f"Resuming test-time adaptation from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    train_from_last_checkpoint(trainer, output_dir, "test-time adaptation")
     trainer.save_model()
-    if trainer.is_world_process_zero():
+
+    def write_outputs():
         processor.save_pretrained(output_dir)
         write_heads_file(output_dir, class_names, templates)
         _write_card(output_dir, script_args, training_args, class_names)
-        job.mark_complete(global_step=trainer.state.global_step)
-    PartialState().wait_for_everyone()
-    push_training_output(output_dir, training_args)
-    return output_dir
+
+    return complete_job(trainer, job, training_args, write_outputs)
 
 
 def write_heads_file(output_dir: Path, class_names: dict, templates: dict) -> None:
