@@ -366,6 +366,19 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
     return None
 
 
+def job_already_done(job: "TrainingJob", training_args, message: str) -> bool:
+    """Check `job` (a differing re-run raises `JobMismatchError`); when it already finished with its model saved,
+    log `message`, push its folder if asked, and return True."""
+    from .hub import push_training_output
+
+    job.check()
+    if not (job.is_complete() and (job.output_dir / "config.json").is_file()):
+        return False
+    logger.warning(message)
+    push_training_output(job.output_dir, training_args)
+    return True
+
+
 def train_from_last_checkpoint(trainer, folder: str | Path, what: str) -> None:
     """`trainer.train()`, resumed from the last complete checkpoint in `folder` when there is one."""
     last = last_complete_checkpoint(folder)
@@ -432,6 +445,7 @@ __all__ = [
     "result_options",
     "share_process_group_with_deepspeed",
     "complete_job",
+    "job_already_done",
     "train_from_last_checkpoint",
 ]
 

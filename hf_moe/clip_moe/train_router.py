@@ -16,12 +16,12 @@ from transformers import AutoModel, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
 from ..data import ImageTextCollator, load_image_text_dataset
-from ..hub import push_training_output
 from ..loading import check_model_path, load_pretrained
 from ..training import (
     TrainingJob,
     complete_job,
     input_fingerprint,
+    job_already_done,
     local_path,
     model_fingerprint,
     result_options,
@@ -72,10 +72,7 @@ def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETra
     output_dir = Path(training_args.output_dir)
     check_model_path(script_args.model)
     job = router_job(script_args, training_args)
-    job.check()
-    if job.is_complete() and (output_dir / "config.json").is_file():
-        logger.warning(f"Router training in {output_dir} is already complete; nothing to do.")
-        push_training_output(output_dir, training_args)
+    if job_already_done(job, training_args, f"Router training in {output_dir} is already complete; nothing to do."):
         return output_dir
 
     model = load_pretrained(

@@ -26,12 +26,12 @@ from transformers.utils import logging
 from ..clip_training import CLIPTrainer, CLIPTrainingArguments
 from ..conversion.build_mode import read_clusters as read_cluster_files
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
-from ..hub import push_training_output
 from ..loading import load_config, load_pretrained
 from ..training import (
     TrainingJob,
     complete_job,
     input_fingerprint,
+    job_already_done,
     local_path,
     model_fingerprint,
     result_options,
@@ -145,10 +145,9 @@ def train_expert(script_args: DataExpertArguments, training_args: DataExpertTrai
     output_dir = Path(training_args.output_dir)
     num_experts, fine_to_coarse = check_expert_arguments(script_args)
     job = expert_job(script_args, training_args)
-    job.check()
-    if job.is_complete() and (output_dir / "config.json").is_file():
-        logger.warning(f"Data expert {script_args.expert} in {output_dir} is already trained; nothing to do.")
-        push_training_output(output_dir, training_args)
+    if job_already_done(
+        job, training_args, f"Data expert {script_args.expert} in {output_dir} is already trained; nothing to do."
+    ):
         return output_dir
 
     # The index column lets the collator report which rows a batch holds (the trainer drops it).

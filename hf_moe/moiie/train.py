@@ -20,12 +20,12 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
-from ..hub import push_training_output
 from ..loading import check_model_path, load_pretrained
 from ..training import (
     TrainingJob,
     complete_job,
     input_fingerprint,
+    job_already_done,
     local_path,
     model_fingerprint,
     result_options,
@@ -92,10 +92,7 @@ def train_moiie(
     check_model_path(script_args.model)
     check_lora_stage(lora_args, training_args)
     job = moiie_job(script_args, training_args, lora_args)
-    job.check()
-    if job.is_complete() and (output_dir / "config.json").is_file():
-        logger.warning(f"MoIIE training in {output_dir} is already complete; nothing to do.")
-        push_training_output(output_dir, training_args)
+    if job_already_done(job, training_args, f"MoIIE training in {output_dir} is already complete; nothing to do."):
         return output_dir
 
     model = load_pretrained(script_args.model, AutoModelForCausalLM, trust_remote_code=script_args.trust_remote_code)

@@ -207,19 +207,16 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
     the merged `CLIPModel` with the processor, a model card and the coefficients (`adamerging_coefficients.json`) to
     `training_args.output_dir`. Resumable as `hf-moe tta-wemoe` (same job record and checkpoints)."""
 
-    from ..hub import push_training_output, write_model_card
+    from ..hub import write_model_card
     from ..merging import load_for_merge, load_processor, task_vectors
-    from ..training import complete_job, input_fingerprint, train_from_last_checkpoint
+    from ..training import complete_job, input_fingerprint, job_already_done, train_from_last_checkpoint
     from .tta import TaskBatches, TTATrainer, load_tasks, tta_job, zero_shot_heads
 
     output_dir = Path(training_args.output_dir)
     job = tta_job(script_args, training_args, command="adamerging")
     for i, name in enumerate(script_args.finetuned):
         job.inputs[f"finetuned:{i}"] = input_fingerprint(name)
-    job.check()
-    if job.is_complete() and (output_dir / "config.json").is_file():
-        logger.warning(f"AdaMerging in {output_dir} is already complete; nothing to do.")
-        push_training_output(output_dir, training_args)
+    if job_already_done(job, training_args, f"AdaMerging in {output_dir} is already complete; nothing to do."):
         return output_dir
     datasets, class_names, templates = load_tasks(script_args)
     model, base_state, finetuned_states = load_for_merge(script_args.pretrained, script_args.finetuned)

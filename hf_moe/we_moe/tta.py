@@ -26,8 +26,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..evaluation import EvalMode, class_embeddings, projected_embeddings
-from ..hub import push_training_output
-from ..training import RecordedMetricsMixin, complete_job, freeze_all_but, train_from_last_checkpoint
+from ..training import RecordedMetricsMixin, complete_job, freeze_all_but, job_already_done, train_from_last_checkpoint
 
 
 logger = logging.get_logger(__name__)
@@ -377,10 +376,9 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
     output_dir = Path(training_args.output_dir)
     check_model_path(script_args.model)
     job = tta_job(script_args, training_args)
-    job.check()
-    if job.is_complete() and (output_dir / "config.json").is_file():
-        logger.warning(f"Test-time adaptation in {output_dir} is already complete; nothing to do.")
-        push_training_output(output_dir, training_args)
+    if job_already_done(
+        job, training_args, f"Test-time adaptation in {output_dir} is already complete; nothing to do."
+    ):
         return output_dir
 
     datasets, class_names, templates = load_tasks(script_args)
