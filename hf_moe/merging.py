@@ -7,7 +7,8 @@ and returns the merged state dict. Options are its keyword arguments, checked by
     average          theta_0 + mean_i tau_i             (= the mean of the fine-tuned models)
     task_arithmetic  theta_0 + scaling * sum_i tau_i    (Ilharco et al., 2023; scaling 0.3)
     ties             theta_0 + scaling * TIES(tau)      (Yadav et al., 2023: trim to the top `density` by magnitude,
-                                                         elect the sign of the summed mass, disjoint mean)
+                                                         elect the sign of the summed mass, disjoint sum (default,
+                                                         as fusion_bench) or mean)
 
 A trained method (AdaMerging's coefficients, for instance) registers the same way:
 `register_merge_method("adamerging", fn)`, `fn(pretrained, task_vectors, coefficients=...)`.
@@ -127,10 +128,18 @@ def task_arithmetic(pretrained: StateDict, task_vectors: Sequence[StateDict], sc
     )
 
 
+TIES_AGGREGATIONS = ("sum", "mean")
+
+
 def trim_task_vector(task_vector: StateDict, density: float, scope: str = "task_vector") -> StateDict:
-    """Keep the `density` fraction of entries largest by magnitude, zero the rest. `scope="task_vector"`: one
-    threshold over all tensors of the task vector (TIES' trim); `"tensor"`: each tensor separately (peft's
-    `magnitude_based_pruning`)."""
+    """Keep the entries of a task vector largest by magnitude, zero the rest.
+
+    `scope="task_vector"` (TIES' trim): one threshold over all tensors of the task vector, as the TIES repository's
+    and fusion_bench's `topk_values_mask` compute it: with d entries, keep those at or above the
+    `(int(density * d) + 1)`-th largest magnitude, i.e. one more than `int(density * d)` (more with ties at the
+    threshold; at least one entry). `"tensor"`: each tensor separately, exactly `int(density * n)` entries (peft's
+    `magnitude_based_pruning`). `density=1` keeps everything.
+    """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density (the fraction of each task vector kept) must be in (0, 1], got {density}.")
     if density == 1.0:
@@ -142,11 +151,10 @@ def trim_task_vector(task_vector: StateDict, density: float, scope: str = "task_
     if scope != "task_vector":
         raise ValueError(f"trim scope must be 'task_vector' or 'tensor', got {scope!r}.")
     magnitudes = torch.cat([tensor.abs().reshape(-1) for tensor in task_vector.values()])
-    keep = int(density * magnitudes.numel())
-    if keep == 0:
-        return {key: torch.zeros_like(tensor) for key, tensor in task_vector.items()}
-    # The keep-th largest magnitude; entries at least that large are kept (as TIES' reference, ties included).
-    threshold = torch.kthvalue(magnitudes, magnitudes.numel() - keep + 1).values
+    size = magnitudes.numel()
+    # The reference takes the (d - int(density * d))-th smallest magnitude as the threshold, which is the
+    # (int(density * d) + 1)-th largest; entries at least that large are kept, ties included.
+    threshold = torch.kthvalue(magnitudes, size - int(density * size)).values
     return {key: torch.where(tensor.abs() >= threshold, tensor, 0.0) for key, tensor in task_vector.items()}
 
 
@@ -156,17 +164,35 @@ def ties(
     scaling: float = 0.3,
     density: float = 0.2,
     trim: str = "task_vector",
+    aggregation: str = "sum",
 ) -> StateDict:
-    """TIES-merging: trim each task vector to its top `density` entries by magnitude (per task vector, or per
-    tensor with `trim="tensor"`), elect per entry the sign of the summed trimmed values, average the trimmed
-    values that agree with it (disjoint mean), and add `scaling` times the result to theta_0."""
-    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
+    """TIES-merging: trim, elect signs, disjoint aggregation, then theta_0 + `scaling` * the result.
 
+    As the TIES repository and fusion_bench compute it: each task vector is trimmed to its largest entries by
+    magnitude ([`trim_task_vector`]: `density`, over the whole task vector, or per tensor with `trim="tensor"`);
+    each entry's sign is the sign of the summed trimmed values (an entry summing to exactly 0 takes the sign that
+    most entries of the whole task vector elected); the trimmed values agreeing with the elected sign are then
+    aggregated: `aggregation="sum"` adds them (the default: fusion_bench's default `merge_func: sum`, and the
+    `dis-sum` with density 0.2 and lambda 0.3 behind the TIES rows of the AdaMerging and WEMoE papers), `"mean"`
+    averages them (the TIES paper's `dis-mean`, also peft's `ties`). `scaling` stays 0.3 for both.
+    """
+    if aggregation not in TIES_AGGREGATIONS:
+        raise ValueError(f"ties aggregation must be one of {TIES_AGGREGATIONS}, got {aggregation!r}.")
     trimmed = [trim_task_vector(tv, density, trim) for tv in task_vectors]
+    keys = list(trimmed[0])
+    # The reference resolves the zero-mass entries with the majority of the elected signs over the whole vector.
+    elected_total = sum(torch.stack([tv[key] for tv in trimmed]).sum(dim=0).sign().sum() for key in keys)
+    majority = torch.sign(torch.as_tensor(elected_total, dtype=torch.float32))
     merged = {}
-    for key in trimmed[0]:
+    for key in keys:
         stacked = torch.stack([tv[key] for tv in trimmed])
-        merged[key] = scaling * disjoint_merge(stacked, calculate_majority_sign_mask(stacked, method="total"))
+        elected = stacked.sum(dim=0).sign()
+        elected = torch.where(elected == 0, majority, elected)
+        selected = stacked * torch.where(elected > 0, stacked > 0, stacked < 0)
+        total = selected.sum(dim=0)
+        if aggregation == "mean":
+            total = total / (selected != 0).sum(dim=0).clamp(min=1)
+        merged[key] = scaling * total
     return add_to_pretrained(pretrained, merged)
 
 
@@ -337,7 +363,12 @@ def vision_usage(model_id: str) -> str:
 
 
 def merge_command_line(method: str, pretrained, finetuned, output_dir, options: dict) -> str:
-    flags = {"scaling": "--scaling", "density": "--ties_density", "trim": "--ties_trim"}
+    flags = {
+        "scaling": "--scaling",
+        "density": "--ties_density",
+        "trim": "--ties_trim",
+        "aggregation": "--ties_aggregation",
+    }
     parts = [
         "hf-moe",
         "merge",
@@ -376,7 +407,7 @@ def merge_clip_vision(
         finetuned: Hub ids or folders of fine-tunes of `pretrained` (`CLIPModel` or `CLIPVisionModel`; only their
             vision towers are used).
         output_dir: New or empty folder (`overwrite=True` replaces a non-empty one); may not hold an input.
-        options: The method's options (`scaling`, `density`, `trim`, ...), checked by name first.
+        options: The method's options (`scaling`, `density`, `trim`, `aggregation`, ...), checked by name first.
 
     Returns:
         The merged model (also saved).

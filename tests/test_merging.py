@@ -95,23 +95,60 @@ def test_average_and_task_arithmetic_match_hand_computed_values():
 
 
 def test_ties_matches_hand_computed_values():
-    # taus: t0 = w [[1,0],[0,1]] b [1,0];  t1 = w [[-1,1],[1,-3]] b [-0.5,2]. density 0.5 keeps 3 of 6 per task:
-    # t0 keeps its three 1s (|1| >= 3rd largest 1; ties kept: w00, w11, b0 -> exactly 3), t1 keeps -3, 2 and
-    # the 1s tied at the threshold |1| (w00, w01, w10). Elected sign by summed mass, then disjoint mean.
-    merged = merge_state_dicts("ties", BASE, FT, scaling=1.0, density=0.5)
-    # w00: 1 and -1 -> sum 0 -> sign + -> mean of {1} = 1; w01: 0,1 -> 1; w10: 0,1 -> 1; w11: 1,-3 -> - -> -3
-    torch.testing.assert_close(merged["w"], BASE["w"] + torch.tensor([[1.0, 1.0], [1.0, -3.0]]))
-    # b0: 1 and (-0.5 trimmed) -> 1; b1: 0 and 2 -> 2
-    torch.testing.assert_close(merged["b"], BASE["b"] + torch.tensor([1.0, 2.0]))
+    # taus: t0 = w [[1,0],[0,1]] b [1,0];  t1 = w [[-1,1],[1,-3]] b [-0.5,2]. density 0.5 of 6 entries: the
+    # threshold is the (int(3) + 1)-th largest magnitude, so t0 keeps its three 1s (the threshold is 0) and t1 keeps
+    # -3, 2 and the 1s tied at the threshold |1| (w00, w01, w10). Elected sign by summed mass; w00 sums to 0 and
+    # takes the majority of the elected signs (w: 0, +, +, -; b: +, + -> +). Each kept entry has one agreeing
+    # value, so the disjoint sum and mean agree here.
+    for aggregation in ("sum", "mean"):
+        merged = merge_state_dicts("ties", BASE, FT, scaling=1.0, density=0.5, aggregation=aggregation)
+        # w00: 1 and -1 -> sum 0 -> majority + -> {1} = 1; w01: 0,1 -> 1; w10: 0,1 -> 1; w11: 1,-3 -> - -> -3
+        torch.testing.assert_close(merged["w"], BASE["w"] + torch.tensor([[1.0, 1.0], [1.0, -3.0]]))
+        # b0: 1 and (-0.5 trimmed) -> 1; b1: 0 and 2 -> 2
+        torch.testing.assert_close(merged["b"], BASE["b"] + torch.tensor([1.0, 2.0]))
 
 
-def loop_ties(base, finetuned, scaling, density):
-    """TIES written out entry by entry: a plain reference."""
+def test_ties_keeps_the_references_count_and_sums_by_default():
+    # 10 entries, density 0.2: fusion_bench / the TIES repo keep |x| >= the (int(2) + 1) = 3rd largest, 3 entries.
+    # t0 = [5, -4, 3, .5, -.1, .2, 1, -2, .3, .4] keeps 5, -4, 3; t1 = [4.5, 6, -2, .1, .2, .3, -5, .4, .5, 1] keeps
+    # 4.5, 6, -5. Sums [9.5, 2, 3, 0, 0, 0, -5, 0, 0, 0] elect + + + (majority +) ... - ...; agreeing values:
+    # e0 {5, 4.5}, e1 {6} (-4 disagrees), e2 {3}, e6 {-5}.
+    base = {"v": torch.zeros(10)}
+    finetuned = [
+        {"v": torch.tensor([5.0, -4.0, 3.0, 0.5, -0.1, 0.2, 1.0, -2.0, 0.3, 0.4])},
+        {"v": torch.tensor([4.5, 6.0, -2.0, 0.1, 0.2, 0.3, -5.0, 0.4, 0.5, 1.0])},
+    ]
+    summed = torch.tensor([9.5, 6.0, 3.0, 0.0, 0.0, 0.0, -5.0, 0.0, 0.0, 0.0])
+    default = merge_state_dicts("ties", base, finetuned, scaling=1.0)  # density 0.2, aggregation sum
+    torch.testing.assert_close(default["v"], summed)
+    mean = merge_state_dicts("ties", base, finetuned, scaling=1.0, aggregation="mean")
+    torch.testing.assert_close(mean["v"], torch.tensor([4.75, 6.0, 3.0, 0.0, 0.0, 0.0, -5.0, 0.0, 0.0, 0.0]))
+    assert MERGE_METHODS["ties"].options() == {
+        "scaling": 0.3,
+        "density": 0.2,
+        "trim": "task_vector",
+        "aggregation": "sum",
+    }
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        merge_state_dicts("ties", base, finetuned, aggregation="max")
+
+
+def test_ties_resolves_a_zero_mass_by_the_majority_sign():
+    # Entry 0 sums to 0 (1 - 1); the other entries elect -, -, so entry 0 takes - and keeps -1 (a "sum >= 0 -> +"
+    # rule, as peft's, would keep +1).
+    base = {"v": torch.zeros(3)}
+    finetuned = [{"v": torch.tensor([1.0, -3.0, -2.0])}, {"v": torch.tensor([-1.0, 0.0, 0.0])}]
+    merged = merge_state_dicts("ties", base, finetuned, scaling=1.0, density=1.0)
+    torch.testing.assert_close(merged["v"], torch.tensor([-1.0, -3.0, -2.0]))
+
+
+def loop_ties(base, finetuned, scaling, density, aggregation):
+    """TIES written out entry by entry: a plain reference (threshold: the (int(density * d) + 1)-th largest)."""
     taus = [{k: ft[k].float() - v.float() for k, v in base.items() if v.is_floating_point()} for ft in finetuned]
     trimmed = []
     for tau in taus:
         flat = sorted((abs(x) for t in tau.values() for x in t.reshape(-1).tolist()), reverse=True)
-        threshold = flat[int(density * len(flat)) - 1]
+        threshold = flat[int(density * len(flat))]
         trimmed.append({k: [x if abs(x) >= threshold else 0.0 for x in t.reshape(-1).tolist()] for k, t in tau.items()})
     out = {}
     for key, tensor in base.items():
@@ -123,7 +160,7 @@ def loop_ties(base, finetuned, scaling, density):
             column = [t[key][j] for t in trimmed]
             sign = 1.0 if sum(column) >= 0 else -1.0
             agreeing = [x for x in column if x != 0 and (x > 0) == (sign > 0)]
-            values.append(sum(agreeing) / len(agreeing) if agreeing else 0.0)
+            values.append(sum(agreeing) / max(1, len(agreeing)) if aggregation == "mean" else sum(agreeing))
         out[key] = tensor + scaling * torch.tensor(values).reshape(tensor.shape)
     return out
 
@@ -132,10 +169,11 @@ def test_ties_equals_a_straightforward_loop():
     generator = torch.Generator().manual_seed(0)
     base = {"a": torch.randn(7, 5, generator=generator), "c": torch.randn(11, generator=generator)}
     finetuned = [{k: v + torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(4)]
-    expected = loop_ties(base, finetuned, scaling=0.7, density=0.3)
-    merged = merge_state_dicts("ties", base, finetuned, scaling=0.7, density=0.3)
-    for key in base:
-        torch.testing.assert_close(merged[key], expected[key])
+    for aggregation in ("sum", "mean"):
+        expected = loop_ties(base, finetuned, scaling=0.7, density=0.3, aggregation=aggregation)
+        merged = merge_state_dicts("ties", base, finetuned, scaling=0.7, density=0.3, aggregation=aggregation)
+        for key in base:
+            torch.testing.assert_close(merged[key], expected[key])
 
 
 def test_ties_per_tensor_trim_uses_each_tensors_top_entries():
@@ -143,7 +181,8 @@ def test_ties_per_tensor_trim_uses_each_tensors_top_entries():
     finetuned = [{"a": torch.tensor([10.0, 20.0, 30.0, 40.0]), "c": torch.tensor([1.0, 2.0, 3.0, 4.0])}]
     per_task = merge_state_dicts("ties", base, finetuned, scaling=1.0, density=0.5)
     per_tensor = merge_state_dicts("ties", base, finetuned, scaling=1.0, density=0.5, trim="tensor")
-    torch.testing.assert_close(per_task["c"], torch.zeros(4))  # the global top half is all in `a`
+    # Over the whole task vector, the top int(0.5 * 8) + 1 = 5 entries are all of `a` and the 4 of `c`.
+    torch.testing.assert_close(per_task["c"], torch.tensor([0.0, 0.0, 0.0, 4.0]))
     torch.testing.assert_close(per_tensor["c"], torch.tensor([0.0, 0.0, 3.0, 4.0]))
 
 
@@ -259,10 +298,15 @@ def test_other_architectures_are_refused_and_nothing_is_written(toy_clip_dir, fi
 def test_merge_command(toy_clip_dir, finetuned_dirs, tmp_path, capsys):
     output = tmp_path / "ties"
     argv = ["merge", "--method", "ties", str(toy_clip_dir), *map(str, finetuned_dirs), "--output_dir", str(output)]
-    assert main([*argv, "--scaling", "0.5", "--ties_density", "0.4"]) == 0
+    assert main([*argv, "--scaling", "0.5", "--ties_density", "0.4", "--aggregation", "mean"]) == 0
     assert str(output) in capsys.readouterr().out
     expected = merge_state_dicts(
-        "ties", vision_state(toy_clip_dir), [vision_state(d) for d in finetuned_dirs], scaling=0.5, density=0.4
+        "ties",
+        vision_state(toy_clip_dir),
+        [vision_state(d) for d in finetuned_dirs],
+        scaling=0.5,
+        density=0.4,
+        aggregation="mean",
     )
     loaded = CLIPModel.from_pretrained(output).vision_model.state_dict()
     torch.testing.assert_close(

@@ -2,7 +2,7 @@
 without importing torch or transformers; each command imports its module when it runs.
 
     hf-moe merge --method average|task_arithmetic|ties PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR
-        [--scaling 0.3 --ties_density 0.2 --ties_trim task_vector|tensor]
+        [--scaling 0.3 --ties_density 0.2 --ties_trim task_vector|tensor --ties_aggregation sum|mean]
     hf-moe merge-wemoe PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
         --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ...]
     hf-moe wemoe-params MODEL
@@ -10,6 +10,7 @@ without importing torch or transformers; each command imports its module when it
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..arguments import HubArguments
 
@@ -26,6 +27,15 @@ class MergeArguments:
     )
     ties_trim: str | None = field(
         default=None, metadata={"help": "ties: trim over the whole task vector (task_vector, default) or per tensor."}
+    )
+    ties_aggregation: Literal["sum", "mean"] | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--aggregation"],
+            "help": "ties: disjoint aggregation of the sign-agreeing trimmed values, sum (default: fusion_bench's "
+            "default and the dis-sum of the AdaMerging / WEMoE TIES baselines) or mean (the TIES paper's dis-mean, "
+            "peft's ties).",
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
@@ -124,7 +134,7 @@ def merge_command(argv: list[str]) -> None:
     parser.add_argument("pretrained", metavar="PRETRAINED", help="Pretrained CLIP (Hub id or folder).")
     parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of PRETRAINED.")
     args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
-    names = {"scaling": "scaling", "ties_density": "density", "ties_trim": "trim"}
+    names = {"scaling": "scaling", "ties_density": "density", "ties_trim": "trim", "ties_aggregation": "aggregation"}
     options = {names[key]: getattr(args, key) for key in names if getattr(args, key) is not None}
     merge_clip_vision(
         args.method,
