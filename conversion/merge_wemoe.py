@@ -74,7 +74,8 @@ def merge_wemoe(
         init_lambda: Initial routing weight of every task and the task-arithmetic factor of the non-MLP weights.
         router_depth: 0 (a learned vector), 1 (linear) or 2 (the paper's two-layer router).
         shared_router: E-WEMoE: one router shared by all blocks.
-        prune_ratio: Store the task vectors magnitude-pruned per tensor (share dropped, 0.9 in E-WEMoE), sparsely.
+        prune_ratio: Store the task vectors magnitude-pruned per tensor, sparsely: the entries strictly above this
+            quantile of |value| are kept, as fusion_bench prunes them (0.9 in E-WEMoE).
         svd_rank_fraction: Store the task vectors as truncated-SVD factors keeping this share of singular values.
         task_names: One name per fine-tuned model (default: the fine-tuned models' folder / repo names).
         batch_reduce: One merge per batch (transductive; off: per-sample routing as in the paper).
@@ -205,7 +206,10 @@ def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, o
     listed = "\n".join(f"{i}. `{name}`: `{ft}`" for i, (name, ft) in enumerate(zip(task_names, finetuned)))
     storage = "dense"
     if vision_config.task_vector_format == "pruned":
-        storage = f"magnitude-pruned per tensor ({vision_config.prune_ratio:.0%} dropped), stored as indices + values"
+        storage = (
+            f"magnitude-pruned per tensor (the entries above the {vision_config.prune_ratio:.0%} quantile of |value| "
+            "kept), stored as indices + values"
+        )
     elif vision_config.task_vector_format == "svd":
         storage = f"truncated SVD ({vision_config.svd_rank_fraction:.0%} of singular values), stored as factors"
     router = "one router shared by all blocks (E-WEMoE)" if vision_config.shared_router else "one router per block"

@@ -46,7 +46,8 @@ class WEMoEVisionConfig(CLIPVisionConfig):
         task_vector_format (`str`, defaults to `"dense"`): How the task vectors are stored: `"dense"`; `"pruned"`
             (magnitude-pruned per tensor, stored sparsely as indices + values); `"svd"` (truncated SVD factors of
             each 2-D tensor, 1-D tensors dense).
-        prune_ratio (`float`, defaults to 0.9): Share of each task-vector tensor's entries dropped by `"pruned"`.
+        prune_ratio (`float`, defaults to 0.9): The quantile of |value| at or below which `"pruned"` drops a
+            task-vector tensor's entries (fusion_bench's `tv_prune_ratio`: about this share dropped).
         svd_rank_fraction (`float`, *optional*): Share of the singular values kept by `"svd"` (required there).
         moe_layers (`int` or `list[int]`, *optional*): Which blocks get a WEMoE MLP. `None`: all of them; an
             `int` n: the last n blocks; a list: those block indices. The others keep a dense (merged) MLP.

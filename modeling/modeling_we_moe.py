@@ -8,6 +8,7 @@ pretrained MLP under CLIP's own names (`mlp.fc1.*`, `mlp.fc2.*`), the task vecto
 its router under `mlp.router.*` (E-WEMoE: one router at `encoder.router.*`).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -221,12 +222,19 @@ class PrunedTaskVectors(nn.Module):
     safetensors has no sparse tensor type, and torch's sparse layouts need int64 coordinates: flat int64 or int32
     positions would cost 2-3x the values' bytes, int16 columns + per-row counts cost half (MLP rows are 768 or
     3072 long). At prune_ratio 0.9 the task vectors then take about 0.15 of their dense bytes, on disk and in
-    memory alike. Every task keeps the same count, so the tasks stack into tensors whose shapes follow from the
-    config.
+    memory alike.
+
+    Pruning is fusion_bench's (`sparse_we_moe._magnitude_prune`): per task and tensor, the entries whose |value| is
+    strictly above the `prune_ratio` quantile of |value| (torch.quantile's linear interpolation) are kept, the rest
+    are zero: `n - 1 - floor(prune_ratio * (n - 1))` entries of n, about ceil(0.1 (n - 1)) at 0.9, fewer when
+    magnitudes tie at the quantile. The tasks stack into tensors whose shapes follow from the config, so every task
+    stores that maximum count; slots a task does not need hold explicit zeros at otherwise dropped positions, and
+    the reconstructed tensor is exactly the reference's pruned task vector.
     """
 
     def __init__(self, config: WEMoEVisionConfig, shapes: dict[str, tuple[int, ...]]):
         super().__init__()
+        self.prune_ratio = config.prune_ratio
         self.shapes = {name: tuple(shape) if len(shape) == 2 else (1, *shape) for name, shape in shapes.items()}
         for name, (rows, columns) in self.shapes.items():
             key = _param_key(name)
@@ -240,7 +248,34 @@ class PrunedTaskVectors(nn.Module):
 
     @staticmethod
     def kept_count(config: WEMoEVisionConfig, shape: tuple[int, ...]) -> int:
-        return max(1, round((1.0 - config.prune_ratio) * torch.Size(shape).numel()))
+        """The most entries `prune` can keep in a tensor of `shape`: those above the quantile's lower rank."""
+        size = torch.Size(shape).numel()
+        # The quantile's rank q * (n - 1) is computed in the task vectors' dtype (fp32 here, fp64 if asked): the
+        # larger of the two counts holds either.
+        dtypes = (torch.float32, torch.float64)
+        ranks = (torch.tensor(config.prune_ratio, dtype=dtype, device="cpu") * (size - 1) for dtype in dtypes)
+        lower = min(math.floor(float(rank)) for rank in ranks)
+        return max(1, size - 1 - lower)
+
+    @staticmethod
+    def prune_mask(flat: torch.Tensor, prune_ratio: float) -> torch.Tensor:
+        """Per row of `flat` `[tasks, n]`, the entries kept: |value| strictly above the `prune_ratio` quantile of
+        |value| (as fusion_bench's `weight.abs() > weight.abs().quantile(prune_ratio)`).
+
+        The quantile is torch.quantile's (linear interpolation between the sorted values at floor and ceil of
+        q * (n - 1), q in the tensor's dtype), taken with two `kthvalue`s: torch.quantile refuses tensors of more
+        than 2**24 entries (a Llama-size MLP matrix), and a full sort is not needed.
+        """
+        magnitudes = flat.abs()
+        if not magnitudes.is_floating_point() or magnitudes.dtype in (torch.float16, torch.bfloat16):
+            magnitudes = magnitudes.float()  # torch.quantile itself only takes fp32 / fp64
+        size = magnitudes.shape[-1]
+        rank = torch.tensor(prune_ratio, dtype=magnitudes.dtype, device="cpu") * (size - 1)
+        below, above = int(rank.floor()), int(rank.ceil())
+        low = magnitudes.kthvalue(below + 1, dim=-1, keepdim=True).values
+        high = low if above == below else magnitudes.kthvalue(above + 1, dim=-1, keepdim=True).values
+        threshold = torch.lerp(low, high, float(rank - below))
+        return magnitudes > threshold
 
     def stacked(self, name: str) -> torch.Tensor:
         key = _param_key(name)
@@ -263,8 +298,13 @@ class PrunedTaskVectors(nn.Module):
         values = getattr(self, key + "_values")
         rows, width = self.shapes[name]
         flat = stacked.reshape(stacked.shape[0], -1).to(values.device)
+        keep = self.prune_mask(flat, self.prune_ratio)
+        if int(keep.sum(dim=1).max()) > values.shape[1]:
+            raise RuntimeError(f"{name}: pruning kept more entries than the {values.shape[1]} slots stored.")
+        # The kept entries are the largest by magnitude, so the top `slots` positions hold them all; the extra
+        # positions (distinct, so no two entries land on one place) are stored as zeros.
         positions = flat.abs().topk(values.shape[1], dim=1).indices.sort(dim=1).values
-        values.copy_(flat.gather(1, positions))
+        values.copy_(torch.where(keep.gather(1, positions), flat.gather(1, positions), 0.0))
         getattr(self, key + "_columns").copy_(positions % width)
         counts = torch.zeros(stacked.shape[0], rows, dtype=torch.int32, device=values.device)
         counts.scatter_add_(1, positions // width, torch.ones_like(positions, dtype=torch.int32))

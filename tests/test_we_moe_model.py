@@ -1,6 +1,7 @@
 """WEMoE / E-WEMoE model: the per-sample merge against straightforward references, storage formats, routers,
 routing-weight outputs and config validation. Tiny shapes, fp32."""
 
+import math
 import types
 
 import pytest
@@ -18,6 +19,7 @@ from hf_moe.modeling import (
     WEMoERouter,
     WEMoEVisionConfig,
 )
+from hf_moe.modeling.modeling_we_moe import PrunedTaskVectors
 
 
 MLP_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
@@ -201,15 +203,31 @@ def test_pruned_task_vectors_keep_the_largest_entries_and_equal_the_dense_model_
     reconstructed = reconstructed_task_vectors(pruned, 3)
     for original, kept in zip(task_vectors, reconstructed):
         for key, tensor in original.items():
-            k = round(0.1 * tensor.numel())
-            assert int((kept[key] != 0).sum()) == k, key
-            threshold = tensor.abs().flatten().topk(k).values[-1]
-            torch.testing.assert_close(kept[key], torch.where(tensor.abs() >= threshold, tensor, 0.0))
+            # fusion_bench's sparse_we_moe._magnitude_prune, written out.
+            expected = tensor * (tensor.abs() > tensor.abs().quantile(0.9))
+            assert torch.equal(kept[key], expected), key
+            assert int((kept[key] != 0).sum()) == math.ceil(0.1 * (tensor.numel() - 1)), key  # distinct magnitudes
     reference = build(vision_config(), dense, task_vectors=reconstructed)
     reference.load_state_dict({k: v for k, v in pruned.state_dict().items() if "router" in k}, strict=False)
     x = pixels(4)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x).last_hidden_state, reference(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_keeps_the_entries_strictly_above_the_quantile_counted_by_hand():
+    # 12 entries, prune_ratio 0.9: torch.quantile's rank is 0.9 * 11 = 9.9, between the 10th and 11th smallest.
+    # Task 0 (|x| = 0.1 ... 1.2): quantile 1.0 + 0.9 * (1.1 - 1.0) = 1.09, so 1.1 and -1.2 are kept: 2 entries, where
+    # round(0.1 * 12) would keep 1. Task 1 (eleven |x| = 1, one -3): the quantile is 1, only -3 is above it; the
+    # second stored slot is an explicit zero.
+    config = types.SimpleNamespace(num_tasks=2, prune_ratio=0.9)
+    storage = PrunedTaskVectors(config, {"fc1.bias": (12,)})
+    task0 = torch.tensor([0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8, 0.9, -1.0, 1.1, -1.2])
+    task1 = torch.tensor([1.0, -1.0] * 5 + [1.0, -3.0])
+    storage.fill("fc1.bias", torch.stack([task0, task1]))
+    assert storage.fc1_bias_values.shape == (2, 2)  # 12 - 1 - floor(9.9) slots per task
+    expected = torch.zeros(2, 12)
+    expected[0, 10], expected[0, 11], expected[1, 11] = 1.1, -1.2, -3.0
+    assert torch.equal(storage.stacked("fc1.bias"), expected)
 
 
 def test_svd_task_vectors_are_the_truncated_svd_and_equal_the_dense_model_built_from_them():

@@ -47,7 +47,10 @@ class MergeWEMoEArguments:
     router_depth: int = field(default=2, metadata={"help": "Router depth: 0, 1 or 2 (the paper's default)."})
     shared_router: bool = field(default=False, metadata={"help": "E-WEMoE: one router shared by all blocks."})
     prune_ratio: float | None = field(
-        default=None, metadata={"help": "Store task vectors magnitude-pruned, this share dropped (E-WEMoE: 0.9)."}
+        default=None,
+        metadata={
+            "help": "Store task vectors magnitude-pruned: entries above this |value| quantile kept (E-WEMoE: 0.9)."
+        },
     )
     svd_rank_fraction: float | None = field(
         default=None, metadata={"help": "Store task vectors as truncated SVD keeping this share of singular values."}
