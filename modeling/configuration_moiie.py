@@ -9,6 +9,7 @@ from transformers.models.auto.configuration_auto import AutoConfig
 
 
 MOIIE_VARIANTS = ("moiie", "vanilla", "modality", "dense")
+VANILLA_BALANCE_LOSSES = ("all_tokens", "per_modality")
 # text_config.model_type -> the model class (in modeling_moiie.py) that a saved folder's auto_map names.
 MOIIE_TEXT_MODELS = {"phi3": "MoIIEPhi3ForCausalLM", "llama": "MoIIELlamaForCausalLM"}
 PROJECTOR_TYPES = ("mlp2x_gelu",)
@@ -32,9 +33,16 @@ class MoIIEConfig(PreTrainedConfig):
         num_shared_experts (`int`, defaults to 2): Experts both modalities can reach.
         num_language_experts (`int`, defaults to 1): Language-only experts per MoE layer.
         num_experts_per_tok (`int`, defaults to 2): Top-k of every router.
-        router_jitter_noise (`float`, defaults to 0.0): Multiplicative router-input noise in training.
+        router_jitter_noise (`float`, defaults to 0.0): Multiplicative uniform noise in [1 - j, 1 + j] on the MoE
+            layer's input in training (routed variants), as the official code and transformers' Mixtral apply it:
+            the routers and the experts both see the noised input.
         variant (`str`, defaults to `"moiie"`): `"moiie"`, `"vanilla"`, `"modality"` or `"dense"`.
-        router_aux_loss_coef (`float`, defaults to 0.001): Weight of each modality's balance loss.
+        router_aux_loss_coef (`float`, defaults to 0.001): Weight of each balance loss (`"moiie"`: the vision and the
+            language router's; `"vanilla"`: its router's).
+        vanilla_balance_loss (`str`, defaults to `"all_tokens"`): The balance loss of `"vanilla"`: `"all_tokens"`,
+            one loss over all non-padding tokens of its single router (the official vanilla MoE); `"per_modality"`,
+            one over the vision tokens plus one over the language tokens (as `"moiie"` counts them; about twice the
+            official penalty). Ignored by the other variants.
         output_router_logits (`bool`, defaults to `False`): Return router logits and the balance losses.
         image_token_id (`int`, defaults to 32044): The placeholder token replaced by image features.
         vision_feature_layer (`int`, defaults to -2): Vision-tower hidden layer fed to the projector.
@@ -57,6 +65,7 @@ class MoIIEConfig(PreTrainedConfig):
     router_jitter_noise: float = 0.0
     variant: str = "moiie"
     router_aux_loss_coef: float = 0.001
+    vanilla_balance_loss: str = "all_tokens"
     output_router_logits: bool = False
     image_token_id: int = 32044
     vision_feature_layer: int = -2
@@ -91,6 +100,10 @@ class MoIIEConfig(PreTrainedConfig):
         """Raise a `ValueError` naming the offending field when the MoE fields are inconsistent."""
         if self.variant not in MOIIE_VARIANTS:
             raise ValueError(f"variant must be one of {MOIIE_VARIANTS}, got {self.variant!r}.")
+        if self.vanilla_balance_loss not in VANILLA_BALANCE_LOSSES:
+            raise ValueError(
+                f"vanilla_balance_loss must be one of {VANILLA_BALANCE_LOSSES}, got {self.vanilla_balance_loss!r}."
+            )
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}.")
         for name in ("num_vision_experts", "num_shared_experts", "num_language_experts"):
@@ -128,4 +141,4 @@ class MoIIEConfig(PreTrainedConfig):
             raise ValueError(f"router_jitter_noise must not be negative, got {self.router_jitter_noise}.")
 
 
-__all__ = ["MOIIE_TEXT_MODELS", "MOIIE_VARIANTS", "MoIIEConfig"]
+__all__ = ["MOIIE_TEXT_MODELS", "MOIIE_VARIANTS", "VANILLA_BALANCE_LOSSES", "MoIIEConfig"]

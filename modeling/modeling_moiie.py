@@ -35,14 +35,20 @@ class MoIIEModelOutputWithPast(BaseModelOutputWithPast):
 
 @dataclass
 class MoIIECausalLMOutputWithPast(CausalLMOutputWithPast):
-    r"""loss: LM loss + router_aux_loss_coef * (vision_aux_loss + language_aux_loss) when router logits are output.
-    vision_aux_loss / language_aux_loss: Mixtral balance loss of each modality's non-padding tokens over all MoE
-    layers (unweighted). router_logits, image_hidden_states: as in [`MoIIEModelOutputWithPast`]."""
+    r"""loss: LM loss + router_aux_loss_coef * aux_loss when router logits are output.
+    aux_loss: the unweighted balance losses the loss adds, summed: `"moiie"`, vision_aux_loss + language_aux_loss;
+    `"vanilla"`, its one loss over all non-padding tokens (`vanilla_balance_loss="all_tokens"`, the official) or
+    vision_aux_loss + language_aux_loss (`"per_modality"`).
+    vision_aux_loss / language_aux_loss: Mixtral balance loss over all MoE layers of the non-padding vision /
+    language tokens, on the vision / language router under `"moiie"`, on the single router under `"vanilla"` with
+    `"per_modality"`; None when they are not part of the loss (`"vanilla"` with `"all_tokens"`, or no router).
+    router_logits, image_hidden_states: as in [`MoIIEModelOutputWithPast`]."""
 
     router_logits: tuple[torch.Tensor, ...] | None = None
     vision_aux_loss: torch.Tensor | None = None
     language_aux_loss: torch.Tensor | None = None
     image_hidden_states: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # last: the tuple positions of the fields above stay as they were
 
 
 class MoIIERouter(MoETopKRouter):
@@ -112,18 +118,19 @@ class MoIIESparseBlock(nn.Module):
         input_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, input_shape[-1])
         is_vision = token_type_ids.reshape(-1, 1).to(hidden_states.device) == 1
-        router_input = hidden_states
-        if self.training and self.jitter_noise > 0:
-            router_input = hidden_states * torch.empty_like(hidden_states).uniform_(
+        if self.training and self.jitter_noise > 0 and self.variant != "modality":
+            # As the official code and transformers' Mixtral: the layer input itself is scaled, so the experts
+            # compute on the noised tokens too (not only the routers). Same draw as Mixtral's on (batch, seq, hidden).
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
         if self.variant == "moiie":
-            _, vision_weights, vision_index = self.vision_router(router_input)
-            _, language_weights, language_index = self.language_router(router_input)
+            _, vision_weights, vision_index = self.vision_router(hidden_states)
+            _, language_weights, language_index = self.language_router(hidden_states)
             top_k_index = torch.where(is_vision, vision_index, language_index + self.num_vision)
             top_k_weights = torch.where(is_vision, vision_weights, language_weights)
         elif self.variant == "vanilla":
-            _, top_k_weights, top_k_index = self.router(router_input)
+            _, top_k_weights, top_k_index = self.router(hidden_states)
         else:  # "modality": the first vision expert, or the first language expert
             top_k_index = torch.where(is_vision, 0, self.num_vision + self.num_shared)
             top_k_weights = torch.ones(top_k_index.shape, device=hidden_states.device)
@@ -376,7 +383,7 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
     >>> from transformers import AutoModelForCausalLM
     >>> model = AutoModelForCausalLM.from_pretrained("path/to/moiie", trust_remote_code=True)
     >>> out = model(input_ids=ids, pixel_values=pixels, labels=ids, output_router_logits=True)
-    >>> out.loss, out.vision_aux_loss, out.language_aux_loss
+    >>> out.loss, out.aux_loss, out.vision_aux_loss, out.language_aux_loss
     ```"""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -426,11 +433,20 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
         return (valid & (token_type_ids == 1)).float(), (valid & (token_type_ids != 1)).float()
 
     def balance_losses(self, router_logits, token_type_ids, attention_mask):
-        """(vision_aux_loss, language_aux_loss): unweighted Mixtral balance losses, padding excluded."""
+        """(vision_aux_loss, language_aux_loss, aux_loss): unweighted Mixtral balance losses over the tokens of all MoE
+        layers, padding excluded; aux_loss is their sum, the term the loss weighs by `router_aux_loss_coef` (see
+        [`MoIIECausalLMOutputWithPast`]). `"vanilla"` with `vanilla_balance_loss="all_tokens"` (the official):
+        `(None, None, one loss over all non-padding tokens)`."""
         config = self.config
         if not router_logits:
-            return None, None
+            return None, None, None
         vision_mask, language_mask = self.modality_masks(token_type_ids, attention_mask)
+        if config.variant == "vanilla" and config.vanilla_balance_loss == "all_tokens":
+            mask = vision_mask + language_mask
+            if mask.sum() == 0:
+                return None, None, torch.zeros((), device=router_logits[0].device)
+            loss = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok, mask)
+            return None, None, loss
         if config.variant == "moiie":
             vision_logits, language_logits = router_logits[0::2], router_logits[1::2]
             vision_experts = config.num_vision_experts + config.num_shared_experts
@@ -447,7 +463,7 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
                 losses.append(torch.zeros((), device=logits[0].device))
             else:
                 losses.append(load_balancing_loss(logits, experts, config.num_experts_per_tok, mask))
-        return tuple(losses)
+        return losses[0], losses[1], losses[0] + losses[1]
 
     @can_return_tuple
     def forward(
@@ -492,16 +508,15 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
-        vision_aux_loss = language_aux_loss = None
+        vision_aux_loss = language_aux_loss = aux_loss = None
         if output_router_logits and outputs.router_logits:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(hidden_states.shape[:-1], dtype=torch.long, device=hidden_states.device)
-            vision_aux_loss, language_aux_loss = self.balance_losses(
+            vision_aux_loss, language_aux_loss, aux_loss = self.balance_losses(
                 outputs.router_logits, token_type_ids, attention_mask
             )
             if loss is not None:
-                coef = self.config.router_aux_loss_coef
-                loss = loss + coef * (vision_aux_loss + language_aux_loss).to(loss.device)
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
         return MoIIECausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -509,6 +524,7 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            aux_loss=aux_loss,
             vision_aux_loss=vision_aux_loss,
             language_aux_loss=language_aux_loss,
             image_hidden_states=outputs.image_hidden_states,

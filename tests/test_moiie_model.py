@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_moe.modeling import MoIIEConfig, MoIIEPhi3ForCausalLM
+from hf_moe.modeling import MoIIEConfig, MoIIEPhi3ForCausalLM, load_balancing_loss
 
 from conftest import experts_implementations
 from helpers import run_without_hf_moe
@@ -140,6 +140,66 @@ def test_padding_is_excluded_from_the_balance_losses():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_vanilla_balance_loss_is_one_loss_over_all_tokens_computed_by_hand():
+    # One MoE layer, 4 experts, top-2; tokens: a vision token, a language token, a padding token.
+    # Vision probs [.1, .2, .3, .4] choose experts 2, 3; language probs [.1, .4, .2, .3] choose 1, 3.
+    # All tokens: f = [0, 1/2, 1/2, 1] (choices per token), P = mean probs = [.1, .3, .25, .35],
+    # loss = 4 * (0 + .15 + .125 + .35) = 2.5. Per modality: vision 4 * (.3 + .4) = 2.8, language 4 * (.4 + .3) = 2.8.
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.4, 0.2, 0.3], [0.7, 0.1, 0.1, 0.1]])
+    router_logits = (probs.log(),)
+    token_type_ids, attention_mask = torch.tensor([[1, 0, 0]]), torch.tensor([[1, 1, 0]])
+    official = tiny_model(variant="vanilla", moe_layers=[1])
+    assert official.config.vanilla_balance_loss == "all_tokens"  # the default
+    vision, language, total = official.balance_losses(router_logits, token_type_ids, attention_mask)
+    assert vision is None and language is None
+    torch.testing.assert_close(total, torch.tensor(2.5))
+    pair = tiny_model(variant="vanilla", moe_layers=[1], vanilla_balance_loss="per_modality")
+    vision, language, total = pair.balance_losses(router_logits, token_type_ids, attention_mask)
+    torch.testing.assert_close((vision, language, total), (torch.tensor(2.8), torch.tensor(2.8), torch.tensor(5.6)))
+
+
+@pytest.mark.parametrize("vanilla_balance_loss", ["all_tokens", "per_modality"])
+def test_vanilla_loss_adds_its_aux_loss_once(vanilla_balance_loss):
+    model = tiny_model(variant="vanilla", vanilla_balance_loss=vanilla_balance_loss)
+    inputs = batch(pad=3)
+    out = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    lm = model(**inputs, labels=inputs["input_ids"]).loss
+    torch.testing.assert_close(out.loss, lm + 0.001 * out.aux_loss)
+    valid = inputs["attention_mask"].bool()
+    if vanilla_balance_loss == "all_tokens":
+        assert out.vision_aux_loss is None and out.language_aux_loss is None
+        expected = load_balancing_loss(out.router_logits, 4, 2, valid.float())
+    else:
+        expected = out.vision_aux_loss + out.language_aux_loss
+    torch.testing.assert_close(out.aux_loss, expected)
+    moiie = tiny_model()(**inputs, output_router_logits=True)
+    torch.testing.assert_close(moiie.aux_loss, moiie.vision_aux_loss + moiie.language_aux_loss)
+
+
+@pytest.mark.parametrize("variant", ["moiie", "vanilla"])
+def test_jitter_multiplies_the_layer_input_so_the_experts_see_it(variant):
+    # Mixtral's form: hidden_states *= U(1 - j, 1 + j) before routing; the routers and the experts get the product.
+    model = tiny_model(variant=variant, router_jitter_noise=0.3)
+    block = model.model.language_model.layers[1].mlp
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 32, generator=generator)
+    token_type_ids = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 0, 0]])
+    seen = []
+    block.experts.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    block.train()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        noised_out = block(hidden, token_type_ids)
+    torch.manual_seed(7)
+    noise = torch.empty(2, 5, 32).uniform_(0.7, 1.3)
+    block.eval()  # no jitter: the block on the hand-noised input
+    with torch.no_grad():
+        expected = block(hidden * noise, token_type_ids)
+    torch.testing.assert_close(seen[0], (hidden * noise).reshape(-1, 32), atol=0, rtol=0)  # the experts' input
+    torch.testing.assert_close(noised_out, expected, atol=0, rtol=0)
+    assert not torch.allclose(seen[0], hidden.reshape(-1, 32))
+
+
 def test_generate_with_images_matches_uncached_greedy_decoding():
     model = tiny_model(seed=3)
     inputs = batch(images_per_row=(1, 2))
@@ -193,6 +253,7 @@ def test_decode_steps_route_as_language_even_with_given_vision_token_type_ids():
         ({"variant": "modality", "num_language_experts": 0}, "modality"),
         ({"variant": "vanilla", "num_experts_per_tok": 5}, "top-k"),
         ({"projector_type": "linear"}, "projector_type"),
+        ({"variant": "vanilla", "vanilla_balance_loss": "per_router"}, "vanilla_balance_loss"),
     ],
 )
 def test_bad_config_values_are_refused(kwargs, message):
