@@ -264,7 +264,7 @@ class PrunedTaskVectors(nn.Module):
 
         The quantile is torch.quantile's (linear interpolation between the sorted values at floor and ceil of
         q * (n - 1), q in the tensor's dtype), taken with two `kthvalue`s: torch.quantile refuses tensors of more
-        than 2**24 entries (a Llama-size MLP matrix), and a full sort is not needed.
+        than 2**24 entries (any matrix larger than 4096 x 4096), and a full sort is not needed.
         """
         magnitudes = flat.abs()
         if not magnitudes.is_floating_point() or magnitudes.dtype in (torch.float16, torch.bfloat16):
