@@ -230,6 +230,19 @@ def test_pruning_keeps_the_entries_strictly_above_the_quantile_counted_by_hand()
     assert torch.equal(storage.stacked("fc1.bias"), expected)
 
 
+def test_prune_mask_equals_fusion_bench_quantile_rule_with_ties_and_any_ratio():
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 2, 11, 12, 307, 3072):
+        for ratio in (0.0, 0.5, 0.9, 0.99):
+            rows = torch.randn(3, size, generator=generator, dtype=torch.float64 if size == 307 else torch.float32)
+            rows[1, : size // 2] = rows[1, 0]  # magnitudes tied across half the row
+            expected = torch.stack([row.abs() > row.abs().quantile(ratio) for row in rows])
+            mask = PrunedTaskVectors.prune_mask(rows, ratio)
+            assert torch.equal(mask, expected), (size, ratio)
+            config = types.SimpleNamespace(prune_ratio=ratio)
+            assert int(mask.sum(dim=1).max()) <= PrunedTaskVectors.kept_count(config, (size,))
+
+
 def test_svd_task_vectors_are_the_truncated_svd_and_equal_the_dense_model_built_from_them():
     dense = dense_tower()
     _, task_vectors = mlp_dicts(dense, 3)
