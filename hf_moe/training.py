@@ -432,6 +432,63 @@ def freeze_all_but(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     return trainable
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Loss scaling under gradient accumulation and several processes
+# ----------------------------------------------------------------------------------------------------------------
+#
+# What transformers' Trainer does with the loss `compute_loss` returns (training_step / compute_loss, transformers 5):
+# - it divides the loss by `current_gradient_accumulation_steps` (the micro-batches of this optimizer step, fewer in
+#   an epoch's last step) UNLESS the loss counts as already scaled: `loss_is_scaled_for_ga` when a subclass sets it,
+#   else when the model accepts loss kwargs and `num_items_in_batch` (the label tokens of all micro-batches of the
+#   step, summed over processes when `average_tokens_across_devices`) was passed, or a `compute_loss_func` is set;
+# - its own `compute_loss` multiplies a loss normalised by that global `num_items_in_batch` by the number of
+#   processes, because DDP (and DeepSpeed, and FSDP) AVERAGE the gradients over processes;
+# - accelerate's `backward` divides by its own accumulation steps, which the Trainer sets to 1, and under DeepSpeed the
+#   Trainer passes `scale_wrt_gas=False`, so DeepSpeed's engine does not divide by its `gradient_accumulation_steps`
+#   either: the Trainer's division above is the only one, under DDP and ZeRO-1/2/3 alike.
+# A loss term averaged per micro-batch (a mean over its samples or tokens, a balance loss of its tokens) therefore has
+# its coefficient as effective weight (mean over micro-batches and processes) when multiplied by
+# `per_micro_batch_scale`, and a term normalised by `num_items_in_batch` is a per-token mean of the whole accumulated
+# all-process batch when multiplied by `per_token_scale`. A subclass overriding `compute_loss` must apply both itself.
+
+
+def trainer_divides_loss(trainer, num_items_in_batch) -> bool:
+    """Whether `trainer.training_step` divides the loss `compute_loss` returns by the accumulation steps."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            getattr(trainer, "compute_loss_func", None) is not None
+        )
+    return not scaled
+
+
+def per_micro_batch_scale(trainer, num_items_in_batch, training: bool = True) -> float:
+    """The factor of a loss term averaged per micro-batch (and per process) in the loss `compute_loss` returns, so that
+    its effective weight is its coefficient whatever the accumulation steps and number of processes: 1 when the
+    Trainer divides the loss by the accumulation steps itself, else 1 / accumulation steps (1 outside training)."""
+    if not training or trainer_divides_loss(trainer, num_items_in_batch):
+        return 1.0
+    return 1.0 / getattr(trainer, "current_gradient_accumulation_steps", 1)
+
+
+def per_token_scale(trainer, num_items_in_batch) -> float:
+    """The factor of a loss term normalised by `num_items_in_batch` (a sum over the label tokens of this micro-batch
+    divided by the label tokens of the whole accumulated batch) in the loss `compute_loss` returns, as the Trainer's
+    own `compute_loss` applies it: the number of processes when `num_items_in_batch` was summed over them (the
+    gradient average over processes then gives the per-token mean of the all-process batch), else 1. A term that is a
+    per-micro-batch mean instead (no `num_items_in_batch`) takes `per_micro_batch_scale`."""
+    if num_items_in_batch is None:
+        return per_micro_batch_scale(trainer, num_items_in_batch)
+    args = trainer.args
+    accepts = trainer.model_accepts_loss_kwargs or getattr(trainer, "compute_loss_func", None) is not None
+    if not (getattr(args, "average_tokens_across_devices", False) and accepts):
+        return 1.0
+    if args.n_gpu > 1:
+        return float(args.n_gpu)
+    tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return float(trainer.accelerator.num_processes // tp_size)
+
+
 __all__ = [
     "JOB_FILE",
     "JobMismatchError",
@@ -447,6 +504,9 @@ __all__ = [
     "complete_job",
     "job_already_done",
     "train_from_last_checkpoint",
+    "per_micro_batch_scale",
+    "per_token_scale",
+    "trainer_divides_loss",
 ]
 
 

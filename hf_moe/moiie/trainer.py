@@ -22,7 +22,13 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from ..modeling import expert_load
-from ..training import RecordedMetricsMixin, freeze_all_but, share_process_group_with_deepspeed
+from ..training import (
+    RecordedMetricsMixin,
+    freeze_all_but,
+    per_micro_batch_scale,
+    per_token_scale,
+    share_process_group_with_deepspeed,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -134,19 +140,36 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs, output_router_logits=True, **kwargs)
-        loss = outputs.loss
+        config = self.accelerator.unwrap_model(model).config
+        # The model returns LM loss + the weighted balance losses; each takes its own scale (module docstring).
+        balance = self._balance_term(config, outputs)
+        lm_loss = outputs.loss if balance is None else outputs.loss - balance.to(outputs.loss.device)
+        token_scale = per_token_scale(self, num_items_in_batch)
+        loss = token_scale * lm_loss
+        if balance is not None:
+            loss = loss + per_micro_batch_scale(self, num_items_in_batch, model.training) * balance.to(loss.device)
         if model.training:  # evaluation batches must not leak into the training log
-            config = self.accelerator.unwrap_model(model).config
-            aux = [outputs.vision_aux_loss, outputs.language_aux_loss]
-            lm_loss = loss
-            if aux[0] is not None:
-                lm_loss = loss - config.router_aux_loss_coef * (aux[0] + aux[1]).to(loss.device)
-            self._record("lm_loss", lm_loss)
-            self._record("vision_aux_loss", aux[0])
-            self._record("language_aux_loss", aux[1])
+            # Logged as the per-token mean of the accumulated batch: a micro-batch's share times the micro-batches
+            # (the log averages over micro-batches and processes).
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
+            self._record("lm_loss", lm_loss * (token_scale * steps if num_items_in_batch is not None else 1))
+            self._record("vision_aux_loss", outputs.vision_aux_loss)
+            self._record("language_aux_loss", outputs.language_aux_loss)
             if self.args.log_expert_load != "none" and outputs.router_logits:
                 self._record_expert_load(config, outputs.router_logits, inputs)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _balance_term(config, outputs) -> torch.Tensor | None:
+        """The weighted balance losses the model added to its loss (None without router logits): `aux_loss` when the
+        model outputs one total, else the vision and language balance losses, times `router_aux_loss_coef`."""
+        total = getattr(outputs, "aux_loss", None)
+        if total is None:
+            parts = [part for part in (outputs.vision_aux_loss, outputs.language_aux_loss) if part is not None]
+            if not parts:
+                return None
+            total = sum(parts[1:], parts[0])
+        return config.router_aux_loss_coef * total
 
     def _record_expert_load(self, config, router_logits, inputs) -> None:
         """Each modality's share of routing slots per global expert, `(num_moe_layers, num_local_experts)`."""
