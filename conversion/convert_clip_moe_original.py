@@ -12,11 +12,20 @@ same architecture (`--base`, e.g. openai/clip-vit-large-patch14) supplies the co
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers.utils import logging
 
+from ..checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LazyCheckpoint,
+    StreamedModel,
+    checkpoint_dtype,
+    planned_state_dict,
+    resolve_dtype,
+)
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id
 from ..modeling import CLIPMoEModel
@@ -71,23 +80,28 @@ TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "tex
 IGNORED = {"input_resolution", "context_length", "vocab_size"}
 
 
-def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Read an official `.pt` state dict (tensors only, no code executed), unwrapping `state_dict` / `module.`."""
+def open_original_checkpoint(checkpoint: str | Path) -> LazyCheckpoint:
+    """An official `.pt` state dict, read lazily (tensors only, no code executed; memory-mapped), unwrapping
+    `state_dict` / `model` and `module.`."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"CLIP-MoE checkpoint {checkpoint} does not exist.")
     try:
-        state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return LazyCheckpoint(
+            checkpoint, key_mapping=lambda key: None if key in IGNORED else key.removeprefix("module.")
+        )
     except Exception as err:
+        if isinstance(err, ValueError) and "does not hold a state dict of tensors" in str(err):
+            raise
         raise ValueError(
             f"Could not read {checkpoint} as a PyTorch state dict (corrupt or not a checkpoint?): {err}"
         ) from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{checkpoint} does not hold a state dict of tensors.")
-    return {key.removeprefix("module."): value for key, value in state_dict.items() if key not in IGNORED}
+
+
+def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Read a whole official `.pt` state dict into memory (small checkpoints and tests; the converter reads lazily)."""
+    with open_original_checkpoint(checkpoint) as original:
+        return {name: original.get(name) for name in original}
 
 
 def moe_layout(state_dict: dict[str, torch.Tensor]) -> tuple[int, list[int], list[int]]:
@@ -106,28 +120,55 @@ def moe_layout(state_dict: dict[str, torch.Tensor]) -> tuple[int, list[int], lis
     return len(experts), sorted(layers["vision_model"]), sorted(layers["text_model"])
 
 
-def convert_state_dict(original: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """Rename, split and transpose an OpenAI-naming CLIP-MoE state dict into CLIPMoEModel's naming."""
-    converted, experts, unknown = {}, defaultdict(dict), []
-    for key, tensor in original.items():
+# How one converted tensor is made: its shape, the original keys it is made from, and the function of those tensors.
+Recipe = tuple[torch.Size, list[str], Callable[..., torch.Tensor]]
+
+
+def _same(tensor):
+    return tensor
+
+
+def _transposed(tensor):
+    return tensor.t().contiguous()
+
+
+def _chunk(index):
+    def part(tensor):
+        return tensor.chunk(3, dim=0)[index].contiguous()
+
+    return part
+
+
+def _stack(*tensors):
+    return torch.stack(tensors)
+
+
+def conversion_recipes(original, num_experts: int) -> dict[str, Recipe]:
+    """For each CLIPMoEModel tensor, how to make it from the OpenAI-naming checkpoint `original` (a `LazyCheckpoint`
+    or a state dict): renamed, split (fused q/k/v), transposed (projections), stacked (experts) or merged (Long-CLIP
+    positions). Only names and shapes are read, so every refusal comes before any tensor is."""
+    shape = original.shape if isinstance(original, LazyCheckpoint) else (lambda key: original[key].shape)
+    recipes, experts, unknown = {}, defaultdict(dict), []
+    for key in original:
         match = BLOCK_KEY.match(key)
         rest = match["rest"] if match else None
         prefix = f"{HF_TOWER[match['tower']]}.encoder.layers.{match['layer']}" if match else None
         if key in TOP_LEVEL:
-            converted[TOP_LEVEL[key]] = tensor
+            recipes[TOP_LEVEL[key]] = (shape(key), [key], _same)
         elif key in TRANSPOSED:
-            converted[TRANSPOSED[key]] = tensor.t().contiguous()
+            recipes[TRANSPOSED[key]] = (torch.Size(reversed(shape(key))), [key], _transposed)
         elif key in ("positional_embedding", "positional_embedding_res"):
             continue  # merged below
         elif rest in BLOCK_PARAMS:
-            converted[f"{prefix}.{BLOCK_PARAMS[rest]}"] = tensor
+            recipes[f"{prefix}.{BLOCK_PARAMS[rest]}"] = (shape(key), [key], _same)
         elif rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            kind = rest.rsplit("_", 1)[-1]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                converted[f"{prefix}.self_attn.{name}.{kind}"] = part.contiguous()
+            kind, fused = rest.rsplit("_", 1)[-1], shape(key)
+            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                part = torch.Size([fused[0] // 3, *fused[1:]])
+                recipes[f"{prefix}.self_attn.{name}.{kind}"] = (part, [key], _chunk(index))
         elif rest and (expert := EXPERT_KEY.match(rest)):
             target = f"{prefix}.mlp.experts.{EXPERT_PARAM[expert['fc'], expert['kind']]}"
-            experts[target][int(expert["expert"])] = tensor
+            experts[target][int(expert["expert"])] = key
         else:
             unknown.append(key)
     if unknown:
@@ -135,24 +176,38 @@ def convert_state_dict(original: dict[str, torch.Tensor], num_experts: int) -> d
     for target, per_expert in experts.items():
         if sorted(per_expert) != list(range(num_experts)):
             raise ValueError(f"{target}: experts {sorted(per_expert)} found, expected 0..{num_experts - 1}.")
-        converted[target] = torch.stack([per_expert[e] for e in range(num_experts)])
-    converted["text_model.embeddings.position_embedding.weight"] = _text_positions(original)
-    return converted
+        keys = [per_expert[e] for e in range(num_experts)]
+        shapes = {shape(key) for key in keys}
+        if len(shapes) != 1:
+            raise ValueError(f"{target}: the experts' tensors have different shapes {sorted(map(tuple, shapes))}.")
+        recipes[target] = (torch.Size([num_experts, *shapes.pop()]), keys, _stack)
+    recipes["text_model.embeddings.position_embedding.weight"] = _text_positions_recipe(original, shape)
+    return recipes
 
 
-def _text_positions(original: dict[str, torch.Tensor]) -> torch.Tensor:
+def convert_state_dict(original: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Rename, split and transpose an OpenAI-naming CLIP-MoE state dict into CLIPMoEModel's naming (in memory)."""
+    recipes = conversion_recipes(original, num_experts)
+    return {target: make(*(original[key] for key in keys)) for target, (_, keys, make) in recipes.items()}
+
+
+def _merge_positions(positions, residual=None):
+    if residual is None:
+        return positions
+    return torch.cat([positions[:LONG_CLIP_KEPT_POSITIONS], residual[LONG_CLIP_KEPT_POSITIONS:]])
+
+
+def _text_positions_recipe(original, shape) -> Recipe:
     """Long-CLIP adds a frozen copy (positions < 20) and a trained copy (the rest); we store the sum once."""
     if "positional_embedding" not in original:
         raise ValueError("The checkpoint has no `positional_embedding`.")
-    positions = original["positional_embedding"]
-    residual = original.get("positional_embedding_res")
-    if residual is None:
-        return positions
-    if residual.shape != positions.shape:
-        raise ValueError(
-            f"positional_embedding {tuple(positions.shape)} vs positional_embedding_res {tuple(residual.shape)}."
-        )
-    return torch.cat([positions[:LONG_CLIP_KEPT_POSITIONS], residual[LONG_CLIP_KEPT_POSITIONS:]])
+    positions = shape("positional_embedding")
+    if "positional_embedding_res" not in original:
+        return positions, ["positional_embedding"], _merge_positions
+    residual = shape("positional_embedding_res")
+    if residual != positions:
+        raise ValueError(f"positional_embedding {tuple(positions)} vs positional_embedding_res {tuple(residual)}.")
+    return positions, ["positional_embedding", "positional_embedding_res"], _merge_positions
 
 
 def convert_clip_moe_original(
@@ -161,84 +216,98 @@ def convert_clip_moe_original(
     output_dir: str | Path,
     top_k: int = 2,
     overwrite: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    return_model: bool = True,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
-) -> CLIPMoEModel:
+) -> CLIPMoEModel | None:
     """Convert an official CLIP-MoE `.pt` release into a CLIPMoEModel folder (safetensors + remote code + processor
-    + model card).
+    + model card). The release is memory-mapped and the output written tensor by tensor (`hf_moe.checkpoint_io`).
 
     Args:
         checkpoint: The official state dict file.
         base: The dense CLIP it was built from (Hub id or folder): architecture and processor.
         output_dir: Where to write (atomically); it may not hold `checkpoint` or `base`.
         top_k: Experts per token (the official release uses 2; the checkpoint does not record it).
+        dtype: Dtype of the written weights: "auto" (the release's, float32 for the official files), "float32",
+            "bfloat16" or "float16".
+        max_shard_size: Larger outputs are written as shards of at most this size with an index.
+        return_model: Load the written model and return it; False returns None (the command line's choice).
         push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
             `hub_token` and, for a new repo, `hub_private_repo`.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     check_output_dir(output_dir, overwrite, inputs=[checkpoint, base])
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
-    original = load_original_state_dict(checkpoint)
-    num_experts, vision_layers, text_layers = moe_layout(original)
-    if top_k > num_experts:
-        raise ValueError(f"--top_k {top_k} is more than the {num_experts} experts of {checkpoint}.")
-    converted = convert_state_dict(original, num_experts)
-    text_positions = converted["text_model.embeddings.position_embedding.weight"].shape[0]
+    with open_original_checkpoint(checkpoint) as original:
+        num_experts, vision_layers, text_layers = moe_layout(original)
+        if top_k > num_experts:
+            raise ValueError(f"--top_k {top_k} is more than the {num_experts} experts of {checkpoint}.")
+        recipes = conversion_recipes(original, num_experts)
+        text_positions = recipes["text_model.embeddings.position_embedding.weight"][0][0]
 
-    dense_config = load_dense_clip_config(base)
-    config = clip_moe_config_from_dense(
-        dense_config,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        long_text=text_positions == LONG_CLIP_TEXT_LENGTH,
-        text_moe_layers=text_layers,
-        vision_moe_layers=vision_layers,
-    )
-    config.text_config.max_position_embeddings = text_positions
-    model = CLIPMoEModel(config)
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - converted.keys())
-    unexpected = sorted(converted.keys() - expected.keys())
-    wrong_shape = [
-        f"{key}: checkpoint {tuple(converted[key].shape)} vs {base} architecture {tuple(expected[key].shape)}"
-        for key in expected.keys() & converted.keys()
-        if converted[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"{checkpoint} does not fit the architecture of {base}: missing {missing[:10]}, "
-            f"unexpected {unexpected[:10]}, shape mismatches {wrong_shape[:10]}"
+        dense_config = load_dense_clip_config(base)
+        config = clip_moe_config_from_dense(
+            dense_config,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            long_text=text_positions == LONG_CLIP_TEXT_LENGTH,
+            text_moe_layers=text_layers,
+            vision_moe_layers=vision_layers,
         )
-    model.load_state_dict(converted)
-    model.eval()
+        config.text_config.max_position_embeddings = text_positions
+        output_dtype = resolve_dtype(dtype, checkpoint_dtype(None, original))
+        with torch.device("meta"):  # every weight comes from the release: no initialisation needed
+            model = CLIPMoEModel(config)
+        model = model.to(output_dtype).eval()
+        expected = planned_state_dict(model)
+        missing = sorted(expected.keys() - recipes.keys())
+        unexpected = sorted(recipes.keys() - expected.keys())
+        wrong_shape = [
+            f"{key}: checkpoint {tuple(recipes[key][0])} vs {base} architecture {tuple(expected[key].shape)}"
+            for key in expected.keys() & recipes.keys()
+            if recipes[key][0] != expected[key].shape
+        ]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"{checkpoint} does not fit the architecture of {base}: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]}, shape mismatches {wrong_shape[:10]}"
+            )
 
-    command = command_line("convert-clip-moe-original", [Path(checkpoint).name], {"base": base, "top_k": top_k})
-    how_built = (
-        f"Converted from the official CLIP-MoE release file `{Path(checkpoint).name}` (OpenAI-CLIP naming) onto the "
-        f"architecture of `{base}`: {num_experts} experts per MoE block, top-{top_k} routing (the release does not "
-        f"record top-k; the paper uses 2), MoE blocks text {text_layers} and vision {vision_layers}, "
-        f"{text_positions} text positions.\n\n```bash\n{command}\n```"
-    )
-    card = {
-        "base_model": str(base),
-        "how_built": how_built,
-        "tags": ["clip-moe", "clip"],
-        "model_name": hub_model_id or Path(output_dir).name,
-    }
-    save_with_processor(
-        model,
-        base,
-        output_dir,
-        overwrite,
-        card=card,
-        inputs=[checkpoint],
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
+        def produce(name: str) -> torch.Tensor:
+            _, keys, make = recipes[name]
+            return make(*(original.get(key) for key in keys)).to(output_dtype)
+
+        options = {"base": base, "top_k": top_k, **({"dtype": dtype} if dtype not in (None, "auto") else {})}
+        command = command_line("convert-clip-moe-original", [Path(checkpoint).name], options)
+        how_built = (
+            f"Converted from the official CLIP-MoE release file `{Path(checkpoint).name}` (OpenAI-CLIP naming) onto "
+            f"the architecture of `{base}`: {num_experts} experts per MoE block, top-{top_k} routing (the release "
+            f"does not record top-k; the paper uses 2), MoE blocks text {text_layers} and vision {vision_layers}, "
+            f"{text_positions} text positions.\n\n```bash\n{command}\n```"
+        )
+        card = {
+            "base_model": str(base),
+            "how_built": how_built,
+            "tags": ["clip-moe", "clip"],
+            "model_name": hub_model_id or Path(output_dir).name,
+        }
+        save_with_processor(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            base,
+            output_dir,
+            overwrite,
+            card=card,
+            inputs=[checkpoint],
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
+        )
     logger.info(f"Converted {checkpoint} ({num_experts} experts, top-{top_k}) to {output_dir}")
-    return model
+    return CLIPMoEModel.from_pretrained(output_dir).eval() if return_model else None

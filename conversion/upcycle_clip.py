@@ -17,6 +17,16 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
+from ..checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LazyCheckpoint,
+    StreamedModel,
+    build_on_meta,
+    checkpoint_dtype,
+    meta_state_dict,
+    planned_state_dict,
+    resolve_dtype,
+)
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
 from ..loading import load_config, load_pretrained
@@ -36,6 +46,12 @@ EXPERT_PARAM = {
     "fc2.weight": "down_proj",
     "fc2.bias": "down_proj_bias",
 }
+# `...layers.3.mlp.experts.up_proj` -> `...layers.3.mlp.fc1.weight`
+PACKED_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>(text_model|vision_model)\.encoder\.layers\.\d+\.mlp)\.experts\.(?P<param>(up|down)_proj(_bias)?)$"
+)
+DENSE_PARAM = {packed: dense for dense, packed in EXPERT_PARAM.items()}
+ROUTER_SUFFIX = ".mlp.router.weight"
 TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
 
 
@@ -55,6 +71,36 @@ def load_dense_clip_config(base: str | Path) -> CLIPConfig:
             f"'{base}' is a '{config.model_type}' model; upcycling needs a dense CLIP (model_type 'clip')."
         )
     return config
+
+
+class DenseCLIP:
+    """The weights of a dense CLIP checkpoint, read lazily: the names and shapes its config's `CLIPModel` has
+    (checked against the checkpoint before anything is read), each tensor in the dtype `from_pretrained` would
+    load it in. Extra checkpoint entries (old checkpoints' `position_ids` buffers) are ignored, as
+    `from_pretrained` ignores them."""
+
+    def __init__(self, base: str | Path, config: CLIPConfig | None = None):
+        self.base = base
+        self.config = load_dense_clip_config(base) if config is None else config
+        self.specs = meta_state_dict(lambda: CLIPModel(self.config))
+        self.checkpoint = LazyCheckpoint(base)
+        missing = [name for name in self.specs if name not in self.checkpoint]
+        if missing:
+            raise ValueError(f"'{base}' lacks weights its CLIP config needs: {missing[:10]}")
+        wrong = [
+            f"{name}: {tuple(self.checkpoint.shape(name))} in the checkpoint, {tuple(spec.shape)} in its config"
+            for name, spec in self.specs.items()
+            if self.checkpoint.shape(name) != spec.shape
+        ]
+        if wrong:
+            raise ValueError(f"The weights of '{base}' do not fit its config: {wrong[:10]}")
+        self.dtype = checkpoint_dtype(self.config, self.checkpoint)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.checkpoint.get(name).to(self.dtype)
+
+    def close(self) -> None:
+        self.checkpoint.close()
 
 
 def clip_moe_config_from_dense(
@@ -79,47 +125,53 @@ def clip_moe_config_from_dense(
     )
 
 
-def differing_shared_tensors(state_dicts: list[dict[str, torch.Tensor]], names: list[str]) -> list[str]:
-    """Describe every non-MLP tensor that is not identical across the bases (empty when they all agree)."""
-    reference, problems = state_dicts[0], []
-    for other, name in zip(state_dicts[1:], names[1:]):
-        if other.keys() != reference.keys():
-            missing = sorted(reference.keys() - other.keys())[:5]
-            extra = sorted(other.keys() - reference.keys())[:5]
+def differing_shared_tensors(bases: list[DenseCLIP], names: list[str]) -> list[str]:
+    """Describe every non-MLP tensor that is not identical across the bases (empty when they all agree). Reads one
+    tensor of two bases at a time."""
+    reference, problems = bases[0], []
+    for other, name in zip(bases[1:], names[1:]):
+        if other.specs.keys() != reference.specs.keys():
+            missing = sorted(reference.specs.keys() - other.specs.keys())[:5]
+            extra = sorted(other.specs.keys() - reference.specs.keys())[:5]
             problems.append(f"{name}: different parameters (missing {missing}, extra {extra})")
             continue
-        for key, tensor in reference.items():
-            if other[key].shape != tensor.shape:
+        for key, spec in reference.specs.items():
+            if other.specs[key].shape != spec.shape:
                 problems.append(
-                    f"{key}: shape {tuple(other[key].shape)} in {name} vs {tuple(tensor.shape)} in {names[0]}"
+                    f"{key}: shape {tuple(other.specs[key].shape)} in {name} vs {tuple(spec.shape)} in {names[0]}"
                 )
-            elif not DENSE_MLP_KEY.match(key) and not torch.equal(other[key], tensor):
+            elif not DENSE_MLP_KEY.match(key) and not torch.equal(other.get(key), reference.get(key)):
                 problems.append(f"{key} differs between {names[0]} and {name}")
     return problems
 
 
-def upcycle_state_dict(config: CLIPMoEConfig, expert_state_dicts: list[dict[str, torch.Tensor]]) -> dict:
-    """The CLIPMoEModel state dict (routers excepted): shared weights from the first dense state dict, expert i
-    of every MoE block from the MLP of dense state dict i, text positions stretched for Long-CLIP."""
-    moe_layers = {
-        "text_model": set(config.text_config.moe_layer_indices()),
-        "vision_model": set(config.vision_config.moe_layer_indices()),
-    }
-    state_dict = {}
-    for key, tensor in expert_state_dicts[0].items():
-        match = DENSE_MLP_KEY.match(key)
-        if match and int(match["layer"]) in moe_layers[match["tower"]]:
-            packed = f"{key.rsplit('.mlp.', 1)[0]}.mlp.experts.{EXPERT_PARAM[match['param']]}"
-            state_dict[packed] = torch.stack([sd[key] for sd in expert_state_dicts])
+def upcycled_sources(config: CLIPMoEConfig, specs: dict, dense_specs: dict) -> dict[str, tuple[str, str | None]]:
+    """Where each tensor of the CLIPMoEModel comes from: `("router", None)` (its random initialisation), `("experts",
+    dense MLP key)` (stacked over the expert bases), `("positions", key)` (the text positions, stretched for
+    Long-CLIP) or `("dense", key)` (the first base's). Raises when a tensor has no source or a shape cannot fit."""
+    sources, missing = {}, []
+    for name in specs:
+        packed = PACKED_EXPERT_KEY.match(name)
+        if name.endswith(ROUTER_SUFFIX):
+            sources[name] = ("router", None)
+        elif packed:
+            sources[name] = ("experts", f"{packed['prefix']}.{DENSE_PARAM[packed['param']]}")
+        elif name == TEXT_POSITIONS_KEY:
+            sources[name] = ("positions", name)
         else:
-            state_dict[key] = tensor
-    positions = state_dict[TEXT_POSITIONS_KEY]
+            sources[name] = ("dense", name)
+        key = sources[name][1]
+        if key is not None and key not in dense_specs:
+            missing.append(name)
+    used = {key for _, key in sources.values()}
+    unexpected = [key for key in dense_specs if key not in used]
+    if missing or unexpected:
+        raise RuntimeError(f"Upcycled state dict does not fit CLIPMoEModel: missing {missing}, unexpected {unexpected}")
+    positions = dense_specs[TEXT_POSITIONS_KEY].shape[0]
     target = config.text_config.max_position_embeddings
-    if positions.shape[0] != target:
-        if (positions.shape[0], target) != (CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH):
-            raise ValueError(f"{TEXT_POSITIONS_KEY} has {positions.shape[0]} positions; cannot make {target}.")
-        state_dict[TEXT_POSITIONS_KEY] = stretch_text_positions(positions)
-    return state_dict
+    if positions != target and (positions, target) != (CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH):
+        raise ValueError(f"{TEXT_POSITIONS_KEY} has {positions} positions; cannot make {target}.")
+    return sources
 
 
 def upcycle_clip(
@@ -130,13 +182,19 @@ def upcycle_clip(
     long_text: bool = False,
     overwrite: bool = False,
     seed: int = 0,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    return_model: bool = True,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
     **moe_kwargs,
-) -> CLIPMoEModel:
+) -> CLIPMoEModel | None:
     """Upcycle one or several dense CLIP checkpoints into a CLIPMoEModel saved in `output_dir`.
+
+    The bases are read one tensor at a time and the output written tensor by tensor (`hf_moe.checkpoint_io`), so
+    memory holds about one packed expert tensor, never the dense models or the MoE.
 
     Args:
         bases: Hub ids or local folders of `CLIPModel`s. One base: every expert copies its MLP (sparse
@@ -147,13 +205,19 @@ def upcycle_clip(
         top_k: Experts per token.
         long_text: Stretch the text positions 77 -> 248 as Long-CLIP does.
         seed: Seed of the random router initialisation.
+        dtype: Dtype of the written weights: "auto" (the first base's, as `from_pretrained` loads it), "float32",
+            "bfloat16" or "float16".
+        max_shard_size: Larger outputs are written as `model-0000i-of-0000N.safetensors` shards of at most this
+            size with a `model.safetensors.index.json` (it does not change the memory used).
+        return_model: Load the written model and return it; False returns None without reading it back (what the
+            command line does: a real checkpoint need not be held in memory once written).
         push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
             `hub_token` and, for a new repo, `hub_private_repo` (as `TrainingArguments`).
         moe_kwargs: Further `CLIPMoEConfig` fields (`expert_dropout`, `router_aux_loss_coef`, ...) and
             per-tower `moe_layers` as `text_moe_layers` / `vision_moe_layers`.
 
     Returns:
-        The upcycled model (also saved in `output_dir`).
+        The upcycled model, loaded from `output_dir` (None when `return_model=False`).
     """
     bases = [bases] if isinstance(bases, (str, Path)) else list(bases)
     if not bases:
@@ -168,59 +232,77 @@ def upcycle_clip(
         raise ValueError(f"num_experts must be at least 1, got {num_experts}.")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}.")
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     check_output_dir(output_dir, overwrite, inputs=bases)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
-    dense_models = [load_dense_clip(base) for base in bases]
-    config = clip_moe_config_from_dense(
-        dense_models[0].config,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        long_text=long_text,
-        **moe_kwargs,
-    )
-    state_dicts = [model.state_dict() for model in dense_models]
-    problems = differing_shared_tensors(state_dicts, [str(base) for base in bases])
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"The bases must share every non-MLP weight, but:\n  {shown}{more}")
-    expert_state_dicts = state_dicts if len(bases) > 1 else state_dicts * num_experts
-
-    dtype = next(dense_models[0].parameters()).dtype
-    torch.manual_seed(seed)
-    model = CLIPMoEModel(config)
-    missing, unexpected = model.load_state_dict(upcycle_state_dict(config, expert_state_dicts), strict=False)
-    not_routers = [key for key in missing if not key.endswith(".mlp.router.weight")]
-    if not_routers or unexpected:
-        raise RuntimeError(
-            f"Upcycled state dict does not fit CLIPMoEModel: missing {not_routers}, unexpected {unexpected}"
+    dense = [DenseCLIP(base) for base in bases]
+    try:
+        config = clip_moe_config_from_dense(
+            dense[0].config,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            long_text=long_text,
+            **moe_kwargs,
         )
-    model = model.to(dtype).eval()
-    model.config.name_or_path = ""
+        problems = differing_shared_tensors(dense, [str(base) for base in bases])
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ValueError(f"The bases must share every non-MLP weight, but:\n  {shown}{more}")
+        experts = dense if len(bases) > 1 else dense * num_experts
+        output_dtype = resolve_dtype(dtype, dense[0].dtype)
 
-    options = {"num_experts": num_experts if len(bases) == 1 else None, "top_k": top_k, "long_text": long_text}
-    options.update({key: value for key, value in moe_kwargs.items() if key in CARD_OPTIONS})
-    card = {
-        "base_model": [str(base) for base in bases],
-        "how_built": upcycle_how_built(bases, config, seed, command_line("upcycle-clip", bases, options, seed=seed)),
-        "tags": ["clip-moe", "clip", "upcycling"],
-        "model_name": hub_model_id or Path(output_dir).name,
-    }
-    save_with_processor(
-        model,
-        bases[0],
-        output_dir,
-        overwrite,
-        card=card,
-        inputs=bases,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
+        torch.manual_seed(seed)
+        model, initial_value = build_on_meta(lambda: CLIPMoEModel(config))
+        model = model.to(output_dtype).eval()
+        model.config.name_or_path = ""
+        sources = upcycled_sources(config, planned_state_dict(model), dense[0].specs)
+
+        def produce(name: str) -> torch.Tensor:
+            kind, key = sources[name]
+            if kind == "router":
+                return initial_value(name).to(output_dtype)
+            if kind == "experts":
+                read = {}  # sparse upcycling: one read per base, not per expert
+                for base in experts:
+                    if id(base) not in read:
+                        read[id(base)] = base.get(key)
+                return torch.stack([read[id(base)] for base in experts]).to(output_dtype)
+            tensor = dense[0].get(key)
+            if kind == "positions" and tensor.shape[0] != config.text_config.max_position_embeddings:
+                tensor = stretch_text_positions(tensor)
+            return tensor.to(output_dtype)
+
+        options = {"num_experts": num_experts if len(bases) == 1 else None, "top_k": top_k, "long_text": long_text}
+        options.update({key: value for key, value in moe_kwargs.items() if key in CARD_OPTIONS})
+        if dtype not in (None, "auto"):
+            options["dtype"] = dtype
+        card = {
+            "base_model": [str(base) for base in bases],
+            "how_built": upcycle_how_built(
+                bases, config, seed, command_line("upcycle-clip", bases, options, seed=seed)
+            ),
+            "tags": ["clip-moe", "clip", "upcycling"],
+            "model_name": hub_model_id or Path(output_dir).name,
+        }
+        save_with_processor(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            bases[0],
+            output_dir,
+            overwrite,
+            card=card,
+            inputs=bases,
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
+        )
+    finally:
+        for base in dense:
+            base.close()
     logger.info(f"Saved a {num_experts}-expert top-{top_k} CLIP-MoE from {len(bases)} base(s) to {output_dir}")
-    return model
+    return CLIPMoEModel.from_pretrained(output_dir).eval() if return_model else None
 
 
 # `upcycle_clip` keyword arguments worth repeating in the card's command line (the rest are Python-only).
@@ -265,7 +347,7 @@ def upcycle_how_built(bases: list, config: CLIPMoEConfig, seed: int, command: st
 
 
 def save_with_processor(
-    model: CLIPMoEModel,
+    model: CLIPMoEModel | StreamedModel,
     base: str | Path | None,
     output_dir: str | Path,
     overwrite: bool,
@@ -277,9 +359,9 @@ def save_with_processor(
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
 ) -> None:
-    """Write `model`, the processor of `base` (its tokenizer truncating at the model's text length) and, given
-    `card` (`hf_moe.hub.write_model_card` keywords), a model card atomically to `output_dir`, so the folder is
-    complete for `pipeline()` and the Hub; then upload it to `hub_model_id` if `push_to_hub`. `inputs`: local
+    """Write `model` (or a `StreamedModel`), the processor of `base` (its tokenizer truncating at the model's text
+    length) and, given `card` (`hf_moe.hub.write_model_card` keywords), a model card atomically to `output_dir`, so
+    the folder is complete for `pipeline()` and the Hub; then upload it to `hub_model_id` if `push_to_hub`. `inputs`: local
     folders the output may not hold (see `hf_moe.fileio.check_output_dir`)."""
     processor = None
     if base is None:

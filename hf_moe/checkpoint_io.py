@@ -30,6 +30,7 @@ import json
 import os
 import struct
 import sys
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,6 +82,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, input_dtype: torch.dtype) -> 
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}.")
     return getattr(torch, dtype)
+
+
+def checkpoint_dtype(config, checkpoint: "LazyCheckpoint") -> torch.dtype:
+    """The dtype `from_pretrained(..., dtype="auto")` (transformers' default) loads a checkpoint in: the config's
+    `dtype` when set, else that of its first floating-point tensor (float32 if it has none)."""
+    dtype = getattr(config, "dtype", None)
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    for name in checkpoint.names():
+        if checkpoint.dtype(name).is_floating_point:
+            return checkpoint.dtype(name)
+    return torch.get_default_dtype()
 
 
 # ---- 1. reading ----------------------------------------------------------------------------------------------------
@@ -146,7 +159,7 @@ class _PickleFile:
     def __init__(self, path: Path, max_mapped_bytes: int, unwrap: tuple[str, ...] = ("state_dict", "model")):
         self.path, self.max_mapped_bytes, self.unwrap = path, max_mapped_bytes, unwrap
         self._state, self._read = None, 0
-        self.mapped = True
+        self.mapped = zipfile.is_zipfile(path)  # only the zip format (torch.save's since 1.6) can be mapped
         state = self._load()
         self.entries = {name: (t.dtype, t.shape) for name, t in state.items()}
         if not self.mapped:
@@ -154,20 +167,13 @@ class _PickleFile:
 
     def _load(self) -> dict:
         if self._state is None:
-            try:
-                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=self.mapped)
-            except RuntimeError as err:
-                if not self.mapped or "mmap" not in str(err):
-                    raise
-                self.mapped = False
-                state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=self.mapped)
             for wrapper in self.unwrap:
                 if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                     state = state[wrapper]
-            if not isinstance(state, dict):
+            if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
                 raise ValueError(f"{self.path} does not hold a state dict of tensors.")
-            self._state = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
-            self._read = 0
+            self._state, self._read = state, 0
         return self._state
 
     def shape(self, name):
@@ -440,37 +446,47 @@ def build_on_meta(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module
         recorder,
     ):
         model = build()
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
+    # Keys and geometry as built: casting the model afterwards (`model.to(dtype)`) replaces its tensors.
+    built = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        built[name] = (_storage_key(tensor), tensor.untyped_storage().nbytes(), _geometry(tensor))
 
     def initial_value(name: str) -> torch.Tensor:
-        tensor = tensors[name]
-        entries = recorder.log.get(_storage_key(tensor))
+        key, nbytes, (size, stride, offset, dtype) = built[name]
+        entries = recorder.log.get(key)
         if not entries:
             raise ValueError(f"{name} is never initialised by the model's constructor; it has no defined value.")
-        storage = torch.empty(tensor.untyped_storage().nbytes() // tensor.element_size(), dtype=tensor.dtype)
+        storage = torch.empty(nbytes // dtype.itemsize, dtype=dtype)
         saved = torch.get_rng_state()
         try:
-            for kind, function, (size, stride, offset, dtype), args, kwargs, generator, state in entries:
-                if dtype != tensor.dtype or _has_meta((args, kwargs)):
+            for kind, function, (e_size, e_stride, e_offset, e_dtype), args, kwargs, generator, state in entries:
+                if e_dtype != dtype or _has_meta((args, kwargs)):
                     raise NotImplementedError(f"{name}: its initialisation ({function}) cannot be replayed on the CPU.")
                 if state is not None:
                     generator.set_state(state)
+                target = storage.as_strided(e_size, e_stride, e_offset)
                 if kind == "factory":
-                    storage.as_strided(size, stride, offset).copy_(function(*args, **kwargs))
+                    target.copy_(function(*args, **kwargs))
                 else:
                     with torch.device("cpu"):
-                        function(storage.as_strided(size, stride, offset), *args, **kwargs)
+                        function(target, *args, **kwargs)
                 if state is not None and generator is not torch.default_generator:
                     generator.set_state(state)  # explicit generators are the caller's: leave them as found
         finally:
             torch.set_rng_state(saved)
-        return storage.as_strided(tensor.size(), tensor.stride(), tensor.storage_offset()).clone()
+        return storage.as_strided(size, stride, offset).clone()
 
     return model, initial_value
 
 
 # ---- 3. writing ----------------------------------------------------------------------------------------------------
+
+
+def meta_state_dict(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """`planned_state_dict` of `build()` built on the meta device without initialisation: the names, shapes and
+    dtypes a checkpoint saved from that model holds (e.g. what to read from a dense checkpoint)."""
+    with torch.device("meta"):
+        return planned_state_dict(build())
 
 
 def planned_state_dict(model) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 `COMMANDS` without importing torch or transformers; each command imports its module when it runs.
 
     hf-moe upcycle-clip BASE [BASE ...] --num_experts N --top_k K --output_dir DIR [--long_text] [--push_to_hub]
+        [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
     hf-moe convert-clip-moe-original CHECKPOINT.pt --base BASE --output_dir DIR [--push_to_hub --hub_model_id ID]
     hf-moe mcl --base BASE --data DATA --num_experts N --output_dir DIR [TrainingArguments flags]
     hf-moe train-router --model DIR --data DATA --output_dir OUT [TrainingArguments flags]
@@ -11,6 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..arguments import HubArguments
+
+
+# `--dtype` of the converters (hf_moe.checkpoint_io.DTYPE_CHOICES; not imported: it would import torch).
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -24,6 +29,11 @@ class UpcycleClipArguments:
     expert_dropout: float = field(default=0.0, metadata={"help": "Dropout inside experts (0.1 for router training)."})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Balance-loss weight."})
     seed: int = field(default=0, metadata={"help": "Seed of the random router initialisation."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype of the written weights (default: the first base's).", "choices": DTYPES},
+    )
+    max_shard_size: str = field(default="5GB", metadata={"help": "Shard the weights above this size (with an index)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -32,6 +42,11 @@ class ConvertClipMoEOriginalArguments:
     base: str = field(metadata={"help": "Dense CLIP the checkpoint was built from (architecture + processor)."})
     output_dir: str = field(metadata={"help": "Folder to write the converted model to (must be new or empty)."})
     top_k: int = field(default=2, metadata={"help": "Experts per token (the official release uses 2)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Dtype of the written weights (default: the release's, float32).", "choices": DTYPES},
+    )
+    max_shard_size: str = field(default="5GB", metadata={"help": "Shard the weights above this size (with an index)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -45,7 +60,7 @@ def upcycle_clip_command(argv: list[str]) -> None:
     )
     parser.add_argument("bases", nargs="+", metavar="BASE", help="Dense CLIP checkpoints (Hub ids or folders).")
     args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
-    upcycle_clip(positional.bases, **vars(args), **vars(hub_args))
+    upcycle_clip(positional.bases, **vars(args), **vars(hub_args), return_model=False)
     print(f"Upcycled {', '.join(positional.bases)} into {args.output_dir}")
 
 
@@ -57,7 +72,7 @@ def convert_clip_moe_original_command(argv: list[str]) -> None:
     parser = HfArgumentParser((ConvertClipMoEOriginalArguments, HubArguments), prog="hf-moe convert-clip-moe-original")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
     args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
-    convert_clip_moe_original(positional.checkpoint, **vars(args), **vars(hub_args))
+    convert_clip_moe_original(positional.checkpoint, **vars(args), **vars(hub_args), return_model=False)
     print(f"Converted {positional.checkpoint} into {args.output_dir}")
 
 
