@@ -47,6 +47,7 @@ One JSON object goes to stdout (and to `--output`), progress to stderr:
 
 import argparse
 import collections
+import contextlib
 import io
 import json
 import math
@@ -55,6 +56,7 @@ import pickle
 import platform
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -856,20 +858,28 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
-def run_measured(argv: list[str], log_path: Path) -> dict:
+def run_measured(argv: list[str], log_path: Path, max_rss_bytes: int | None = None) -> dict:
     """Run `argv` in a fresh process (offline); its wall time, the kernel's peak RSS (`/usr/bin/time -v`) and the
-    polled peak RSS / anonymous RSS summed over its process tree."""
+    polled peak RSS / anonymous RSS summed over its process tree. Above `max_rss_bytes` (polled) the tree is
+    killed, so that a converter that does not fit does not push a shared machine into swap or the OOM killer."""
     use_time = os.access(TIME_BIN, os.X_OK)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     peak_rss = peak_anon = 0
+    over_limit = False
     with open(log_path, "w") as output:
         start = time.perf_counter()
         process = subprocess.Popen([TIME_BIN, "-v", *argv] if use_time else argv, stdout=output, stderr=output, env=env)
         while process.poll() is None:
             pids = _descendants(process.pid) if use_time else [process.pid, *_descendants(process.pid)]
             usage = [_status_bytes(pid) for pid in pids]
-            peak_rss = max(peak_rss, sum(u.get("VmRSS", 0) for u in usage))
+            rss = sum(u.get("VmRSS", 0) for u in usage)
+            peak_rss = max(peak_rss, rss)
             peak_anon = max(peak_anon, sum(u.get("RssAnon", 0) for u in usage))
+            if max_rss_bytes is not None and rss > max_rss_bytes and not over_limit:
+                over_limit = True
+                for pid in reversed(pids):  # the converter (and its children) we started; `time` then reports
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             time.sleep(POLL_S)
         wall = time.perf_counter() - start
     text = log_path.read_text(errors="replace")
@@ -881,21 +891,30 @@ def run_measured(argv: list[str], log_path: Path) -> dict:
         result["returncode"] = int(exit_status.group(1)) if exit_status else 0
     result["peak_rss_polled_bytes"] = peak_rss
     result["peak_rss_anon_polled_bytes"] = peak_anon
-    if result["returncode"] != 0:
+    if over_limit:
+        result["returncode"] = result["returncode"] or -9
+        result["error"] = f"killed by the benchmark: resident set above --max_rss_gb {max_rss_bytes / 1e9:g}"
+    elif result["returncode"] != 0:
         tail = [line for line in text.splitlines() if line.strip() and not line.startswith("\t")][-4:]
         result["error"] = f"exit status {result['returncode']} (-9/137: killed for memory): " + " | ".join(tail)
     return result
 
 
-def run_case(name: str, root: Path, setting: Setting, args) -> dict:
-    case = CASES[name]
+def prepare_inputs(name: str, root: Path, setting: Setting) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """The paths of case `name`'s inputs (written first where missing) and the seconds each new one took."""
     paths, generation_s = {}, {}
-    for input_name in case.inputs:
+    for input_name in CASES[name].inputs:
         artifacts = INPUTS[input_name](setting)
         seconds = ensure_input(root, input_name, artifacts)
         if seconds is not None:
             generation_s[input_name] = round(seconds, 1)
         paths[input_name] = input_paths(root, input_name, artifacts)
+    return paths, generation_s
+
+
+def run_case(name: str, root: Path, setting: Setting, args) -> dict:
+    case = CASES[name]
+    paths, generation_s = prepare_inputs(name, root, setting)
     output_dir = root / "outputs" / name
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -908,7 +927,8 @@ def run_case(name: str, root: Path, setting: Setting, args) -> dict:
         "input_bytes": weight_bytes([p for n in converted for p in paths[n]]),
     }
     log(f"[{name}] hf-moe {' '.join(argv[:2])} ... ({result['input_bytes'] / 1e9:.2f} GB in)")
-    result.update(run_measured([*hf_moe_command(), *argv], root / "outputs" / f"{name}.log"))
+    max_rss = None if args.max_rss_gb is None else int(args.max_rss_gb * 1e9)
+    result.update(run_measured([*hf_moe_command(), *argv], root / "outputs" / f"{name}.log", max_rss))
     if "error" not in result:
         result["output_bytes"] = weight_bytes([output_dir])
         result["output_folder_bytes"] = folder_bytes(output_dir)
@@ -1015,6 +1035,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="Also write the JSON report to this file.")
     parser.add_argument("--keep_outputs", action="store_true", help="Keep the converted folders.")
     parser.add_argument("--plan", action="store_true", help="Only report the input sizes per case.")
+    parser.add_argument(
+        "--max_rss_gb",
+        type=float,
+        help="Kill a converter whose resident set (polled) exceeds this many GB (default: no limit).",
+    )
+    parser.add_argument("--generate_only", action="store_true", help="Write the cases' inputs, run nothing.")
     parser.add_argument("--skip_baseline", action="store_true", help="Do not measure the bare interpreter.")
     args = parser.parse_args(argv)
     if args.layers is not None and args.layers < 1:
@@ -1047,6 +1073,10 @@ def main(argv=None):
             "VmRSS, not in RssAnon); output_bytes: the weight files written; inputs in the page cache"
         )
         (root / "outputs").mkdir(exist_ok=True)
+        if args.generate_only:
+            report["inputs_generated_s"] = {name: prepare_inputs(name, root, setting)[1] for name in cases}
+            print(json.dumps(report, indent=2))
+            return
         if not args.skip_baseline:
             log("[baseline] python -c 'import torch, transformers, hf_moe.conversion'")
             baseline_argv = [sys.executable, "-c", "import torch, transformers, hf_moe.conversion"]

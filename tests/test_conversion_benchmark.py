@@ -1,7 +1,8 @@
 """Smoke test of benchmarks/conversion.py at the tiny shape: the streamed safetensors / `.pt` files read back as
 written, the generated checkpoints load without missing keys and differ from their base only where their method
-trains, the measurement sees a process's memory, one converter runs through `main` into a JSON report with every
-field, and the planned input sizes at the real shapes are the released files'. No timing assertions."""
+trains, the measurement sees a process's memory (and kills one above `--max_rss_gb`), one converter runs through
+`main` into a JSON report with every field, and the planned input sizes at the real shapes are the released
+files'. No timing assertions."""
 
 import contextlib
 import importlib.util
@@ -98,6 +99,11 @@ def test_measurement_sees_the_process_memory_and_reports_failures(bench, tmp_pat
     assert result["peak_rss_bytes"] > 256 * 2**20 and result["peak_rss_polled_bytes"] > 0
     failed = bench.run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "failed.log")
     assert failed["returncode"] == 3 and failed["error"].startswith("exit status 3")
+    # A process above the limit is killed at once (it would otherwise sleep for a minute).
+    stays = "import time; x = b'x' * (256 * 2**20); time.sleep(60)"
+    killed = bench.run_measured([sys.executable, "-c", stays], tmp_path / "killed.log", max_rss_bytes=128 * 2**20)
+    assert killed["error"] == "killed by the benchmark: resident set above --max_rss_gb 0.134218"
+    assert killed["returncode"] != 0 and killed["wall_s"] < 30
 
 
 def test_main_runs_a_converter_and_reports_every_field(bench, tmp_path):
