@@ -14,15 +14,27 @@ model's. The processor's chat template is the tokenizer's own only if it renders
     hf-moe upcycle-moiie --llm my-dense-llava-phi3 --output_dir moiie      # a LlavaForConditionalGeneration folder
 """
 
+import copy
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from transformers.utils import logging
 
+from ..checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LazyCheckpoint,
+    StreamedModel,
+    build_on_meta,
+    checkpoint_dtype,
+    from_pretrained_names,
+    planned_state_dict,
+    resolve_dtype,
+)
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
-from ..loading import load_config, load_pretrained
+from ..loading import load_config
 from ..modeling import (
     MoIIEConfig,
     MoIIEForCausalLM,
@@ -116,23 +128,77 @@ def check_projector(projector: dict, vision_hidden: int, text_hidden: int, name:
             )
 
 
-def upcycle_state_dict(config: MoIIEConfig, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A dense state dict in MoIIE names -> the MoE one: the MLP of each MoE layer copied into every expert."""
-    state, experts = {}, config.num_local_experts
+# `model.language_model.layers.3.mlp.experts.gate_up_proj`: a packed MoIIE expert parameter.
+PACKED_EXPERT_KEY = re.compile(r"^(?P<prefix>model\.language_model\.layers\.\d+\.mlp)\.experts\.(?P<param>\w+)$")
+
+
+class DenseWeights:
+    """The dense weights a MoIIE is upcycled from, under MoIIE's names, read lazily from the checkpoints they are
+    in: each tensor in the dtype `from_pretrained` would have loaded its model in. A few small or changed tensors
+    (the projector, resized embeddings) are held in memory."""
+
+    def __init__(self):
+        self.entries, self.tensors, self.checkpoints = {}, {}, []
+
+    def add_checkpoint(self, checkpoint: LazyCheckpoint, rename, dtype: torch.dtype) -> None:
+        """Expose `checkpoint`'s tensors as `rename(name)` (None: not used)."""
+        self.checkpoints.append(checkpoint)
+        for key in checkpoint:
+            name = rename(key)
+            if name is not None:
+                self.entries[name] = (checkpoint, key, dtype)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+    def names(self) -> set[str]:
+        return set(self.entries) | set(self.tensors)
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors or name in self.entries
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.tensors:
+            return self.tensors[name]
+        checkpoint, key, dtype = self.entries[name]
+        return checkpoint.get(key).to(dtype)
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints:
+            checkpoint.close()
+
+
+def upcycle_sources(config: MoIIEConfig, names, dense: DenseWeights, initialised: tuple[str, ...]) -> dict:
+    """Where each MoIIE tensor comes from: `("init", [])` (its random initialisation: routers, and a projector
+    nobody gave), `("experts", dense keys)` (the MLP of an MoE layer, Llama's gate and up fused, copied into every
+    expert) or `("dense", [key])`. Raises RuntimeError naming what has no source or what is left unused."""
     moe = set(config.moe_layers) if config.variant != "dense" else set()
-    for key, value in dense.items():
-        parts = key.split(".")
-        if key.startswith("model.language_model.layers.") and int(parts[3]) in moe and parts[4] == "mlp":
-            prefix = ".".join(parts[:5])
-            if parts[5] == "up_proj":  # Llama: stacked under its gate_proj
-                continue
-            if parts[5] == "gate_proj":  # Llama's separate gate / up -> the experts' fused [gate; up]
-                value, parts[5] = torch.cat([value, dense[f"{prefix}.up_proj.weight"]]), "gate_up_proj"
-            packed = value.unsqueeze(0).expand(experts, *value.shape).clone()
-            state[f"{prefix}.experts.{parts[5]}"] = packed  # gate_up_proj / down_proj
+    sources, missing = {}, []
+    for name in names:
+        packed = PACKED_EXPERT_KEY.match(name)
+        if any(part in name for part in initialised):
+            sources[name] = ("init", [])
+        elif packed and int(name.split(".")[3]) in moe:
+            prefix, param = packed["prefix"], packed["param"]
+            if param == "gate_up_proj" and f"{prefix}.gate_up_proj.weight" not in dense:  # Llama: separate gate / up
+                keys = [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"]
+            else:
+                keys = [f"{prefix}.{param}.weight"]
+            sources[name] = ("experts", keys)
         else:
-            state[key] = value
-    return state
+            sources[name] = ("dense", [name])
+        if any(key not in dense for key in sources[name][1]):
+            missing.append(name)
+    used = {key for _, keys in sources.values() for key in keys}
+    unexpected = sorted(dense.names() - used)
+    if missing or unexpected:
+        raise RuntimeError(f"Upcycled state dict does not fit the MoIIE: missing {missing}, unexpected {unexpected}")
+    return sources
+
+
+def _meta(build):
+    with torch.device("meta"):
+        return build()
 
 
 def upcycle_moiie(
@@ -150,11 +216,14 @@ def upcycle_moiie(
     image_token_id: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    return_model: bool = True,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
-) -> MoIIEForCausalLM:
+) -> MoIIEForCausalLM | None:
     """Upcycle a dense Phi-3 or Llama + SigLIP (+ projector), or a dense LLaVA-style folder, into a MoIIE in
     `output_dir`.
 
@@ -174,8 +243,20 @@ def upcycle_moiie(
             `<image>`, added when missing; MoIIEConfig's 32044 when `llm` has no tokenizer). With a tokenizer it must
             be that `<image>` id, else a `ValueError` naming both.
         seed: Seed of the router (and random projector) initialisation.
+        dtype: Dtype of the written weights: "auto" (the language model's, as `from_pretrained` loads it; the vision
+            tower and projector are cast to it), "float32", "bfloat16" or "float16".
+        max_shard_size: Larger outputs are written as `model-0000i-of-0000N.safetensors` shards of at most this size
+            with a `model.safetensors.index.json`.
+        return_model: Load the written model and return it; False returns None without reading it back (the command
+            line's choice: a real checkpoint need not be held in memory once written).
         push_to_hub, hub_model_id, hub_token, hub_private_repo: As `TrainingArguments`.
+
+    The checkpoints are read one tensor at a time and the MoIIE, built on the meta device (its routers replayed from
+    `seed`), is written tensor by tensor (`hf_moe.checkpoint_io`): memory holds about one packed expert tensor, never
+    the dense model or the MoIIE, so the full Phi-3-mini + SigLIP-so400m MoIIE (~16 GB in bf16) upcycles in far less
+    memory than its size.
     """
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     llm_config = load_config(llm, require_moe=False)
     is_llava = llm_config.model_type == "llava"
     if is_llava:
@@ -235,65 +316,143 @@ def upcycle_moiie(
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
-    if is_llava:
-        from transformers import LlavaForConditionalGeneration
-
-        dense = load_pretrained(llm, LlavaForConditionalGeneration, config=llm_config).state_dict()
-        dtype = dense["lm_head.weight"].dtype
-    else:
-        from transformers import AutoModel, LlamaForCausalLM, Phi3ForCausalLM
-
-        lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
-        lm = load_pretrained(llm, lm_class, config=llm_config)
-        if vocab_size != rows:
-            torch.manual_seed(seed)  # mean_resizing samples the new rows around the old rows' mean
-            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_VOCAB_TO)
-        tower = load_pretrained(vision, AutoModel)
-        tower = tower.vision_model if hasattr(tower, "text_model") else tower  # SiglipModel: its vision tower
-        dense = {f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()}
-        dense.update({f"lm_head.{k}": v for k, v in lm.lm_head.state_dict().items()})
-        dense.update({f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
-        dtype = lm.lm_head.weight.dtype
-    if projector_state is not None:
-        dense.update({f"model.multi_modal_projector.{k}": v for k, v in projector_state.items()})
-
-    torch.manual_seed(seed)
     model_class = {"phi3": MoIIEPhi3ForCausalLM, "llama": MoIIELlamaForCausalLM}[text_config.model_type]
-    model = model_class(config)
-    missing, unexpected = model.load_state_dict(upcycle_state_dict(config, dense), strict=False)
-    allowed = ("router.weight",) + (("multi_modal_projector.",) if not is_llava and projector is None else ())
-    wrong = [key for key in missing if not any(a in key for a in allowed)]
-    if wrong or unexpected:
-        raise RuntimeError(
-            f"Upcycled state dict does not fit {model_class.__name__}: missing {wrong}, unexpected {unexpected}"
-        )
-    model = model.to(dtype).eval()
-    model.config.name_or_path = ""
+    dense = DenseWeights()
+    try:
+        if is_llava:
+            from transformers import LlavaForConditionalGeneration
 
-    card = {
-        "base_model": [str(x) for x in (llm, vision) if x is not None],
-        "how_built": how_built(
-            llm, vision, projector, is_llava, config, seed, image_token_note(added_image_token, config, rows)
-        ),
-        "tags": ["moiie", text_config.model_type, "siglip", "vision-language", "upcycling"],
-        "pipeline_tag": "image-text-to-text",
-        "usage": usage(hub_model_id or Path(output_dir).name),
-        "model_name": hub_model_id or Path(output_dir).name,
-    }
-    save_model_folder(
-        model,
-        (None if tokenizer is None else moiie_processor(tokenizer, vision, config)) or _Files(llm),
-        output_dir,
-        overwrite=overwrite,
-        card=card,
-        inputs=inputs,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
+            meta = _meta(lambda: LlavaForConditionalGeneration(copy.deepcopy(llm_config)))
+            checkpoint = LazyCheckpoint(llm, key_mapping=from_pretrained_names(meta))
+            input_dtype = checkpoint_dtype(llm_config, checkpoint)
+            dense.add_checkpoint(checkpoint, lambda name: name, input_dtype)  # LLaVA's names are MoIIE's
+            if "lm_head.weight" not in dense and text_config.tie_word_embeddings:
+                dense.add_checkpoint(
+                    checkpoint,
+                    lambda name: "lm_head.weight" if name == "model.language_model.embed_tokens.weight" else None,
+                    input_dtype,
+                )
+        else:
+            from transformers import AutoModel, LlamaForCausalLM, Phi3ForCausalLM
+
+            lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
+            meta_lm = _meta(lambda: lm_class(copy.deepcopy(llm_config)))
+            lm = LazyCheckpoint(llm, key_mapping=from_pretrained_names(meta_lm))
+            input_dtype = checkpoint_dtype(llm_config, lm)
+            dense.add_checkpoint(lm, lm_name, input_dtype)
+            if "lm_head.weight" not in dense and llm_config.tie_word_embeddings:
+                dense.add_checkpoint(
+                    lm, lambda n: "lm_head.weight" if n == "model.embed_tokens.weight" else None, input_dtype
+                )
+            if vocab_size != rows:
+                resized = resized_embeddings(meta_lm, dense, len(tokenizer), seed)
+                for name, tensor in resized.items():
+                    dense.add_tensor(name, tensor)
+            vision_full_config = load_config(vision, require_moe=False)
+            meta_tower = _meta(lambda: AutoModel.from_config(copy.deepcopy(vision_full_config)))
+            tower = LazyCheckpoint(vision, key_mapping=from_pretrained_names(meta_tower))
+            rename = vision_name(is_full_siglip=hasattr(meta_tower, "text_model"))
+            dense.add_checkpoint(tower, rename, checkpoint_dtype(vision_full_config, tower))
+        if projector_state is not None:
+            for key, value in projector_state.items():
+                dense.add_tensor(f"model.multi_modal_projector.{key}", value)
+        output_dtype = resolve_dtype(dtype, input_dtype)
+
+        torch.manual_seed(seed)
+        model, initial_value = build_on_meta(lambda: model_class(config))
+        model = model.to(output_dtype).eval()
+        model.config.name_or_path = ""
+        initialised = ("router.weight",) + (("multi_modal_projector.",) if not is_llava and projector is None else ())
+        sources = upcycle_sources(config, planned_state_dict(model), dense, initialised)
+        num_experts = config.num_local_experts
+
+        def produce(name: str) -> torch.Tensor:
+            kind, keys = sources[name]
+            if kind == "init":
+                return initial_value(name).to(output_dtype)
+            tensors = [dense.get(key) for key in keys]
+            if kind == "dense":
+                return tensors[0].to(output_dtype)
+            value = torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # Llama: [gate; up] as the experts fuse
+            return value.unsqueeze(0).expand(num_experts, *value.shape).to(output_dtype).contiguous()
+
+        card = {
+            "base_model": [str(x) for x in (llm, vision) if x is not None],
+            "how_built": how_built(
+                llm,
+                vision,
+                projector,
+                is_llava,
+                config,
+                seed,
+                image_token_note(added_image_token, config, rows),
+                dtype=None if dtype in (None, "auto") else dtype,
+            ),
+            "tags": ["moiie", text_config.model_type, "siglip", "vision-language", "upcycling"],
+            "pipeline_tag": "image-text-to-text",
+            "usage": usage(hub_model_id or Path(output_dir).name),
+            "model_name": hub_model_id or Path(output_dir).name,
+        }
+        save_model_folder(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            (None if tokenizer is None else moiie_processor(tokenizer, vision, config)) or _Files(llm),
+            output_dir,
+            overwrite=overwrite,
+            card=card,
+            inputs=inputs,
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
+        )
+    finally:
+        dense.close()
     logger.info(f"Saved a {config.num_local_experts}-expert {variant} MoIIE to {output_dir}")
-    return model
+    return model_class.from_pretrained(output_dir).eval() if return_model else None
+
+
+def lm_name(name: str) -> str | None:
+    """A dense Phi-3 / Llama name -> the MoIIE's: its decoder under `model.language_model`, the same LM head."""
+    if name.startswith("model."):
+        return f"model.language_model.{name.removeprefix('model.')}"
+    return name if name == "lm_head.weight" else None
+
+
+def vision_name(is_full_siglip: bool):
+    """SigLIP names -> the MoIIE's vision tower (a `SiglipVisionModel`): a `SiglipModel`'s `vision_model.*` (its
+    text tower, logit scale and bias are left out), or every name of a `SiglipVisionModel`."""
+    tower = "model.vision_tower."
+
+    def rename(name: str) -> str | None:
+        if not is_full_siglip:
+            return tower + name
+        return tower + name.removeprefix("vision_model.") if name.startswith("vision_model.") else None
+
+    return rename
+
+
+def resized_embeddings(meta_lm, dense: DenseWeights, num_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """The LM's input embeddings and head after `resize_token_embeddings(num_tokens, pad_to_multiple_of=64)` under
+    `seed`, as upcycling a loaded LM gives them (the new rows mean-initialised), with only these two tensors real:
+    the rest of `meta_lm` stays on the meta device."""
+    from torch import nn
+
+    embed = dense.get("model.language_model.embed_tokens.weight")
+    old = meta_lm.get_input_embeddings()
+    embeddings = nn.Embedding(*embed.shape, padding_idx=old.padding_idx, _weight=embed, dtype=embed.dtype)
+    meta_lm.set_input_embeddings(embeddings)
+    head = nn.Linear(embed.shape[1], embed.shape[0], bias=False, device="meta")
+    if meta_lm.config.tie_word_embeddings:
+        head.weight = embeddings.weight
+    else:
+        head.weight = nn.Parameter(dense.get("lm_head.weight"))
+    meta_lm.set_output_embeddings(head)
+    torch.manual_seed(seed)  # mean_resizing samples the new rows around the old rows' mean
+    meta_lm.resize_token_embeddings(num_tokens, pad_to_multiple_of=PAD_VOCAB_TO)
+    return {
+        "model.language_model.embed_tokens.weight": meta_lm.get_input_embeddings().weight.detach(),
+        "lm_head.weight": meta_lm.get_output_embeddings().weight.detach(),
+    }
 
 
 def load_tokenizer(llm):
@@ -405,7 +564,16 @@ class _Files:
 DECODER_NAMES = {"phi3": "Phi-3", "llama": "Llama"}
 
 
-def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int, token_note: str | None = None) -> str:
+def how_built(
+    llm,
+    vision,
+    projector,
+    is_llava,
+    config: MoIIEConfig,
+    seed: int,
+    token_note: str | None = None,
+    dtype: str | None = None,
+) -> str:
     decoder = DECODER_NAMES.get(config.text_config.model_type, config.text_config.model_type)
     if is_llava:
         source = f"the dense LLaVA-style model `{llm}` (its SigLIP tower, projector and {decoder} decoder)"
@@ -431,13 +599,13 @@ def how_built(llm, vision, projector, is_llava, config: MoIIEConfig, seed: int, 
         *([f"- {token_note}"] if token_note else []),
         "",
         "```bash",
-        command_line(llm, vision, projector, config, seed),
+        command_line(llm, vision, projector, config, seed, dtype),
         "```",
     ]
     return "\n".join(lines)
 
 
-def command_line(llm, vision, projector, config: MoIIEConfig, seed: int) -> str:
+def command_line(llm, vision, projector, config: MoIIEConfig, seed: int, dtype: str | None = None) -> str:
     parts = ["hf-moe upcycle-moiie", f"--llm {llm}"]
     parts += [f"--vision {vision}"] if vision is not None else []
     parts += [
@@ -448,7 +616,7 @@ def command_line(llm, vision, projector, config: MoIIEConfig, seed: int) -> str:
         f"--variant {config.variant}",
     ]
     parts += [f"--projector {projector}"] if projector is not None else []
-    parts += [f"--seed {seed}", "--output_dir DIR"]
+    parts += [f"--seed {seed}"] + ([f"--dtype {dtype}"] if dtype is not None else []) + ["--output_dir DIR"]
     return " ".join(parts)
 
 

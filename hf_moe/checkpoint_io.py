@@ -284,6 +284,29 @@ class LazyCheckpoint:
         self.close()
 
 
+def from_pretrained_names(model) -> Callable[[str], str | None]:
+    """The key mapping `from_pretrained` applies when loading a checkpoint into `model` (a meta model is enough):
+    transformers' renamings of legacy and saved-format names (e.g. LLaVA's `language_model.model.*`, a saved
+    `SiglipVisionModel`'s unprefixed names) and the base-model prefix; names the model does not have map to None
+    (ignored, as `from_pretrained` ignores unexpected keys). For `LazyCheckpoint(..., key_mapping=...)`. Checkpoint
+    formats that need many-to-one conversions (e.g. per-expert MoE weights) are refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model, add_legacy=True)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    names = model.state_dict()
+
+    def rename(key: str) -> str | None:
+        renamed, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        if converter is not None:
+            raise NotImplementedError(f"'{key}' needs transformers' conversion {converter}; not supported lazily.")
+        return renamed if renamed in names else None
+
+    return rename
+
+
 def weight_files(name_or_path: str | Path, *, subfolder: str = "", revision: str | None = None) -> list[Path]:
     """The local paths of the weight files of a model folder or Hub id (downloaded as `from_pretrained` would:
     safetensors preferred, sharded indexes followed), or `[name_or_path]` for a single weights file."""

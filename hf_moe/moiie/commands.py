@@ -3,7 +3,7 @@ without importing torch or transformers; each command imports its module when it
 
     hf-moe upcycle-moiie --llm PHI3_OR_LLAVA [--vision SIGLIP] --num_vision_experts 1 --num_shared_experts 2
         --num_language_experts 1 --top_k 2 --output_dir DIR [--variant moiie|vanilla|modality|dense]
-        [--projector FOLDER] [--moe_layers 1 3 ...] [--image_token_id ID] [--seed 0]
+        [--projector FOLDER] [--moe_layers 1 3 ...] [--image_token_id ID] [--seed 0] [--dtype auto|bfloat16|...]
     hf-moe train-moiie --model DIR --data CONVERSATIONS.json --image_folder DIR --output_dir OUT
         --stage pretrain|finetune [--moe_only] [TrainingArguments flags]
 """
@@ -34,6 +34,14 @@ class UpcycleMoIIEArguments:
     )
     image_token_id: int | None = field(default=None, metadata={"help": "Image placeholder token id."})
     seed: int = field(default=0, metadata={"help": "Seed of the router (and random projector) initialisation."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of the written weights (default: the language model's).",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    max_shard_size: str = field(default="5GB", metadata={"help": "Shard the weights above this size (with an index)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -50,7 +58,7 @@ def upcycle_moiie_command(argv: list[str]) -> None:
     args, hub_args = parser.parse_args_into_dataclasses(argv)
     options = vars(args)
     llm, vision, output_dir = options.pop("llm"), options.pop("vision"), options.pop("output_dir")
-    upcycle_moiie(llm, vision, output_dir, **options, **vars(hub_args))
+    upcycle_moiie(llm, vision, output_dir, **options, **vars(hub_args), return_model=False)
     print(f"Upcycled {llm} into the {args.variant} MoIIE model {output_dir}")
 
 
