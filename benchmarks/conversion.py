@@ -1003,6 +1003,16 @@ def goals(results: dict) -> dict:
     }
 
 
+def short_command(argv: list[str]) -> str:
+    """`hf-moe` and the options of `argv`, without the paths (and the options that take them)."""
+    words = []
+    for index, word in enumerate(argv):
+        follows_path = index + 1 < len(argv) and "/" in argv[index + 1]
+        if "/" not in word and not (word.startswith("--") and follows_path):
+            words.append(word)
+    return " ".join(["hf-moe", *words])
+
+
 def markdown_table(results: dict) -> str:
     """The README's table of a report's cases (GB = 1e9 bytes)."""
     rows = [
@@ -1010,7 +1020,7 @@ def markdown_table(results: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
-        command = " ".join(r.get("command", "").split()[:2])
+        command = short_command(r.get("command", "").split()[1:])
         if "error" in r:
             rows.append(f"| {name} | `{command}` | {r.get('input_bytes', 0) / 1e9:.2f} | failed | | | |")
             continue
@@ -1088,6 +1098,12 @@ def main(argv=None):
             except Exception as err:  # an input that cannot be generated: reported, the other cases still run
                 log(f"[{name}] failed before the converter ran: {err!r}")
                 report["cases"][name] = {"description": CASES[name].description, "error": repr(err)}
+        baseline = report.get("interpreter_baseline", {}).get("peak_rss_bytes")
+        for result in report["cases"].values():
+            if baseline and result.get("output_bytes") and result.get("peak_rss_bytes"):
+                # what the conversion itself holds: at reduced depth the interpreter is a large share of the peak
+                net = (result["peak_rss_bytes"] - baseline) / result["output_bytes"]
+                result["peak_minus_baseline_over_output"] = round(net, 3)
         report["goals"] = goals(report["cases"])
         log(markdown_table(report["cases"]))
     text = json.dumps(report, indent=2)

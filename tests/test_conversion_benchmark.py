@@ -143,3 +143,21 @@ def test_plan_gives_the_released_sizes_at_the_real_shapes(bench):
     }
     for name, gigabytes in released.items():
         assert sizes[name] / 1e9 == pytest.approx(gigabytes, rel=0.01), name
+
+
+def test_markdown_table_names_each_converter_without_paths(bench):
+    results = {
+        "ties_b32_8": {
+            "command": "hf-moe merge --method ties /w/b32 /w/t1 /w/t2 --output_dir /w/out",
+            "input_bytes": 3e9, "output_bytes": 1e9, "peak_rss_bytes": 1.2e9, "peak_over_output": 1.2, "wall_s": 12.3,
+        },
+        "moiie_phi3_siglip": {"command": "hf-moe upcycle-moiie --llm /w/p --vision /w/s", "input_bytes": 2e9,
+                              "error": "exit status -9"},
+    }  # fmt: skip
+    table = bench.markdown_table(results).splitlines()
+    assert table[2] == "| ties_b32_8 | `hf-moe merge --method ties` | 3.00 | 1.00 | 1.20 | 1.20 | 12 |"
+    assert table[3] == "| moiie_phi3_siglip | `hf-moe upcycle-moiie` | 2.00 | failed | | | |"
+    assert bench.goals(results) == {
+        "peak_over_output <= 1.25": {"ties_b32_8": 1.2, "moiie_phi3_siglip": None},
+        "met": False,
+    }
