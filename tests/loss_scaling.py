@@ -1,6 +1,6 @@
 """Harness of tests/test_loss_scaling.py: one optimizer step of each family's Trainer (SGD, lr 0.5, no clipping, no
 schedule) on given micro-batches, returning the trained parameters, in one process or in each of several gloo
-processes (`run_distributed`, every recipe in one spawn)."""
+processes (`run_distributed`: every recipe in the same forked processes)."""
 
 import os
 import socket
@@ -198,8 +198,11 @@ def _worker(rank: int, world_size: int, port: int, runs: dict, results):
         HF_HUB_OFFLINE="1",
     )
     torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
     from transformers.utils import logging
 
+    # A forked child inherits the parent's (single-process) accelerate state: start it afresh from the environment.
+    AcceleratorState._reset_state(reset_partial_state=True)
     logging.set_verbosity_error()
     for name, (recipe, args, kwargs) in runs.items():
         trained = RECIPES[recipe](*args, **kwargs)
@@ -216,7 +219,11 @@ def run_distributed(runs: dict, world_size: int = 2) -> dict:
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world_size, free_port(), runs, results), nprocs=world_size, join=True)
+        # Forked, not spawned: the children start with the parent's imports (spawning re-imports torch, transformers
+        # and accelerate in each child: tens of seconds on busy cores).
+        mp.start_processes(
+            _worker, args=(world_size, free_port(), runs, results), nprocs=world_size, join=True, start_method="fork"
+        )
         return {name: dict(value) for name, value in results.items()}
 
 

@@ -8,7 +8,7 @@ One SGD step (lr 0.5, so that a wrongly weighted term shows) through each family
   micro-batches where every term is a per-token or per-micro-batch mean (MoIIE, TTA, AdaMerging), and, for the
   contrastive losses, whose negatives are the all-gathered batch, 1 process on the gathered batch (MCL, MoDE), or a
   hand computation of contrastive loss over the gathered batch + the mean of each process' router loss (router
-  training). All 2-process runs share one spawn.
+  training). All 2-process runs share the same 2 forked processes.
 """
 
 import json
@@ -38,6 +38,15 @@ ACCUMULATION = 2  # any k > 1 shows a term weighted k times; 2 keeps the test fa
 # Each trained tensor's step (new - initial) must match the expected step to this relative (Frobenius) error; the
 # runs differ only in the order of float64 sums (MCL shuffles its rows; all-reduces add in another order).
 STEP_RTOL = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is several times faster than two on shared, busy cores (no spinning thread pool)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
