@@ -344,6 +344,31 @@ def weight_files(name_or_path: str | Path, *, subfolder: str = "", revision: str
     raise OSError(f"'{name_or_path}' has no model weights (model.safetensors, pytorch_model.bin or their indexes).")
 
 
+def loading_key_mapping(model: torch.nn.Module) -> Callable[[str], str]:
+    """The renaming `from_pretrained` applies to a checkpoint's names when loading them into `model` (a meta-device
+    build is enough): the model's weight renamings from transformers' conversion mapping (e.g. the `vision_model.`
+    prefix of a `CLIPVisionModel` saved by transformers 4, legacy `gamma` / `beta`), then the base-model prefix
+    added or stripped as the model's names need. Pass it as `LazyCheckpoint(key_mapping=...)` so that the
+    checkpoint's names are the model's. Models whose loading converts weights (merged or split tensors) are
+    refused: their tensors are not the checkpoint's."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [conversion for conversion in conversions if isinstance(conversion, WeightRenaming)]
+    if len(renamings) != len(conversions):
+        raise NotImplementedError(
+            f"{type(model).__name__} is loaded through weight conversions ({conversions}); read it with from_pretrained."
+        )
+    names = {name: True for name in model.state_dict()}
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def mapping(name: str) -> str:
+        return rename_source_key(name, renamings, [], prefix, names)[0]
+
+    return mapping
+
+
 # ---- 2. building on the meta device --------------------------------------------------------------------------------
 
 

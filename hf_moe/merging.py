@@ -21,7 +21,7 @@ the processor and a model card, atomically. Inputs are Hub ids or folders of `CL
 
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +155,12 @@ def trim_task_vector(task_vector: StateDict, density: float, scope: str = "task_
     # The reference takes the (d - int(density * d))-th smallest magnitude as the threshold, which is the
     # (int(density * d) + 1)-th largest; entries at least that large are kept, ties included.
     threshold = torch.kthvalue(magnitudes, size - int(density * size)).values
-    return {key: torch.where(tensor.abs() >= threshold, tensor, 0.0) for key, tensor in task_vector.items()}
+    return {key: trim_to_threshold(tensor, threshold) for key, tensor in task_vector.items()}
+
+
+def trim_to_threshold(tensor: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """TIES' trim of one tensor given the task vector's threshold: entries with |value| >= threshold kept."""
+    return torch.where(tensor.abs() >= threshold, tensor, 0.0)
 
 
 def ties(
@@ -181,28 +186,46 @@ def ties(
     trimmed = [trim_task_vector(tv, density, trim) for tv in task_vectors]
     keys = list(trimmed[0])
     # The reference resolves the zero-mass entries with the majority of the elected signs over the whole vector.
-    elected_total = sum(torch.stack([tv[key] for tv in trimmed]).sum(dim=0).sign().sum() for key in keys)
+    elected_total = sum(ties_elected_sign_sum(torch.stack([tv[key] for tv in trimmed])) for key in keys)
     majority = torch.sign(torch.as_tensor(elected_total, dtype=torch.float32))
     merged = {}
     for key in keys:
-        stacked = torch.stack([tv[key] for tv in trimmed])
-        elected = stacked.sum(dim=0).sign()
-        elected = torch.where(elected == 0, majority, elected)
-        selected = stacked * torch.where(elected > 0, stacked > 0, stacked < 0)
-        total = selected.sum(dim=0)
-        if aggregation == "mean":
-            total = total / (selected != 0).sum(dim=0).clamp(min=1)
-        merged[key] = scaling * total
+        merged[key] = ties_disjoint_merge(torch.stack([tv[key] for tv in trimmed]), majority, scaling, aggregation)
     return add_to_pretrained(pretrained, merged)
+
+
+def ties_elected_sign_sum(stacked: torch.Tensor) -> torch.Tensor:
+    """The sum of the signs TIES elects for one tensor (`stacked`: its trimmed task vectors, `[tasks, ...]`);
+    summed over all tensors, its sign is the majority sign given to zero-mass entries."""
+    return stacked.sum(dim=0).sign().sum()
+
+
+def ties_disjoint_merge(stacked: torch.Tensor, majority: torch.Tensor, scaling: float, aggregation: str):
+    """`scaling` times TIES' disjoint aggregation (`sum` or `mean`) of one tensor's trimmed task vectors
+    `stacked` (`[tasks, ...]`), entries of zero mass taking the sign `majority`."""
+    elected = stacked.sum(dim=0).sign()
+    elected = torch.where(elected == 0, majority, elected)
+    selected = stacked * torch.where(elected > 0, stacked > 0, stacked < 0)
+    total = selected.sum(dim=0)
+    if aggregation == "mean":
+        total = total / (selected != 0).sum(dim=0).clamp(min=1)
+    return scaling * total
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: `fn(pretrained, task_vectors, **options) -> merged state dict`."""
+    """A registered merge method: `fn(pretrained, task_vectors, **options) -> merged state dict`.
+
+    How `merge_clip_vision` runs it on checkpoints without holding them (see `streamed_merge`): `per_tensor`
+    methods (each merged tensor depends only on that tensor of the inputs) are called one tensor at a time;
+    `streamed(source, **options)` is a method's own streamed form (TIES: its whole-vector threshold and majority
+    sign take passes over the inputs first); a method with neither gets every task vector in memory at once."""
 
     name: str
     fn: Callable[..., StateDict]
     description: str
+    per_tensor: bool = False
+    streamed: Callable[..., Callable[[str], torch.Tensor]] | None = None
 
     def options(self) -> dict:
         """The method's options and their defaults."""
@@ -222,23 +245,28 @@ class MergeMethod:
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-def register_merge_method(name: str, fn: Callable | None = None, *, description: str | None = None, overwrite=False):
+def register_merge_method(
+    name: str,
+    fn: Callable | None = None,
+    *,
+    description: str | None = None,
+    overwrite=False,
+    per_tensor: bool = False,
+    streamed: Callable | None = None,
+):
     """Register `fn(pretrained, task_vectors, **options)` as merge method `name` (usable as a decorator). A trained
-    method registers the function that applies its learned parameters (passed as options)."""
+    method registers the function that applies its learned parameters (passed as options). `per_tensor=True`
+    declares that each merged tensor depends only on the same tensor of the inputs, so checkpoints are merged a
+    tensor at a time; `streamed` gives a streamed form of a method that is not (see `MergeMethod`)."""
 
     def register(fn):
         if name in MERGE_METHODS and not overwrite:
             raise ValueError(f"Merge method '{name}' is already registered; pass overwrite=True to replace it.")
         text = description or (inspect.getdoc(fn) or name).split("\n")[0]
-        MERGE_METHODS[name] = MergeMethod(name, fn, text)
+        MERGE_METHODS[name] = MergeMethod(name, fn, text, per_tensor=per_tensor, streamed=streamed)
         return fn
 
     return register(fn) if fn is not None else register
-
-
-register_merge_method("average", average)
-register_merge_method("task_arithmetic", task_arithmetic)
-register_merge_method("ties", ties)
 
 
 def get_merge_method(name: str) -> MergeMethod:
@@ -254,6 +282,193 @@ def merge_state_dicts(
     merge = get_merge_method(method)
     merge.check_options(options)
     return merge.fn(pretrained, task_vectors(pretrained, finetuned, names), **options)
+
+
+# --------------------------------------------------------------------------------------------- streamed merging
+
+
+class MagnitudeSelection:
+    """The exact k-th smallest |value| (what `torch.kthvalue` returns on the concatenation) of float32 tensors seen
+    one at a time, in two passes over them, with 65536 counters in memory instead of the values.
+
+    |value| of a float32 is non-negative, and non-negative floats order as their bit patterns read as int32 (NaN
+    last, as kthvalue orders it): the first pass counts the values by the high 16 bits of that pattern and finds
+    the bin holding the k-th; the second counts the values of that bin by their low 16 bits, which gives the exact
+    pattern. Feed the same tensors (any order, any split) to both passes:
+
+        selection = MagnitudeSelection(k)
+        while not selection.done:
+            for tensor in tensors():
+                selection.add(tensor)
+            selection.end_pass()
+        selection.value  # a 0-d float32 tensor
+    """
+
+    BINS = 1 << 16
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        self.k, self.high, self.value = k, None, None
+        self.counts = torch.zeros(self.BINS, dtype=torch.int64)
+
+    @property
+    def done(self) -> bool:
+        return self.value is not None
+
+    def add(self, tensor: torch.Tensor) -> None:
+        bits = tensor.detach().to(torch.float32).abs().reshape(-1).view(torch.int32)
+        if self.high is None:
+            self.counts += torch.bincount(bits >> 16, minlength=self.BINS)
+        else:
+            self.counts += torch.bincount(bits[(bits >> 16) == self.high] & 0xFFFF, minlength=self.BINS)
+
+    def end_pass(self) -> None:
+        cumulative = self.counts.cumsum(0)
+        if self.k > int(cumulative[-1]):
+            raise ValueError(f"Asked for the {self.k}-th smallest of {int(cumulative[-1])} values.")
+        index = int(torch.searchsorted(cumulative, torch.tensor(self.k)))  # the first bin reaching k
+        below = int(cumulative[index - 1]) if index else 0
+        self.counts.zero_()
+        if self.high is None:
+            self.high, self.k = index, self.k - below
+        else:
+            self.value = torch.tensor([(self.high << 16) | index], dtype=torch.int32).view(torch.float32)[0]
+
+
+class TaskVectorSource:
+    """The pretrained state dict and the task vectors of its fine-tunes as a streamed merge reads them: one tensor
+    at a time, by key. Subclasses implement `pretrained(key)` (floating tensors in float32) and
+    `task_vector(i, key)` (float32, fine-tuned minus pretrained); `keys` are the task vectors' keys (the floating
+    tensors, in state-dict order) and `num_tasks` their number."""
+
+    keys: list[str]
+    num_tasks: int
+
+    def pretrained(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def task_vector(self, index: int, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> torch.Size:
+        return self.pretrained(key).shape
+
+
+class StateDictSource(TaskVectorSource):
+    """A `TaskVectorSource` over state dicts in memory (tests, and what the streamed forms must reproduce)."""
+
+    def __init__(self, pretrained: StateDict, finetuned: Sequence[StateDict]):
+        check_compatible(pretrained, finetuned)
+        self._pretrained, self._finetuned = pretrained, list(finetuned)
+        self.keys = [key for key, tensor in pretrained.items() if tensor.is_floating_point()]
+        self.num_tasks = len(self._finetuned)
+
+    def pretrained(self, key):
+        return self._pretrained[key].float()
+
+    def task_vector(self, index, key):
+        return self._finetuned[index][key].float() - self._pretrained[key].float()
+
+
+class _OneTaskVectorTensor(Mapping):
+    """`{key: task vector i at key}`, computed when read and not kept: what a per-tensor method gets."""
+
+    def __init__(self, source: TaskVectorSource, index: int, key: str):
+        self.source, self.index, self.key = source, index, key
+
+    def __getitem__(self, key):
+        if key != self.key:
+            raise KeyError(key)
+        return self.source.task_vector(self.index, key)
+
+    def __iter__(self):
+        return iter((self.key,))
+
+    def __len__(self):
+        return 1
+
+
+def ties_streamed(
+    source: TaskVectorSource,
+    scaling: float = 0.3,
+    density: float = 0.2,
+    trim: str = "task_vector",
+    aggregation: str = "sum",
+) -> Callable[[str], torch.Tensor]:
+    """[`ties`] on a `TaskVectorSource`, equal to it bit for bit, with a few tensors in memory at a time: the
+    whole-vector trim thresholds take two passes over the task vectors ([`MagnitudeSelection`], the exact
+    `kthvalue` of `trim_task_vector`), the majority sign one more; returns `merged(key)` (float32, computed
+    when called: one more pass as the output is written)."""
+    if aggregation not in TIES_AGGREGATIONS:
+        raise ValueError(f"ties aggregation must be one of {TIES_AGGREGATIONS}, got {aggregation!r}.")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density (the fraction of each task vector kept) must be in (0, 1], got {density}.")
+    if density < 1.0 and trim not in ("task_vector", "tensor"):
+        raise ValueError(f"trim scope must be 'task_vector' or 'tensor', got {trim!r}.")
+    thresholds = None
+    if density < 1.0 and trim == "task_vector":
+        size = sum(source.shape(key).numel() for key in source.keys)
+        selections = [MagnitudeSelection(size - int(density * size)) for _ in range(source.num_tasks)]
+        while not selections[0].done:
+            for key in source.keys:
+                for index, selection in enumerate(selections):
+                    selection.add(source.task_vector(index, key))
+            for selection in selections:
+                selection.end_pass()
+        thresholds = [selection.value for selection in selections]
+
+    def trimmed(index: int, key: str) -> torch.Tensor:
+        tensor = source.task_vector(index, key)
+        if density == 1.0:
+            return tensor
+        if thresholds is None:
+            return trim_task_vector({key: tensor}, density, trim)[key]
+        return trim_to_threshold(tensor, thresholds[index])
+
+    def stacked(key: str) -> torch.Tensor:
+        return torch.stack([trimmed(index, key) for index in range(source.num_tasks)])
+
+    elected_total = sum(ties_elected_sign_sum(stacked(key)) for key in source.keys)
+    majority = torch.sign(torch.as_tensor(elected_total, dtype=torch.float32))
+
+    def merged(key: str) -> torch.Tensor:
+        delta = ties_disjoint_merge(stacked(key), majority, scaling, aggregation)
+        return add_to_pretrained({key: source.pretrained(key)}, {key: delta})[key]
+
+    return merged
+
+
+register_merge_method("average", average, per_tensor=True)
+register_merge_method("task_arithmetic", task_arithmetic, per_tensor=True)
+register_merge_method("ties", ties, streamed=ties_streamed)
+
+
+def streamed_merge(method: str, source: TaskVectorSource, **options) -> Callable[[str], torch.Tensor]:
+    """Merge the task vectors of `source` with the registered `method`, reading them a tensor at a time where
+    the method allows it: returns `merged(key)`, the merged float32 tensor of each of `source.keys` (exactly what
+    `method` computes on the whole state dicts), to be called once per key. Passes over the inputs that the
+    method needs first (TIES' thresholds) are made before it returns."""
+    merge = get_merge_method(method)
+    merge.check_options(options)
+    if merge.streamed is not None:
+        return merge.streamed(source, **options)
+    if merge.per_tensor:
+
+        def merged(key: str) -> torch.Tensor:
+            task_vectors = [_OneTaskVectorTensor(source, index, key) for index in range(source.num_tasks)]
+            return merge.fn({key: source.pretrained(key)}, task_vectors, **options)[key]
+
+        return merged
+    logger.warning(
+        f"Merge method '{method}' is registered without a streamed form (per_tensor or streamed): all "
+        f"{source.num_tasks} task vectors are held in memory at once."
+    )
+    pretrained = {key: source.pretrained(key) for key in source.keys}
+    task_vectors = [{key: source.task_vector(i, key) for key in source.keys} for i in range(source.num_tasks)]
+    result = merge.fn(pretrained, task_vectors, **options)
+    del task_vectors
+    return result.pop
 
 
 # --------------------------------------------------------------------------------------------- CLIP checkpoints
@@ -331,6 +546,119 @@ def load_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
     return base_model, base_state, finetuned_states
 
 
+class CLIPCheckpoint:
+    """A `CLIPModel` / `CLIPVisionModel` (`...WithProjection`) checkpoint read one tensor at a time: `kind`,
+    `config`, the class `load_clip_vision` loads it as (`model_class`), its tensors' names and shapes as that class
+    has them (`specs`, checked against the checkpoint's headers on opening: a missing tensor or a shape that does
+    not fit is refused, naming it; extra entries, such as old `position_ids` buffers, are ignored as
+    `from_pretrained` ignores them) and `dtype`, the dtype `from_pretrained` loads it in, which `get` returns.
+    The vision tower's keys (`vision_keys`, as in `load_clip_vision`'s state dict) are the names under `prefix`
+    (`vision_model.`, or none for a transformers 5 `CLIPVisionModel`)."""
+
+    def __init__(self, name_or_path: str | Path):
+        from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
+
+        from .checkpoint_io import LazyCheckpoint, checkpoint_dtype, loading_key_mapping, planned_state_dict
+
+        self.name_or_path = name_or_path
+        self.kind, self.config = clip_vision_kind(name_or_path)
+        if self.kind == "CLIPModel":
+            self.model_class = CLIPModel
+        elif "CLIPVisionModelWithProjection" in (self.config.architectures or []):
+            self.model_class = CLIPVisionModelWithProjection
+        else:
+            self.model_class = CLIPVisionModel
+        with torch.device("meta"):
+            model = self.model_class(self.config)
+        self.specs = planned_state_dict(model)
+        tower = vision_tower_module(model)
+        # The tower's names in the model: `vision_model.*` (CLIPModel, ...WithProjection), or the model's own.
+        self.prefix = next(f"{name}." if name else "" for name, module in model.named_modules() if module is tower)
+        # Names as `from_pretrained` maps them (a transformers 4 CLIPVisionModel has a `vision_model.` prefix).
+        self.checkpoint = LazyCheckpoint(name_or_path, key_mapping=loading_key_mapping(model))
+        missing = [name for name in self.specs if name not in self.checkpoint]
+        if missing:
+            raise ValueError(f"'{name_or_path}' lacks weights its {self.kind} config needs: {missing[:10]}")
+        wrong = [
+            f"{name}: {tuple(self.checkpoint.shape(name))} in the checkpoint, {tuple(spec.shape)} in its config"
+            for name, spec in self.specs.items()
+            if self.checkpoint.shape(name) != spec.shape
+        ]
+        if wrong:
+            raise ValueError(f"The weights of '{name_or_path}' do not fit its config: {wrong[:10]}")
+        self.dtype = checkpoint_dtype(self.config, self.checkpoint)
+        tower_names = set(tower.state_dict())
+        self.vision_keys = [
+            name[len(self.prefix) :]
+            for name in self.specs
+            if name.startswith(self.prefix) and name[len(self.prefix) :] in tower_names
+        ]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` (a name of `specs`) as `from_pretrained` loads it (floating ones in `dtype`)."""
+        tensor = self.checkpoint.get(name)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def vision(self, key: str) -> torch.Tensor:
+        return self.get(self.prefix + key)
+
+    def vision_specs(self) -> StateDict:
+        """The vision tower's keys -> meta tensors (floating) or their values (integer buffers, small), for
+        `check_compatible`."""
+        specs = {key: self.specs[self.prefix + key] for key in self.vision_keys}
+        return {key: spec if spec.is_floating_point() else self.vision(key) for key, spec in specs.items()}
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+class CheckpointTaskVectors(TaskVectorSource):
+    """The vision towers of a pretrained CLIP checkpoint and of its fine-tunes as a `TaskVectorSource`: each task
+    vector tensor is read and computed on demand (fine-tuned minus pretrained, in float32, each side first in
+    the dtype `from_pretrained` loads it in, so exactly `task_vector` of the loaded state dicts)."""
+
+    def __init__(self, pretrained: CLIPCheckpoint, finetuned: Sequence[CLIPCheckpoint]):
+        self.base, self.finetuned = pretrained, list(finetuned)
+        self.num_tasks = len(self.finetuned)
+        specs = pretrained.vision_specs()
+        self.keys = [key for key, spec in specs.items() if spec.is_floating_point()]
+        self._cached = (None, None)  # the last pretrained tensor read: N task vectors of one key read it once
+
+    def pretrained(self, key: str) -> torch.Tensor:
+        if self._cached[0] != key:
+            self._cached = (None, None)
+            self._cached = (key, self.base.vision(key).float())
+        return self._cached[1]
+
+    def task_vector(self, index: int, key: str) -> torch.Tensor:
+        return self.finetuned[index].vision(key).float() - self.pretrained(key)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.base.specs[self.base.prefix + key].shape
+
+
+def open_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
+    """`load_for_merge` without loading: the configs checked (same vision architecture), then the checkpoints
+    opened (`CLIPCheckpoint`: names and shapes from the headers) and their vision towers compared
+    (`check_compatible`, naming the first bad key; integer buffers are read and compared). Returns
+    (pretrained checkpoint, fine-tuned checkpoints); close them when done."""
+    if not finetuned:
+        raise ValueError("Merging needs at least one FINETUNED model.")
+    names = [str(pretrained), *map(str, finetuned)]
+    configs = [clip_vision_kind(name)[1] for name in [pretrained, *finetuned]]
+    check_same_architecture(configs, names)
+    opened = []
+    try:
+        for name in [pretrained, *finetuned]:
+            opened.append(CLIPCheckpoint(name))
+        check_compatible(opened[0].vision_specs(), [checkpoint.vision_specs() for checkpoint in opened[1:]], names)
+    except BaseException:
+        for checkpoint in opened:
+            checkpoint.close()
+        raise
+    return opened[0], opened[1:]
+
+
 def load_processor(name_or_path: str | Path):
     """The processor of a checkpoint (an image processor alone for vision-only ones), or None (logged)."""
     from transformers import AutoImageProcessor, AutoProcessor
@@ -368,6 +696,7 @@ def merge_command_line(method: str, pretrained, finetuned, output_dir, options: 
         "density": "--ties_density",
         "trim": "--ties_trim",
         "aggregation": "--ties_aggregation",
+        "dtype": "--dtype",
     }
     parts = [
         "hf-moe",
@@ -391,6 +720,9 @@ def merge_clip_vision(
     output_dir: str | Path,
     *,
     overwrite: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    return_model: bool = True,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
@@ -400,6 +732,10 @@ def merge_clip_vision(
     """Merge the vision towers of `finetuned` (fine-tunes of `pretrained`) with the registered merge `method` and
     write the result to `output_dir` (atomically, with the processor of `pretrained` and a model card).
 
+    The checkpoints are read one tensor at a time and the output written tensor by tensor (`hf_moe.checkpoint_io`,
+    `streamed_merge`): memory holds one tensor of each input at a time, never the models (a method registered
+    without a streamed form holds its task vectors, with a warning).
+
     Args:
         method: A name in `MERGE_METHODS` (`average`, `task_arithmetic`, `ties`, or one registered later).
         pretrained: Hub id or folder of a `CLIPModel` or `CLIPVisionModel`. A `CLIPModel` gives a `CLIPModel`
@@ -407,61 +743,92 @@ def merge_clip_vision(
         finetuned: Hub ids or folders of fine-tunes of `pretrained` (`CLIPModel` or `CLIPVisionModel`; only their
             vision towers are used).
         output_dir: New or empty folder (`overwrite=True` replaces a non-empty one); may not hold an input.
+        dtype: Dtype of the written weights: "auto" (that of `pretrained`, as `from_pretrained` loads it),
+            "float32", "bfloat16" or "float16". The merge itself is computed in float32 per tensor.
+        max_shard_size: Larger outputs are written as shards of at most this size with an index.
+        return_model: Load the written model and return it; False returns None (the command line's choice).
         options: The method's options (`scaling`, `density`, `trim`, `aggregation`, ...), checked by name first.
 
     Returns:
-        The merged model (also saved).
+        The merged model, loaded from `output_dir` (None when `return_model=False`).
     """
+    from .checkpoint_io import StreamedModel, resolve_dtype
+
     merge = get_merge_method(method)
     merge.check_options(options)
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     finetuned = list(finetuned)
     inputs = [pretrained, *finetuned]
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
-    model, base_state, finetuned_states = load_for_merge(pretrained, finetuned)
-    merged = merge.fn(base_state, task_vectors(base_state, finetuned_states, list(map(str, inputs))), **options)
-    vision_tower_module(model).load_state_dict(merged, strict=True)
-    model = model.eval()
-    model.config.name_or_path = ""
-    is_clip = model.config.model_type == "clip"
+    base, finetuned_checkpoints = open_for_merge(pretrained, finetuned)
+    try:
+        output_dtype = resolve_dtype(dtype, base.dtype)
+        source = CheckpointTaskVectors(base, finetuned_checkpoints)
+        merged = streamed_merge(method, source, **options)
+        merged_keys = set(source.keys)
+        with torch.device("meta"):
+            model = base.model_class(base.config)
+        model = model.to(output_dtype).eval()
+        # What loading the pretrained model in that dtype records (`from_pretrained` sets the sub-configs' too).
+        for config in [model.config, *(getattr(model.config, key) for key in model.config.sub_configs)]:
+            if config is not None:
+                config.dtype = output_dtype
+        model.config.name_or_path = ""
+        is_clip = model.config.model_type == "clip"
 
-    listed = "\n".join(f"{i}. `{name}`" for i, name in enumerate(finetuned))
-    shown = {**merge.options(), **options}
-    how_built = (
-        f"**{method}** merge ({merge.description}) of the vision towers of {len(finetuned)} fine-tuned model(s) of "
-        f"`{pretrained}`, built with `hf_moe.merging`"
-        + (" (text tower, projections and logit scale from the pretrained model)" if is_clip else "")
-        + ".\n\nFine-tuned models:\n\n"
-        + listed
-        + "\n\nOptions: "
-        + (", ".join(f"`{k}={v}`" for k, v in shown.items()) or "none")
-        + f"\n\n```bash\n{merge_command_line(method, pretrained, finetuned, output_dir, options)}\n```"
-    )
-    model_name = hub_model_id or Path(output_dir).name
-    card = {
-        "base_model": [str(pretrained), *map(str, finetuned)],
-        "how_built": how_built,
-        "tags": ["merge", "model-merging", method, "clip"],
-        "model_name": model_name,
-        "description": (
-            f"A dense CLIP{'' if is_clip else ' vision model'} merged from fine-tuned models by {method} with "
-            "[hf-moe](https://github.com/hf-moe/hf-moe): an ordinary transformers model, no remote code needed."
-        ),
-        "pipeline_tag": "zero-shot-image-classification" if is_clip else "image-feature-extraction",
-        "usage": None if is_clip else vision_usage(model_name),
-    }
-    save_model_folder(
-        model,
-        load_processor(pretrained),
-        output_dir,
-        overwrite=overwrite,
-        card=card,
-        inputs=inputs,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
+        def produce(name: str) -> torch.Tensor:
+            key = name[len(base.prefix) :] if name.startswith(base.prefix) else None
+            if key in merged_keys:
+                tensor = merged(key)
+                # As `add_to_pretrained` rounds: to the pretrained dtype (then to another one if asked).
+                return tensor.to(base.dtype if dtype in (None, "auto") else output_dtype)
+            tensor = base.get(name)
+            return tensor.to(output_dtype) if tensor.is_floating_point() else tensor
+
+        listed = "\n".join(f"{i}. `{name}`" for i, name in enumerate(finetuned))
+        shown = {**merge.options(), **options}
+        command_options = dict(options)
+        if dtype not in (None, "auto"):
+            command_options["dtype"] = dtype
+        how_built = (
+            f"**{method}** merge ({merge.description}) of the vision towers of {len(finetuned)} fine-tuned model(s) "
+            f"of `{pretrained}`, built with `hf_moe.merging`"
+            + (" (text tower, projections and logit scale from the pretrained model)" if is_clip else "")
+            + ".\n\nFine-tuned models:\n\n"
+            + listed
+            + "\n\nOptions: "
+            + (", ".join(f"`{k}={v}`" for k, v in shown.items()) or "none")
+            + f"\n\n```bash\n{merge_command_line(method, pretrained, finetuned, output_dir, command_options)}\n```"
+        )
+        model_name = hub_model_id or Path(output_dir).name
+        card = {
+            "base_model": [str(pretrained), *map(str, finetuned)],
+            "how_built": how_built,
+            "tags": ["merge", "model-merging", method, "clip"],
+            "model_name": model_name,
+            "description": (
+                f"A dense CLIP{'' if is_clip else ' vision model'} merged from fine-tuned models by {method} with "
+                "[hf-moe](https://github.com/hf-moe/hf-moe): an ordinary transformers model, no remote code needed."
+            ),
+            "pipeline_tag": "zero-shot-image-classification" if is_clip else "image-feature-extraction",
+            "usage": None if is_clip else vision_usage(model_name),
+        }
+        save_model_folder(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            load_processor(pretrained),
+            output_dir,
+            overwrite=overwrite,
+            card=card,
+            inputs=inputs,
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
+        )
+    finally:
+        for checkpoint in [base, *finetuned_checkpoints]:
+            checkpoint.close()
     logger.info(f"Saved the {method} merge of {len(finetuned)} model(s) to {output_dir}")
-    return model
+    return base.model_class.from_pretrained(output_dir).eval() if return_model else None
