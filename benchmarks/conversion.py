@@ -1076,17 +1076,17 @@ def main(argv=None):
         root = setting_dir(Path(args.work_dir).expanduser(), args)
         root.mkdir(parents=True, exist_ok=True)
         report["work_dir"] = str(root)
+        (root / "outputs").mkdir(exist_ok=True)
+        if args.generate_only:
+            report["inputs_generated_s"] = {name: prepare_inputs(name, root, setting)[1] for name in cases}
+            print(json.dumps(report, indent=2))
+            return
         report["memory_method"] = (
             "each converter is its console command in a fresh process, offline; peak_rss_bytes: /usr/bin/time -v "
             "'Maximum resident set size' of that process; peak_rss_polled_bytes / peak_rss_anon_polled_bytes: the "
             "process tree's summed VmRSS / RssAnon polled every 50 ms (file pages of memory-mapped inputs are in "
             "VmRSS, not in RssAnon); output_bytes: the weight files written; inputs in the page cache"
         )
-        (root / "outputs").mkdir(exist_ok=True)
-        if args.generate_only:
-            report["inputs_generated_s"] = {name: prepare_inputs(name, root, setting)[1] for name in cases}
-            print(json.dumps(report, indent=2))
-            return
         if not args.skip_baseline:
             log("[baseline] python -c 'import torch, transformers, hf_moe.conversion'")
             baseline_argv = [sys.executable, "-c", "import torch, transformers, hf_moe.conversion"]
