@@ -18,22 +18,24 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from ..checkpoint_io import DEFAULT_MAX_SHARD_SIZE, StreamedModel, build_on_meta, planned_state_dict, resolve_dtype
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
 from ..merging import (
+    CheckpointTaskVectors,
     clip_vision_kind,
-    get_merge_method,
-    load_for_merge,
     load_processor,
-    task_vectors,
+    open_for_merge,
+    streamed_merge,
 )
 from ..modeling.configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
-from ..modeling.modeling_we_moe import WEMoECLIPModel, WEMoECLIPVisionModel
+from ..modeling.modeling_we_moe import MLP_PARAMETER_NAMES, TASK_VECTOR_STORAGE, WEMoECLIPModel, WEMoECLIPVisionModel
 
 
 logger = logging.get_logger(__name__)
 
 MLP_KEY = re.compile(r"^encoder\.layers\.(?P<layer>\d+)\.mlp\.fc[12]\.(weight|bias)$")
+ROUTER_KEY = re.compile(r"^encoder\.(layers\.\d+\.mlp\.)?router\.")
 # Config fields of a CLIP vision config that are not architecture (left out when building the WEMoE config).
 NOT_ARCHITECTURE = ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "auto_map")
 
@@ -59,6 +61,9 @@ def merge_wemoe(
     moe_layers: int | list[int] | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    return_model: bool = True,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
@@ -82,9 +87,17 @@ def merge_wemoe(
         moe_layers: Which blocks are WEMoE (None: all; n: the last n; a list: those); the others get the
             task-arithmetic MLP.
         seed: Seed of the router initialisation.
+        dtype: Dtype of the written weights: "auto" (that of `pretrained`, as `from_pretrained` loads it),
+            "float32", "bfloat16" or "float16". Task vectors, pruning and SVD are computed in float32 per tensor.
+        max_shard_size: Larger outputs are written as shards of at most this size with an index.
+        return_model: Load the written model and return it; False returns None (the command line's choice).
+
+    The checkpoints are read one tensor at a time and the model written tensor by tensor
+    (`hf_moe.checkpoint_io`): memory holds the task vectors of one MLP tensor at a time, never the models.
 
     Returns:
-        The model (also saved, atomically, with the processor of `pretrained` and a model card).
+        The model, loaded from `output_dir` (saved atomically with the processor of `pretrained` and a model
+        card); None when `return_model=False`.
     """
     finetuned = list(finetuned)
     if not finetuned:
@@ -108,10 +121,11 @@ def merge_wemoe(
         moe_layers=moe_layers,
     )
     inputs = [pretrained, *finetuned]
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
-    # Configs are read and compared first (also in load_for_merge), so bad options cost no weight loading.
+    # Configs are read and compared first (also in open_for_merge), so bad options cost no weight reading.
     kind, base_config = clip_vision_kind(pretrained)
     vision_source = base_config.vision_config if kind == "CLIPModel" else base_config
     try:
@@ -120,86 +134,158 @@ def merge_wemoe(
         cause = err.__cause__ or err
         raise ValueError(f"Invalid WEMoE option: {' '.join(str(cause).split())}") from err
 
-    base_model, base_state, finetuned_states = load_for_merge(pretrained, finetuned)
-    taus = task_vectors(base_state, finetuned_states, list(map(str, inputs)))
-    merged = get_merge_method("task_arithmetic").fn(base_state, taus, scaling=init_lambda)
-    moe_layers_set = set(vision_config.moe_layer_indices())
-    is_moe_mlp = {key: bool((m := MLP_KEY.match(key)) and int(m["layer"]) in moe_layers_set) for key in base_state}
-    # WEMoE blocks keep the pretrained MLP (the task vectors are added per sample); the rest is merged.
-    tower_state = {key: base_state[key] if is_moe_mlp[key] else merged[key] for key in base_state}
+    base, finetuned_checkpoints = open_for_merge(pretrained, finetuned)
+    try:
+        source = CheckpointTaskVectors(base, finetuned_checkpoints)
+        output_dtype = resolve_dtype(dtype, base.dtype)
+        # Non-MLP weights (and the MLPs of dense blocks): task arithmetic, one tensor at a time.
+        merged = streamed_merge("task_arithmetic", source, scaling=init_lambda)
+        torch.manual_seed(seed)
+        if kind == "CLIPModel":
+            config = WEMoEConfig(
+                text_config=base_config.text_config.to_dict(),
+                vision_config=vision_config.to_dict(),
+                projection_dim=base_config.projection_dim,
+                logit_scale_init_value=base_config.logit_scale_init_value,
+                initializer_factor=base_config.initializer_factor,
+            )
+            model, initial_value = build_on_meta(lambda: WEMoECLIPModel(config))
+            tower_prefix = "vision_model."
+        else:
+            model, initial_value = build_on_meta(lambda: WEMoECLIPVisionModel(vision_config))
+            tower_prefix = ""
+        model = model.to(output_dtype).eval()
+        model.config.name_or_path = ""
+        sources = wemoe_sources(planned_state_dict(model), tower_prefix, base, set(source.keys), vision_config)
+        produce = wemoe_producer(sources, base, source, merged, initial_value, vision_config, output_dtype)
 
-    dtype = next(base_model.parameters()).dtype
-    torch.manual_seed(seed)
-    if kind == "CLIPModel":
-        config = WEMoEConfig(
-            text_config=base_config.text_config.to_dict(),
-            vision_config=vision_config.to_dict(),
-            projection_dim=base_config.projection_dim,
-            logit_scale_init_value=base_config.logit_scale_init_value,
-            initializer_factor=base_config.initializer_factor,
+        options = {
+            "init_lambda": init_lambda,
+            "router_depth": router_depth,
+            "shared_router": shared_router,
+            "prune_ratio": prune_ratio,
+            "svd_rank_fraction": svd_rank_fraction,
+            "batch_reduce": batch_reduce,
+            "seed": seed,
+        }
+        if dtype not in (None, "auto"):
+            options["dtype"] = dtype
+        model_name = hub_model_id or Path(output_dir).name
+        card = {
+            "base_model": [str(pretrained), *map(str, finetuned)],
+            "how_built": wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir),
+            "tags": ["we-moe", "e-we-moe" if shared_router else "we-moe-router", "model-merging", "clip"],
+            "model_name": model_name,
+            "description": (
+                "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
+                "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per "
+                "input by routers in every MLP (Tang et al., 2024; "
+                "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
+            ),
+            "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
+            "usage": None if kind == "CLIPModel" else wemoe_vision_usage(model_name),
+        }
+        save_model_folder(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            load_processor(pretrained),
+            output_dir,
+            overwrite=overwrite,
+            card=card,
+            inputs=inputs,
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
         )
-        model = WEMoECLIPModel(config)
-        tower = model.vision_model
-        with torch.no_grad():
-            model.text_model.load_state_dict(base_model.text_model.state_dict())
-            model.text_projection.load_state_dict(base_model.text_projection.state_dict())
-            model.visual_projection.load_state_dict(base_model.visual_projection.state_dict())
-            model.logit_scale.copy_(base_model.logit_scale)
-    else:
-        model = WEMoECLIPVisionModel(vision_config)
-        tower = model
-    missing, unexpected = tower.load_state_dict(tower_state, strict=False)
-    not_moe = [key for key in missing if ".task_vectors." not in key and "router." not in key]
-    if not_moe or unexpected:
-        raise RuntimeError(
-            f"The merged state dict does not fit the WEMoE tower: missing {not_moe}, unexpected {unexpected}"
-        )
-    mlp_keys = [key for key in base_state if is_moe_mlp[key]]
-    tower.load_task_vectors(
-        {key: base_state[key] for key in mlp_keys},
-        [{key: tau[key] for key in mlp_keys} for tau in taus],
-    )
-    model = model.to(dtype).eval()
-    model.config.name_or_path = ""
-
-    options = {
-        "init_lambda": init_lambda,
-        "router_depth": router_depth,
-        "shared_router": shared_router,
-        "prune_ratio": prune_ratio,
-        "svd_rank_fraction": svd_rank_fraction,
-        "batch_reduce": batch_reduce,
-        "seed": seed,
-    }
-    model_name = hub_model_id or Path(output_dir).name
-    card = {
-        "base_model": [str(pretrained), *map(str, finetuned)],
-        "how_built": wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir),
-        "tags": ["we-moe", "e-we-moe" if shared_router else "we-moe-router", "model-merging", "clip"],
-        "model_name": model_name,
-        "description": (
-            "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
-            "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per input "
-            "by routers in every MLP (Tang et al., 2024; "
-            "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
-        ),
-        "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
-        "usage": None if kind == "CLIPModel" else wemoe_vision_usage(model_name),
-    }
-    save_model_folder(
-        model,
-        load_processor(pretrained),
-        output_dir,
-        overwrite=overwrite,
-        card=card,
-        inputs=inputs,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
+    finally:
+        for checkpoint in [base, *finetuned_checkpoints]:
+            checkpoint.close()
     logger.info(f"Saved a {len(finetuned)}-task WEMoE ({task_vector_format} task vectors) to {output_dir}")
-    return model
+    return type(model).from_pretrained(output_dir).eval() if return_model else None
+
+
+def wemoe_sources(specs: dict, tower_prefix: str, base, merged_keys: set, vision_config) -> dict[str, tuple]:
+    """Where each tensor of the WEMoE model comes from: `("router",)` (its seeded initialisation),
+    `("task_vectors", layer, param)` (the stored task vectors of MLP `param` of block `layer`), `("merged", key)`
+    (task arithmetic of the vision tower's `key`) or `("pretrained", name)` (the pretrained checkpoint's tensor:
+    the WEMoE blocks' MLPs, integer buffers, the text tower, projections and logit scale). Raises naming what
+    does not fit, before anything is read."""
+    moe_layers = set(vision_config.moe_layer_indices())
+    storage = TASK_VECTOR_STORAGE[vision_config.task_vector_format]
+    owners = {}
+    for layer in sorted(moe_layers):
+        for param in MLP_PARAMETER_NAMES:
+            key = f"encoder.layers.{layer}.mlp.{param}"
+            if base.prefix + key not in base.specs:
+                continue  # reported below as unfilled
+            with torch.device("meta"):
+                names = storage(vision_config, {param: tuple(base.specs[base.prefix + key].shape)}).state_dict()
+            for attr in names:
+                owners[f"{tower_prefix}encoder.layers.{layer}.mlp.task_vectors.{attr}"] = (layer, param)
+    vision_keys = set(base.vision_keys)
+    sources, missing, used = {}, [], set()
+    for name in specs:
+        key = name[len(tower_prefix) :] if name.startswith(tower_prefix) else None
+        if key is not None and ".task_vectors." in key:
+            if name not in owners:
+                missing.append(name)
+                continue
+            sources[name] = ("task_vectors", *owners[name])
+        elif key is not None and ROUTER_KEY.match(key):
+            sources[name] = ("router",)
+        elif key is not None and key in vision_keys:
+            used.add(key)
+            match = MLP_KEY.match(key)
+            # WEMoE blocks keep the pretrained MLP (the task vectors are added per sample); the rest is merged.
+            if key in merged_keys and not (match and int(match["layer"]) in moe_layers):
+                sources[name] = ("merged", key)
+            else:
+                sources[name] = ("pretrained", base.prefix + key)
+        elif key is None and name in base.specs:
+            sources[name] = ("pretrained", name)
+        else:
+            missing.append(name)
+    unexpected = sorted(vision_keys - used)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"The merged state dict does not fit the WEMoE tower: missing {missing}, unexpected {unexpected}"
+        )
+    return sources
+
+
+def wemoe_producer(sources, base, source, merged, initial_value, vision_config, output_dtype):
+    """`produce(name)` for `StreamedModel`: each tensor of the WEMoE model from its source (`wemoe_sources`), in
+    `output_dtype`. The task vectors of one MLP tensor are stacked and stored (dense, pruned or SVD, by the
+    model's own storage module, in float32) when the first of their stored tensors is asked for; the others wait
+    in a cache until written (the pruned layout's columns and counts come after all of a block's values)."""
+    storage = TASK_VECTOR_STORAGE[vision_config.task_vector_format]
+    cache = {}
+
+    def cast(tensor):
+        return tensor.to(output_dtype) if tensor.is_floating_point() else tensor
+
+    def produce(name: str) -> torch.Tensor:
+        kind, *where = sources[name]
+        if kind == "router":
+            return cast(initial_value(name))
+        if kind == "merged":
+            return cast(merged(where[0]))
+        if kind == "pretrained":
+            return cast(base.get(where[0]))
+        if name not in cache:
+            layer, param = where
+            key = f"encoder.layers.{layer}.mlp.{param}"
+            stacked = torch.stack([source.task_vector(index, key) for index in range(source.num_tasks)])
+            with torch.device("cpu"):
+                module = storage(vision_config, {param: tuple(stacked.shape[1:])})
+            module.fill(param, stacked)
+            del stacked
+            prefix = name[: name.index(".task_vectors.")]
+            for attr, tensor in module.state_dict().items():
+                cache[f"{prefix}.task_vectors.{attr}"] = tensor
+        return cast(cache.pop(name))
+
+    return produce
 
 
 def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir) -> str:

@@ -3,8 +3,10 @@ without importing torch or transformers; each command imports its module when it
 
     hf-moe merge --method average|task_arithmetic|ties PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR
         [--scaling 0.3 --ties_density 0.2 --ties_trim task_vector|tensor --ties_aggregation sum|mean]
+        [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
     hf-moe merge-wemoe PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
         --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ...]
+        [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
     hf-moe wemoe-params MODEL
 """
 
@@ -13,6 +15,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..arguments import HubArguments
+
+
+# `--dtype` of the converters (hf_moe.checkpoint_io.DTYPE_CHOICES; not imported: it would import torch).
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = "Dtype of the written weights (default: PRETRAINED's); the merge is computed in float32 per tensor."
+SHARD_HELP = "Shard the weights above this size (with an index)."
 
 
 @dataclass
@@ -37,6 +45,8 @@ class MergeArguments:
             "peft's ties).",
         },
     )
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
+    max_shard_size: str = field(default="5GB", metadata={"help": SHARD_HELP})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -62,6 +72,8 @@ class MergeWEMoEArguments:
         default=False, metadata={"help": "One merge per batch (transductive); default: per-sample routing."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the router initialisation."})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
+    max_shard_size: str = field(default="5GB", metadata={"help": SHARD_HELP})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -76,7 +88,7 @@ def merge_wemoe_command(argv: list[str]) -> None:
     parser.add_argument("pretrained", metavar="PRETRAINED", help="Pretrained CLIP (Hub id or folder).")
     parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of PRETRAINED, one per task.")
     args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
-    merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), **vars(hub_args))
+    merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), **vars(hub_args), return_model=False)
     print(f"Merged {len(positional.finetuned)} fine-tuned model(s) into the WEMoE model {args.output_dir}")
 
 
@@ -145,6 +157,9 @@ def merge_command(argv: list[str]) -> None:
         positional.finetuned,
         args.output_dir,
         overwrite=args.overwrite,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        return_model=False,
         **vars(hub_args),
         **options,
     )
