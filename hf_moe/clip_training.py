@@ -6,6 +6,19 @@ loss = CLIP contrastive loss (features all-gathered with gradient, label smoothi
 
 Only the parameters matching `trainable_parameters` train (all of them by default). The contrastive loss goes to the
 Trainer's `report_to` targets at `logging_steps`, accumulated on the device in between (`RecordedMetricsMixin`).
+
+How the loss is averaged (independent of `gradient_accumulation_steps` k and of the number of processes W):
+    contrastive  per micro-batch: the mean over the rows of one micro-batch gathered from all processes, scored
+                 against all its columns (the negatives are that micro-batch's W x per_device_train_batch_size
+                 pairs; accumulation does not add negatives). Each process returns the mean over its own rows; the
+                 all-gather's backward sums every process' gradient into each one's features and DDP / DeepSpeed
+                 average over processes, so the step is the gradient of the contrastive loss of the gathered
+                 micro-batch (tests/test_loss_scaling.py checks 2 processes against 1 process on the gathered batch).
+                 The Trainer divides the loss by k (`loss_is_scaled_for_ga = False`: no label tokens are counted),
+                 so the k micro-batches of a step are averaged: effective weight 1 at any k and W.
+    additions    (`_additional_loss`) are per-micro-batch, per-process terms and take the same division by k and
+                 mean over processes; see `hf_moe.clip_moe.trainer`.
+Under DeepSpeed the Trainer passes `scale_wrt_gas=False`, so its own division by k is the only one there too.
 """
 
 from dataclasses import dataclass, field
@@ -51,6 +64,9 @@ class CLIPTrainer(RecordedMetricsMixin, Trainer):
     optional `index` that is dropped here). Subclasses extend the loss through `_clip_outputs` (how the model is
     called) and `_additional_loss` (what is added to the contrastive loss).
     """
+
+    # Every term is a per-micro-batch mean: the Trainer divides the loss by the accumulation steps (module docstring).
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

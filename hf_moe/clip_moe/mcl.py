@@ -8,6 +8,12 @@ Stage 0 is the base model itself (positions stretched for Long-CLIP). Stage s (1
    cluster (the InfoNCE denominator then only holds samples of that cluster).
 The N stage checkpoints share every non-MLP weight, and `upcycle_clip` turns them into `DIR/moe`.
 
+Loss of a stage: the CLIP contrastive loss only (a dense CLIP: no router terms), averaged per micro-batch over the
+batch gathered from all processes (`hf_moe.clip_training`), so its weight is 1 at any `gradient_accumulation_steps`
+and number of processes. `ClusterBatchSampler` draws each GLOBAL micro-batch (all processes together) from one
+cluster, so the negatives of every contrastive loss are samples of that cluster, as in the official MCL; accumulated
+micro-batches may come from different clusters (each is its own contrastive loss, and the k are averaged).
+
 Every step is resumable: finished stages, labels and feature shards are kept, and a stage's training resumes
 from its last complete Trainer checkpoint. The job's options and a fingerprint of the base and the data are
 recorded in `DIR/hf_moe_job.json`: a re-run with other options or changed data is refused, not mixed in.

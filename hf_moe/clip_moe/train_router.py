@@ -4,6 +4,11 @@ loss = CLIP contrastive loss + the image and text balance losses, weighted per t
     hf-moe train-router --model clip-moe --data captions/ --output_dir clip-moe-routed --max_steps 1000
     accelerate launch examples/clip_moe/train_clip_moe.py --model clip-moe --data shards/ --output_dir out ...
 
+Loss averaging (`hf_moe.clip_moe.trainer`): the contrastive loss per micro-batch over the batch gathered from all
+processes, the balance losses per micro-batch and per process (each process' own tokens), both averaged over the
+accumulated micro-batches and the processes: weights 1 and 0.01 (paper) whatever `--gradient_accumulation_steps` and
+the number of processes.
+
 A re-run continues the same job or refuses: the options and fingerprints of the model and the data are recorded
 in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete checkpoint; a finished run is
 reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the final folder with its model card.

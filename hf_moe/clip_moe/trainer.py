@@ -16,6 +16,16 @@ Only the parameters matching `trainable_parameters` train (the routers, by defau
 expert load of each MoE block go to the Trainer's `report_to` targets at `logging_steps`; they are accumulated
 on the device in between, so logging costs no host synchronisation per step.
 
+How each term is averaged, with k = `gradient_accumulation_steps` and W processes (tests/test_loss_scaling.py):
+    contrastive      per micro-batch over the batch gathered from all processes (`hf_moe.clip_training`): weight 1;
+    balance losses   per micro-batch and per process: each tower's Mixtral balance loss of THIS process' tokens
+                     (padding excluded), not all-reduced; the Trainer divides the loss by k and DDP / DeepSpeed average
+                     the gradients over processes, so the step takes the mean over the k x W (micro-batch, process)
+                     pairs, with weight `w_image` / `w_text` above ('paper': 0.01 each at any k and W; 'official':
+                     0.01/W and 0.005/W, which is the release's own scaling by W, not an accumulation artefact);
+    z-loss           (`router_z_loss_coef`, 0 by default) as the balance losses.
+MCL stages train a dense CLIP: the contrastive loss only.
+
 `MCLTrainingArguments` and `CLIPMoERouterTrainingArguments` carry the official recipe's optimiser defaults
 (METHODS.md section 1), so `hf-moe mcl --help` / `hf-moe train-router --help` show them.
 """

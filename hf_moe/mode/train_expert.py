@@ -11,6 +11,11 @@ smoothing, the model's learned logit scale (capped at 100, as OpenCLIP clamps it
 default peak learning rate, 3e-5, is where MetaCLIP B/32's cosine schedule (5e-4 over 32 epochs) stands at epoch
 27, where MoDE's experts branch off; an optimizer state is not carried over from the seed.
 
+Loss: the CLIP contrastive loss only, per micro-batch over the batch gathered from all processes (the negatives are
+W x per_device_train_batch_size pairs), the k accumulated micro-batches averaged (`hf_moe.clip_training`): weight 1
+at any `--gradient_accumulation_steps` and number of processes; accumulation does not enlarge the contrastive batch
+(OpenCLIP's `--accum-freq` does, by caching features: use more processes or a larger per-device batch for that).
+
 A re-run continues the same job or refuses: the options and fingerprints of the seed model, the data and the
 clusters are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete checkpoint;
 a finished run is reported as done and left untouched.

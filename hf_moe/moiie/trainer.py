@@ -6,10 +6,30 @@
               `moe_only` trains the MoE layers' experts and routers only; `train_vision_tower` adds the
               vision tower (off by default).
 
-loss = LM loss + router_aux_loss_coef (0.001) * (vision balance loss + language balance loss), as the model
-computes it when `output_router_logits=True` (always passed here). lm_loss, vision_aux_loss, language_aux_loss
-and each modality's expert load per MoE layer go to the Trainer's `report_to` targets at `logging_steps`; they
-are accumulated on the device in between (one host synchronisation per log).
+loss = LM loss + router_aux_loss_coef (0.001) * the model's `aux_loss` (the vision + language balance losses; one loss
+over all tokens for the `vanilla` variant), as the model computes it when `output_router_logits=True` (always passed
+here). lm_loss, vision_aux_loss, language_aux_loss and each modality's expert load per MoE layer go to the Trainer's
+`report_to` targets at `logging_steps`; they are accumulated on the device in between (one host synchronisation per
+log); lm_loss is logged as the per-token mean of the accumulated all-process batch.
+
+How each term is averaged, with k = `gradient_accumulation_steps` and W processes (tests/test_loss_scaling.py):
+    LM loss          per token of the accumulated batch: the Trainer counts the label tokens of the k micro-batches
+                     of a step on all W processes (`num_items_in_batch`, summed over processes with the default
+                     `average_tokens_across_devices`), the model divides each micro-batch's summed token loss by that
+                     count, and `compute_loss` multiplies it by W, as transformers' own `Trainer.compute_loss` does,
+                     because DDP / DeepSpeed average the gradients over processes. Weight 1 at any k and W.
+    balance losses   per micro-batch and per process: each Mixtral balance loss is over THIS micro-batch's tokens on
+                     THIS process (padding excluded; not all-reduced over processes). The Trainer does not divide a
+                     loss normalised by `num_items_in_batch` by k, so `compute_loss` divides these terms by k itself
+                     (`hf_moe.training.per_micro_batch_scale`) and leaves them out of the factor W: the step takes
+                     their mean over the k x W (micro-batch, process) pairs, with weight `router_aux_loss_coef`
+                     (0.001) at any k and W. (Without `num_items_in_batch`, e.g. no labels, every term is a
+                     per-micro-batch mean and the Trainer divides the whole loss by k.)
+transformers' Mixtral, trained by the Trainer, adds its aux loss inside the model's loss, which the Trainer neither
+divides by k nor spares from the factor W: its effective coefficient is router_aux_loss_coef x k x W. MoIIE did the
+same for k (0.001 x k), and lacked the factor W on the LM loss (an LM weight of 1/W); both are fixed here.
+Under DeepSpeed (ZeRO-1/2/3) the Trainer passes `scale_wrt_gas=False`, so the engine does not divide by its own
+accumulation steps and averages gradients over data-parallel ranks like DDP: the same scaling is right there.
 """
 
 from dataclasses import dataclass, field

@@ -14,6 +14,10 @@ only them: it trains with `hf_moe.we_moe.tta.TTATrainer` (`trainable_parameters=
 result is an ordinary `CLIPModel` (`merged_model()`), and the method is registered in `hf_moe.merging` as
 `adamerging` (`fn(pretrained, task_vectors, coefficients={key: [lambda per task]})`).
 
+Loss: `TTATrainer`'s, the sum over tasks of the mean entropy of one micro-batch's images, each micro-batch and
+process its own batch, averaged over the k accumulated micro-batches and the W processes: every task has weight 1 at
+any `--gradient_accumulation_steps` and number of processes (see `hf_moe.we_moe.tta`).
+
     python -m hf_moe.we_moe.adamerging PRETRAINED FINETUNED [FINETUNED ...] --tasks TASK_DIR [TASK_DIR ...] \
         --output_dir OUT [TrainingArguments flags]
 """

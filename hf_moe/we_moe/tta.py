@@ -11,6 +11,14 @@ parameters matching `trainable_parameters` train (WEMoE: the routers; AdaMerging
     hf-moe tta-wemoe --model WEMOE_DIR --tasks svhn/ mnist/ dtd/ --output_dir OUT [TrainingArguments flags]
     accelerate launch examples/we_moe/tta_wemoe.py --model WEMOE_DIR --tasks ... --output_dir OUT
 
+How the loss is averaged, with k = `gradient_accumulation_steps` and W processes (tests/test_loss_scaling.py): each
+task's entropy is a mean over the images of one micro-batch (B = per_device_train_batch_size per task) on one
+process; the Trainer divides the loss by k (`loss_is_scaled_for_ga = False`) and DDP / DeepSpeed average the
+gradients over processes, so every task's entropy has weight 1 at any k and W, averaged over the k x W x B images a
+step sees (`TaskBatches` gives each micro-batch of each process its own batch: max_steps x k x W batches). For a
+per-sample model (WEMoE's routers, AdaMerging) that is exactly the mean entropy over those images; a `batch_reduce`
+model merges one model per micro-batch, so its routing, and nothing else, depends on how a step is split.
+
 Works for any model with `get_image_features(pixel_values=...)` and a `logit_scale` parameter (a `CLIPModel`,
 `WEMoECLIPModel`, `hf_moe.we_moe.adamerging.AdaMergingCLIP`). Re-running continues the same job (options and input
 fingerprints recorded, `hf_moe.training.TrainingJob`), resumes an interrupted one from its last complete checkpoint,
@@ -194,6 +202,9 @@ class TTATrainer(RecordedMetricsMixin, Trainer):
         kwargs: As `Trainer`; `train_dataset` yields {"task_pixel_values": {task: pixel_values}} per item
             (`TaskBatches`).
     """
+
+    # Each task's entropy is a per-micro-batch mean: the Trainer divides the loss by the accumulation steps.
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, heads: dict[str, torch.Tensor], **kwargs):
         super().__init__(*args, **kwargs)
