@@ -15,13 +15,21 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTextModelWithProjection
+from transformers import AutoModel, AutoTokenizer, CLIPProcessor, CLIPTextModelWithProjection
 from transformers.utils import logging
 
+from ..checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LazyCheckpoint,
+    StreamedModel,
+    loading_key_mapping,
+    planned_state_dict,
+    resolve_dtype,
+)
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
 from ..loading import check_safetensors_file, load_config
-from ..merging import load_processor
+from ..merging import CLIPCheckpoint, load_processor
 from ..modeling.configuration_mode import CLUSTERING_POOLINGS, ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel
 from ..modeling.tokenization_mode import MoDETokenizer
@@ -141,6 +149,9 @@ def build_mode(
     ensemble_formula: str = "released",
     paper_lambda: float = 0.2,
     overwrite: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    return_model: bool = True,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
@@ -156,9 +167,17 @@ def build_mode(
             `clusters.json`), e.g. a local copy of it.
         ensemble_formula: "released" (the official code's weights) or "paper".
         paper_lambda: lambda of the paper's formula.
+        dtype: Dtype of the written weights: "auto" (the first expert's, as `from_pretrained` loads it),
+            "float32", "bfloat16" or "float16".
+        max_shard_size: Larger outputs are written as shards of at most this size with an index.
+        return_model: Load the written model and return it; False returns None (the command line's choice).
+
+    The experts and the clustering encoder are read one tensor at a time and the model written tensor by tensor
+    (`hf_moe.checkpoint_io`); only an encoder whose checkpoint names do not map onto its model is loaded whole.
 
     Returns:
-        The model (also saved, atomically, with the image processor, the tokenizer(s) and a model card).
+        The model, loaded from `output_dir` (saved atomically with the image processor, the tokenizer(s) and a
+        model card); None when `return_model=False`.
     """
     experts = [str(expert) for expert in experts]
     if not experts:
@@ -170,6 +189,7 @@ def build_mode(
     encoder = str(clustering_encoder or info["encoder"]["name_or_path"])
     pooling, max_length = info["encoder"]["pooling"], int(info["encoder"]["max_length"])
     inputs = [*experts, encoder, clusters]
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
@@ -193,58 +213,138 @@ def build_mode(
         ensemble_formula=ensemble_formula,
         paper_lambda=paper_lambda,
     )
-    model = MoDEModel(config).eval()
-    with torch.no_grad():
-        for k, expert in enumerate(experts):
-            model.experts[k].load_state_dict(CLIPModel.from_pretrained(expert, dtype=torch.float32).state_dict())
+    expert_checkpoints = []
+    encoder_source = None
+    try:
+        for expert in experts:
+            expert_checkpoints.append(CLIPCheckpoint(expert))
+        output_dtype = resolve_dtype(dtype, expert_checkpoints[0].dtype)
+        with torch.device("meta"):
+            model = MoDEModel(config)
+        model = model.to(output_dtype).eval()
+        model.config.name_or_path = ""
         encoder_class = CLIPTextModelWithProjection if pooling == "clip" else AutoModel
-        source = encoder_class.from_pretrained(encoder, dtype=torch.float32)
-        model.clustering_encoder.load_state_dict(source.state_dict())
-        model.fine_centers.copy_(centers["fine_centers"])
-        model.fine_to_coarse.copy_(centers["fine_to_coarse"])
-        # One scale for the ensembled cosines: the experts' mean, so that a single expert keeps its own.
-        model.logit_scale.copy_(torch.stack([clip.logit_scale.exp() for clip in model.experts]).mean().log())
-    model.config.name_or_path = ""
+        encoder_source = EncoderWeights(encoder, encoder_class, model.clustering_encoder)
+        specs = planned_state_dict(model)
+        produce = mode_producer(specs, expert_checkpoints, encoder_source, centers, output_dtype)
+        processor = load_processor(experts[0])
+        if pooling != "clip":
+            tokenizer = MoDETokenizer.from_pretrained(
+                experts[0],
+                clustering_tokenizer=AutoTokenizer.from_pretrained(encoder),
+                clustering_max_length=max_length,
+            )
+            processor = CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
 
-    processor = load_processor(experts[0])
-    if pooling != "clip":
-        tokenizer = MoDETokenizer.from_pretrained(
-            experts[0], clustering_tokenizer=AutoTokenizer.from_pretrained(encoder), clustering_max_length=max_length
+        model_name = hub_model_id or Path(output_dir).name
+        card = {
+            "base_model": experts,
+            "how_built": mode_how_built(
+                experts, clusters, encoder, pooling, info, ensemble_formula, output_dir, dtype=dtype
+            ),
+            "tags": ["mode", "data-experts", "clip"],
+            "model_name": model_name,
+            "description": (
+                "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data "
+                "experts, each trained on one cluster of the captions, ensembled per task with weights from how "
+                "close the task's class names lie to the caption clusters."
+            ),
+        }
+        save_model_folder(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            processor,
+            output_dir,
+            overwrite=overwrite,
+            card=card,
+            inputs=inputs,
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
         )
-        processor = CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
-
-    model_name = hub_model_id or Path(output_dir).name
-    card = {
-        "base_model": experts,
-        "how_built": mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, output_dir),
-        "tags": ["mode", "data-experts", "clip"],
-        "model_name": model_name,
-        "description": (
-            "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data experts, "
-            "each trained on one cluster of the captions, ensembled per task with weights from how close the "
-            "task's class names lie to the caption clusters."
-        ),
-    }
-    save_model_folder(
-        model,
-        processor,
-        output_dir,
-        overwrite=overwrite,
-        card=card,
-        inputs=inputs,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
+    finally:
+        for checkpoint in expert_checkpoints:
+            checkpoint.close()
+        if encoder_source is not None:
+            encoder_source.close()
     logger.info(f"Saved a {len(experts)}-expert MoDE model to {output_dir}")
-    return model
+    return MoDEModel.from_pretrained(output_dir).eval() if return_model else None
 
 
-def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, output_dir) -> str:
+class EncoderWeights:
+    """The clustering encoder's weights as `encoder_class.from_pretrained(encoder)` loads them into `module` (its
+    meta-device copy inside the MoDE model): read one tensor at a time when the checkpoint's names map onto the
+    module's (`loading_key_mapping`) with the same shapes, else (names from_pretrained still resolves, tensors it
+    initialises) loaded whole with `from_pretrained`, in float32, as the build always loaded it."""
+
+    def __init__(self, encoder: str, encoder_class, module):
+        self.encoder, self.encoder_class, self.state_dict = encoder, encoder_class, None
+        self.specs = planned_state_dict(module)
+        self.checkpoint = LazyCheckpoint(encoder, key_mapping=loading_key_mapping(module))
+        fits = all(name in self.checkpoint and self.checkpoint.shape(name) == s.shape for name, s in self.specs.items())
+        if not fits:
+            logger.info(f"The clustering encoder '{encoder}' is loaded whole: its names do not map one to one.")
+            self.checkpoint.close()
+            self.checkpoint = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.checkpoint is not None:
+            return self.checkpoint.get(name)
+        if self.state_dict is None:
+            model = self.encoder_class.from_pretrained(self.encoder, dtype=torch.float32)
+            self.state_dict = {key: tensor.detach() for key, tensor in model.state_dict().items()}
+            del model
+        return self.state_dict.pop(name)
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+        self.state_dict = None
+
+
+def mode_producer(specs: dict, experts: list, encoder: EncoderWeights, centers: dict, output_dtype: torch.dtype):
+    """`produce(name)` for `StreamedModel`: expert k's tensors from checkpoint k, the clustering encoder's from
+    its checkpoint, the centers from the clusters folder, and the logit scale, the experts' mean scale (so that a
+    single expert keeps its own), all in `output_dtype` (floating tensors pass through float32, as the build's
+    float32 model held them). Raises for a tensor without a source, before anything is written."""
+
+    def cast(tensor):
+        return tensor.to(torch.float32).to(output_dtype) if tensor.is_floating_point() else tensor
+
+    def logit_scale():
+        scales = [expert.checkpoint.get("logit_scale").to(torch.float32) for expert in experts]
+        return torch.stack([scale.exp() for scale in scales]).mean().log()
+
+    sources = {}
+    for name in specs:
+        head, _, rest = name.partition(".")
+        if head == "experts":
+            index, _, rest = rest.partition(".")
+            expert = experts[int(index)]
+            if rest not in expert.specs:
+                raise RuntimeError(f"MoDE tensor {name} has no counterpart in expert '{expert.name_or_path}'.")
+            sources[name] = lambda expert=expert, rest=rest: expert.checkpoint.get(rest)
+        elif head == "clustering_encoder" and rest in encoder.specs:
+            sources[name] = lambda rest=rest: encoder.get(rest)
+        elif name in ("fine_centers", "fine_to_coarse"):
+            sources[name] = lambda name=name: centers[name]
+        elif name == "logit_scale":
+            sources[name] = logit_scale
+        else:
+            raise RuntimeError(f"MoDE tensor {name} has no source.")
+
+    def produce(name: str) -> torch.Tensor:
+        return cast(sources[name]())
+
+    return produce
+
+
+def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, output_dir, dtype="auto") -> str:
     listed = "\n".join(f"{k}. `{expert}`" for k, expert in enumerate(experts))
     command = ["hf-moe", "mode", "build", *experts, "--clusters", str(clusters), "--output_dir", str(output_dir)]
     command += ["--clustering_encoder", encoder, "--ensemble_formula", ensemble_formula]
+    if dtype not in (None, "auto"):
+        command += ["--dtype", dtype]
     return (
         f"**MoDE** of {len(experts)} CLIP data experts over {info['num_fine_clusters']} fine caption clusters "
         f"(clustering encoder `{encoder}`, {pooling} pooling, seed {info.get('seed')}); task weights by the "

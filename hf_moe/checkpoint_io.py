@@ -358,7 +358,7 @@ def loading_key_mapping(model: torch.nn.Module) -> Callable[[str], str]:
     renamings = [conversion for conversion in conversions if isinstance(conversion, WeightRenaming)]
     if len(renamings) != len(conversions):
         raise NotImplementedError(
-            f"{type(model).__name__} is loaded through weight conversions ({conversions}); read it with from_pretrained."
+            f"{type(model).__name__} is loaded through weight conversions ({conversions}); use from_pretrained."
         )
     names = {name: True for name in model.state_dict()}
     prefix = getattr(model, "base_model_prefix", None) or None

@@ -2,7 +2,8 @@
 `hf_moe.conversion.build_mode`).
 
     hf-moe mode build EXPERT [EXPERT ...] --clusters DIR --output_dir OUT [--clustering_encoder NAME]
-        [--ensemble_formula released|paper] [--paper_lambda 0.2] [--overwrite] [--push_to_hub ...]
+        [--ensemble_formula released|paper] [--paper_lambda 0.2] [--dtype auto|float32|bfloat16|float16]
+        [--max_shard_size 5GB] [--overwrite] [--push_to_hub ...]
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +31,14 @@ class BuildArguments:
         },
     )
     paper_lambda: float = field(default=0.2, metadata={"help": "lambda of the paper's formula."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of the written weights (default: the first expert's).",
+            "choices": ["auto", "float32", "bfloat16", "float16"],  # hf_moe.checkpoint_io.DTYPE_CHOICES
+        },
+    )
+    max_shard_size: str = field(default="5GB", metadata={"help": "Shard the weights above this size (with an index)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -39,5 +48,5 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("experts", nargs="+", metavar="EXPERT", help="The CLIP data experts, expert k = cluster k.")
     args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
-    build_mode(positional.experts, **vars(args), **vars(hub_args))
+    build_mode(positional.experts, **vars(args), **vars(hub_args), return_model=False)
     print(f"Built a {len(positional.experts)}-expert MoDE model in {args.output_dir}")
