@@ -403,6 +403,22 @@ class _InitRecorder(TorchDispatchMode):
         super().__init__()
         self.log = defaultdict(list)  # storage key -> [(kind, function, geometry, args, kwargs, generator, state)]
         self._alive = []  # recorded storages stay referenced: a freed one's key could be reused by a new storage
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def scratch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor of `tensor`'s geometry in one reused buffer: a fresh allocation per initialisation would leave
+        glibc's heap fragmented (its mmap threshold rises past most weights once a large one is freed), and resident
+        memory would grow with the model's depth."""
+        span = tensor.storage_offset() + sum(
+            (size - 1) * stride for size, stride in zip(tensor.size(), tensor.stride())
+        )
+        nbytes = (span + 1) * tensor.element_size() if tensor.numel() else 0
+        if nbytes > self._buffer.numel():
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # freed before the larger one is allocated
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return (
+            self._buffer[:nbytes].view(tensor.dtype).as_strided(tensor.size(), tensor.stride(), tensor.storage_offset())
+        )
 
     def record(self, tensor, kind, function, args, kwargs, generator=None, state=None):
         self._alive.append(tensor.untyped_storage())
@@ -414,8 +430,7 @@ class _InitRecorder(TorchDispatchMode):
         if random and _is_inplace(func) and args[0].device.type == "meta":
             target = args[0]
             generator, state = _generator_state(kwargs)
-            scratch = torch.empty_strided(target.size(), target.stride(), dtype=target.dtype)
-            func(scratch, *args[1:], **kwargs)
+            func(self.scratch(target), *args[1:], **kwargs)
             self.record(target, "aten", func, args[1:], kwargs, generator, state)
             return target
         if random:
@@ -449,8 +464,7 @@ def _init_functions_on_scratch(recorder: _InitRecorder):
             generator, state = _generator_state(kwargs)
             # on the CPU: under the meta device, `empty_like` and friends inside the function would be meta
             with torch.device("cpu"):
-                scratch = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype)
-                original(scratch, *args, **kwargs)
+                original(recorder.scratch(tensor), *args, **kwargs)
             recorder.record(tensor, "init", original, args, kwargs, generator, state)
             return tensor
 
@@ -494,6 +508,8 @@ def build_on_meta(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module
         recorder,
     ):
         model = build()
+    recorder._buffer = None
+    release_free_memory()
     # Keys and geometry as built: casting the model afterwards (`model.to(dtype)`) replaces its tensors.
     built = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -680,6 +696,24 @@ class StreamedModel:
             max_shard_size=self.max_shard_size,
             total_parameters=self.model.num_parameters(),
         )
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free memory back to the system (glibc's `malloc_trim`; a no-op elsewhere): freed tensors
+    below glibc's (dynamic, up to 32 MB) mmap threshold otherwise stay resident."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def peak_rss_bytes() -> int:
