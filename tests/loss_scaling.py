@@ -57,7 +57,13 @@ def stack_rows(rows: list[dict]) -> dict:
 
 def trained_parameters(trainer) -> dict[str, torch.Tensor]:
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in trained):  # ZeRO-3: each process holds a partition
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters([p for _, p in trained]):
+            return {name: p.detach().clone() for name, p in trained}
+    return {name: p.detach().clone() for name, p in trained}
 
 
 def _train(trainer) -> dict[str, torch.Tensor]:
@@ -117,7 +123,7 @@ def mode_expert(paths: dict, batches: list[dict], steps: int):
     return _train(trainer)
 
 
-def moiie(paths: dict, batches: list[dict], steps: int, stage: str):
+def moiie(paths: dict, batches: list[dict], steps: int, stage: str, **arguments):
     """A MoIIE stage (`MoIIETrainer`): `pretrain` (the projector) or `finetune` (LLM, MoE layers and projector)."""
     from hf_moe.modeling import MoIIEPhi3ForCausalLM
     from hf_moe.moiie.trainer import MoIIETrainer, MoIIETrainingArguments
@@ -128,6 +134,7 @@ def moiie(paths: dict, batches: list[dict], steps: int, stage: str):
         per_device_train_batch_size=1,
         gradient_accumulation_steps=steps,
         **SGD_STEP,
+        **arguments,
     )
     model = MoIIEPhi3ForCausalLM.from_pretrained(paths["moiie"], dtype=DTYPE, experts_implementation="eager")
     trainer = MoIIETrainer(model=model, args=args, train_dataset=Items(batches), data_collator=first_item)
@@ -220,9 +227,11 @@ def run_distributed(runs: dict, world_size: int = 2) -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
         # Forked, not spawned: the children start with the parent's imports (spawning re-imports torch, transformers
-        # and accelerate in each child: tens of seconds on busy cores).
+        # and accelerate in each child: tens of seconds on busy cores); spawned if this process is in a process
+        # group, which a child must not inherit.
+        method = "spawn" if torch.distributed.is_initialized() else "fork"
         mp.start_processes(
-            _worker, args=(world_size, free_port(), runs, results), nprocs=world_size, join=True, start_method="fork"
+            _worker, args=(world_size, free_port(), runs, results), nprocs=world_size, join=True, start_method=method
         )
         return {name: dict(value) for name, value in results.items()}
 
