@@ -340,7 +340,8 @@ def save_model_folder(
     hub_private_repo: bool | None = None,
 ) -> None:
     """`model.save_pretrained`, the processor and a model card (`write_model_card` keywords) written atomically to
-    `output_dir`; then the folder is uploaded to `hub_model_id` if `push_to_hub`."""
+    `output_dir`; then the folder is uploaded to `hub_model_id` if `push_to_hub`. `model` may be a
+    `hf_moe.checkpoint_io.StreamedModel` (a meta-device model whose weights are written tensor by tensor)."""
     with atomic_output_dir(output_dir, overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if processor is not None:

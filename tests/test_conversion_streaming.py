@@ -11,12 +11,12 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPModel, LlavaForConditionalGeneration, Phi3ForCausalLM
+from transformers import CLIPModel, LlavaForConditionalGeneration, Phi3Config, Phi3ForCausalLM
 
 from hf_moe.cli import main
 from hf_moe.conversion import convert_clip_moe_original, upcycle_clip, upcycle_moiie
 from hf_moe.modeling import CLIPMoEConfig, CLIPMoEModel, MoIIEConfig, MoIIEPhi3ForCausalLM, stretch_text_positions
-from hf_moe.toy import save_toy_clip
+from hf_moe.toy import toy_clip_config
 
 from moiie_dense import IMAGE_TOKEN, save_dense_parts
 
@@ -159,6 +159,22 @@ def test_upcycle_moiie_writes_what_the_in_memory_build_gives(moiie_parts, tmp_pa
     assert_bit_identical(written(tmp_path / "out"), model.state_dict())
 
 
+def test_a_full_siglip_gives_its_vision_tower(moiie_parts, tmp_path):
+    """A `SiglipModel` (as google/siglip-so400m-patch14-384) upcycles as its vision tower alone would."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+
+    root, _ = moiie_parts
+    tower = SiglipVisionModel.from_pretrained(root / "siglip")
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    full = SiglipModel(SiglipConfig(vision_config=tower.config.to_dict(), text_config=text))
+    full.vision_model.load_state_dict(tower.state_dict())
+    full.save_pretrained(tmp_path / "siglip_full")
+    kwargs = dict(image_token_id=IMAGE_TOKEN, seed=2, return_model=False)
+    upcycle_moiie(root / "phi3", root / "siglip", tmp_path / "tower", **kwargs)
+    upcycle_moiie(root / "phi3", tmp_path / "siglip_full", tmp_path / "full", **kwargs)
+    assert_bit_identical(written(tmp_path / "full"), written(tmp_path / "tower"))
+
+
 def test_sharded_output_has_an_index_and_loads_as_the_unsharded(clip_bases, tmp_path):
     stages, _ = clip_bases
     upcycle_clip(stages, tmp_path / "whole", top_k=2, return_model=False)
@@ -212,23 +228,23 @@ print(json.dumps(results))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_peak_memory_stays_below_the_written_size(toy_clip_dir, tmp_path):
+def test_peak_memory_stays_below_the_written_size(toy_clip_dir, moiie_parts, tmp_path):
     """bf16 bases of a few hundred MB: the peak resident memory of each conversion, above the process's baseline,
     stays under 1.25x the folder written (building the MoE whole in fp32 beside the dense model took over 3x)."""
     from test_upcycle_moiie import TEXT
 
-    save_toy_clip(tmp_path / "clip", hidden_size=768, num_layers=3)
-    CLIPModel.from_pretrained(tmp_path / "clip").to(torch.bfloat16).save_pretrained(tmp_path / "clip_bf16")
+    torch.manual_seed(0)
+    CLIPModel(toy_clip_config(hidden_size=768, num_layers=3)).to(torch.bfloat16).save_pretrained(tmp_path / "clip_bf16")
     wide = dict(TEXT, hidden_size=512, intermediate_size=4096, num_attention_heads=8, vocab_size=32064)
-    save_dense_parts(tmp_path / "moiie", wide, Phi3ForCausalLM, "phi3")
-    Phi3ForCausalLM.from_pretrained(tmp_path / "moiie" / "phi3").to(torch.bfloat16).save_pretrained(tmp_path / "phi3")
+    Phi3ForCausalLM(Phi3Config(**wide)).to(torch.bfloat16).save_pretrained(tmp_path / "phi3")
+    siglip = moiie_parts[0] / "siglip"
     runs = [
         (
             ["upcycle-clip", str(tmp_path / "clip_bf16"), "--num_experts", "4", "--output_dir", str(tmp_path / "o1")],
             "o1",
         ),
         (
-            ["upcycle-moiie", "--llm", str(tmp_path / "phi3"), "--vision", str(tmp_path / "moiie" / "siglip")]
+            ["upcycle-moiie", "--llm", str(tmp_path / "phi3"), "--vision", str(siglip)]
             + ["--num_shared_experts", "2", "--output_dir", str(tmp_path / "o2")],
             "o2",
         ),
