@@ -40,9 +40,13 @@ and no fp32 master copy, an update smaller than half a bf16 step (2^-9 of the va
 
 One JSON object goes to stdout (and `--output`), progress to stderr; exit status 1 when a run fails its checks:
 
-    python benchmarks/real_width_step.py --output benchmarks/results/real_width_step_cpu.json   # all runs, minutes
-    python benchmarks/real_width_step.py --families moiie --steps 1
+    python benchmarks/real_width_step.py --output benchmarks/results/real_width_step_cpu.json   # every run
+    python benchmarks/real_width_step.py --families moiie --warmup 0 --steps 1 \
+        --output benchmarks/results/real_width_step_cpu.json --update     # re-measure MoIIE only, keep the others
     python benchmarks/real_width_step.py --tiny --in_process                                    # seconds: smoke test
+
+On a CPU without bf16 instructions (no AVX512-BF16 / AMX) bf16 matrix products take a slow generic path: a CLIP
+L/14 step takes minutes and a MoIIE step at Phi-3-mini width (~1,000 tokens) tens of minutes there.
 """
 
 import argparse
@@ -137,8 +141,9 @@ SIGLIP_SO400M = dict(
     layer_norm_eps=1e-6,
     hidden_act="gelu_pytorch_tanh",
 )
-SIGLIP_TINY = dict(SIGLIP_SO400M, hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=8,
-                   image_size=32)  # fmt: skip
+SIGLIP_TINY = dict(
+    SIGLIP_SO400M, hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=8, image_size=32
+)
 
 
 def clip_shape(args, name: str) -> dict:
@@ -456,9 +461,9 @@ def run_mode_expert(args, output_dir, dtype):
 def tta_data(args, image_size: int, projection_dim: int):
     """Random zero-shot heads of the 8 tasks' class counts, and `TaskBatches` over random images per task."""
     import datasets
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from hf_moe.we_moe.tta import TaskBatches
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     generator = torch.Generator().manual_seed(SEED + 1)
     heads = {
@@ -671,11 +676,20 @@ def measure(run: str, args) -> dict:
     checks = [finite_check("loss", entry.get("loss")) for entry in probe.logs]
     checks += loss_checks(probe.logs)
     for index, step in enumerate(probe.steps):
-        checks.append({"name": f"step {index + 1}: gradients finite", "ok": not step["grads_nonfinite"],
-                       "nonfinite": step["grads_nonfinite"][:5]})  # fmt: skip
-        checks.append({"name": f"step {index + 1}: parameters finite after the update",
-                       "ok": not step["params_nonfinite_after_step"],
-                       "nonfinite": step["params_nonfinite_after_step"][:5]})  # fmt: skip
+        checks.append(
+            {
+                "name": f"step {index + 1}: gradients finite",
+                "ok": not step["grads_nonfinite"],
+                "nonfinite": step["grads_nonfinite"][:5],
+            }
+        )
+        checks.append(
+            {
+                "name": f"step {index + 1}: parameters finite after the update",
+                "ok": not step["params_nonfinite_after_step"],
+                "nonfinite": step["params_nonfinite_after_step"][:5],
+            }
+        )
     if len(probe.steps) != args.warmup + args.steps or len(probe.logs) != len(probe.steps):
         checks.append({"name": "every step ran and logged", "ok": False, "steps": len(probe.steps)})
     failed = [check for check in checks if not check["ok"]]
@@ -776,17 +790,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tta_batch_size", type=int, default=2, help="images per task per TTA step (default 2)")
     parser.add_argument("--conversations", type=int, default=1, help="MoIIE conversations per step (default 1)")
     parser.add_argument("--text_tokens", type=int, default=300, help="MoIIE text words per conversation (300)")
-    parser.add_argument("--param_dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                        help="dtype the weights are built in (default bfloat16); the Trainer runs with bf16=True")  # fmt: skip
+    parser.add_argument(
+        "--param_dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype the weights are built in (default bfloat16); the Trainer runs with bf16=True",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in every worker (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths instead of the real ones (smoke test)")
-    parser.add_argument("--in_process", action="store_true",
-                        help="run every family in this process (no per-family peak memory; for the smoke test)")  # fmt: skip
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="run every family in this process (no per-family peak memory; for the smoke test)",
+    )
     parser.add_argument("--all_checks", action="store_true", help="list every check in the JSON, not only failures")
     parser.add_argument("--output", help="also write the JSON to this file")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the runs of an existing --output file that this command does not measure (each "
-                        "result names the command and step counts that measured it)")  # fmt: skip
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the runs of an existing --output file that this command does not measure (each "
+        "result names the command and step counts that measured it)",
+    )
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.layers < 2:
