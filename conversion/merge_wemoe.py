@@ -14,6 +14,7 @@ vision-only PRETRAINED (`CLIPVisionModel`) gives a `WEMoECLIPVisionModel` (a WEM
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers.utils import logging
@@ -255,10 +256,16 @@ def wemoe_sources(specs: dict, tower_prefix: str, base, merged_keys: set, vision
 
 def wemoe_producer(sources, base, source, merged, initial_value, vision_config, output_dtype):
     """`produce(name)` for `StreamedModel`: each tensor of the WEMoE model from its source (`wemoe_sources`), in
-    `output_dtype`. The task vectors of one MLP tensor are stacked and stored (dense, pruned or SVD, by the
-    model's own storage module, in float32) when the first of their stored tensors is asked for; the others wait
-    in a cache until written (the pruned layout's columns and counts come after all of a block's values)."""
+    `output_dtype`. Dense task vectors are stacked straight into the output tensor; pruned and SVD ones are
+    stored by the model's own storage module (in float32) one task at a time, and the tasks' parts concatenated,
+    when the first of their stored tensors is asked for; the others wait in a cache until written (the pruned
+    layout's columns and counts come after all of a block's values)."""
     storage = TASK_VECTOR_STORAGE[vision_config.task_vector_format]
+    # What the storage modules read of the config, for one task: pruning and SVD treat every task on its own
+    # (per-row quantiles, top-k and one SVD per matrix), so they run task by task on a fraction of the memory.
+    one_task = SimpleNamespace(
+        num_tasks=1, prune_ratio=vision_config.prune_ratio, svd_rank_fraction=vision_config.svd_rank_fraction
+    )
     cache = {}
 
     def cast(tensor):
@@ -272,18 +279,28 @@ def wemoe_producer(sources, base, source, merged, initial_value, vision_config, 
             return cast(merged(where[0]))
         if kind == "pretrained":
             return cast(base.get(where[0]))
-        if name not in cache:
-            layer, param = where
-            key = f"encoder.layers.{layer}.mlp.{param}"
-            stacked = torch.stack([source.task_vector(index, key) for index in range(source.num_tasks)])
+        if name in cache:
+            return cache.pop(name)
+        layer, param = where
+        key = f"encoder.layers.{layer}.mlp.{param}"
+        if vision_config.task_vector_format == "dense":  # the stack itself, `[tasks, *shape]`
+            stacked = torch.empty((source.num_tasks, *source.shape(key)), dtype=output_dtype)
+            for index in range(source.num_tasks):
+                stacked[index] = source.task_vector(index, key)
+            return stacked
+        parts = {}
+        for index in range(source.num_tasks):
+            task_vector = source.task_vector(index, key)
             with torch.device("cpu"):
-                module = storage(vision_config, {param: tuple(stacked.shape[1:])})
-            module.fill(param, stacked)
-            del stacked
-            prefix = name[: name.index(".task_vectors.")]
+                module = storage(one_task, {param: tuple(task_vector.shape)})
+            module.fill(param, task_vector.unsqueeze(0))
             for attr, tensor in module.state_dict().items():
-                cache[f"{prefix}.task_vectors.{attr}"] = tensor
-        return cast(cache.pop(name))
+                parts.setdefault(attr, []).append(cast(tensor))
+            del task_vector, module
+        prefix = name[: name.index(".task_vectors.")]
+        for attr, tensors in parts.items():
+            cache[f"{prefix}.task_vectors.{attr}"] = torch.cat(tensors)
+        return cache.pop(name)
 
     return produce
 

@@ -389,6 +389,10 @@ class _OneTaskVectorTensor(Mapping):
         return 1
 
 
+# Entries of a tensor the streamed TIES processes at once (per task: 4 MiB in float32).
+TIES_BLOCK_ELEMENTS = 1 << 20
+
+
 def ties_streamed(
     source: TaskVectorSource,
     scaling: float = 0.3,
@@ -427,13 +431,37 @@ def ties_streamed(
         return trim_to_threshold(tensor, thresholds[index])
 
     def stacked(key: str) -> torch.Tensor:
-        return torch.stack([trimmed(index, key) for index in range(source.num_tasks)])
+        # `[tasks, entries]`, filled task by task (no list of tensors beside the stack).
+        values = torch.empty(source.num_tasks, source.shape(key).numel())
+        for index in range(source.num_tasks):
+            values[index] = trimmed(index, key).reshape(-1)
+        return values
 
-    elected_total = sum(ties_elected_sign_sum(stacked(key)) for key in source.keys)
+    def blocks(values: torch.Tensor):
+        # TIES' elementwise steps make temporaries several times what they process: large tensors go through in
+        # blocks of entries, each a contiguous `[tasks, block]` (the same per-entry sums over the tasks).
+        size = values.shape[1]
+        for start in range(0, size, TIES_BLOCK_ELEMENTS):
+            stop = min(start + TIES_BLOCK_ELEMENTS, size)
+            yield start, stop, values[:, start:stop] if size <= TIES_BLOCK_ELEMENTS else values[:, start:stop].clone()
+
+    def elected_sign_sum(key: str) -> torch.Tensor:
+        values = stacked(key)
+        mass = torch.empty(values.shape[1])
+        for start, stop, block in blocks(values):
+            mass[start:stop] = block.sum(dim=0)
+        return mass.sign().sum()  # = ties_elected_sign_sum(values)
+
+    elected_total = sum(elected_sign_sum(key) for key in source.keys)
     majority = torch.sign(torch.as_tensor(elected_total, dtype=torch.float32))
 
     def merged(key: str) -> torch.Tensor:
-        delta = ties_disjoint_merge(stacked(key), majority, scaling, aggregation)
+        values = stacked(key)
+        delta = torch.empty(values.shape[1])
+        for start, stop, block in blocks(values):
+            delta[start:stop] = ties_disjoint_merge(block, majority, scaling, aggregation)
+        del values
+        delta = delta.reshape(source.shape(key))
         return add_to_pretrained({key: source.pretrained(key)}, {key: delta})[key]
 
     return merged

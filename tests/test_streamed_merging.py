@@ -105,7 +105,9 @@ def random_states(num_tasks=3, seed=0):
     ],
 )
 @pytest.mark.parametrize("num_tasks", [1, 2, 4])
-def test_streamed_merge_is_the_in_memory_method_bit_for_bit(method, options, num_tasks):
+@pytest.mark.parametrize("block", [7, 1 << 20])
+def test_streamed_merge_is_the_in_memory_method_bit_for_bit(method, options, num_tasks, block, monkeypatch):
+    monkeypatch.setattr(merging, "TIES_BLOCK_ELEMENTS", block)  # TIES in blocks of entries, or whole tensors
     base, finetuned = random_states(num_tasks)
     expected = get_merge_method(method).fn(base, task_vectors(base, finetuned), **options)
     merged = streamed_merge(method, StateDictSource(base, finetuned), **options)
@@ -346,3 +348,28 @@ def test_mode_build_writes_what_the_in_memory_build_wrote(inputs, tmp_path, pool
     build_mode(experts, clusters, tmp_path / "mode16", dtype="bfloat16", max_shard_size="200KB", return_model=False)
     assert (tmp_path / "mode16" / "model.safetensors.index.json").is_file()
     assert_bitwise_equal(tmp_path / "mode16", expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("storage", ["pruned", "svd"])
+def test_task_vector_storage_task_by_task_is_the_batched_storage_with_tied_magnitudes(storage):
+    """merge-wemoe stores pruned / SVD task vectors one task at a time: per-row quantiles, top-k (ties included)
+    and per-matrix SVDs give the bytes the batched fill gives."""
+    from types import SimpleNamespace
+
+    from hf_moe.modeling.modeling_we_moe import TASK_VECTOR_STORAGE
+
+    generator = torch.Generator().manual_seed(0)
+    for name, shape in (("fc1.weight", (96, 40)), ("fc2.bias", (40,))):
+        stacked = (torch.randn(5, *shape, generator=generator) * 4).round() / 4  # many tied magnitudes
+        stacked[:, :3] = 0.0
+
+        def store(tensors, num_tasks, name=name, shape=shape):
+            config = SimpleNamespace(num_tasks=num_tasks, prune_ratio=0.9, svd_rank_fraction=0.3)
+            module = TASK_VECTOR_STORAGE[storage](config, {name: shape})
+            module.fill(name, tensors)
+            return module.state_dict()
+
+        batched = store(stacked, 5)
+        per_task = [store(stacked[i : i + 1].clone(), 1) for i in range(5)]
+        for key, tensor in batched.items():
+            assert torch.equal(torch.cat([part[key] for part in per_task]), tensor), key
