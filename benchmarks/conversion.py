@@ -42,7 +42,10 @@ One JSON object goes to stdout (and to `--output`), progress to stderr:
 
     python benchmarks/conversion.py --layers 2                    # every case at real widths, 2 blocks per tower
     python benchmarks/conversion.py --plan                        # input sizes per case; nothing written or run
-    python benchmarks/conversion.py --output benchmarks/results/conversion_cpu.json   # the papers' shapes
+    python benchmarks/conversion.py --max_rss_gb 22 --delete_inputs --output benchmarks/results/conversion_cpu.json
+
+The last is the papers' shapes: 39 GB of inputs in all, at most about 27 GB of disk at a time with
+`--delete_inputs` (MoIIE: 11 GB in, 16 GB out); `--max_rss_gb` kills a converter that would exhaust the machine.
 """
 
 import argparse
@@ -719,6 +722,11 @@ CASES = {
         ],  # fmt: skip
         converted=("clip_moe_original",),
     ),
+    "wemoe_l14_8": Case(
+        "WEMoE, CLIP ViT-L/14 + 8 vision fine-tunes (2-layer routers per block)",
+        ("clip_l14", "clip_l14_tasks"),
+        lambda p, out: ["merge-wemoe", *_tasks(p, "clip_l14", "clip_l14_tasks"), "--output_dir", out],
+    ),
     "wemoe_b32_8": Case(
         "WEMoE, CLIP ViT-B/32 + 8 vision fine-tunes (2-layer routers per block)",
         ("clip_b32", "clip_b32_tasks"),
@@ -736,11 +744,6 @@ CASES = {
             "--output_dir",
             out,
         ],  # fmt: skip
-    ),
-    "wemoe_l14_8": Case(
-        "WEMoE, CLIP ViT-L/14 + 8 vision fine-tunes (2-layer routers per block)",
-        ("clip_l14", "clip_l14_tasks"),
-        lambda p, out: ["merge-wemoe", *_tasks(p, "clip_l14", "clip_l14_tasks"), "--output_dir", out],
     ),
     "merge_b32_8": Case(
         "Task arithmetic, CLIP ViT-B/32 + 8 vision fine-tunes",
@@ -1050,6 +1053,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         help="Kill a converter whose resident set (polled) exceeds this many GB (default: no limit).",
     )
+    parser.add_argument(
+        "--delete_inputs",
+        action="store_true",
+        help="Delete each input after the last selected case that reads it (less disk at a time).",
+    )
     parser.add_argument("--generate_only", action="store_true", help="Write the cases' inputs, run nothing.")
     parser.add_argument("--skip_baseline", action="store_true", help="Do not measure the bare interpreter.")
     args = parser.parse_args(argv)
@@ -1092,12 +1100,16 @@ def main(argv=None):
             baseline_argv = [sys.executable, "-c", "import torch, transformers, hf_moe.conversion"]
             report["interpreter_baseline"] = run_measured(baseline_argv, root / "outputs" / "baseline.log")
         report["cases"] = {}
-        for name in cases:
+        for index, name in enumerate(cases):
             try:
                 report["cases"][name] = run_case(name, root, setting, args)
             except Exception as err:  # an input that cannot be generated: reported, the other cases still run
                 log(f"[{name}] failed before the converter ran: {err!r}")
                 report["cases"][name] = {"description": CASES[name].description, "error": repr(err)}
+            if args.delete_inputs:
+                later = {input_name for other in cases[index + 1 :] for input_name in CASES[other].inputs}
+                for input_name in set(CASES[name].inputs) - later:
+                    shutil.rmtree(root / "inputs" / input_name, ignore_errors=True)
         baseline = report.get("interpreter_baseline", {}).get("peak_rss_bytes")
         for result in report["cases"].values():
             if baseline and result.get("output_bytes") and result.get("peak_rss_bytes"):

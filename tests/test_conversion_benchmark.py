@@ -111,7 +111,7 @@ def test_main_runs_a_converter_and_reports_every_field(bench, tmp_path):
     argv = ["--shape", "tiny", "--layers", "1", "--cases", "merge_b32_8", "--work_dir", str(tmp_path / "work")]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        bench.main([*argv, "--output", str(output), "--skip_baseline"])
+        bench.main([*argv, "--output", str(output), "--skip_baseline", "--delete_inputs"])
     report = json.loads(stdout.getvalue())
     assert report == json.loads(output.read_text())
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] == torch.__version__
@@ -125,7 +125,10 @@ def test_main_runs_a_converter_and_reports_every_field(bench, tmp_path):
     assert result["peak_rss_bytes"] > 0 and result["peak_rss_anon_polled_bytes"] >= 0
     assert result["peak_over_output"] == pytest.approx(result["peak_rss_bytes"] / result["output_bytes"], rel=1e-2)
     assert set(report["goals"]) == {"peak_over_output <= 1.25", "met"}
-    assert not (tmp_path / "work" / "tiny-L1-auto" / "outputs" / "merge_b32_8").exists()  # outputs deleted
+    work = tmp_path / "work" / "tiny-L1-auto"
+    assert not (work / "outputs" / "merge_b32_8").exists()  # outputs deleted
+    assert (work / "outputs" / "merge_b32_8.log").is_file()
+    assert not (work / "inputs" / "clip_b32").exists() and not (work / "inputs" / "clip_b32_tasks").exists()
 
 
 def test_plan_gives_the_released_sizes_at_the_real_shapes(bench):
