@@ -98,12 +98,6 @@ def open_original_checkpoint(checkpoint: str | Path) -> LazyCheckpoint:
         ) from err
 
 
-def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Read a whole official `.pt` state dict into memory (small checkpoints and tests; the converter reads lazily)."""
-    with open_original_checkpoint(checkpoint) as original:
-        return {name: original.get(name) for name in original}
-
-
 def moe_layout(state_dict: dict[str, torch.Tensor]) -> tuple[int, list[int], list[int]]:
     """Number of experts and the MoE block indices of the vision and text towers, read off the keys."""
     experts, layers = set(), {"vision_model": set(), "text_model": set()}
@@ -143,11 +137,11 @@ def _stack(*tensors):
     return torch.stack(tensors)
 
 
-def conversion_recipes(original, num_experts: int) -> dict[str, Recipe]:
-    """For each CLIPMoEModel tensor, how to make it from the OpenAI-naming checkpoint `original` (a `LazyCheckpoint`
-    or a state dict): renamed, split (fused q/k/v), transposed (projections), stacked (experts) or merged (Long-CLIP
-    positions). Only names and shapes are read, so every refusal comes before any tensor is."""
-    shape = original.shape if isinstance(original, LazyCheckpoint) else (lambda key: original[key].shape)
+def conversion_recipes(original: LazyCheckpoint, num_experts: int) -> dict[str, Recipe]:
+    """For each CLIPMoEModel tensor, how to make it from the OpenAI-naming checkpoint `original`: renamed, split
+    (fused q/k/v), transposed (projections), stacked (experts) or merged (Long-CLIP positions). Only names and
+    shapes are read, so every refusal comes before any tensor is."""
+    shape = original.shape
     recipes, experts, unknown = {}, defaultdict(dict), []
     for key in original:
         match = BLOCK_KEY.match(key)
@@ -183,12 +177,6 @@ def conversion_recipes(original, num_experts: int) -> dict[str, Recipe]:
         recipes[target] = (torch.Size([num_experts, *shapes.pop()]), keys, _stack)
     recipes["text_model.embeddings.position_embedding.weight"] = _text_positions_recipe(original, shape)
     return recipes
-
-
-def convert_state_dict(original: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """Rename, split and transpose an OpenAI-naming CLIP-MoE state dict into CLIPMoEModel's naming (in memory)."""
-    recipes = conversion_recipes(original, num_experts)
-    return {target: make(*(original[key] for key in keys)) for target, (_, keys, make) in recipes.items()}
 
 
 def _merge_positions(positions, residual=None):

@@ -29,7 +29,7 @@ from ..checkpoint_io import (
 )
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
-from ..loading import load_config, load_pretrained
+from ..loading import load_config
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
 
@@ -55,16 +55,11 @@ ROUTER_SUFFIX = ".mlp.router.weight"
 TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
 
 
-def load_dense_clip(base: str | Path) -> CLIPModel:
-    """Load a dense `CLIPModel` from a Hub id or a local folder, with an error that names `base` on failure.
+def load_dense_clip_config(base: str | Path) -> CLIPConfig:
+    """The config of the dense CLIP `base` (no weights loaded); anything else is refused, naming `base`.
 
     A CLIP-MoE is refused: its config is a `CLIPConfig` too, so `CLIPModel` would load it with freshly
     initialised MLPs (its experts have other names) and upcycle random weights without complaint."""
-    return load_pretrained(base, CLIPModel, config=load_dense_clip_config(base))
-
-
-def load_dense_clip_config(base: str | Path) -> CLIPConfig:
-    """The config of the dense CLIP `base` (no weights loaded); anything else is refused, naming `base`."""
     config = load_config(base, require_moe=False)
     if not isinstance(config, CLIPConfig) or config.model_type != "clip":
         raise ValueError(
@@ -361,8 +356,8 @@ def save_with_processor(
 ) -> None:
     """Write `model` (or a `StreamedModel`), the processor of `base` (its tokenizer truncating at the model's text
     length) and, given `card` (`hf_moe.hub.write_model_card` keywords), a model card atomically to `output_dir`, so
-    the folder is complete for `pipeline()` and the Hub; then upload it to `hub_model_id` if `push_to_hub`. `inputs`: local
-    folders the output may not hold (see `hf_moe.fileio.check_output_dir`)."""
+    the folder is complete for `pipeline()` and the Hub; then upload it to `hub_model_id` if `push_to_hub`.
+    `inputs`: local folders the output may not hold (see `hf_moe.fileio.check_output_dir`)."""
     processor = None
     if base is None:
         logger.warning(f"No base folder is known, so {output_dir} gets no processor.")

@@ -168,10 +168,13 @@ class DenseWeights:
             checkpoint.close()
 
 
-def upcycle_sources(config: MoIIEConfig, names, dense: DenseWeights, initialised: tuple[str, ...]) -> dict:
+def upcycle_sources(
+    config: MoIIEConfig, names, dense: DenseWeights, initialised: tuple[str, ...], tied: set[str] = frozenset()
+) -> dict:
     """Where each MoIIE tensor comes from: `("init", [])` (its random initialisation: routers, and a projector
     nobody gave), `("experts", dense keys)` (the MLP of an MoE layer, Llama's gate and up fused, copied into every
-    expert) or `("dense", [key])`. Raises RuntimeError naming what has no source or what is left unused."""
+    expert) or `("dense", [key])`. Raises RuntimeError naming what has no source or what is left unused (but `tied`:
+    names the MoIIE ties to another, not written)."""
     moe = set(config.moe_layers) if config.variant != "dense" else set()
     sources, missing = {}, []
     for name in names:
@@ -190,7 +193,7 @@ def upcycle_sources(config: MoIIEConfig, names, dense: DenseWeights, initialised
         if any(key not in dense for key in sources[name][1]):
             missing.append(name)
     used = {key for _, keys in sources.values() for key in keys}
-    unexpected = sorted(dense.names() - used)
+    unexpected = sorted(dense.names() - used - set(tied))
     if missing or unexpected:
         raise RuntimeError(f"Upcycled state dict does not fit the MoIIE: missing {missing}, unexpected {unexpected}")
     return sources
@@ -363,7 +366,8 @@ def upcycle_moiie(
         model = model.to(output_dtype).eval()
         model.config.name_or_path = ""
         initialised = ("router.weight",) + (("multi_modal_projector.",) if not is_llava and projector is None else ())
-        sources = upcycle_sources(config, planned_state_dict(model), dense, initialised)
+        planned = planned_state_dict(model)
+        sources = upcycle_sources(config, planned, dense, initialised, tied=model.state_dict().keys() - planned.keys())
         num_experts = config.num_local_experts
 
         def produce(name: str) -> torch.Tensor:

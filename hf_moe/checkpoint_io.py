@@ -431,6 +431,7 @@ class _InitRecorder(TorchDispatchMode):
             target = args[0]
             generator, state = _generator_state(kwargs)
             func(self.scratch(target), *args[1:], **kwargs)
+            _release_after(target)
             self.record(target, "aten", func, args[1:], kwargs, generator, state)
             return target
         if random:
@@ -465,6 +466,7 @@ def _init_functions_on_scratch(recorder: _InitRecorder):
             # on the CPU: under the meta device, `empty_like` and friends inside the function would be meta
             with torch.device("cpu"):
                 original(recorder.scratch(tensor), *args, **kwargs)
+            _release_after(tensor)  # e.g. the temporaries of torch's rejection-sampling trunc_normal_
             recorder.record(tensor, "init", original, args, kwargs, generator, state)
             return tensor
 
@@ -599,9 +601,12 @@ def write_safetensors_file(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a safetensors file holding `specs`' names, shapes and dtypes (tensors or meta tensors), each tensor
-    obtained from `produce(name)` in order and written at once, so only one is in memory. A produced tensor with
-    another shape or dtype than its spec raises ValueError (the file is then incomplete: write into a temporary
-    folder). The file is what `safetensors.torch.save_file` writes, up to the order of its tensors."""
+    obtained from `produce(name)` (in order, larger dtypes first) and written at once, so only one is in memory. A
+    produced tensor with another shape or dtype than its spec raises ValueError (the file is then incomplete: write
+    into a temporary folder). The file is what `safetensors.torch.save_file` writes, up to the order of its tensors.
+    """
+    # Larger elements first (a stable sort; safetensors too orders by dtype): every tensor starts aligned to its size.
+    specs = dict(sorted(specs.items(), key=lambda item: -item[1].element_size()))
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -627,6 +632,7 @@ def write_safetensors_file(
             tensor = tensor.detach().to("cpu").contiguous()
             if tensor.numel():
                 handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            _release_after(tensor)
             del tensor
 
 
@@ -714,6 +720,35 @@ def release_free_memory() -> None:
 
 
 _malloc_trim = None
+
+
+def _release_after(tensor: torch.Tensor, threshold: int = 2**20) -> None:
+    """`release_free_memory` once work on a tensor of at least `threshold` bytes is done: its temporaries were freed
+    below glibc's risen mmap threshold, and would otherwise pile up as the model gets deeper."""
+    if tensor.numel() * tensor.element_size() >= threshold:
+        release_free_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed so far back to the operating system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    glibc keeps freed blocks of the sizes a converter allocates over and over (one tensor, then the next) in its
+    heap, fragmented, so resident memory creeps above what is live; a converter making several passes over its
+    inputs calls this between tensors so that its peak stays what it holds."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def peak_rss_bytes() -> int:
