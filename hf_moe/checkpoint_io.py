@@ -729,28 +729,6 @@ def _release_after(tensor: torch.Tensor, threshold: int = 2**20) -> None:
         release_free_memory()
 
 
-def release_freed_memory() -> None:
-    """Hand the heap pages freed so far back to the operating system (glibc's `malloc_trim`; a no-op elsewhere).
-
-    glibc keeps freed blocks of the sizes a converter allocates over and over (one tensor, then the next) in its
-    heap, fragmented, so resident memory creeps above what is live; a converter making several passes over its
-    inputs calls this between tensors so that its peak stays what it holds."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far, in bytes (Linux: ru_maxrss is in KiB)."""
     import resource

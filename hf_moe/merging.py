@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from .checkpoint_io import release_free_memory
 from .fileio import check_output_dir
 from .hub import check_hub_model_id, save_model_folder
 from .loading import load_config, load_pretrained
@@ -305,6 +306,7 @@ class MagnitudeSelection:
     """
 
     BINS = 1 << 16
+    BLOCK = 1 << 18
 
     def __init__(self, k: int):
         if k < 1:
@@ -317,11 +319,13 @@ class MagnitudeSelection:
         return self.value is not None
 
     def add(self, tensor: torch.Tensor) -> None:
-        bits = tensor.detach().to(torch.float32).abs().reshape(-1).view(torch.int32)
-        if self.high is None:
-            self.counts += torch.bincount(bits >> 16, minlength=self.BINS)
-        else:
-            self.counts += torch.bincount(bits[(bits >> 16) == self.high] & 0xFFFF, minlength=self.BINS)
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), self.BLOCK):  # bounded temporaries, whatever the tensor's size
+            bits = flat[start : start + self.BLOCK].to(torch.float32).abs().view(torch.int32)
+            if self.high is None:
+                self.counts += torch.bincount(bits >> 16, minlength=self.BINS)
+            else:
+                self.counts += torch.bincount(bits[(bits >> 16) == self.high] & 0xFFFF, minlength=self.BINS)
 
     def end_pass(self) -> None:
         cumulative = self.counts.cumsum(0)
@@ -389,8 +393,9 @@ class _OneTaskVectorTensor(Mapping):
         return 1
 
 
-# Entries of a tensor the streamed TIES processes at once (per task: 4 MiB in float32).
-TIES_BLOCK_ELEMENTS = 1 << 20
+# Entries of a tensor the streamed TIES processes at once (per task: 256 KiB in float32): its elementwise steps
+# make temporaries several times the size of their input.
+TIES_BLOCK_ELEMENTS = 1 << 16
 
 
 def ties_streamed(
@@ -418,6 +423,7 @@ def ties_streamed(
             for key in source.keys:
                 for index, selection in enumerate(selections):
                     selection.add(source.task_vector(index, key))
+                release_free_memory()
             for selection in selections:
                 selection.end_pass()
         thresholds = [selection.value for selection in selections]
@@ -450,6 +456,8 @@ def ties_streamed(
         mass = torch.empty(values.shape[1])
         for start, stop, block in blocks(values):
             mass[start:stop] = block.sum(dim=0)
+        del values
+        release_free_memory()
         return mass.sign().sum()  # = ties_elected_sign_sum(values)
 
     elected_total = sum(elected_sign_sum(key) for key in source.keys)
@@ -461,6 +469,7 @@ def ties_streamed(
         for start, stop, block in blocks(values):
             delta[start:stop] = ties_disjoint_merge(block, majority, scaling, aggregation)
         del values
+        release_free_memory()
         delta = delta.reshape(source.shape(key))
         return add_to_pretrained({key: source.pretrained(key)}, {key: delta})[key]
 
