@@ -115,6 +115,18 @@ def test_streamed_merge_is_the_in_memory_method_bit_for_bit(method, options, num
         assert torch.equal(merged(key), expected[key]), key
 
 
+def test_adamerging_coefficients_merge_per_tensor_as_in_memory(caplog):
+    from hf_moe.we_moe.adamerging import adamerging_merge  # registers "adamerging"
+
+    base, finetuned = random_states(3)
+    coefficients = {"w": [0.2, 0.7, 1.5], "b": [-0.1, 0.4, 0.9]}  # "v" falls back to 0.3; clamping applies
+    expected = adamerging_merge(base, task_vectors(base, finetuned), coefficients=coefficients)
+    merged = streamed_merge("adamerging", StateDictSource(base, finetuned), coefficients=coefficients)
+    for key in ("w", "b", "v"):
+        assert torch.equal(merged(key), expected[key]), key
+    assert "held in memory" not in caplog.text
+
+
 def test_a_method_without_streamed_form_still_merges_with_a_warning():
     def first_only(pretrained, task_vectors):
         return merging.add_to_pretrained(pretrained, dict(task_vectors[0]))

@@ -73,7 +73,7 @@ def adamerging_merge(
     return add_to_pretrained(pretrained, delta)
 
 
-register_merge_method("adamerging", adamerging_merge)
+register_merge_method("adamerging", adamerging_merge, per_tensor=True)  # coefficients are per tensor
 
 
 class AdaMergingCLIP(torch.nn.Module):
