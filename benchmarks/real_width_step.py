@@ -25,7 +25,7 @@ measured step applies a recipe-sized update):
 
 Per run (each in a FRESH worker process, one after the other, so that runs do not share a peak): seconds per
 measured step (from the Trainer's step begin to its step end, batches already collated, the checks below not
-counted), peak resident memory of the worker (`resource.getrusage`, the whole run: build + steps), trainable and
+counted), peak resident memory of the worker (VmHWM, the whole run: build + steps), trainable and
 total parameters, every logged loss, and the checks, which make `ok` false (and the exit status 1) when they fail:
 
 * every loss finite; every trained parameter's gradient finite before each optimizer step, and its values finite
@@ -55,7 +55,6 @@ import json
 import math
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -280,13 +279,18 @@ class StepProbe(TrainerCallback):
             self.logs.append(dict(logs))
 
 
-def current_rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as status:
-        return int(re.search(r"^VmRSS:\s+(\d+) kB", status.read(), re.M).group(1)) / 1024
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1)) / 1024
+
+
+def current_rss_mib() -> float:
+    return _status_mib("VmRSS")
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage's ru_maxrss: the kernel updates the latter lazily, so it can read below the current VmRSS.
+    return _status_mib("VmHWM")
 
 
 def common_training_kwargs(args, output_dir: str, batch_size: int) -> dict:
@@ -871,7 +875,7 @@ def main(argv=None) -> int:
         "rate, held constant (warmup_steps=0, lr_scheduler_type='constant'), bf16=True, use_cpu=True, "
         "report_to='none', save_strategy='no', logging_steps=1",
         "memory_method": "fresh worker process per run (unless --in_process): peak_rss is the worker's lifetime "
-        "maximum resident set (resource.getrusage: interpreter, model build and the steps), glibc "
+        "maximum resident set (VmHWM: interpreter, model build and the steps), glibc "
         "MALLOC_MMAP_THRESHOLD_=65536",
         "results": results,
         "ok": all(result.get("ok") for result in results.values()),
