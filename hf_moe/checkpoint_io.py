@@ -42,6 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers.utils import logging
 
+from .loading import read_safetensors_header
+
 
 logger = logging.get_logger(__name__)
 
@@ -104,32 +106,16 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        try:
-            with path.open("rb") as handle:
-                if size < 8:
-                    raise ValueError(f"{size} bytes, shorter than a safetensors header")
-                (header_size,) = struct.unpack("<Q", handle.read(8))
-                if 8 + header_size > size:
-                    raise ValueError(f"its header claims {header_size} bytes but the file has {size}")
-                header = json.loads(handle.read(header_size))
-            self.entries = {}
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                if entry["dtype"] not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"tensor {name} has dtype {entry['dtype']}, which torch cannot hold")
-                begin, end = entry["data_offsets"]
-                self.entries[name] = (SAFETENSORS_DTYPES[entry["dtype"]], torch.Size(entry["shape"]), begin, end)
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
-            raise OSError(f"Model weights file '{path}' is corrupt ({err}); re-create or re-download it.") from err
-        self.data_start = 8 + header_size
-        needed = self.data_start + max((end for *_, end in self.entries.values()), default=0)
-        if size < needed:
-            raise OSError(
-                f"Model weights file '{path}' is truncated: {size} bytes, but its header needs {needed} "
-                "(an interrupted copy or download?); re-create or re-download it."
-            )
+        self.data_start, header = read_safetensors_header(path)
+        self.entries = {}
+        for name, entry in header.items():
+            if entry.get("dtype") not in SAFETENSORS_DTYPES:
+                raise OSError(
+                    f"Model weights file '{path}' holds tensor {name} of dtype {entry.get('dtype')}, which torch "
+                    "cannot hold."
+                )
+            begin, end = entry["data_offsets"]
+            self.entries[name] = (SAFETENSORS_DTYPES[entry["dtype"]], torch.Size(entry["shape"]), begin, end)
 
     def shape(self, name):
         return self.entries[name][1]

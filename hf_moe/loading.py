@@ -47,9 +47,10 @@ def looks_like_local_path(name_or_path: str | Path) -> bool:
     return not _is_hub_repo_id(name) or Path(first).is_dir()
 
 
-def check_safetensors_file(path: str | Path) -> None:
-    """Raise an OSError naming `path` when it is not a complete safetensors file (truncated, empty, garbled
-    header). Reads only the header, so it is cheap for any size."""
+def read_safetensors_header(path: str | Path) -> tuple[int, dict]:
+    """(offset of the data, header without `__metadata__`) of the safetensors file `path`; an OSError naming `path`
+    when the file is not complete (truncated, empty, garbled header). Reads only the header, so it is cheap for any
+    size."""
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -60,8 +61,9 @@ def check_safetensors_file(path: str | Path) -> None:
             if 8 + header_size > size:
                 raise ValueError(f"its header claims {header_size} bytes but the file has {size}")
             header = json.loads(handle.read(header_size))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+        header.pop("__metadata__", None)
+        ends = [entry["data_offsets"][1] for entry in header.values()]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as err:
         raise OSError(f"Model weights file '{path}' is corrupt ({err}); re-create or re-download it.") from err
     needed = 8 + header_size + max(ends, default=0)
     if size < needed:
@@ -69,6 +71,12 @@ def check_safetensors_file(path: str | Path) -> None:
             f"Model weights file '{path}' is truncated: {size} bytes, but its header needs {needed} "
             "(an interrupted copy or download?); re-create or re-download it."
         )
+    return 8 + header_size, header
+
+
+def check_safetensors_file(path: str | Path) -> None:
+    """Raise an OSError naming `path` when it is not a complete safetensors file (see `read_safetensors_header`)."""
+    read_safetensors_header(path)
 
 
 def check_model_path(name_or_path: str | Path) -> str | Path:
