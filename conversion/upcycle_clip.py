@@ -22,6 +22,7 @@ from ..checkpoint_io import (
     LazyCheckpoint,
     StreamedModel,
     build_on_meta,
+    check_checkpoint_fits,
     checkpoint_dtype,
     meta_state_dict,
     planned_state_dict,
@@ -79,16 +80,7 @@ class DenseCLIP:
         self.config = load_dense_clip_config(base) if config is None else config
         self.specs = meta_state_dict(lambda: CLIPModel(self.config))
         self.checkpoint = LazyCheckpoint(base)
-        missing = [name for name in self.specs if name not in self.checkpoint]
-        if missing:
-            raise ValueError(f"'{base}' lacks weights its CLIP config needs: {missing[:10]}")
-        wrong = [
-            f"{name}: {tuple(self.checkpoint.shape(name))} in the checkpoint, {tuple(spec.shape)} in its config"
-            for name, spec in self.specs.items()
-            if self.checkpoint.shape(name) != spec.shape
-        ]
-        if wrong:
-            raise ValueError(f"The weights of '{base}' do not fit its config: {wrong[:10]}")
+        check_checkpoint_fits(self.checkpoint, self.specs, base, "CLIP")
         self.dtype = checkpoint_dtype(self.config, self.checkpoint)
 
     def get(self, name: str) -> torch.Tensor:

@@ -101,6 +101,21 @@ def checkpoint_dtype(config, checkpoint: "LazyCheckpoint") -> torch.dtype:
 # ---- 1. reading ----------------------------------------------------------------------------------------------------
 
 
+def check_checkpoint_fits(checkpoint, specs: dict, source, kind: str) -> None:
+    """Refuse, naming `source`, a checkpoint that lacks a tensor of `specs` (name -> planned tensor) or holds one of
+    another shape: what `from_pretrained` would silently re-initialise must not be converted."""
+    missing = [name for name in specs if name not in checkpoint]
+    if missing:
+        raise ValueError(f"'{source}' lacks weights its {kind} config needs: {missing[:10]}")
+    wrong = [
+        f"{name}: {tuple(checkpoint.shape(name))} in the checkpoint, {tuple(spec.shape)} in its config"
+        for name, spec in specs.items()
+        if checkpoint.shape(name) != spec.shape
+    ]
+    if wrong:
+        raise ValueError(f"The weights of '{source}' do not fit its config: {wrong[:10]}")
+
+
 class _SafetensorsFile:
     """One safetensors file: header parsed once, each tensor read with one `readinto` into its own storage."""
 

@@ -595,7 +595,13 @@ class CLIPCheckpoint:
     def __init__(self, name_or_path: str | Path):
         from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
-        from .checkpoint_io import LazyCheckpoint, checkpoint_dtype, loading_key_mapping, planned_state_dict
+        from .checkpoint_io import (
+            LazyCheckpoint,
+            check_checkpoint_fits,
+            checkpoint_dtype,
+            loading_key_mapping,
+            planned_state_dict,
+        )
 
         self.name_or_path = name_or_path
         self.kind, self.config = clip_vision_kind(name_or_path)
@@ -613,16 +619,7 @@ class CLIPCheckpoint:
         self.prefix = next(f"{name}." if name else "" for name, module in model.named_modules() if module is tower)
         # Names as `from_pretrained` maps them (a transformers 4 CLIPVisionModel has a `vision_model.` prefix).
         self.checkpoint = LazyCheckpoint(name_or_path, key_mapping=loading_key_mapping(model))
-        missing = [name for name in self.specs if name not in self.checkpoint]
-        if missing:
-            raise ValueError(f"'{name_or_path}' lacks weights its {self.kind} config needs: {missing[:10]}")
-        wrong = [
-            f"{name}: {tuple(self.checkpoint.shape(name))} in the checkpoint, {tuple(spec.shape)} in its config"
-            for name, spec in self.specs.items()
-            if self.checkpoint.shape(name) != spec.shape
-        ]
-        if wrong:
-            raise ValueError(f"The weights of '{name_or_path}' do not fit its config: {wrong[:10]}")
+        check_checkpoint_fits(self.checkpoint, self.specs, name_or_path, self.kind)
         self.dtype = checkpoint_dtype(self.config, self.checkpoint)
         tower_names = set(tower.state_dict())
         self.vision_keys = [
