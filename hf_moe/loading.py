@@ -17,8 +17,18 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# model_type of every hf-moe mixture-of-experts config (the joint model and its single towers).
-MOE_MODEL_TYPES = {"clip_moe", "clip_moe_text_model", "clip_moe_vision_model"}
+# model_type of every hf-moe model config (joint models and their single towers) -> its family.
+HF_MOE_MODEL_TYPES = {
+    "clip_moe": "CLIP-MoE",
+    "clip_moe_text_model": "CLIP-MoE",
+    "clip_moe_vision_model": "CLIP-MoE",
+    "we_moe": "WEMoE",
+    "we_moe_vision_model": "WEMoE",
+    "moiie": "MoIIE",
+    "mode": "MoDE",
+}
+# The CLIP-MoE model types (what `require_moe=True` asks for).
+MOE_MODEL_TYPES = {model_type for model_type, family in HF_MOE_MODEL_TYPES.items() if family == "CLIP-MoE"}
 
 
 def _is_hub_repo_id(name: str) -> bool:
@@ -99,19 +109,36 @@ def check_model_path(name_or_path: str | Path) -> str | Path:
 
 
 def check_moe(config, name_or_path, require_moe: bool | None) -> None:
-    """Refuse a dense model where an MoE is needed (`require_moe=True`) or an MoE where a dense model is."""
+    """Refuse a model of the wrong kind: anything but a CLIP-MoE where one is needed (`require_moe=True`), or any
+    hf-moe model (CLIP-MoE, WEMoE, MoIIE, MoDE) where a dense model is (`require_moe=False`): loaded as a dense
+    CLIP, a WEMoE or a MoDE would silently lose its routers, task vectors or experts."""
     model_type = getattr(config, "model_type", None)
-    is_moe = model_type in MOE_MODEL_TYPES
-    if require_moe and not is_moe:
-        raise ValueError(
-            f"'{name_or_path}' is a '{model_type}' model, not a CLIP-MoE (model_type 'clip_moe'): upcycle it first "
-            f"(`hf-moe upcycle-clip {name_or_path} --num_experts N --output_dir DIR`) and pass DIR."
+    if require_moe and model_type not in MOE_MODEL_TYPES:
+        family = HF_MOE_MODEL_TYPES.get(model_type)
+        kind = f"a {family} model ('{model_type}')" if family else f"a '{model_type}' model"
+        hint = (
+            ""
+            if family
+            else f": upcycle it first (`hf-moe upcycle-clip {name_or_path} --num_experts N --output_dir DIR`) and pass DIR"
         )
-    if require_moe is False and is_moe:
+        raise ValueError(f"'{name_or_path}' is {kind}, not a CLIP-MoE (model_type 'clip_moe'){hint}.")
+    if require_moe is False and model_type in HF_MOE_MODEL_TYPES:
         raise ValueError(
-            f"'{name_or_path}' is already a CLIP-MoE ('{model_type}'); this step needs a DENSE CLIP "
-            "(model_type 'clip'), such as the checkpoint the CLIP-MoE was upcycled from."
+            f"'{name_or_path}' is already a {HF_MOE_MODEL_TYPES[model_type]} model ('{model_type}'); this step needs "
+            "a DENSE model (such as a 'clip' checkpoint), for example the one it was built from."
         )
+
+
+def check_model_type(config, name_or_path, accepted: tuple[str, ...] | set[str], role: str) -> None:
+    """Refuse a model whose `model_type` is not one of `accepted`, naming what `role` (e.g. "the dense seed of
+    `hf-moe mode train-expert`") takes and, for an hf-moe model, its family."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in accepted:
+        return
+    family = HF_MOE_MODEL_TYPES.get(model_type)
+    kind = f"a {family} model ('{model_type}')" if family else f"a '{model_type}' model"
+    takes = " or ".join(repr(t) for t in sorted(accepted))
+    raise ValueError(f"'{name_or_path}' is {kind}; {role} takes model_type {takes}.")
 
 
 def load_config(name_or_path: str | Path, *, trust_remote_code: bool = False, require_moe: bool | None = None):

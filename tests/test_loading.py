@@ -77,3 +77,19 @@ def test_own_models_load_without_remote_code_and_take_config_overrides(upcycled_
     model = load_pretrained(upcycled_dir, require_moe=True, expert_dropout=0.25)
     assert type(model) is CLIPMoEModel  # the in-process class, not a remote-code copy
     assert model.config.text_config.expert_dropout == model.config.vision_config.expert_dropout == 0.25
+
+
+@pytest.mark.parametrize("model_type", ["we_moe", "we_moe_vision_model", "moiie", "mode"])
+def test_every_hf_moe_model_is_refused_where_a_dense_model_is_needed(model_type):
+    from types import SimpleNamespace
+
+    from hf_moe.loading import check_model_type, check_moe
+
+    config = SimpleNamespace(model_type=model_type)
+    with pytest.raises(ValueError, match=rf"'folder' is already a \w[\w-]* \('{model_type}'\); this step needs a DENSE"):
+        check_moe(config, "folder", require_moe=False)
+    with pytest.raises(ValueError, match=rf"is a \w[\w-]* model \('{model_type}'\), not a CLIP-MoE"):
+        check_moe(config, "folder", require_moe=True)
+    with pytest.raises(ValueError, match=r"the seed of X takes model_type 'clip'"):
+        check_model_type(config, "folder", {"clip"}, "the seed of X")
+    check_model_type(config, "folder", {model_type}, "X")
