@@ -124,8 +124,8 @@ def check_moe(config, name_or_path, require_moe: bool | None) -> None:
         raise ValueError(f"'{name_or_path}' is {kind}, not a CLIP-MoE (model_type 'clip_moe'){hint}.")
     if require_moe is False and model_type in HF_MOE_MODEL_TYPES:
         raise ValueError(
-            f"'{name_or_path}' is already a {HF_MOE_MODEL_TYPES[model_type]} model ('{model_type}'); this step needs "
-            "a DENSE model (such as a 'clip' checkpoint), for example the one it was built from."
+            f"'{name_or_path}' is already a {HF_MOE_MODEL_TYPES[model_type]} ('{model_type}'); this step needs a "
+            "DENSE CLIP (model_type 'clip'), such as the checkpoint it was built from."
         )
 
 
