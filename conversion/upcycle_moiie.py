@@ -27,6 +27,7 @@ from ..checkpoint_io import (
     LazyCheckpoint,
     StreamedModel,
     build_on_meta,
+    check_finite,
     checkpoint_dtype,
     from_pretrained_names,
     planned_state_dict,
@@ -34,7 +35,7 @@ from ..checkpoint_io import (
 )
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
-from ..loading import load_config
+from ..loading import check_safetensors_file, load_config
 from ..modeling import (
     MoIIEConfig,
     MoIIEForCausalLM,
@@ -97,9 +98,10 @@ def read_projector(folder: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"projector '{folder}' is not a folder.")
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors_file(path)
         state.update(load_file(path))
     for path in sorted(folder.glob("*.bin")) if not state else []:
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        state.update(_load_projector_bin(path))
     out = {}
     for name, aliases in PROJECTOR_KEYS.items():
         for param in ("weight", "bias"):
@@ -111,6 +113,28 @@ def read_projector(folder: str | Path) -> dict[str, torch.Tensor]:
                 )
             out[f"{name}.{param}"] = hits[0]
     return out
+
+
+def _load_projector_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled projector file (LLaVA's `mm_projector.bin`), loaded with `weights_only`: a file that
+    holds other Python objects is refused with one line and never run (a pickle can execute any code)."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"projector file '{path}' holds pickled Python objects besides tensors, which hf-moe refuses to load "
+            f"(they could run any code; {reason}). Use a projector saved as safetensors, or re-save this one from a "
+            "source you trust with torch.save(state_dict)."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise OSError(f"projector file '{path}' is corrupt or truncated ({' '.join(str(err).split())}).") from err
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"projector file '{path}' must hold a dict of tensors, got {type(state).__name__}.")
+    return state
 
 
 def check_projector(projector: dict, vision_hidden: int, text_hidden: int, name: str) -> None:
@@ -315,6 +339,8 @@ def upcycle_moiie(
     if projector is not None:
         projector_state = read_projector(projector)
         check_projector(projector_state, vision_config.hidden_size, text_config.hidden_size, f"projector '{projector}'")
+        for key, tensor in projector_state.items():  # the checkpoints' tensors are checked as they are read
+            check_finite(tensor, key, f"projector '{projector}'")
     inputs = [llm, vision, projector]
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)

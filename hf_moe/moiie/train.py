@@ -6,7 +6,9 @@ projector; `--moe_only`: the MoE layers only), on LLaVA-format conversations.
         --stage pretrain --max_steps 1000
     accelerate launch examples/moiie/train_moiie.py --model ... (the same options)
 
-A re-run continues the same job or refuses: the options and fingerprints of the model, the JSON file and the
+The data is checked before the job starts (`hf_moe.moiie.data.check_conversations`: turns, image files and paths,
+`<image>` counts, `--max_length`, answer tokens), and `--model` must be a MoIIE; a refusal names the file, sample
+and field, and writes nothing. A re-run continues the same job or refuses: the options and fingerprints of the model, the JSON file and the
 image folder are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete
 checkpoint; a finished run is reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the final
 folder with its model card. `--lora_rank R` (stage finetune) trains PEFT LoRA adapters on the decoder's attention
@@ -20,7 +22,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
-from ..loading import check_model_path, load_pretrained
+from ..loading import check_model_path, check_model_type, load_config, load_pretrained
 from ..training import (
     TrainingJob,
     complete_job,
@@ -31,7 +33,7 @@ from ..training import (
     result_options,
     train_from_last_checkpoint,
 )
-from .data import MoIIECollator, load_conversations
+from .data import MoIIECollator, check_conversations, load_conversations
 from .lora import LORA_TRAINABLE_PARAMETERS, MoIIELoraArguments, apply_lora, check_lora_stage
 from .trainer import MoIIETrainer, MoIIETrainingArguments
 
@@ -50,10 +52,22 @@ class MoIIEScriptArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow --model to run model code from its folder or Hub repo."}
     )
+    allow_outside_image_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow absolute image paths and '../' paths out of --image_folder in the data (refused by "
+            "default: a data file should not make training read any file of the machine)."
+        },
+    )
 
 
-# `data` and `image_folder` are compared by their fingerprints; trust_remote_code does not change the result.
-NOT_RESULT_OPTIONS = {"data", "image_folder", "trust_remote_code"}
+# `data` and `image_folder` are compared by their fingerprints; trust_remote_code and allow_outside_image_paths do
+# not change the result.
+NOT_RESULT_OPTIONS = {"data", "image_folder", "trust_remote_code", "allow_outside_image_paths"}
+MODEL_ROLE = (
+    "`hf-moe train-moiie --model` (a MoIIE model: build one from a dense Phi-3 or Llama with "
+    "`hf-moe upcycle-moiie --llm LLM --vision SIGLIP --output_dir DIR` and pass DIR)"
+)
 
 
 def moiie_job(
@@ -89,15 +103,28 @@ def train_moiie(
     """
     lora_args = lora_args or MoIIELoraArguments()
     output_dir = Path(training_args.output_dir)
-    check_model_path(script_args.model)
+    config = load_config(script_args.model, trust_remote_code=script_args.trust_remote_code)
+    check_model_type(config, script_args.model, {"moiie"}, MODEL_ROLE)
     check_lora_stage(lora_args, training_args)
     job = moiie_job(script_args, training_args, lora_args)
     if job_already_done(job, training_args, f"MoIIE training in {output_dir} is already complete; nothing to do."):
         return output_dir
 
-    model = load_pretrained(script_args.model, AutoModelForCausalLM, trust_remote_code=script_args.trust_remote_code)
     processor = AutoProcessor.from_pretrained(script_args.model, trust_remote_code=script_args.trust_remote_code)
-    dataset = load_conversations(script_args.data, script_args.image_folder)
+    # Every sample is checked before anything is written: a bad one is refused by name, not hours into the run.
+    dataset = load_conversations(
+        script_args.data, script_args.image_folder, allow_outside_image_paths=script_args.allow_outside_image_paths
+    )
+    check_conversations(
+        dataset,
+        processor,
+        script_args.data,
+        max_length=script_args.max_length,
+        disable_progress=training_args.disable_tqdm or None,
+    )
+    model = load_pretrained(
+        script_args.model, AutoModelForCausalLM, config=config, trust_remote_code=script_args.trust_remote_code
+    )
     args = replace(training_args, push_to_hub=False)
     if lora_args.enabled:
         model = apply_lora(model, lora_args, training_args)
