@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..clustering import kmeans
 from ..conversion.upcycle_clip import save_with_processor, upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> Path:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((MCLArguments, MCLTrainingArguments), prog="hf-moe mcl")
-    mcl_args, training_args = parser.parse_args_into_dataclasses(argv)
+    mcl_args, training_args = parse_command_line(parser, argv)
     moe_dir = run_mcl(mcl_args, training_args)
     logger.warning(
         f"MCL finished: stage checkpoints and the CLIP-MoE are in {training_args.output_dir} (moe/: {moe_dir})"

@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import AutoModel, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..data import ImageTextCollator, load_image_text_dataset
 from ..loading import check_model_path, load_pretrained
 from ..training import (
@@ -128,5 +129,5 @@ def _write_card(output_dir: Path, script_args, training_args) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((RouterTrainingArguments, CLIPMoERouterTrainingArguments), prog="hf-moe train-router")
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args = parse_command_line(parser, argv)
     return train_router(script_args, training_args)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..arguments import HubArguments
+from ..arguments import HubArguments, parse_command_line
 from ..conversion import build_mode
 from ..modeling.configuration_mode import ENSEMBLE_FORMULAS
 
@@ -47,6 +47,6 @@ def main(argv: list[str] | None = None) -> None:
         (BuildArguments, HubArguments), prog="hf-moe mode build", description=build_mode.__doc__.split("\n")[0]
     )
     parser.add_argument("experts", nargs="+", metavar="EXPERT", help="The CLIP data experts, expert k = cluster k.")
-    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    args, hub_args, positional = parse_command_line(parser, argv)
     build_mode(positional.experts, **vars(args), **vars(hub_args), return_model=False)
     print(f"Built a {len(positional.experts)}-expert MoDE model in {args.output_dir}")

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..clustering import balanced_kmeans, nearest_centers
 from ..conversion.build_mode import CENTERS_FILE, CLUSTERS_FILE
 from ..fileio import atomic_output_file, check_output_dir
@@ -285,7 +286,7 @@ def _summary(args, output_dir: Path, embeddings_dir: Path, num_pairs, sample_siz
 
 def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((ClusterArguments, EncoderArguments), prog="hf-moe mode cluster")
-    args, encoder_args = parser.parse_args_into_dataclasses(argv)
+    args, encoder_args = parse_command_line(parser, argv)
     output_dir = cluster_pairs(args, encoder_args)
     logger.warning(f"Clusters, centers and assignments are in {output_dir}.")
     return output_dir

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..fileio import atomic_output_file, check_output_dir
 from ..loading import check_safetensors_file, load_pretrained
 from ..modeling.modeling_mode import CLUSTERING_POOLINGS, clustering_text_embeddings
@@ -248,7 +249,7 @@ def _summarize(output_dir: Path, num_shards: int, count: int, encoder_args: Enco
 
 def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((EmbedArguments, EncoderArguments), prog="hf-moe mode embed")
-    args, encoder_args = parser.parse_args_into_dataclasses(argv)
+    args, encoder_args = parse_command_line(parser, argv)
     output_dir = embed_captions(args, encoder_args)
     logger.warning(f"Caption embeddings are in {output_dir}.")
     return output_dir

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..evaluation import (
     AUTO_TEMPLATES,
     EvalMode,
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description="Per-expert, best-expert, uniform and task-adaptive ensemble zero-shot accuracy of a MoDE model "
         "on class-folder tasks, as a CSV (the released MoDE report) and a printed table.",
     )
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    (args,) = parse_command_line(parser, argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
     if args.task_names is not None and len(args.task_names) != len(args.tasks):

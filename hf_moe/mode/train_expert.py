@@ -28,6 +28,7 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..clip_training import CLIPTrainer, CLIPTrainingArguments
 from ..conversion.build_mode import read_clusters as read_cluster_files
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
@@ -51,7 +52,9 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class DataExpertArguments:
-    seed_model: str = field(metadata={"help": "Dense CLIP every expert starts from (folder or Hub id)."})
+    seed_model: str = field(
+        metadata={"aliases": ["--base"], "help": "Dense CLIP every expert starts from (folder or Hub id)."}
+    )
     data: str = field(metadata={"help": "Image-caption data that `hf-moe mode cluster` assigned (any layout)."})
     clusters: str = field(metadata={"help": "Output folder of `hf-moe mode cluster`."})
     expert: int = field(metadata={"help": "The expert K to train: the coarse cluster K, 0 <= K < num_experts."})
@@ -209,5 +212,5 @@ def _write_card(output_dir: Path, script_args, training_args, num_experts: int, 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser((DataExpertArguments, DataExpertTrainingArguments), prog="hf-moe mode train-expert")
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args = parse_command_line(parser, argv)
     return train_expert(script_args, training_args)

@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..loading import check_model_path, check_model_type, load_config, load_pretrained
 from ..training import (
     TrainingJob,
@@ -187,5 +188,5 @@ def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser(
         (MoIIEScriptArguments, MoIIETrainingArguments, MoIIELoraArguments), prog="hf-moe train-moiie"
     )
-    script_args, training_args, lora_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args, lora_args = parse_command_line(parser, argv)
     return train_moiie(script_args, training_args, lora_args)

@@ -32,6 +32,7 @@ import torch
 from torch.func import functional_call
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..merging import StateDict, add_to_pretrained, layer_index, register_merge_method, vision_tower_module
 
 
@@ -185,7 +186,9 @@ class AdaMergingCLIP(torch.nn.Module):
 
 @dataclass
 class AdaMergingScriptArguments:
-    pretrained: str = field(metadata={"help": "Pretrained CLIPModel (Hub id or folder): theta_0 and the text tower."})
+    pretrained: str = field(
+        metadata={"aliases": ["--base"], "help": "Pretrained CLIPModel (Hub id or folder): theta_0 and the text tower."}
+    )
     finetuned: list[str] = field(metadata={"help": "Fine-tunes of PRETRAINED (CLIPModel or CLIPVisionModel)."})
     tasks: list[str] = field(metadata={"help": "Class-folder image sets, one per task (labels unused)."})
     class_names: list[str] | None = field(
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> Path:
     from .tta import TTATrainingArguments
 
     parser = HfArgumentParser((AdaMergingScriptArguments, TTATrainingArguments), prog="hf-moe adamerging")
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args = parse_command_line(parser, argv)
     return adamerging(script_args, training_args)
 
 

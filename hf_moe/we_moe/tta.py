@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from ..arguments import parse_command_line
 from ..evaluation import EvalMode, class_embeddings, projected_embeddings
 from ..training import RecordedMetricsMixin, complete_job, freeze_all_but, job_already_done, train_from_last_checkpoint
 
@@ -458,5 +459,5 @@ def main(argv: list[str] | None = None) -> Path:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((TTAScriptArguments, TTATrainingArguments), prog="hf-moe tta-wemoe")
-    script_args, training_args = parser.parse_args_into_dataclasses(argv)
+    script_args, training_args = parse_command_line(parser, argv)
     return tta_wemoe(script_args, training_args)
