@@ -11,7 +11,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..arguments import HubArguments
+from ..arguments import HubArguments, parse_command_line
 
 
 # `--dtype` of the converters (hf_moe.checkpoint_io.DTYPE_CHOICES; not imported: it would import torch).
@@ -59,7 +59,7 @@ def upcycle_clip_command(argv: list[str]) -> None:
         (UpcycleClipArguments, HubArguments), prog="hf-moe upcycle-clip", description=upcycle_clip.__doc__
     )
     parser.add_argument("bases", nargs="+", metavar="BASE", help="Dense CLIP checkpoints (Hub ids or folders).")
-    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    args, hub_args, positional = parse_command_line(parser, argv)
     upcycle_clip(positional.bases, **vars(args), **vars(hub_args), return_model=False)
     print(f"Upcycled {', '.join(positional.bases)} into {args.output_dir}")
 
@@ -71,7 +71,7 @@ def convert_clip_moe_original_command(argv: list[str]) -> None:
 
     parser = HfArgumentParser((ConvertClipMoEOriginalArguments, HubArguments), prog="hf-moe convert-clip-moe-original")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
-    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    args, hub_args, positional = parse_command_line(parser, argv)
     convert_clip_moe_original(positional.checkpoint, **vars(args), **vars(hub_args), return_model=False)
     print(f"Converted {positional.checkpoint} into {args.output_dir}")
 

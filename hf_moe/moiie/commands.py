@@ -1,7 +1,7 @@
 """MoIIE's `hf-moe` sub-commands. Only the standard library is imported here: `hf-moe --help` reads `COMMANDS`
 without importing torch or transformers; each command imports its module when it runs.
 
-    hf-moe upcycle-moiie --llm PHI3_OR_LLAVA [--vision SIGLIP] --num_vision_experts 1 --num_shared_experts 2
+    hf-moe upcycle-moiie --base PHI3_OR_LLAVA [--vision SIGLIP] --num_vision_experts 1 --num_shared_experts 2
         --num_language_experts 1 --top_k 2 --output_dir DIR [--variant moiie|vanilla|modality|dense]
         [--projector FOLDER] [--moe_layers 1 3 ...] [--image_token_id ID] [--seed 0] [--dtype auto|bfloat16|...]
     hf-moe train-moiie --model DIR --data CONVERSATIONS.json --image_folder DIR --output_dir OUT
@@ -11,13 +11,16 @@ without importing torch or transformers; each command imports its module when it
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..arguments import HubArguments
+from ..arguments import HubArguments, parse_command_line
 
 
 @dataclass
 class UpcycleMoIIEArguments:
-    llm: str = field(
-        metadata={"help": "Dense Phi-3 (Phi3ForCausalLM), or a dense LLaVA-style folder (then no --vision)."}
+    base: str = field(
+        metadata={
+            "aliases": ["--llm"],
+            "help": "Dense Phi-3 (Phi3ForCausalLM) to upcycle, or a dense LLaVA-style folder (then no --vision).",
+        }
     )
     output_dir: str = field(metadata={"help": "Folder to write the MoIIE model to (must be new or empty)."})
     vision: str | None = field(default=None, metadata={"help": "SigLIP (SiglipVisionModel or SiglipModel)."})
@@ -53,13 +56,13 @@ def upcycle_moiie_command(argv: list[str]) -> None:
     parser = HfArgumentParser(
         (UpcycleMoIIEArguments, HubArguments),
         prog="hf-moe upcycle-moiie",
-        description=upcycle_moiie.__doc__.split("\n")[0],
+        description=" ".join(upcycle_moiie.__doc__.split("\n\n")[0].split()),
     )
-    args, hub_args = parser.parse_args_into_dataclasses(argv)
+    args, hub_args = parse_command_line(parser, argv)
     options = vars(args)
-    llm, vision, output_dir = options.pop("llm"), options.pop("vision"), options.pop("output_dir")
-    upcycle_moiie(llm, vision, output_dir, **options, **vars(hub_args), return_model=False)
-    print(f"Upcycled {llm} into the {args.variant} MoIIE model {output_dir}")
+    base, vision, output_dir = options.pop("base"), options.pop("vision"), options.pop("output_dir")
+    upcycle_moiie(base, vision, output_dir, **options, **vars(hub_args), return_model=False)
+    print(f"Upcycled {base} into the {args.variant} MoIIE model {output_dir}")
 
 
 def train_moiie_command(argv: list[str]) -> None:

@@ -1,25 +1,25 @@
 """WEMoE's `hf-moe` sub-commands. Only the standard library is imported here: `hf-moe --help` reads `COMMANDS`
 without importing torch or transformers; each command imports its module when it runs.
 
-    hf-moe merge --method average|task_arithmetic|ties PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR
+    hf-moe merge --method average|task_arithmetic|ties BASE FINETUNED [FINETUNED ...] --output_dir DIR
         [--scaling 0.3 --ties_density 0.2 --ties_trim task_vector|tensor --ties_aggregation sum|mean]
         [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
-    hf-moe merge-wemoe PRETRAINED FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
+    hf-moe merge-wemoe BASE FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
         --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ...]
         [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
-    hf-moe wemoe-params MODEL
+    hf-moe wemoe-params --model MODEL     (or MODEL alone)
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..arguments import HubArguments
+from ..arguments import HubArguments, parse_command_line
 
 
 # `--dtype` of the converters (hf_moe.checkpoint_io.DTYPE_CHOICES; not imported: it would import torch).
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
-DTYPE_HELP = "Dtype of the written weights (default: PRETRAINED's); the merge is computed in float32 per tensor."
+DTYPE_HELP = "Dtype of the written weights (default: BASE's); the merge is computed in float32 per tensor."
 SHARD_HELP = "Shard the weights above this size (with an index)."
 
 
@@ -85,9 +85,9 @@ def merge_wemoe_command(argv: list[str]) -> None:
     parser = HfArgumentParser(
         (MergeWEMoEArguments, HubArguments), prog="hf-moe merge-wemoe", description=merge_wemoe.__doc__.split("\n")[0]
     )
-    parser.add_argument("pretrained", metavar="PRETRAINED", help="Pretrained CLIP (Hub id or folder).")
-    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of PRETRAINED, one per task.")
-    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP the fine-tunes come from (Hub id or folder).")
+    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE, one per task.")
+    args, hub_args, positional = parse_command_line(parser, argv)
     merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), **vars(hub_args), return_model=False)
     print(f"Merged {len(positional.finetuned)} fine-tuned model(s) into the WEMoE model {args.output_dir}")
 
@@ -111,8 +111,12 @@ def wemoe_params_command(argv: list[str]) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="hf-moe wemoe-params", description="Parameter counts of a WEMoE model.")
-    parser.add_argument("model", metavar="MODEL", help="WEMoE model (Hub id or folder).")
+    parser.add_argument("--model", help="WEMoE model (Hub id or folder).")
+    parser.add_argument("model_path", nargs="?", metavar="MODEL", help="The same, given without --model.")
     args = parser.parse_args(argv)
+    if (args.model is None) == (args.model_path is None):
+        parser.error("give the WEMoE model once: --model MODEL (or MODEL alone).")
+    args.model = args.model or args.model_path
     from ..loading import load_pretrained
 
     model = load_pretrained(args.model)
@@ -146,9 +150,9 @@ def merge_command(argv: list[str]) -> None:
     parser = HfArgumentParser(
         (MergeArguments, HubArguments), prog="hf-moe merge", description=merge_clip_vision.__doc__.split("\n")[0]
     )
-    parser.add_argument("pretrained", metavar="PRETRAINED", help="Pretrained CLIP (Hub id or folder).")
-    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of PRETRAINED.")
-    args, hub_args, positional = parser.parse_args_into_dataclasses(argv)
+    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP the fine-tunes come from (Hub id or folder).")
+    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE.")
+    args, hub_args, positional = parse_command_line(parser, argv)
     names = {"scaling": "scaling", "ties_density": "density", "ties_trim": "trim", "ties_aggregation": "aggregation"}
     options = {names[key]: getattr(args, key) for key in names if getattr(args, key) is not None}
     merge_clip_vision(
