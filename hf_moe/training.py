@@ -5,6 +5,11 @@ options and a fingerprint of its inputs in `OUTPUT_DIR/hf_moe_job.json` on the f
 options or inputs differ (naming each difference), and marks the job complete once its final model is saved, so
 that a finished job is reported as done instead of trained again. `last_complete_checkpoint` resumes from the
 newest Trainer checkpoint that was completely written, skipping one a kill interrupted.
+
+A job holds its output folder's lock (`hf_moe.fileio.OutputDirLock`) from `TrainingJob.check` until it ends, so
+that a second run on the same folder is refused instead of mixing its results and job record with the first's.
+A re-run whose options or inputs differ starts over when the recorded job made no progress worth keeping (no
+complete checkpoint: it failed early, e.g. on bad data), and is refused, saying how to start over, when it did.
 """
 
 import dataclasses
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .fileio import atomic_output_file
+from .fileio import OutputDirLock, atomic_output_file
 
 
 logger = logging.get_logger(__name__)
@@ -174,7 +180,12 @@ class TrainingJob:
 
     `owned_outputs` are the names (globs) of what the job writes into `output_dir`; if some are there but no
     job is recorded, they are another run's (or an older hf-moe's), and the job refuses to continue from them.
-    A recorded job that wrote none of them yet (it stopped early) may be replaced by a job with other options.
+    A recorded, unfinished job that made no progress (`progress()`: no complete checkpoint, no whole output file)
+    is replaced by a job with other options or inputs, its leftovers (incomplete checkpoints, intermediate
+    folders computed from the old inputs) removed; one that made progress is refused, naming how to start over.
+
+    `check()` takes the output folder's lock (main process only), held until `release()`, the end of
+    `complete_job`, or the job object's end (garbage collection, interpreter exit).
     """
 
     def __init__(
@@ -192,6 +203,7 @@ class TrainingJob:
         self.inputs = json.loads(json.dumps(inputs or {}, default=str))
         self.owned_outputs = owned_outputs
         self._replace = False
+        self._lock = OutputDirLock(self.output_dir)
 
     def recorded(self) -> dict | None:
         """The job recorded in `output_dir`, or None."""
@@ -228,11 +240,36 @@ class TrainingJob:
                 lines.append(f"{key}: {old} (recorded) vs {new} (now){same}")
         return lines
 
+    def outputs(self) -> list[Path]:
+        """What of `owned_outputs` is in `output_dir` (temporary siblings of atomic writes aside)."""
+        found = {p for pattern in self.owned_outputs for p in self.output_dir.glob(pattern)}
+        return sorted(p for p in found if not p.name.startswith("."))
+
+    def progress(self) -> list[Path]:
+        """The outputs a re-run of this job would continue from: complete Trainer checkpoints (in `output_dir` or
+        in an owned folder, as MCL's stage runs), and owned files (written whole, e.g. embedding shards). Folders
+        without a complete checkpoint (incomplete checkpoints, features or labels computed from the inputs) are
+        not progress: they are quick to recompute, and only valid for the inputs they came from."""
+        found = []
+        for path in self.outputs():
+            if path.is_file():
+                found.append(path)
+            elif _CHECKPOINT.match(path.name):
+                if checkpoint_problem(path) is None:
+                    found.append(path)
+            elif path.is_dir() and last_complete_checkpoint(path, warn=False):
+                found.append(path)
+        return found
+
     def check(self) -> None:
-        """Refuse (`JobMismatchError`) to continue in `output_dir` if it holds a different job, or outputs of a
-        job that was never recorded."""
+        """Take the output folder's lock (`hf_moe.fileio.OutputFolderLocked` if another run holds it), then refuse
+        (`JobMismatchError`) to continue in `output_dir` if it holds a different job that made progress, or
+        outputs of a job that was never recorded. A different job that made none is replaced (`start over`)."""
+        if _is_main_process():
+            # Before the record is read: a run that checked, then lost the folder to another, would mix results.
+            self._lock.acquire()
         recorded = self.recorded()
-        outputs = sorted(str(p.name) for pattern in self.owned_outputs for p in self.output_dir.glob(pattern))
+        outputs = [path.name for path in self.outputs()]
         if recorded is None:
             if outputs:
                 raise JobMismatchError(
@@ -242,18 +279,40 @@ class TrainingJob:
                 )
             return
         differences = self.differences(recorded)
-        if differences and not outputs and not recorded.get("complete"):
-            # The recorded run stopped before writing anything (a crash, a bad flag): nothing to mix up.
-            logger.warning(f"Replacing the job recorded in {self.path}, which wrote no output, by this one.")
-            self._replace = True
+        if not differences:
             return
-        if differences:
-            shown = "\n  ".join(differences)
-            raise JobMismatchError(
-                f"{self.output_dir} holds a different {recorded.get('command', 'training')} job (recorded in "
-                f"{self.path}); re-running continues the same job only. Differences:\n  {shown}\nUse a new "
-                f"--output_dir for the new job, or remove {self.output_dir} to start over."
-            )
+        shown = "\n  ".join(differences)
+        if not recorded.get("complete"):
+            progress = self.progress()
+            if not progress:
+                self._start_over(outputs, shown)
+                return
+            done = f"it made progress ({', '.join(p.name for p in progress[-3:])}) but did not finish"
+        else:
+            done = "it is complete"
+        raise JobMismatchError(
+            f"{self.output_dir} holds a different {recorded.get('command', 'training')} job (recorded in "
+            f"{self.path}; {done}); re-running continues the same job only. Differences:\n  {shown}\nTo continue "
+            "that job, re-run it with its recorded options and inputs. To start over with these, remove the "
+            f"folder first (`rm -r {self.output_dir}`), or use a new --output_dir."
+        )
+
+    def _start_over(self, outputs: list[str], differences: str) -> None:
+        """Replace a recorded job that made no progress: what it left came from other options or inputs (a run
+        that failed on bad data, before its first complete checkpoint) and must not be read by this one."""
+        removed = f"; removing what it left ({', '.join(outputs)})" if outputs else ""
+        logger.warning(
+            f"Starting over in {self.output_dir}: the job recorded there differs from this one and stopped before "
+            f"its first complete checkpoint{removed}. Differences:\n  {differences}"
+        )
+        if outputs and _is_main_process():
+            for name in outputs:
+                path = self.output_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        self._replace = True
 
     def is_complete(self) -> bool:
         recorded = self.recorded()
@@ -272,7 +331,12 @@ class TrainingJob:
         recorded = self.recorded() or {"command": self.command, "options": self.options, "inputs": self.inputs}
         self._write({**recorded, **details, "complete": True})
 
+    def release(self) -> None:
+        """Release the output folder's lock (taken by `check`); a no-op when not held."""
+        self._lock.release()
+
     def _write(self, content: dict) -> None:
+        self._lock.acquire()  # a record is never written without the lock (a no-op after `check`)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_output_file(self.path) as tmp:
             tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
@@ -346,7 +410,7 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     return None
 
 
-def last_complete_checkpoint(folder: str | Path) -> str | None:
+def last_complete_checkpoint(folder: str | Path, warn: bool = True) -> str | None:
     """The newest Trainer checkpoint in `folder` that is complete (see `checkpoint_problem`), or None.
 
     Newer incomplete ones (a kill during a checkpoint write) are skipped with a warning; the Trainer overwrites
@@ -362,7 +426,8 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return str(checkpoint)
-        logger.warning(f"Not resuming from the incomplete checkpoint {checkpoint}: {problem}.")
+        if warn:
+            logger.warning(f"Not resuming from the incomplete checkpoint {checkpoint}: {problem}.")
     return None
 
 
@@ -376,15 +441,58 @@ def job_already_done(job: "TrainingJob", training_args, message: str) -> bool:
         return False
     logger.warning(message)
     push_training_output(job.output_dir, training_args)
+    job.release()
     return True
 
 
+class _TrainingAlreadyDone(Exception):
+    pass
+
+
+def _steps_left(checkpoint: str | Path, trainer) -> tuple[int, int]:
+    """(global step, max steps) of `checkpoint`: its own record of the run's max steps (epoch-based runs too),
+    or the trainer's `--max_steps`."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    max_steps = trainer.args.max_steps if trainer.args.max_steps > 0 else state.get("max_steps", 0)
+    return state["global_step"], max_steps
+
+
 def train_from_last_checkpoint(trainer, folder: str | Path, what: str) -> None:
-    """`trainer.train()`, resumed from the last complete checkpoint in `folder` when there is one."""
+    """`trainer.train()`, resumed from the last complete checkpoint in `folder` when there is one.
+
+    A checkpoint at the run's last step (the Trainer always saves one there; a kill during the final save leaves
+    it) is loaded without training: `Trainer.train` resumed there would run one more optimizer step whenever
+    max_steps is not a whole number of epochs (its data skipping lands inside the last epoch).
+    """
     last = last_complete_checkpoint(folder)
     if last:
         logger.warning(f"Resuming {what} from {last}")
+        step, max_steps = _steps_left(last, trainer)
+        if max_steps > 0 and step >= max_steps:
+            logger.warning(f"{last} is the last step ({step} of {max_steps}): loading it, with nothing left to train.")
+            _load_without_training(trainer, last)
+            return
     trainer.train(resume_from_checkpoint=last)
+
+
+def _load_without_training(trainer, checkpoint: str) -> None:
+    """Restore `checkpoint` into `trainer` (its weights, under DeepSpeed / FSDP / PEFT alike, and its state) through
+    `Trainer.train`'s own resume path, stopped before its first step."""
+    from transformers import TrainerCallback
+
+    class StopBeforeTheFirstStep(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            raise _TrainingAlreadyDone
+
+    stop = StopBeforeTheFirstStep()
+    trainer.callback_handler.callbacks.insert(0, stop)  # first: no other callback begins a run that never runs
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except _TrainingAlreadyDone:
+        pass
+    finally:
+        trainer.callback_handler.callbacks.remove(stop)
+        trainer.is_in_train = False
 
 
 def complete_job(trainer, job: "TrainingJob", training_args, write_outputs: Callable[[], None]) -> Path:
@@ -400,6 +508,7 @@ def complete_job(trainer, job: "TrainingJob", training_args, write_outputs: Call
         job.mark_complete(global_step=trainer.state.global_step)
     PartialState().wait_for_everyone()
     push_training_output(job.output_dir, training_args)
+    job.release()
     return job.output_dir
 
 
