@@ -88,7 +88,9 @@ def open_original_checkpoint(checkpoint: str | Path) -> LazyCheckpoint:
         raise FileNotFoundError(f"CLIP-MoE checkpoint {checkpoint} does not exist.")
     try:
         return LazyCheckpoint(
-            checkpoint, key_mapping=lambda key: None if key in IGNORED else key.removeprefix("module.")
+            checkpoint,
+            key_mapping=lambda key: None if key in IGNORED else key.removeprefix("module."),
+            label=f"CLIP-MoE release '{checkpoint}'",  # its NaN / inf tensors are refused as they are read
         )
     except Exception as err:
         if isinstance(err, ValueError) and "does not hold a state dict of tensors" in str(err):
@@ -214,6 +216,9 @@ def convert_clip_moe_original(
 ) -> CLIPMoEModel | None:
     """Convert an official CLIP-MoE `.pt` release into a CLIPMoEModel folder (safetensors + remote code + processor
     + model card). The release is memory-mapped and the output written tensor by tensor (`hf_moe.checkpoint_io`).
+
+    `base` must be a dense CLIP (model_type 'clip'): an hf-moe folder (CLIP-MoE, WEMoE, MoIIE, MoDE) is refused,
+    naming its family. NaN or inf in a tensor of the release is refused, naming it, with nothing written.
 
     Args:
         checkpoint: The official state dict file.

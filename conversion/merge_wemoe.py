@@ -19,7 +19,14 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging
 
-from ..checkpoint_io import DEFAULT_MAX_SHARD_SIZE, StreamedModel, build_on_meta, planned_state_dict, resolve_dtype
+from ..checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    StreamedModel,
+    build_on_meta,
+    check_finite_options,
+    planned_state_dict,
+    resolve_dtype,
+)
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
 from ..merging import (
@@ -28,6 +35,7 @@ from ..merging import (
     load_processor,
     open_for_merge,
     streamed_merge,
+    warn_input_mistakes,
 )
 from ..modeling.configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
 from ..modeling.modeling_we_moe import MLP_PARAMETER_NAMES, TASK_VECTOR_STORAGE, WEMoECLIPModel, WEMoECLIPVisionModel
@@ -70,7 +78,12 @@ def merge_wemoe(
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
 ):
-    """Build a WEMoE (E-WEMoE with `shared_router` and `prune_ratio`) model from `pretrained` and its fine-tunes.
+    """Build a WEMoE / E-WEMoE from a dense CLIPModel or CLIPVisionModel and its fine-tunes (hf-moe models refused).
+
+    E-WEMoE: `shared_router` and `prune_ratio`. Every input must be a dense CLIP (model_type 'clip' or
+    'clip_vision_model'): a WEMoE, CLIP-MoE, MoIIE or MoDE folder is refused, naming its family. NaN or inf in an
+    input tensor or in an option is refused, naming it, with nothing written; a fine-tune given twice or equal to
+    `pretrained`, and repeated task names, are warned about.
 
     Args:
         pretrained: Hub id or folder of the pretrained `CLIPModel` (-> `WEMoECLIPModel`) or `CLIPVisionModel`
@@ -103,6 +116,10 @@ def merge_wemoe(
     finetuned = list(finetuned)
     if not finetuned:
         raise ValueError("merge_wemoe needs at least one FINETUNED model (one per task).")
+    check_finite_options(
+        {"init_lambda": init_lambda, "prune_ratio": prune_ratio, "svd_rank_fraction": svd_rank_fraction},
+        "merge-wemoe option",
+    )
     if prune_ratio is not None and svd_rank_fraction is not None:
         raise ValueError("Give prune_ratio or svd_rank_fraction, not both: the task vectors are stored one way.")
     task_vector_format = "pruned" if prune_ratio is not None else "svd" if svd_rank_fraction is not None else "dense"
@@ -125,6 +142,7 @@ def merge_wemoe(
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    warn_input_mistakes(pretrained, finetuned, task_names=task_names)
 
     # Configs are read and compared first (also in open_for_merge), so bad options cost no weight reading.
     kind, base_config = clip_vision_kind(pretrained)
@@ -198,6 +216,7 @@ def merge_wemoe(
             hub_token=hub_token,
             hub_private_repo=hub_private_repo,
         )
+        source.warn_identical()
     finally:
         for checkpoint in [base, *finetuned_checkpoints]:
             checkpoint.close()

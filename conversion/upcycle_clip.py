@@ -1,4 +1,4 @@
-"""Build a CLIPMoEModel from dense CLIP checkpoints.
+"""Build a CLIPMoEModel from dense CLIP checkpoints (model_type 'clip'; hf-moe models are refused by their family).
 
 * One base: sparse upcycling. Every expert is a copy of the dense MLP of its block; the routers start
   small and random, so the MoE computes exactly the dense function until the routers are trained.
@@ -23,6 +23,7 @@ from ..checkpoint_io import (
     StreamedModel,
     build_on_meta,
     check_checkpoint_fits,
+    check_finite_options,
     checkpoint_dtype,
     meta_state_dict,
     planned_state_dict,
@@ -30,7 +31,7 @@ from ..checkpoint_io import (
 )
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
-from ..loading import load_config
+from ..loading import check_model_type, load_config
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
 
@@ -56,16 +57,18 @@ ROUTER_SUFFIX = ".mlp.router.weight"
 TEXT_POSITIONS_KEY = "text_model.embeddings.position_embedding.weight"
 
 
-def load_dense_clip_config(base: str | Path) -> CLIPConfig:
+# What `load_dense_clip_config` says the dense base is for.
+UPCYCLE_BASE_ROLE = "upcycling (the BASE of hf-moe upcycle-clip, the --base of convert-clip-moe-original)"
+
+
+def load_dense_clip_config(base: str | Path, role: str = UPCYCLE_BASE_ROLE) -> CLIPConfig:
     """The config of the dense CLIP `base` (no weights loaded); anything else is refused, naming `base`.
 
-    A CLIP-MoE is refused: its config is a `CLIPConfig` too, so `CLIPModel` would load it with freshly
-    initialised MLPs (its experts have other names) and upcycle random weights without complaint."""
+    Any hf-moe model is refused by its family: a CLIP-MoE's config is a `CLIPConfig` too, so `CLIPModel` would load
+    it with freshly initialised MLPs (its experts have other names) and upcycle random weights without complaint; a
+    WEMoE would lose its routers and task vectors."""
     config = load_config(base, require_moe=False)
-    if not isinstance(config, CLIPConfig) or config.model_type != "clip":
-        raise ValueError(
-            f"'{base}' is a '{config.model_type}' model; upcycling needs a dense CLIP (model_type 'clip')."
-        )
+    check_model_type(config, base, ("clip",), role)
     return config
 
 
@@ -75,11 +78,12 @@ class DenseCLIP:
     load it in. Extra checkpoint entries (old checkpoints' `position_ids` buffers) are ignored, as
     `from_pretrained` ignores them."""
 
-    def __init__(self, base: str | Path, config: CLIPConfig | None = None):
+    def __init__(self, base: str | Path, config: CLIPConfig | None = None, label: str | None = None):
         self.base = base
         self.config = load_dense_clip_config(base) if config is None else config
         self.specs = meta_state_dict(lambda: CLIPModel(self.config))
-        self.checkpoint = LazyCheckpoint(base)
+        # `get` refuses a NaN or inf tensor, naming `label` and the tensor.
+        self.checkpoint = LazyCheckpoint(base, label=label)
         check_checkpoint_fits(self.checkpoint, self.specs, base, "CLIP")
         self.dtype = checkpoint_dtype(self.config, self.checkpoint)
 
@@ -180,6 +184,9 @@ def upcycle_clip(
 ) -> CLIPMoEModel | None:
     """Upcycle one or several dense CLIP checkpoints into a CLIPMoEModel saved in `output_dir`.
 
+    Each base must be a dense `CLIPModel` (model_type 'clip'): a CLIP-MoE, WEMoE, MoIIE or MoDE folder is refused,
+    naming its family. NaN or inf in a base's tensors or in an option is refused, naming it, with nothing written.
+
     The bases are read one tensor at a time and the output written tensor by tensor (`hf_moe.checkpoint_io`), so
     memory holds about one packed expert tensor, never the dense models or the MoE.
 
@@ -219,11 +226,24 @@ def upcycle_clip(
         raise ValueError(f"num_experts must be at least 1, got {num_experts}.")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}.")
+    check_finite_options(moe_kwargs, "upcycle-clip option")
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     check_output_dir(output_dir, overwrite, inputs=bases)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
-    dense = [DenseCLIP(base) for base in bases]
+    labels = (
+        [f"base '{bases[0]}'"]
+        if len(bases) == 1
+        else [f"base {i} of {len(bases)} ('{b}')" for i, b in enumerate(bases, 1)]
+    )
+    dense = []
+    try:
+        for base, label in zip(bases, labels):
+            dense.append(DenseCLIP(base, label=label))
+    except BaseException:
+        for opened in dense:
+            opened.close()
+        raise
     try:
         config = clip_moe_config_from_dense(
             dense[0].config,

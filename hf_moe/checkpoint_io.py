@@ -27,6 +27,7 @@ memory instead of the dense models and their MoE copy (mergekit's lazy loading, 
 """
 
 import json
+import math
 import os
 import struct
 import sys
@@ -96,6 +97,66 @@ def checkpoint_dtype(config, checkpoint: "LazyCheckpoint") -> torch.dtype:
         if checkpoint.dtype(name).is_floating_point:
             return checkpoint.dtype(name)
     return torch.get_default_dtype()
+
+
+# ---- finiteness: NaN / inf never reach a written model -----------------------------------------------------------
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite value in a converter's or merger's input tensor or option: saved, it would silently make
+    every output of the model NaN."""
+
+
+def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, inf count) of a floating tensor, or None when every value is finite (always for other dtypes).
+
+    A sum is NaN or inf when any value is, and costs a fraction of `isfinite` (no temporary): the exact count runs
+    only when the sum is not finite, which finite values do only by overflowing (then it finds nothing)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    flat = tensor.detach().reshape(-1)
+    if flat.element_size() == 1:  # float8: no sum / isfinite kernels on the CPU
+        flat = flat.float()
+    if torch.isfinite(flat.sum()):
+        return None
+    nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+    return (nan, inf) if nan or inf else None
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
+    """Refuse, naming `source` (e.g. "fine-tune 2 of 3 ('path')") and the tensor `name`, a tensor holding NaN or
+    inf values."""
+    counts = non_finite_counts(tensor)
+    if counts is not None:
+        raise NonFiniteError(
+            f"{source}: {name} holds {counts[0]} NaN / {counts[1]} inf values; a model built from it would carry "
+            "them. Re-create or repair that checkpoint (nothing was written)."
+        )
+
+
+def check_finite_options(options: dict, what: str = "option") -> None:
+    """Refuse a NaN or infinite number among `options` (name -> value: numbers, sequences, dicts of them or
+    tensors), naming the option and the value: `what` says what the names are ("merge option", ...)."""
+
+    def check(name, value):
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise NonFiniteError(f"{what} {name}={value!r} is not a finite number.")
+        elif isinstance(value, torch.Tensor):
+            counts = non_finite_counts(value)
+            if counts is not None:
+                raise NonFiniteError(f"{what} {name} holds {counts[0]} NaN / {counts[1]} inf values.")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                check(f"{name}[{key!r}]", item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                check(f"{name}[{index}]", item)
+
+    for name, value in options.items():
+        check(name, value)
 
 
 # ---- 1. reading ----------------------------------------------------------------------------------------------------
@@ -206,6 +267,9 @@ class LazyCheckpoint:
         key_mapping: Renames the checkpoint's names (return None to hide one), e.g. legacy prefixes.
         max_mapped_bytes: For pickled checkpoints, how much of a memory-mapped file may be read before it is
             re-opened (bounds the resident file pages).
+        label: How errors name the checkpoint (e.g. "fine-tune 2 of 3 ('path')"); default `'name_or_path'`.
+        check_finite: Refuse (`NonFiniteError`, naming `label` and the tensor) a floating tensor holding NaN or inf
+            as `get` reads it, so that no converter writes one into a model. The check costs a sum per tensor.
 
     Names are the (renamed) checkpoint names; `get(name)` returns a contiguous CPU tensor in the stored dtype that
     owns its memory (no view into a map), so dropping it frees it. Use as a context manager or call `close()`.
@@ -219,8 +283,12 @@ class LazyCheckpoint:
         subfolder: str = "",
         revision: str | None = None,
         max_mapped_bytes: int = 128 * 2**20,
+        label: str | None = None,
+        check_finite: bool = True,
     ):
         self.name_or_path = name_or_path
+        self.label = f"'{name_or_path}'" if label is None else label
+        self._check_finite = check_finite
         self.files = weight_files(name_or_path, subfolder=subfolder, revision=revision)
         self._index: dict[str, tuple[object, str]] = {}
         self._readers = []
@@ -263,7 +331,13 @@ class LazyCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         reader, stored = self._entry(name)
-        return reader.get(stored)
+        tensor = reader.get(stored)
+        if self._check_finite:
+            where = f" (stored as {stored})" if stored != name else ""
+            if len(self._readers) > 1:
+                where += f" in {reader.path.name}"
+            check_finite(tensor, name + where, self.label)
+        return tensor
 
     def dtypes(self) -> set[torch.dtype]:
         return {self.dtype(name) for name in self._index}
@@ -603,8 +677,10 @@ def write_safetensors_file(
 ) -> None:
     """Write a safetensors file holding `specs`' names, shapes and dtypes (tensors or meta tensors), each tensor
     obtained from `produce(name)` (in order, larger dtypes first) and written at once, so only one is in memory. A
-    produced tensor with another shape or dtype than its spec raises ValueError (the file is then incomplete: write
-    into a temporary folder). The file is what `safetensors.torch.save_file` writes, up to the order of its tensors.
+    produced tensor with another shape or dtype than its spec raises ValueError, one holding NaN or inf (finite
+    inputs overflowing: a huge option, or a `--dtype` too narrow for the values) `NonFiniteError`; the file is then
+    incomplete: write into a temporary folder. The file is what `safetensors.torch.save_file` writes, up to the
+    order of its tensors.
     """
     # Larger elements first (a stable sort; safetensors too orders by dtype): every tensor starts aligned to its size.
     specs = dict(sorted(specs.items(), key=lambda item: -item[1].element_size()))
@@ -631,6 +707,13 @@ def write_safetensors_file(
                     f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {tuple(spec.shape)} {spec.dtype}."
                 )
             tensor = tensor.detach().to("cpu").contiguous()
+            counts = non_finite_counts(tensor)
+            if counts is not None:
+                raise NonFiniteError(
+                    f"The output tensor {name} ({tensor.dtype}) would hold {counts[0]} NaN / {counts[1]} inf values "
+                    "although its inputs are finite: an option too large, or an output dtype too narrow for its "
+                    "values (--dtype float16 holds at most 65504). Nothing was written."
+                )
             if tensor.numel():
                 handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             _release_after(tensor)

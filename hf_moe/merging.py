@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .checkpoint_io import release_free_memory
+from .checkpoint_io import check_finite, check_finite_options, release_free_memory
 from .fileio import check_output_dir
 from .hub import check_hub_model_id, save_model_folder
-from .loading import load_config, load_pretrained
+from .loading import check_model_type, load_config, load_pretrained
 
 
 logger = logging.get_logger(__name__)
@@ -83,18 +83,126 @@ def check_compatible(pretrained: StateDict, finetuned: Sequence[StateDict], name
                 raise ValueError(f"{key}: the integer buffer differs between '{names[0]}' and '{name}'.")
 
 
-def task_vector(pretrained: StateDict, finetuned: StateDict) -> StateDict:
-    """tau = theta_finetuned - theta_pretrained for every floating tensor, in fp32 (integer buffers are left out)."""
-    check_compatible(pretrained, [finetuned])
+def input_labels(pretrained, finetuned: Sequence) -> list[str]:
+    """How messages name the inputs of a merge: "the pretrained model 'P'", "fine-tune 2 of 3 ('F')"."""
+    return [
+        f"the pretrained model '{pretrained}'",
+        *(f"fine-tune {i} of {len(finetuned)} ('{name}')" for i, name in enumerate(finetuned, 1)),
+    ]
+
+
+def check_finite_state_dicts(state_dicts: Sequence[StateDict], labels: Sequence[str]) -> None:
+    """Refuse a NaN or inf in any floating tensor of `state_dicts`, naming its input (`labels`) and key."""
+    for state_dict, label in zip(state_dicts, labels):
+        for key, tensor in state_dict.items():
+            check_finite(tensor, key, label)
+
+
+def _difference(pretrained: StateDict, finetuned: StateDict) -> StateDict:
     return {
         key: finetuned[key].float() - tensor.float() for key, tensor in pretrained.items() if tensor.is_floating_point()
     }
 
 
+def task_vector(pretrained: StateDict, finetuned: StateDict) -> StateDict:
+    """tau = theta_finetuned - theta_pretrained for every floating tensor, in fp32 (integer buffers are left out).
+    NaN or inf in either is refused, naming the key."""
+    check_compatible(pretrained, [finetuned])
+    check_finite_state_dicts([pretrained, finetuned], ["pretrained", "finetuned"])
+    return _difference(pretrained, finetuned)
+
+
 def task_vectors(pretrained: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None):
-    """The task vector of each of `finetuned` (checked against `pretrained` first, naming any bad key)."""
+    """The task vector of each of `finetuned` (checked against `pretrained` first, naming any bad key; NaN or inf
+    refused, naming the input and key). A fine-tune equal to `pretrained`, or two equal fine-tunes, are warned
+    about (`names`: the inputs' names, the pretrained one first)."""
     check_compatible(pretrained, finetuned, names)
-    return [task_vector(pretrained, other) for other in finetuned]
+    names = list(names) if names is not None else ["pretrained", *(f"finetuned[{i}]" for i in range(len(finetuned)))]
+    check_finite_state_dicts([pretrained, *finetuned], input_labels(names[0], names[1:]))
+    vectors = [_difference(pretrained, other) for other in finetuned]
+    warn_identical_task_vectors([task_vector_fingerprint(vector) for vector in vectors], names)
+    return vectors
+
+
+def task_vector_fingerprint(vector: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """(sum, L2 norm) of each tensor of a task vector: two fine-tunes with equal fingerprints hold the same weights
+    (to any practical certainty), and a zero norm everywhere is the pretrained model given as a fine-tune. Two
+    reductions per tensor, no temporary."""
+    return {key: _tensor_fingerprint(tensor) for key, tensor in vector.items()}
+
+
+def _tensor_fingerprint(tensor: torch.Tensor) -> tuple[float, float]:
+    return float(tensor.sum()), float(torch.linalg.vector_norm(tensor))
+
+
+def _input_identity(name) -> str:
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def warn_identical_task_vectors(fingerprints: Sequence[dict], names: Sequence[str]) -> None:
+    """Warn about a fine-tune whose task vector is zero (the pretrained model's weights) and about fine-tunes
+    holding the same weights (`fingerprints`: `task_vector_fingerprint` of each; `names`: pretrained first). Inputs
+    given by the same path are left to `warn_input_mistakes`."""
+    pretrained, finetuned = names[0], list(names[1:])
+    labels = input_labels(pretrained, finetuned)[1:]
+    first_of = {}
+    for index, fingerprint in enumerate(fingerprints):
+        if not fingerprint:
+            continue
+        same_path = _input_identity(finetuned[index]) == _input_identity(pretrained)
+        if all(norm == 0 for _, norm in fingerprint.values()):
+            if not same_path:
+                logger.warning(
+                    f"{labels[index]} holds the weights of the pretrained model: its task vector is zero, so it only "
+                    "dilutes the merge. Did you mean another fine-tune?"
+                )
+            continue
+        key = tuple(sorted(fingerprint.items()))
+        if key in first_of:
+            other = first_of[key]
+            if _input_identity(finetuned[index]) != _input_identity(finetuned[other]):
+                logger.warning(
+                    f"{labels[index]} holds the same weights as {labels[other]}: that fine-tune counts twice in the "
+                    "merge. Did you mean another fine-tune?"
+                )
+        else:
+            first_of[key] = index
+
+
+def warn_input_mistakes(
+    pretrained, finetuned: Sequence, task_names: Sequence[str] | None = None, num_tasks: int | None = None
+) -> None:
+    """Warn (before any work) about plausible mistakes in a merge's inputs: the pretrained model given as a
+    fine-tune, a fine-tune given twice (same path), a task name given twice, and more fine-tunes than the
+    `num_tasks` task folders of a method trained on them (AdaMerging)."""
+    labels = input_labels(pretrained, finetuned)[1:]
+    base, seen = _input_identity(pretrained), {}
+    for index, name in enumerate(finetuned):
+        identity = _input_identity(name)
+        if identity == base:
+            logger.warning(
+                f"{labels[index]} is the pretrained model itself: its task vector is zero, so it only dilutes the "
+                "merge. Did you mean another fine-tune?"
+            )
+        elif identity in seen:
+            logger.warning(f"{labels[index]} is {labels[seen[identity]]} given again: it counts twice in the merge.")
+        else:
+            seen[identity] = index
+    if task_names is not None:
+        repeated = sorted({name for name in task_names if list(task_names).count(name) > 1})
+        if repeated:
+            logger.warning(
+                f"Task name(s) {repeated} are given to several fine-tunes, so the tasks cannot be told apart by name "
+                "(the default names are the fine-tunes' folder names): give one distinct name per fine-tune "
+                "(--task_names)."
+            )
+    if num_tasks is not None and len(finetuned) > num_tasks:
+        logger.warning(
+            f"{len(finetuned)} fine-tunes but {num_tasks} task folder(s): the coefficients of the fine-tunes whose "
+            "task has no images are learned from the other tasks' images only. Give one task folder per fine-tune, "
+            "in the same order."
+        )
 
 
 def add_to_pretrained(pretrained: StateDict, delta: StateDict) -> StateDict:
@@ -234,6 +342,8 @@ class MergeMethod:
         return {p.name: p.default for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     def check_options(self, options: dict) -> None:
+        """Refuse an option the method does not have, and a NaN or infinite one, naming it."""
+        check_finite_options(options, f"Merge method '{self.name}' option")
         signature = inspect.signature(self.fn)
         if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
             return
@@ -364,6 +474,9 @@ class StateDictSource(TaskVectorSource):
 
     def __init__(self, pretrained: StateDict, finetuned: Sequence[StateDict]):
         check_compatible(pretrained, finetuned)
+        check_finite_state_dicts(
+            [pretrained, *finetuned], input_labels("pretrained", [f"finetuned[{i}]" for i in range(len(finetuned))])
+        )
         self._pretrained, self._finetuned = pretrained, list(finetuned)
         self.keys = [key for key, tensor in pretrained.items() if tensor.is_floating_point()]
         self.num_tasks = len(self._finetuned)
@@ -511,16 +624,16 @@ def streamed_merge(method: str, source: TaskVectorSource, **options) -> Callable
 # --------------------------------------------------------------------------------------------- CLIP checkpoints
 
 
-def clip_vision_kind(name_or_path: str | Path) -> tuple[str, object]:
-    """("CLIPModel" | "CLIPVisionModel", config) of a Hub id or folder; anything else refused, naming it."""
+# What `clip_vision_kind` says the merge commands take.
+MERGE_INPUT_ROLE = "merging (hf-moe merge, merge-wemoe, adamerging) of dense CLIPModel / CLIPVisionModel inputs"
+
+
+def clip_vision_kind(name_or_path: str | Path, role: str = MERGE_INPUT_ROLE) -> tuple[str, object]:
+    """("CLIPModel" | "CLIPVisionModel", config) of a Hub id or folder; anything else refused, naming it (an hf-moe
+    model by its family: a WEMoE or CLIP-MoE read as a plain CLIP would lose its routers and experts)."""
     config = load_config(name_or_path, require_moe=False)
-    kind = VISION_MODEL_TYPES.get(config.model_type)
-    if kind is None:
-        raise ValueError(
-            f"'{name_or_path}' is a '{config.model_type}' model; merging needs a dense CLIPModel or CLIPVisionModel "
-            "(model_type 'clip' or 'clip_vision_model')."
-        )
-    return kind, config
+    check_model_type(config, name_or_path, VISION_MODEL_TYPES, role)
+    return VISION_MODEL_TYPES[config.model_type], config
 
 
 def vision_config_of(config):
@@ -580,6 +693,7 @@ def load_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
     base_model, base_state = load_clip_vision(pretrained)
     finetuned_states = [load_clip_vision_state_dict(name) for name in finetuned]
     check_compatible(base_state, finetuned_states, names)
+    check_finite_state_dicts([base_state, *finetuned_states], input_labels(pretrained, finetuned))
     return base_model, base_state, finetuned_states
 
 
@@ -592,7 +706,7 @@ class CLIPCheckpoint:
     The vision tower's keys (`vision_keys`, as in `load_clip_vision`'s state dict) are the names under `prefix`
     (`vision_model.`, or none for a transformers 5 `CLIPVisionModel`)."""
 
-    def __init__(self, name_or_path: str | Path):
+    def __init__(self, name_or_path: str | Path, label: str | None = None):
         from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
         from .checkpoint_io import (
@@ -618,7 +732,8 @@ class CLIPCheckpoint:
         # The tower's names in the model: `vision_model.*` (CLIPModel, ...WithProjection), or the model's own.
         self.prefix = next(f"{name}." if name else "" for name, module in model.named_modules() if module is tower)
         # Names as `from_pretrained` maps them (a transformers 4 CLIPVisionModel has a `vision_model.` prefix).
-        self.checkpoint = LazyCheckpoint(name_or_path, key_mapping=loading_key_mapping(model))
+        # `get` refuses a NaN or inf tensor, naming `label` and the tensor.
+        self.checkpoint = LazyCheckpoint(name_or_path, key_mapping=loading_key_mapping(model), label=label)
         check_checkpoint_fits(self.checkpoint, self.specs, name_or_path, self.kind)
         self.dtype = checkpoint_dtype(self.config, self.checkpoint)
         tower_names = set(tower.state_dict())
@@ -657,6 +772,9 @@ class CheckpointTaskVectors(TaskVectorSource):
         specs = pretrained.vision_specs()
         self.keys = [key for key, spec in specs.items() if spec.is_floating_point()]
         self._cached = (None, None)  # the last pretrained tensor read: N task vectors of one key read it once
+        # `task_vector_fingerprint` of each task vector, filled as its tensors are computed (for the warnings
+        # about a fine-tune given twice or equal to the pretrained model: a merge reads every tensor anyway).
+        self.fingerprints = [{} for _ in self.finetuned]
 
     def pretrained(self, key: str) -> torch.Tensor:
         if self._cached[0] != key:
@@ -665,10 +783,20 @@ class CheckpointTaskVectors(TaskVectorSource):
         return self._cached[1]
 
     def task_vector(self, index: int, key: str) -> torch.Tensor:
-        return self.finetuned[index].vision(key).float() - self.pretrained(key)
+        vector = self.finetuned[index].vision(key).float() - self.pretrained(key)
+        if key not in self.fingerprints[index]:
+            self.fingerprints[index][key] = _tensor_fingerprint(vector)
+        return vector
 
     def shape(self, key: str) -> torch.Size:
         return self.base.specs[self.base.prefix + key].shape
+
+    def warn_identical(self) -> None:
+        """After a merge read every task vector: warn about fine-tunes equal to the pretrained model or to each
+        other (`warn_identical_task_vectors`)."""
+        if all(len(fingerprint) == len(self.keys) for fingerprint in self.fingerprints):
+            names = [self.base.name_or_path, *(checkpoint.name_or_path for checkpoint in self.finetuned)]
+            warn_identical_task_vectors(self.fingerprints, names)
 
 
 def open_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
@@ -683,8 +811,8 @@ def open_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
     check_same_architecture(configs, names)
     opened = []
     try:
-        for name in [pretrained, *finetuned]:
-            opened.append(CLIPCheckpoint(name))
+        for name, label in zip([pretrained, *finetuned], input_labels(pretrained, finetuned)):
+            opened.append(CLIPCheckpoint(name, label=label))
         check_compatible(opened[0].vision_specs(), [checkpoint.vision_specs() for checkpoint in opened[1:]], names)
     except BaseException:
         for checkpoint in opened:
@@ -763,8 +891,10 @@ def merge_clip_vision(
     hub_private_repo: bool | None = None,
     **options,
 ):
-    """Merge the vision towers of `finetuned` (fine-tunes of `pretrained`) with the registered merge `method` and
-    write the result to `output_dir` (atomically, with the processor of `pretrained` and a model card).
+    """Merge fine-tuned dense CLIP vision towers (CLIPModel / CLIPVisionModel; hf-moe models refused) into one.
+
+    Merges the vision towers of `finetuned` (fine-tunes of `pretrained`) with the registered merge `method` and
+    writes the result to `output_dir` (atomically, with the processor of `pretrained` and a model card).
 
     The checkpoints are read one tensor at a time and the output written tensor by tensor (`hf_moe.checkpoint_io`,
     `streamed_merge`): memory holds one tensor of each input at a time, never the models (a method registered
@@ -775,7 +905,8 @@ def merge_clip_vision(
         pretrained: Hub id or folder of a `CLIPModel` or `CLIPVisionModel`. A `CLIPModel` gives a `CLIPModel`
             output (its text tower, projections and logit scale kept), a vision model a `CLIPVisionModel`.
         finetuned: Hub ids or folders of fine-tunes of `pretrained` (`CLIPModel` or `CLIPVisionModel`; only their
-            vision towers are used).
+            vision towers are used). NaN or inf in any tensor read is refused, naming the input and tensor
+            (nothing is written); a fine-tune given twice or equal to `pretrained` is warned about.
         output_dir: New or empty folder (`overwrite=True` replaces a non-empty one); may not hold an input.
         dtype: Dtype of the written weights: "auto" (that of `pretrained`, as `from_pretrained` loads it),
             "float32", "bfloat16" or "float16". The merge itself is computed in float32 per tensor.
@@ -795,6 +926,7 @@ def merge_clip_vision(
     inputs = [pretrained, *finetuned]
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    warn_input_mistakes(pretrained, finetuned)
 
     base, finetuned_checkpoints = open_for_merge(pretrained, finetuned)
     try:
@@ -861,6 +993,7 @@ def merge_clip_vision(
             hub_token=hub_token,
             hub_private_repo=hub_private_repo,
         )
+        source.warn_identical()
     finally:
         for checkpoint in [base, *finetuned_checkpoints]:
             checkpoint.close()

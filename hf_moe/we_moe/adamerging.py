@@ -184,12 +184,26 @@ class AdaMergingCLIP(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# `hf-moe adamerging --help`'s description: what it does and which kinds of model it takes.
+DESCRIPTION = (
+    "Layer-wise AdaMerging: task-arithmetic coefficients per layer and task learned by entropy minimisation on "
+    "unlabeled task images. Takes a dense pretrained CLIPModel and dense fine-tunes of it (CLIPModel or "
+    "CLIPVisionModel, model_type 'clip' / 'clip_vision_model'); hf-moe models (WEMoE, CLIP-MoE, MoIIE, MoDE) are "
+    "refused."
+)
+
+
 @dataclass
 class AdaMergingScriptArguments:
     pretrained: str = field(
-        metadata={"aliases": ["--base"], "help": "Pretrained CLIPModel (Hub id or folder): theta_0 and the text tower."}
+        metadata={
+            "aliases": ["--base"],
+            "help": "Dense pretrained CLIPModel (Hub id or folder): theta_0 and the text tower.",
+        }
     )
-    finetuned: list[str] = field(metadata={"help": "Fine-tunes of PRETRAINED (CLIPModel or CLIPVisionModel)."})
+    finetuned: list[str] = field(
+        metadata={"help": "Dense fine-tunes of PRETRAINED (CLIPModel or CLIPVisionModel), one per task."}
+    )
     tasks: list[str] = field(metadata={"help": "Class-folder image sets, one per task (labels unused)."})
     class_names: list[str] | None = field(
         default=None, metadata={"help": "As hf-moe tta-wemoe: one for every task or one per task."}
@@ -212,13 +226,21 @@ class AdaMergingScriptArguments:
 def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
     """Learn the AdaMerging coefficients of `script_args.finetuned` on the unlabeled `script_args.tasks`, and write
     the merged `CLIPModel` with the processor, a model card and the coefficients (`adamerging_coefficients.json`) to
-    `training_args.output_dir`. Resumable as `hf-moe tta-wemoe` (same job record and checkpoints)."""
+    `training_args.output_dir`. Resumable as `hf-moe tta-wemoe` (same job record and checkpoints).
 
+    PRETRAINED must be a dense `CLIPModel`, the fine-tunes dense `CLIPModel`s or `CLIPVisionModel`s: an hf-moe
+    model (WEMoE, CLIP-MoE, ...) is refused, naming its family. NaN or inf in a tensor or in `init_lambda` is
+    refused, naming it, before anything is written; the pretrained model given as a fine-tune, a fine-tune given
+    twice and more fine-tunes than task folders are warned about."""
+
+    from ..checkpoint_io import check_finite_options
     from ..hub import write_model_card
-    from ..merging import load_for_merge, load_processor, task_vectors
+    from ..merging import load_for_merge, load_processor, task_vectors, warn_input_mistakes
     from ..training import complete_job, input_fingerprint, job_already_done, train_from_last_checkpoint
     from .tta import TaskBatches, TTATrainer, load_tasks, tta_job, zero_shot_heads
 
+    check_finite_options({"init_lambda": script_args.init_lambda}, "adamerging option")
+    warn_input_mistakes(script_args.pretrained, script_args.finetuned, num_tasks=len(script_args.tasks or ()))
     output_dir = Path(training_args.output_dir)
     job = tta_job(script_args, training_args, command="adamerging")
     for i, name in enumerate(script_args.finetuned):
@@ -281,7 +303,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     from .tta import TTATrainingArguments
 
-    parser = HfArgumentParser((AdaMergingScriptArguments, TTATrainingArguments), prog="hf-moe adamerging")
+    parser = HfArgumentParser(
+        (AdaMergingScriptArguments, TTATrainingArguments), prog="hf-moe adamerging", description=DESCRIPTION
+    )
     script_args, training_args = parse_command_line(parser, argv)
     return adamerging(script_args, training_args)
 
