@@ -10,6 +10,7 @@ weights from the candidate labels.
         [--ensemble_formula released|paper]
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,19 +29,52 @@ from ..checkpoint_io import (
 )
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, save_model_folder
-from ..loading import check_safetensors_file, load_config
+from ..loading import check_model_type, check_safetensors_file, load_config
 from ..merging import CLIPCheckpoint, load_processor
 from ..modeling.configuration_mode import CLUSTERING_POOLINGS, ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel
 from ..modeling.tokenization_mode import MoDETokenizer
+from ..training import JOB_FILE
 
 
 logger = logging.get_logger(__name__)
 
 CLUSTERS_FILE = "clusters.json"
 CENTERS_FILE = "centers.safetensors"
-# Config entries that say where a checkpoint came from, not what it computes.
-NOT_ARCHITECTURE = {"transformers_version", "architectures", "dtype", "torch_dtype", "auto_map", "_name_or_path"}
+# The command that `hf-moe mode train-expert` records in each expert's job record (`hf_moe.training.JOB_FILE`).
+EXPERT_JOB_COMMAND = "mode train-expert"
+# Config entries, at any depth (the towers' configs carry them too), that say where a checkpoint came from, how it
+# was initialised or trained, or what its forward returns, not what it computes: a trained expert saved in float32
+# next to its seed saved without a dtype is the same architecture.
+NOT_ARCHITECTURE = {
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "auto_map",
+    "_name_or_path",
+    "name_or_path",
+    "_commit_hash",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_experts_implementation",
+    "attn_implementation",
+    "initializer_range",
+    "initializer_factor",
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_cache",
+    "torchscript",
+    "id2label",
+    "label2id",
+    "problem_type",
+}
 
 
 def read_clusters(clusters: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -85,8 +119,35 @@ def read_clusters(clusters: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return info, centers
 
 
+def clusters_id(clusters: str | Path) -> str:
+    """A content fingerprint of a `hf-moe mode cluster` folder: the sha256 of `centers.safetensors` (the fine and
+    coarse centers and the fine -> coarse map, from which every assignment follows) and of the counts in
+    `clusters.json`. Unlike `hf_moe.training.input_fingerprint` it reads the files, so a copied or moved clusters
+    folder keeps it, and another run's clusters (other data, seed or options) do not share it.
+
+    `hf-moe mode train-expert` records it in each expert's job record; `hf-moe mode build` compares it with the
+    clusters it is given."""
+    folder = Path(clusters)
+    digest = hashlib.sha256()
+    with (folder / CENTERS_FILE).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    info = json.loads((folder / CLUSTERS_FILE).read_text())
+    counts = {key: info.get(key) for key in ("num_fine_clusters", "num_experts", "num_pairs", "expert_sizes")}
+    digest.update(json.dumps(counts, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _without_provenance(value):
+    if isinstance(value, dict):
+        return {key: _without_provenance(item) for key, item in value.items() if key not in NOT_ARCHITECTURE}
+    return value
+
+
 def _architecture(config) -> dict:
-    return {key: value for key, value in config.to_diff_dict().items() if key not in NOT_ARCHITECTURE}
+    # to_dict rather than to_diff_dict: a field one checkpoint spells out at its default and another omits is no
+    # difference.
+    return _without_provenance(config.to_dict())
 
 
 def _config_diff(reference: dict, other: dict, prefix: str = "") -> list[str]:
@@ -110,8 +171,7 @@ def check_experts(experts: list[str], num_experts: int, clusters_json: Path):
         )
     configs = [load_config(expert, require_moe=False) for expert in experts]
     for expert, config in zip(experts, configs):
-        if config.model_type != "clip":
-            raise ValueError(f"Expert '{expert}' is a '{config.model_type}' model; MoDE experts are CLIPModels.")
+        check_model_type(config, expert, ("clip",), "an EXPERT of `hf-moe mode build` (a dense CLIPModel)")
     reference = _architecture(configs[0])
     for expert, config in zip(experts[1:], configs[1:]):
         differences = _config_diff(reference, _architecture(config))
@@ -123,20 +183,96 @@ def check_experts(experts: list[str], num_experts: int, clusters_json: Path):
     return configs[0]
 
 
+def check_expert_records(experts: list[str], clusters: str | Path) -> None:
+    """Refuse experts that would end up mismatched to their clusters, from the job record `hf-moe mode train-expert`
+    leaves in each expert's folder: expert k must have been trained as `--expert k`, on these clusters (their
+    `clusters_id`), to completion; and no expert may be given twice.
+
+    An expert without such a record (a CLIP trained elsewhere, a Hub id) cannot be checked: it is accepted with a
+    warning, since `check_experts` already matched the number of experts to the clusters'."""
+    expected_id = None
+    by_path, by_index, unchecked = {}, {}, []
+    for k, expert in enumerate(experts):
+        path = Path(expert).expanduser()
+        if path.is_dir():
+            resolved = path.resolve()
+            if resolved in by_path:
+                raise ValueError(
+                    f"Expert folder '{expert}' is given twice (as expert {by_path[resolved]} and expert {k}): pass "
+                    "each coarse cluster's own expert, in cluster order."
+                )
+            by_path[resolved] = k
+        record_path = path / JOB_FILE
+        try:
+            record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        except ValueError as err:
+            raise ValueError(f"Expert '{expert}': {record_path} is not valid JSON ({err}).") from err
+        if not isinstance(record, dict) or record.get("command") != EXPERT_JOB_COMMAND:
+            unchecked.append(expert)
+            continue
+        options = record.get("options") or {}
+        index = options.get("expert")
+        if index in by_index:
+            raise ValueError(
+                f"Experts '{by_index[index]}' and '{expert}' were both trained as expert {index} (their "
+                f"{JOB_FILE} record 'expert' {index}): the same expert is given twice."
+            )
+        by_index[index] = expert
+        if index != k:
+            raise ValueError(
+                f"Expert '{expert}' is given as expert {k}, but {record_path} records 'expert' {index!r}: it was "
+                f"trained on coarse cluster {index!r}. Pass the EXPERTs in cluster order (expert k trained with "
+                "`--expert k`)."
+            )
+        if not record.get("complete"):
+            raise ValueError(
+                f"Expert '{expert}' is not finished: its job record {record_path} is not marked complete (re-run "
+                "its `hf-moe mode train-expert` command to finish it)."
+            )
+        recorded_id = options.get("clusters_id")
+        if recorded_id is None:
+            logger.warning(
+                f"Expert '{expert}': {record_path} records no 'clusters_id' (trained by an older hf-moe), so whether "
+                f"it was trained on the clusters in {clusters} cannot be checked."
+            )
+            continue
+        expected_id = expected_id or clusters_id(clusters)
+        if recorded_id != expected_id:
+            raise ValueError(
+                f"Expert '{expert}' was trained on other clusters: {record_path} records 'clusters_id' "
+                f"{recorded_id!r}, but the clusters in {clusters} have {expected_id!r} (another `hf-moe mode "
+                "cluster` run, or clusters made again). Pass the --clusters its experts were trained on, or train "
+                "the experts on these clusters."
+            )
+    if unchecked:
+        logger.warning(
+            f"{len(unchecked)} expert(s) hold no `hf-moe mode train-expert` job record ({JOB_FILE}): "
+            f"{', '.join(unchecked)}. Their order, and the clusters they were trained on, cannot be checked: make sure "
+            f"expert k was trained on coarse cluster k of {clusters}."
+        )
+
+
+def check_encoder_pooling(config, encoder: str, pooling: str, flag: str = "pooling") -> None:
+    """Refuse a clustering encoder that the pooling cannot embed with: "clip" takes a CLIPModel (its text
+    features), every other pooling a text encoder's hidden states (a joint CLIP needs images to run whole)."""
+    if pooling == "clip":
+        check_model_type(config, encoder, ("clip",), f"the clustering encoder of {flag} 'clip' (CLIP text features)")
+    elif config.model_type == "clip":
+        raise ValueError(
+            f"The clustering encoder '{encoder}' is a CLIP ('clip'): its captions are embedded with {flag} 'clip' "
+            f"(its text features), not {pooling!r}, which takes a text encoder such as a BERT."
+        )
+
+
 def clustering_encoder_config(encoder: str, pooling: str):
     """The config of the clustering encoder as the MoDE model stores it (a CLIP's text tower with projection for the
     "clip" pooling) and its output dim."""
     config = load_config(encoder, require_moe=False)
+    check_encoder_pooling(config, encoder, pooling, flag="the clusters' pooling")
     if pooling == "clip":
-        if config.model_type != "clip":
-            raise ValueError(f"Clustering pooling 'clip' needs a CLIP encoder; '{encoder}' is '{config.model_type}'.")
         text = config.text_config
         text.projection_dim = config.projection_dim
         return text, config.projection_dim
-    if config.model_type == "clip":
-        raise ValueError(
-            f"Clustering encoder '{encoder}' is a CLIP; its clusters need the pooling 'clip', not {pooling!r}."
-        )
     return config, config.hidden_size
 
 
@@ -194,6 +330,7 @@ def build_mode(
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
     expert_config = check_experts(experts, info["num_experts"], clusters_json)
+    check_expert_records(experts, clusters)
     encoder_config, dim = clustering_encoder_config(encoder, pooling)
     if centers["fine_centers"].shape[1] != dim:
         raise ValueError(
@@ -353,4 +490,4 @@ def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, 
     )
 
 
-__all__ = ["build_mode", "read_clusters"]
+__all__ = ["build_mode", "clusters_id", "read_clusters"]

@@ -122,7 +122,7 @@ def test_fine_labels_of_training_rows(clustered, tmp_path):
 
     write_image_folder(tmp_path / "images")
     other = load_image_text_dataset(tmp_path / "images")
-    with pytest.raises(KeyError, match=r"6 of 6 rows are not in the assignments .* e\.g\. '000\.png'"):
+    with pytest.raises(ValueError, match=r"6 of 6 rows are not in the assignments .* e\.g\. pair key '000\.png'"):
         fine_labels_of(other, clustered["output"])
 
 

@@ -2,6 +2,7 @@
 and changed re-runs before writing anything; gradient checkpointing changes nothing numerically."""
 
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,6 +132,18 @@ def test_expert_trains_the_whole_model_on_its_rows_only_and_lowers_their_loss(in
     card = (output / "README.md").read_text()
     assert "data expert 0 of 2" in card and "other share 0.25" in card and "4 steps" in card
     assert json.loads((output / JOB_FILE).read_text())["complete"]
+
+
+def test_the_job_record_holds_the_expert_index_and_the_clusters_content_fingerprint(inputs, trained, tmp_path):
+    from hf_moe.conversion.build_mode import clusters_id
+
+    record = json.loads((trained[0] / JOB_FILE).read_text())
+    assert record["complete"] and record["command"] == "mode train-expert"
+    assert record["options"]["expert"] == 0
+    # What `hf-moe mode build` compares: the same for a copy of the clusters (other path, other file times).
+    copy = tmp_path / "clusters"
+    shutil.copytree(inputs["clusters"], copy, copy_function=shutil.copyfile)
+    assert record["options"]["clusters_id"] == clusters_id(inputs["clusters"]) == clusters_id(copy)
 
 
 def test_a_finished_expert_is_left_untouched(inputs, trained, caplog):

@@ -48,6 +48,7 @@ from .embed import (
     NOT_RESULT_OPTIONS,
     EmbedArguments,
     EncoderArguments,
+    check_encoder_arguments,
     embed_captions,
     process_state,
     shard_path,
@@ -131,11 +132,43 @@ def embedding_shards(embeddings_dir: str | Path) -> list[tuple[Path, int]]:
 
 
 def read_shard(path: Path) -> tuple[list[str], torch.Tensor]:
-    """The keys and L2-normalised float32 embeddings of an embedding shard."""
+    """The keys and L2-normalised float32 embeddings of an embedding shard; a row that is not finite is refused,
+    named by the shard file, its row and its pair key (k-means would silently put it in cluster 0)."""
     with safe_open(str(path), framework="pt") as handle:
         keys = json.loads(handle.metadata()["keys"])
         embeddings = handle.get_tensor("embeddings").float()
+    bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        row = bad[0]
+        key = keys[row] if row < len(keys) else None
+        raise ValueError(
+            f"Embedding shard {path}: row {row} (pair key {key!r}) holds NaN or infinite values"
+            + (f", and {len(bad) - 1} more row(s) of the shard do" if len(bad) > 1 else "")
+            + ": the encoder overflowed on that caption (embed in float32) or the shard is damaged; remove the shard "
+            "and re-run `hf-moe mode embed` into its folder."
+        )
     return keys, torch.nn.functional.normalize(embeddings, dim=-1)
+
+
+def check_embeddings_dir(embeddings: str | Path, data: str) -> None:
+    """Refuse an `--embeddings` folder that is not a complete `hf-moe mode embed` output, saying what it holds."""
+    folder = Path(embeddings)
+    command = f"`hf-moe mode embed --data {data} --output_dir {embeddings}`"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--embeddings {embeddings} does not exist: compute the embeddings first ({command}).")
+    if not (folder / EMBED_FILE).is_file():
+        shards = sorted(folder.glob("embeddings-*.safetensors"))
+        what = (
+            f"holds {len(shards)} embedding shard(s) but no {EMBED_FILE}: the embedding did not finish"
+            if shards
+            else f"holds no {EMBED_FILE} and no embedding shard: it is not a `hf-moe mode embed` output"
+        )
+        raise FileNotFoundError(f"--embeddings {embeddings} {what}. Run (or finish) {command}.")
+    if not (folder / JOB_FILE).is_file():
+        raise FileNotFoundError(
+            f"--embeddings {embeddings} holds no {JOB_FILE}, which records the data it was computed from: it is not "
+            f"a `hf-moe mode embed` output (or an incomplete copy of one). Re-run {command}."
+        )
 
 
 def cluster_job(args: ClusterArguments, encoder_args: EncoderArguments, embeddings_dir: Path) -> TrainingJob:
@@ -156,11 +189,24 @@ def cluster_job(args: ClusterArguments, encoder_args: EncoderArguments, embeddin
 def _check_same_data(args: ClusterArguments, embeddings_dir: Path) -> None:
     job_file = embeddings_dir / JOB_FILE
     recorded = json.loads(job_file.read_text()).get("inputs", {}).get("data") if job_file.is_file() else None
-    if recorded != input_fingerprint(args.data):
+    if recorded is None:
         raise ValueError(
-            f"The embeddings in {embeddings_dir} were not computed from {args.data} as it is now (fingerprint "
-            f"{recorded} in {job_file}): embed this data (`hf-moe mode embed --data {args.data}`) first."
+            f"{job_file} records no data the embeddings in {embeddings_dir} were computed from: embed this data "
+            f"(`hf-moe mode embed --data {args.data} --output_dir {embeddings_dir}`) first."
         )
+    current = input_fingerprint(args.data)
+    if recorded != current:
+        raise ValueError(
+            f"The embeddings in {embeddings_dir} were not computed from {args.data} as it is now: {job_file} records "
+            f"data of {_describe_data(recorded)}, --data is {_describe_data(current)}. Embed this data "
+            f"(`hf-moe mode embed --data {args.data}`) first."
+        )
+
+
+def _describe_data(fingerprint: dict) -> str:
+    if "files" in fingerprint:
+        return f"{fingerprint['files']} files, {fingerprint['bytes']:,} bytes (sha256 {fingerprint['sha256'][:12]})"
+    return repr(fingerprint.get("name"))
 
 
 def cluster_pairs(args: ClusterArguments, encoder_args: EncoderArguments) -> Path:
@@ -174,6 +220,10 @@ def cluster_pairs(args: ClusterArguments, encoder_args: EncoderArguments) -> Pat
     if job.is_complete() and (output_dir / CLUSTERS_FILE).is_file():
         logger.warning(f"The clustering in {output_dir} is complete: nothing to do.")
         return output_dir
+    if args.embeddings is not None:
+        check_embeddings_dir(args.embeddings, args.data)
+    else:
+        check_encoder_arguments(encoder_args)
     if args.embeddings is None:
         embed_captions(EmbedArguments(data=args.data, output_dir=str(embeddings_dir)), encoder_args)
     _check_same_data(args, embeddings_dir)
@@ -185,12 +235,17 @@ def cluster_pairs(args: ClusterArguments, encoder_args: EncoderArguments) -> Pat
             f"--num_fine_clusters {args.num_fine_clusters} exceeds the {sample_size} sampled pairs "
             f"({num_pairs} pairs in {embeddings_dir}): lower it or sample more (--fine_sample_size)."
         )
+    centers_path = output_dir / CENTERS_FILE
+    fitted = None
+    if not centers_path.is_file() and state.is_main_process:
+        # Before the job is recorded: the fit reads every shard, so damaged embeddings are refused with nothing
+        # written.
+        fitted = _fit_centers(args, shards, sample_size, state.device)
     job.record()
     state.wait_for_everyone()
 
-    centers_path = output_dir / CENTERS_FILE
-    if not centers_path.is_file() and state.is_main_process:
-        centers, sample_sizes = _fit_centers(args, shards, sample_size, state.device)
+    if fitted is not None:
+        centers, sample_sizes = fitted
         with atomic_output_file(centers_path) as tmp:
             save_file(centers, tmp, metadata={"sample_fine_sizes_min_max": json.dumps(sample_sizes)})
     state.wait_for_everyone()
@@ -227,8 +282,10 @@ def _fit_centers(args: ClusterArguments, shards, sample_size: int, device) -> tu
     points, start = [], 0
     for path, rows in tqdm(shards, desc="Reading the sample", unit="shard"):
         picked = sample[(sample >= start) & (sample < start + rows)] - start
+        # Every shard is read, sampled or not, so that a non-finite row anywhere is refused before any output.
+        embeddings = read_shard(path)[1]
         if len(picked):
-            points.append(read_shard(path)[1][picked])
+            points.append(embeddings[picked])
         start += rows
     # The sample stays in host memory; balanced_kmeans moves one chunk at a time to the device.
     points = torch.cat(points)

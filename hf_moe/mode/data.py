@@ -116,12 +116,17 @@ def read_assignments(clusters_dir: str | Path, columns: tuple[str, ...] = ("key"
     return pa.concat_tables(pq.read_table(part, columns=list(columns)) for part in parts)
 
 
-def fine_labels_of(dataset: Dataset, clusters_dir: str | Path) -> torch.LongTensor:
+class ClustersMismatchError(ValueError):
+    """Training data whose pairs are not all in the clusters' assignments: the clusters were made from other data."""
+
+
+def fine_labels_of(dataset: Dataset, clusters_dir: str | Path, data: str | Path | None = None) -> torch.LongTensor:
     """The fine cluster of each row of a map-style dataset from `load_image_text_dataset`, in row order, read from
     the assignments in `clusters_dir`.
 
     Raises:
-        KeyError: a row whose pair is not in the assignments (the first such key is named).
+        ClustersMismatchError: a row whose pair is not in the assignments (the first such key is named), with
+            `data` (where the dataset was read from) named if given.
     """
     if isinstance(dataset, IterableDataset):
         raise TypeError("fine_labels_of needs a map-style dataset: load the data with `streaming=False`.")
@@ -133,8 +138,10 @@ def fine_labels_of(dataset: Dataset, clusters_dir: str | Path) -> torch.LongTens
     missing = found.isna().to_numpy()
     if missing.any():
         first = keys[int(missing.argmax())]
-        raise KeyError(
-            f"{int(missing.sum())} of {len(keys)} rows are not in the assignments of {clusters_dir}, e.g. {first!r}: "
-            "cluster the same data (`hf-moe mode cluster --data ...`) that you train on."
+        source = f" of {data}" if data is not None else ""
+        raise ClustersMismatchError(
+            f"{int(missing.sum())} of {len(keys)} rows{source} are not in the assignments of {clusters_dir}, e.g. "
+            f"pair key {first!r} (row {int(missing.argmax())}): the clusters were made from other data. Cluster the "
+            "data you train on (`hf-moe mode cluster --data ...`) and pass those clusters."
         )
     return torch.from_numpy(found.to_numpy().astype("int64"))

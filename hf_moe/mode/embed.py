@@ -31,8 +31,9 @@ from transformers import AutoTokenizer, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
+from ..conversion.build_mode import check_encoder_pooling
 from ..fileio import atomic_output_file, check_output_dir
-from ..loading import check_safetensors_file, load_pretrained
+from ..loading import check_safetensors_file, load_config, load_pretrained
 from ..modeling.modeling_mode import CLUSTERING_POOLINGS, clustering_text_embeddings
 from ..training import TrainingJob, input_fingerprint, local_path, model_fingerprint
 from .data import read_captions
@@ -108,11 +109,15 @@ def embed_job(args: EmbedArguments, encoder_args: EncoderArguments) -> TrainingJ
 
 
 def check_encoder_arguments(encoder_args: EncoderArguments) -> None:
+    """The encoder options, and the encoder's kind against `--pooling` (from its config; no weights are read),
+    checked before anything is written."""
     if encoder_args.pooling not in CLUSTERING_POOLINGS:
         raise ValueError(f"--pooling {encoder_args.pooling!r} is not one of {list(CLUSTERING_POOLINGS)}.")
     for name in ("max_length", "batch_size", "shard_size"):
         if getattr(encoder_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(encoder_args, name)}.")
+    config = load_config(encoder_args.encoder, trust_remote_code=encoder_args.trust_remote_code, require_moe=False)
+    check_encoder_pooling(config, encoder_args.encoder, encoder_args.pooling, flag="--pooling")
 
 
 def load_encoder(encoder_args: EncoderArguments):

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, CLIPConfig, CLIPModel, HfArgumentParser
+from transformers import AutoProcessor, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
 from ..clip_training import CLIPTrainer, CLIPTrainingArguments
+from ..conversion.build_mode import clusters_id
 from ..conversion.build_mode import read_clusters as read_cluster_files
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
-from ..loading import load_config, load_pretrained
+from ..loading import check_model_type, load_config, load_pretrained
 from ..training import (
     TrainingJob,
     complete_job,
@@ -105,12 +106,11 @@ def check_expert_arguments(script_args: DataExpertArguments) -> tuple[int, torch
     """Every check that needs no data or training, before anything is written; returns `read_clusters`."""
     if not 0.0 <= script_args.other_share <= 1.0:
         raise ValueError(f"--other_share must be in [0, 1], got {script_args.other_share}.")
+    # require_moe=False refuses every hf-moe model (a WEMoE or MoDE would load as a plain CLIP, losing its parts).
     config = load_config(script_args.seed_model, trust_remote_code=script_args.trust_remote_code, require_moe=False)
-    if not isinstance(config, CLIPConfig):
-        raise ValueError(
-            f"A data expert is a dense CLIP: --seed_model '{script_args.seed_model}' is a '{config.model_type}', "
-            "not a 'clip'."
-        )
+    check_model_type(
+        config, script_args.seed_model, ("clip",), "--seed_model of `hf-moe mode train-expert` (a dense CLIP)"
+    )
     num_experts, fine_to_coarse = read_clusters(script_args.clusters)
     if not 0 <= script_args.expert < num_experts:
         raise ValueError(
@@ -125,10 +125,13 @@ NOT_RESULT_OPTIONS = {"data", "clusters", "trust_remote_code"}
 
 
 def expert_job(script_args: DataExpertArguments, training_args: DataExpertTrainingArguments) -> TrainingJob:
-    """The data-expert job in `training_args.output_dir`: its options (the seed by absolute path) and fingerprints
-    of the seed's weights, the data and the clusters."""
+    """The data-expert job in `training_args.output_dir`: its options (the seed by absolute path, the expert index,
+    the clusters' content fingerprint `clusters_id`, which `hf-moe mode build` checks against the clusters it is
+    given) and fingerprints of the seed's weights, the data and the clusters."""
     options = result_options(script_args, training_args, exclude=NOT_RESULT_OPTIONS)
     options["seed_model"] = local_path(script_args.seed_model)
+    # An option, not an input: options a record lacks are not compared, so jobs recorded before it still resume.
+    options["clusters_id"] = clusters_id(script_args.clusters)
     inputs = {
         "seed_model": model_fingerprint(script_args.seed_model),
         "data": input_fingerprint(script_args.data),
@@ -160,7 +163,7 @@ def train_expert(script_args: DataExpertArguments, training_args: DataExpertTrai
 
     # The index column lets the collator report which rows a batch holds (the trainer drops it).
     dataset = add_index_column(load_image_text_dataset(script_args.data, streaming=False))
-    fine_labels = fine_labels_of(dataset, script_args.clusters)
+    fine_labels = fine_labels_of(dataset, script_args.clusters, data=script_args.data)
     subset, rows = expert_subset(
         dataset, fine_labels, fine_to_coarse, script_args.expert, script_args.other_share, training_args.seed
     )
