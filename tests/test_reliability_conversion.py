@@ -265,8 +265,10 @@ def test_other_kinds_are_refused_naming_what_the_command_takes(toy_clip_dir, tmp
 
 def test_help_says_which_kinds_each_command_takes(capsys):
     for command in ["merge", "merge-wemoe", "upcycle-clip", "adamerging"]:
-        with pytest.raises(SystemExit):
+        try:
             main([command, "--help"])
+        except SystemExit:  # argparse's way out of --help
+            pass
         text = " ".join(capsys.readouterr().out.split())
         assert "dense" in text and "refused" in text, command
 
@@ -342,3 +344,20 @@ def test_a_clip_model_finetune_warns_nothing(toy_clip_dir, tmp_path, warnings_of
     finetune = save_clip_finetune(toy_clip_dir, tmp_path / "clip-finetune", seed=3)
     merge_clip_vision("average", toy_clip_dir, [finetune], tmp_path / "out", return_model=False)
     assert warnings_of() == ""
+
+
+def test_mode_build_refuses_a_nan_expert(tmp_path):
+    """`mode build` reads its experts through the same lazy checkpoints: a NaN is refused by the read itself."""
+    from test_mode_build import write_clusters
+
+    from hf_moe.conversion import build_mode
+    from hf_moe.toy import save_toy_clip
+
+    experts = [save_toy_clip(tmp_path / f"expert{k}", seed=50 + k) for k in range(2)]
+    dim = CLIPModel.from_pretrained(experts[1]).config.projection_dim
+    clusters = write_clusters(tmp_path / "clusters", dim=dim, encoder=experts[1], pooling="clip")
+    key = "text_model.encoder.layers.0.mlp.fc1.bias"
+    bad = poisoned_copy(experts[0], tmp_path / "bad", key)
+    with pytest.raises(NonFiniteError, match=rf"'{bad}': {key} holds 3 NaN / 0 inf values"):
+        build_mode([bad, experts[1]], clusters, tmp_path / "mode", return_model=False)
+    assert_nothing_written(tmp_path / "mode")
