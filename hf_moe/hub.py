@@ -7,9 +7,11 @@ widget) and as a table in the card's body.
 """
 
 import re
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
+import huggingface_hub.errors
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 from transformers.utils import logging
 
@@ -261,6 +263,31 @@ def add_eval_results(folder: str | Path, metrics: dict, *, task: str, dataset: s
     return card
 
 
+# The HTTP client's base error (httpx's or httpx2's, whichever huggingface_hub uses): its connection errors are not
+# OSErrors.
+_HTTP_ERROR = getattr(huggingface_hub.errors, "HTTPError", OSError)
+
+
+class HubUploadError(OSError):
+    """An upload that failed after the model folder was written: one line saying why, where the complete folder is,
+    and the command that pushes it later."""
+
+    def __init__(self, folder, repo_id: str, cause: BaseException, *, private=None, ignore_patterns=None):
+        self.folder, self.repo_id = Path(folder), repo_id
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        if len(reason) > 300:  # an HTTP error's body can be long; its first words say what went wrong
+            reason = reason[:297] + "..."
+        command = ["hf", "upload", repo_id, str(self.folder)]
+        if private:
+            command.append("--private")
+        for pattern in ignore_patterns or ():
+            command += ["--exclude", pattern]
+        super().__init__(
+            f"Upload to the Hub repo '{repo_id}' failed ({type(cause).__name__}: {reason}). The model is saved, "
+            f"complete, in '{self.folder}'; push it later with `{shlex.join(command)}`."
+        )
+
+
 def push_to_hub(
     folder: str | Path,
     hub_model_id: str,
@@ -271,20 +298,25 @@ def push_to_hub(
     ignore_patterns: list[str] | None = None,
 ) -> str:
     """Create `hub_model_id` if needed and upload the model folder `folder` to it (but files matching
-    `ignore_patterns`, e.g. a training run's `checkpoint-*`); returns the repo URL."""
+    `ignore_patterns`, e.g. a training run's `checkpoint-*`); returns the repo URL. A failed upload (no network,
+    an HTTP error, no token) raises `HubUploadError`: one line naming the repo, the reason, the saved folder and the
+    `hf upload` command that pushes it later."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot push: model folder '{folder}' does not exist.")
     if not hub_model_id:
         raise ValueError("push_to_hub needs a hub_model_id (--hub_model_id NAMESPACE/NAME).")
-    repo_url = create_repo(hub_model_id, token=token, private=private, exist_ok=True)
-    upload_folder(
-        repo_id=repo_url.repo_id,
-        folder_path=folder,
-        commit_message=commit_message or f"Upload {model_name_for(folder)} with hf-moe",
-        token=token,
-        ignore_patterns=ignore_patterns,
-    )
+    try:
+        repo_url = create_repo(hub_model_id, token=token, private=private, exist_ok=True)
+        upload_folder(
+            repo_id=repo_url.repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {model_name_for(folder)} with hf-moe",
+            token=token,
+            ignore_patterns=ignore_patterns,
+        )
+    except (OSError, _HTTP_ERROR) as err:  # no network, an HTTP error (auth, quota), offline mode, no token
+        raise HubUploadError(folder, hub_model_id, err, private=private, ignore_patterns=ignore_patterns) from err
     logger.info(f"Pushed {folder} to {repo_url}")
     return str(repo_url)
 

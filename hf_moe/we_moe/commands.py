@@ -85,7 +85,7 @@ def merge_wemoe_command(argv: list[str]) -> None:
     parser = HfArgumentParser(
         (MergeWEMoEArguments, HubArguments), prog="hf-moe merge-wemoe", description=merge_wemoe.__doc__.split("\n")[0]
     )
-    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP the fine-tunes come from (Hub id or folder).")
+    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP (Hub id or folder).")
     parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE, one per task.")
     args, hub_args, positional = parse_command_line(parser, argv)
     merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), **vars(hub_args), return_model=False)
@@ -150,7 +150,7 @@ def merge_command(argv: list[str]) -> None:
     parser = HfArgumentParser(
         (MergeArguments, HubArguments), prog="hf-moe merge", description=merge_clip_vision.__doc__.split("\n")[0]
     )
-    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP the fine-tunes come from (Hub id or folder).")
+    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP (Hub id or folder).")
     parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE.")
     args, hub_args, positional = parse_command_line(parser, argv)
     names = {"scaling": "scaling", "ties_density": "density", "ties_trim": "trim", "ties_aggregation": "aggregation"}
