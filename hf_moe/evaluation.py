@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .arguments import parse_command_line
 from .class_names import CLASS_NAME_SETS, resolve_class_names
 from .fileio import atomic_output_file
 from .metrics import load_metric
@@ -682,7 +683,7 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
         raise ValueError(f"Unknown evaluation task '{task}'; choose one of {', '.join(EVAL_TASKS)}.")
     arguments_class, help_text = EVAL_TASKS[task]
     parser = HfArgumentParser(arguments_class, prog=f"hf-moe eval {task}", description=help_text)
-    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    (args,) = parse_command_line(parser, argv[1:])
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
     load_kwargs: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .arguments import parse_command_line
 from .fileio import atomic_output_dir
 
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if dataset not in READERS:
         raise ValueError(f"Unknown dataset '{dataset}'; choose one of {', '.join(READERS)}.")
     parser = HfArgumentParser(PrepareArguments, prog=f"hf-moe prepare {dataset}")
-    (args,) = parser.parse_args_into_dataclasses(argv[1:])
+    (args,) = parse_command_line(parser, argv[1:])
     return prepare_captioned_folder(
         dataset,
         args.annotations,

@@ -4,7 +4,7 @@
 
     hf-moe mode embed --data SHARDS --output_dir EMB [--encoder princeton-nlp/sup-simcse-bert-base-uncased]
     hf-moe mode cluster --data SHARDS --num_experts N --output_dir DIR [--num_fine_clusters 1024]
-    hf-moe mode train-expert --seed_model CLIP --data DATA --clusters DIR --expert K --output_dir OUT
+    hf-moe mode train-expert --base CLIP --data DATA --clusters DIR --expert K --output_dir OUT
         [--other_share 0.02] [TrainingArguments flags]
     hf-moe mode build EXPERT [EXPERT ...] --clusters DIR --output_dir OUT
     hf-moe mode report --model OUT --tasks TASK_DIR [TASK_DIR ...] [--output report.csv]
