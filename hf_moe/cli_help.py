@@ -49,6 +49,9 @@ HELP = {
         "                        class names, else 'default'), 'default' (8), 'imagenet' (OpenAI's 80) or a\n"
         "                        text file with one template per line, '{}' standing for the class name.\n"
         "                        (default: auto)\n"
+        "\n"
+        "The options may also come from a JSON or YAML file given first (keys: the option names without\n"
+        "'--'); flags after the file win.\n"
     ),
     "eval retrieval": (
         "usage: hf-moe eval retrieval [-h] --model MODEL --data DATA [--output OUTPUT]\n"
@@ -76,6 +79,9 @@ HELP = {
         "  --max_captions_per_image MAX_CAPTIONS_PER_IMAGE, --max-captions-per-image MAX_CAPTIONS_PER_IMAGE\n"
         "                        Score the first N non-empty captions of each image, as the COCO /\n"
         "                        Flickr30k protocols (5); 0: all. (default: 5)\n"
+        "\n"
+        "The options may also come from a JSON or YAML file given first (keys: the option names without\n"
+        "'--'); flags after the file win.\n"
     ),
     "prepare": (
         "usage: hf-moe prepare {coco,flickr30k} --annotations FILE --images DIR --output_dir DIR [--skip_missing] [--copy_images] [--overwrite]\n"
@@ -114,6 +120,9 @@ HELP = {
         "                        fail). (default: False)\n"
         "  --overwrite [OVERWRITE]\n"
         "                        Replace a non-empty --output_dir. (default: False)\n"
+        "\n"
+        "The options may also come from a JSON or YAML file given first (keys: the option names without\n"
+        "'--'); flags after the file win.\n"
     ),
     "prepare flickr30k": (
         "usage: hf-moe prepare flickr30k [-h] --annotations ANNOTATIONS --images IMAGES --output_dir\n"
@@ -137,6 +146,9 @@ HELP = {
         "                        fail). (default: False)\n"
         "  --overwrite [OVERWRITE]\n"
         "                        Replace a non-empty --output_dir. (default: False)\n"
+        "\n"
+        "The options may also come from a JSON or YAML file given first (keys: the option names without\n"
+        "'--'); flags after the file win.\n"
     ),
     "demo": (
         "usage: hf-moe demo [-h] [--output_dir OUTPUT_DIR] [--family {all,clip_moe,we_moe,moiie,mode}]\n"
