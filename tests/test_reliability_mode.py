@@ -262,3 +262,25 @@ def test_a_non_finite_embedding_is_named_by_shard_row_and_key_before_anything_is
     with pytest.raises(ValueError, match=rf"Embedding shard {bad_shard}: row {row % 4} \(pair key '{key}'\) holds NaN"):
         cluster_main(argv)
     assert_nothing_written(output)
+
+
+def test_embed_refuses_a_non_finite_embedding_naming_the_caption(parts, inputs, tmp_path, monkeypatch):  # noqa: F811
+    from hf_moe.mode import embed as embed_module
+
+    embed_texts = embed_module.embed_texts
+
+    def overflowing(*args, **kwargs):
+        embeddings = embed_texts(*args, **kwargs).clone()
+        embeddings[2, 0] = float("inf")
+        return embeddings
+
+    monkeypatch.setattr(embed_module, "embed_texts", overflowing)
+    output = tmp_path / "embeddings"
+    argv = ["--data", str(inputs["data"]), "--output_dir", str(output), "--encoder", str(parts["bert"])]
+    with pytest.raises(
+        ValueError,
+        match=r"NaN or infinite embeddings for 1 caption\(s\) of shard "
+        r"embeddings-00000\.safetensors, the first at row 2 \(pair key '00002\.png', caption",
+    ):
+        embed_main(argv)
+    assert not shard_path(output, 0).exists()

@@ -183,6 +183,14 @@ def embed_captions(args: EmbedArguments, encoder_args: EncoderArguments) -> Path
                 continue
             keys, texts = zip(*shard)
             embeddings = embed_texts(model, tokenizer, list(texts), encoder_args)
+            bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"The encoder '{encoder_args.encoder}' gave NaN or infinite embeddings for {len(bad)} caption(s) "
+                    f"of shard {path.name}, the first at row {bad[0]} (pair key {keys[bad[0]]!r}, caption "
+                    f"{texts[bad[0]][:80]!r}): nothing of this shard is written. Is the encoder's checkpoint damaged, "
+                    "or does it overflow in its dtype?"
+                )
             with atomic_output_file(path) as tmp:
                 save_file({"embeddings": embeddings.contiguous()}, tmp, metadata={"keys": json.dumps(list(keys))})
             todo_done += 1
