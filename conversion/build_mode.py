@@ -61,6 +61,7 @@ NOT_ARCHITECTURE = {
     "attn_implementation",
     "initializer_range",
     "initializer_factor",
+    "logit_scale_init_value",
     "dropout",
     "attention_dropout",
     "hidden_dropout",
@@ -296,7 +297,10 @@ def build_mode(
     """Build a `MoDEModel` from trained CLIP data experts and the clusters of `hf-moe mode cluster`.
 
     Args:
-        experts: Hub ids or folders of the `CLIPModel` experts, expert k trained on coarse cluster k.
+        experts: Hub ids or folders of the `CLIPModel` experts, expert k trained on coarse cluster k. An expert
+            folder of `hf-moe mode train-expert` is checked against its job record: trained as `--expert k`, on
+            these clusters (`clusters_id`), to completion; no expert may be given twice. An expert without a
+            record (trained elsewhere) is accepted with a warning.
         clusters: The clusters folder (`clusters.json`, `centers.safetensors`).
         output_dir: New or empty folder (`overwrite=True` replaces a non-empty one); may not hold an input.
         clustering_encoder: The text encoder the clusters were made with (default: `encoder.name_or_path` of

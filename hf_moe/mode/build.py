@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser(
         (BuildArguments, HubArguments), prog="hf-moe mode build", description=build_mode.__doc__.split("\n")[0]
     )
-    parser.add_argument("experts", nargs="+", metavar="EXPERT", help="The CLIP data experts, expert k = cluster k.")
+    parser.add_argument(
+        "experts",
+        nargs="+",
+        metavar="EXPERT",
+        help="The CLIP data experts, expert k = cluster k (checked against each `mode train-expert` job record).",
+    )
     args, hub_args, positional = parse_command_line(parser, argv)
     build_mode(positional.experts, **vars(args), **vars(hub_args), return_model=False)
     print(f"Built a {len(positional.experts)}-expert MoDE model in {args.output_dir}")
