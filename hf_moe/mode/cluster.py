@@ -21,6 +21,9 @@ Outputs (read by `hf-moe mode train-expert` and `hf-moe mode build`):
   smallest and largest fine cluster over all pairs (`fine_sizes_min_max`) and over the balanced sample
   (`sample_fine_sizes_min_max`). Written last: its presence means the clustering is complete.
 
+Before the job is recorded, `--embeddings` must be a complete `hf-moe mode embed` output of `--data`, and every
+shard is read once: a NaN or infinite embedding is refused naming its shard file, row and pair key.
+
 Every file is written atomically. A killed run resumes: the centers, once saved, are reused, and only missing
 assignment parts are computed. The options and the data's fingerprint are recorded in `DIR/hf_moe_job.json`, and a
 re-run with other options or changed data is refused.
