@@ -325,7 +325,6 @@ def test_a_kill_during_the_final_save_resumes_without_training_past_max_steps(na
     mark_incomplete(out)
     with caplog.at_level("WARNING"):
         assert run(trainer_inputs, out) == 0
-    assert f"({max_steps} of {max_steps})" in caplog.text
     job = job_record(out)
     assert job["complete"] is True and job["global_step"] == max_steps
     assert not (out / f"checkpoint-{max_steps + 1}").exists()
@@ -334,6 +333,7 @@ def test_a_kill_during_the_final_save_resumes_without_training_past_max_steps(na
     assert resumed.keys() == final.keys()
     for key in final:  # exactly the uninterrupted run's: the checkpoint's weights, no step more
         assert torch.equal(resumed[key], final[key]), key
+    assert f"({max_steps} of {max_steps})" in caplog.text
 
 
 def test_mcl_killed_while_saving_a_stage_resumes_without_training_past_max_steps(trainer_inputs, tmp_path, caplog):
@@ -346,10 +346,11 @@ def test_mcl_killed_while_saving_a_stage_resumes_without_training_past_max_steps
     mark_incomplete(out)
     with caplog.at_level("WARNING"):
         assert _mcl(trainer_inputs, out) == 0
-    assert "(2 of 2)" in caplog.text and not (out / "stage1-run" / "checkpoint-3").exists()
+    assert not (out / "stage1-run" / "checkpoint-3").exists()
     resumed = load_file(out / "stage1" / "model.safetensors")
     for key in stage1:
         assert torch.equal(resumed[key], stage1[key]), key
+    assert "(2 of 2)" in caplog.text
     assert job_record(out)["complete"] is True
 
 
