@@ -13,6 +13,8 @@ the unread rest of a truncated or corrupt shard (the shards after it are still r
 `ImageTextCollator` turns rows into model inputs with the model's own processor.
 """
 
+import contextlib
+import csv
 import functools
 import gzip
 import io
@@ -29,6 +31,7 @@ from glob import glob
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import numpy as np
 import torch
 from datasets import Dataset, Features, Image, IterableDataset, Value, load_dataset
@@ -110,6 +113,7 @@ def load_image_text_dataset(
     text_column: str = "text",
     validate: bool = True,
     num_proc: int | None = None,
+    allow_outside_image_paths: bool | None = None,
 ) -> Dataset | IterableDataset:
     """Load image-caption pairs from an image folder, an img2dataset folder or webdataset tar shards.
 
@@ -143,6 +147,10 @@ def load_image_text_dataset(
             `validate_image_text_dataset` yourself and get its `SkipReport`.
         num_proc (`int`, *optional*):
             Processes for the up-front check of a map-style dataset.
+        allow_outside_image_paths (`bool`, *optional*):
+            Accept imagefolder metadata whose image paths are absolute or climb out of the metadata's folder
+            (`../`); refused by default, naming the file, line and value. Unset: the environment variable
+            `HF_MOE_ALLOW_OUTSIDE_IMAGE_PATHS=1` allows them (how the `hf-moe` commands take this option).
 
     Returns:
         `datasets.Dataset` or `datasets.IterableDataset`.
@@ -151,7 +159,13 @@ def load_image_text_dataset(
     if streaming is None:
         streaming = layout == "webdataset"
     if layout == "imagefolder":
-        dataset = _load_imagefolder(source, split, streaming, image_column, text_column)
+        if allow_outside_image_paths is None:
+            allow_outside_image_paths = os.environ.get(ALLOW_OUTSIDE_ENV, "").strip().lower() in ("1", "true", "yes")
+        outside = check_metadata_image_paths(source, split, allow_outside_image_paths)
+        if outside:
+            dataset = _load_metadata_by_hand(source, split, streaming, image_column, text_column)
+        else:
+            dataset = _load_imagefolder(source, split, streaming, image_column, text_column)
     elif layout == "img2dataset":
         dataset = _load_img2dataset(source, streaming, text_column)
     else:
@@ -324,13 +338,130 @@ def _expand_braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in _expand_braces(head + option + tail)]
 
 
+# Image paths of imagefolder metadata
+
+
+ALLOW_OUTSIDE_ENV = "HF_MOE_ALLOW_OUTSIDE_IMAGE_PATHS"
+
+
+def _metadata_files(folder: Path, split: str) -> list[Path]:
+    """The metadata files datasets' imagefolder reads for `split`: at the top of `folder`, else in its split
+    sub-folder (`train/metadata.jsonl`)."""
+    for directory in (folder, folder / split):
+        found = [directory / name for name in METADATA_FILENAMES if (directory / name).is_file()]
+        if found:
+            return found
+    return []
+
+
+def _metadata_rows(path: Path):
+    """`(where, {column: value})` of every row of a metadata file, `where` naming the file and line (or row)."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path} line {number} is not JSON ({err}): {line.strip()[:200]!r}.") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path} line {number} is not a JSON object: {line.strip()[:200]!r}.")
+                yield f"{path} line {number}", row
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as file:
+            # Line numbers of the file: the header is line 1 (a caption with a newline makes this approximate).
+            for number, row in enumerate(csv.DictReader(file), start=2):
+                yield f"{path} line {number}", row
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=[n for n in pq.read_schema(path).names if _is_file_name_column(n)])
+        for number, row in enumerate(table.to_pylist()):
+            yield f"{path} row {number}", row
+
+
+def _is_file_name_column(name: str) -> bool:
+    return name == "file_name" or name.endswith("_file_name")
+
+
+def _outside_folder(value: str) -> bool:
+    """Whether a metadata image path is absolute or climbs out of the metadata's folder (`../`)."""
+    normal = os.path.normpath(value)
+    return os.path.isabs(value) or os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep)
+
+
+def check_metadata_image_paths(folder: str | Path, split: str = "train", allow_outside: bool = False) -> bool:
+    """Check the image paths (`file_name` / `*_file_name`) of an image folder's metadata, before anything loads.
+
+    An absolute path or one that climbs out of the metadata's folder (`../`) is refused, naming the file, line and
+    value: a data set must not read files outside its folder unless asked to. With `allow_outside`, such paths are
+    accepted. Returns whether any path lies outside (datasets' imagefolder cannot load those: the caller loads the
+    metadata itself).
+    """
+    outside = False
+    for path in _metadata_files(Path(folder), split):
+        for where, row in _metadata_rows(path):
+            for column, value in row.items():
+                if not _is_file_name_column(column) or not isinstance(value, str) or not _outside_folder(value):
+                    continue
+                if not allow_outside:
+                    raise ValueError(
+                        f"{where}: {column} {value!r} lies outside {path.parent} (an absolute path or '../'); image "
+                        f"paths in {path.name} must be relative to its folder. To read images from elsewhere, pass "
+                        f"allow_outside_image_paths=True (hf-moe commands: set {ALLOW_OUTSIDE_ENV}=1)."
+                    )
+                outside = True
+    return outside
+
+
+def _load_metadata_by_hand(
+    folder: Path, split: str, streaming: bool, image_column: str, text_column: str
+) -> Dataset | IterableDataset:
+    """An image folder whose metadata names images outside it (allowed by the caller): datasets' imagefolder refuses
+    such paths, so the metadata is read as a table and its paths resolved against the metadata's folder."""
+    files = _metadata_files(folder, split)
+    if len(files) > 1:
+        raise ValueError(f"{folder} has several metadata files ({[f.name for f in files]}); keep one.")
+    metadata = files[0]
+    kind = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[metadata.suffix]
+    with quiet_local_loading():
+        table = load_dataset(kind, data_files=str(metadata), split="train")
+    for column in [name for name in table.column_names if _is_file_name_column(name)]:
+        feature = "image" if column == "file_name" else column[: -len("_file_name")]
+        # os.path.join keeps an absolute path as it is and resolves a relative one against the metadata's folder.
+        paths = [None if v is None else os.path.normpath(os.path.join(metadata.parent, v)) for v in table[column]]
+        table = table.remove_columns(column).add_column(feature, paths).cast_column(feature, Image())
+    dataset = table.to_iterable_dataset() if streaming else table
+    return _rename_metadata_columns(dataset, folder, image_column, text_column)
+
+
 # Loaders
+
+
+@contextlib.contextmanager
+def quiet_local_loading():
+    """datasets' progress bars off while local files load: for a local folder its "Downloading data" bar counts
+    files it only hashes, and "Generating train split" repeats the count the check that follows shows with its
+    own bar."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _load_imagefolder(
     folder: Path, split: str, streaming: bool, image_column: str, text_column: str
 ) -> Dataset | IterableDataset:
-    dataset = load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=streaming)
+    with quiet_local_loading():
+        dataset = load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=streaming)
+    return _rename_metadata_columns(dataset, folder, image_column, text_column)
+
+
+def _rename_metadata_columns(dataset, folder: Path, image_column: str, text_column: str):
     columns = list(dataset.features)
     sources = {image_column: "image", text_column: "text"}
     for source, target in sources.items():
@@ -557,6 +688,46 @@ def _validate_map_style(
         return dataset, report
     logger.warning(f"Image-text data: {report.summary()}.")
     return dataset.select(keep), report
+
+
+def drop_unreadable_images(
+    dataset: Dataset, image_column: str = "image", name: str = "Image data", num_proc: int | None = None
+) -> tuple[Dataset, SkipReport]:
+    """Drop the rows whose image is missing or cannot be decoded, and count them: the image-only check of
+    `validate_image_text_dataset`, for data without captions (class-folder image sets). Skips are logged at warning
+    level under `name` with a few of the files.
+
+    Returns:
+        `tuple[Dataset, SkipReport]`: the dataset without the bad rows (its features unchanged) and the report.
+    """
+    undecoded = dataset
+    if isinstance(dataset.features[image_column], Image):
+        undecoded = dataset.cast_column(image_column, Image(decode=False))
+    checked = undecoded.select_columns([image_column])
+    reasons = checked.map(
+        _image_problems,
+        batched=True,
+        input_columns=[image_column],
+        remove_columns=[image_column],
+        num_proc=num_proc,
+        desc=f"Checking the images of {name}",
+        new_fingerprint=_fingerprint(checked, "validate-images"),
+    )["skip_reason"]
+    report = SkipReport(num_rows=len(dataset))
+    keep = []
+    for row, reason in enumerate(reasons):
+        if reason is None:
+            keep.append(row)
+        else:
+            report.record(reason, lambda row=row: _where(undecoded[row], image_column, row))
+    if not report.num_skipped:
+        return dataset, report
+    logger.warning(f"{name}: {report.summary()}.")
+    return dataset.select(keep), report
+
+
+def _image_problems(images: list) -> dict[str, list[str | None]]:
+    return {"skip_reason": [_image_problem(image) for image in images]}
 
 
 def _fingerprint(dataset: Dataset, step: str, *args) -> str:

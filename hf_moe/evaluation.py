@@ -156,7 +156,10 @@ def load_image_dataset(data, split: str | None = None):
         path = Path(data).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"Data folder '{data}' does not exist.")
-        data = datasets.load_dataset("imagefolder", data_dir=str(path))
+        from .data import quiet_local_loading
+
+        with quiet_local_loading():
+            data = datasets.load_dataset("imagefolder", data_dir=str(path))
     if isinstance(data, datasets.DatasetDict):
         if split is None:
             if len(data) == 1:
@@ -327,7 +330,7 @@ def class_names_of(dataset, class_names=None) -> list[str]:
     return dataset_class_names(dataset, class_names)[0]
 
 
-def dataset_class_names(dataset, class_names=None) -> tuple[list[str], str | None]:
+def dataset_class_names(dataset, class_names=None, source=None) -> tuple[list[str], str | None]:
     """Class names indexed by label id, and the shipped set they come from (`"imagenet"`, ... or `None`).
 
     The data's class folders are the names of its `label` ClassLabel feature (image-folder sub-folders). Without
@@ -335,14 +338,47 @@ def dataset_class_names(dataset, class_names=None) -> tuple[list[str], str | Non
     get OpenAI's ImageNet names. `class_names` may be a shipped set (`"imagenet"`, `"cifar10"`, `"cifar100"`:
     folders matched by WordNet id, label id or name), a file (one name per line in folder order, or JSON folder ->
     name), a sequence of names in label order or a mapping folder -> name; see
-    `hf_moe.class_names.resolve_class_names`."""
+    `hf_moe.class_names.resolve_class_names`. `source` (the data's folder) is named in errors.
+
+    Raises a `ValueError` for data without class labels (such as a folder with a single class sub-folder)."""
     import datasets
 
     if "label" not in dataset.column_names:
-        raise ValueError(f"The data has no 'label' column (columns: {dataset.column_names}).")
+        raise ValueError(_no_labels_message(dataset, source))
     feature = dataset.features["label"]
     folders = feature.names if isinstance(feature, datasets.ClassLabel) else None
     return resolve_class_names(folders, class_names)
+
+
+def _no_labels_message(dataset, source=None) -> str:
+    """Why class-folder data has no `label` column, naming its folder and what a classification set needs."""
+    folder = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else _image_folder_of(dataset)
+    what = f"The data in {folder}" if folder is not None else "The data"
+    found = ""
+    if folder is not None and folder.is_dir():
+        classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+        if len(classes) == 1:
+            found = f" It has a single class sub-folder ({classes[0]!r}), and datasets' imagefolder labels none."
+        elif not classes:
+            found = " It has no class sub-folders (its images are not grouped by class)."
+    return (
+        f"{what} has no class labels (no 'label' column; columns: {dataset.column_names}).{found} A classification "
+        "task needs one sub-folder per class, at least two (FOLDER/CLASS_A/*.png, FOLDER/CLASS_B/*.png): the "
+        "sub-folder names are the class names."
+    )
+
+
+def _image_folder_of(dataset) -> Path | None:
+    """The folder of a local image folder's images (where they sit in common), or None."""
+    import datasets
+
+    if "image" not in dataset.column_names or not isinstance(dataset.features["image"], datasets.Image):
+        return None
+    rows = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))[:64]["image"]
+    paths = [row.get("path") for row in rows if isinstance(row, dict)]
+    if not paths or not all(paths) or not all(os.path.isabs(path) for path in paths):
+        return None
+    return Path(os.path.commonpath([os.path.dirname(path) for path in paths]))
 
 
 def class_embeddings(model, processor, class_names, templates, batch_size=64, device=None, progress=True):
@@ -390,7 +426,8 @@ def zero_shot_classification(
     """
     check_batch_size(batch_size)
     dataset = load_image_dataset(data, split)
-    names, class_name_set = dataset_class_names(dataset, class_names)
+    source = data if isinstance(data, (str, os.PathLike)) else None
+    names, class_name_set = dataset_class_names(dataset, class_names, source)
     templates = resolve_templates(templates, class_name_set)
     with EvalMode(model, device):
         classes = class_embeddings(model, processor, names, templates, batch_size, device, progress)
@@ -696,7 +733,7 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     dataset = load_image_dataset(args.data, args.split)
     if task == "zero-shot":
         templates = templates_option(args.templates)
-        dataset_class_names(dataset, args.class_names)
+        dataset_class_names(dataset, args.class_names, args.data)
     else:
         if args.max_captions_per_image < 0:
             raise ValueError(f"--max_captions_per_image must be >= 0 (0: all), got {args.max_captions_per_image}.")

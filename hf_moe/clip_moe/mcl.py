@@ -319,8 +319,15 @@ def _build_moe(mcl_args, training_args, stage_dirs: list[Path], moe_dir: Path) -
     """The CLIP-MoE of the stage checkpoints, with its model card, written atomically to `moe_dir`."""
     from ..hub import write_model_card
 
+    # upcycle_clip names the folder it writes, here the temporary one: its message gives way to one naming moe_dir.
+    upcycle_logger = logging.get_logger(upcycle_clip.__module__)
+    level = upcycle_logger.level
     with atomic_output_dir(moe_dir) as tmp:
-        upcycle_clip(stage_dirs, tmp, top_k=mcl_args.top_k, overwrite=True)
+        upcycle_logger.setLevel(max(logging.WARNING, upcycle_logger.getEffectiveLevel()))
+        try:
+            upcycle_clip(stage_dirs, tmp, top_k=mcl_args.top_k, overwrite=True)
+        finally:
+            upcycle_logger.setLevel(level)
         write_model_card(
             tmp,
             base_model=mcl_args.base,
@@ -333,6 +340,7 @@ def _build_moe(mcl_args, training_args, stage_dirs: list[Path], moe_dir: Path) -
                 "`hf-moe train-router`)."
             ),
         )
+    logger.info(f"Built the {mcl_args.num_experts}-expert top-{mcl_args.top_k} CLIP-MoE of the MCL stages in {moe_dir}")
 
 
 def _how_built(mcl_args, training_args) -> str:

@@ -329,7 +329,12 @@ def _per_task(values: list | None, count: int, option: str) -> list:
 
 
 def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
-    """{task: dataset}, {task: class names}, {task: templates} of `script_args.tasks` (validated)."""
+    """{task: dataset}, {task: class names}, {task: templates} of `script_args.tasks` (validated).
+
+    Images that cannot be decoded are skipped, counted and logged (a warning per task naming a few of the files),
+    as the image-text commands skip them; a task left without images, or whose folder has no class labels, is
+    refused naming its folder. Run before anything is written."""
+    from ..data import drop_unreadable_images
     from ..evaluation import dataset_class_names, load_image_dataset, resolve_templates, templates_option
 
     if not script_args.tasks:
@@ -339,8 +344,11 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
     template_options = _per_task(script_args.templates, len(names), "--templates")
     datasets, class_names, templates = {}, {}, {}
     for name, folder, classes, template in zip(names, script_args.tasks, class_options, template_options):
-        datasets[name] = load_image_dataset(folder, script_args.split)
-        class_names[name], class_set = dataset_class_names(datasets[name], classes)
+        dataset = load_image_dataset(folder, script_args.split)
+        class_names[name], class_set = dataset_class_names(dataset, classes, folder)
+        datasets[name], report = drop_unreadable_images(dataset, name=f"Task '{name}' ({folder})")
+        if report.num_rows and not report.num_kept:
+            raise ValueError(f"Task '{name}': no image of {folder} can be read ({report.summary()}).")
         known = clip_task_templates(name) if template in (None, "auto") and class_set is None else None
         templates[name] = known or resolve_templates(templates_option(template), class_set)
     return datasets, class_names, templates
