@@ -294,3 +294,39 @@ def test_plain_tensor_projector_bin_still_loads(tmp_path):
     (folder / "mm_projector.bin").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(OSError, match="corrupt or truncated"):
         read_projector(folder)
+
+
+def test_the_check_agrees_with_the_collator_at_every_max_length():
+    processor = toy_processor()
+    rows = [
+        {"id": "a", "images": ["x"], "conversations": SAMPLES[0]["conversations"]},
+        {"id": "b", "images": [], "conversations": SAMPLES[1]["conversations"]},
+        {"id": "q", "images": [], "conversations": SAMPLES[1]["conversations"][:1]},
+        {
+            "id": "two",
+            "images": ["x", "y"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat digit ?"},
+                {"from": "gpt", "value": "seven"},
+                {"from": "human", "value": "<image>\nand this ?"},
+                {"from": "gpt", "value": "three"},
+            ],
+        },
+    ]
+    tokens = {"a": [5], "b": [], "q": [], "two": [3, 6]}
+    checked = 0
+    for max_length in [None, *range(1, 60)]:
+        collator = MoIIECollator(processor, max_length=max_length)
+        for row in rows:
+            try:
+                labels = collator.encode(row, tokens[row["id"]])["labels"]
+                expected = any(label != -100 for label in labels)
+            except ValueError as err:
+                expected = str(err)
+            try:
+                got = collator.check(row, tokens[row["id"]])
+            except ValueError as err:
+                got = str(err)
+            assert got == expected, (row["id"], max_length)
+            checked += isinstance(expected, str)
+    assert checked  # some lengths cut into images

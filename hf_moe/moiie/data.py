@@ -147,23 +147,29 @@ def load_conversations(
 
 
 def check_image(path: str | Path, where: str) -> tuple[int, int]:
-    """(width, height) of the image file `path`, after checking that it is complete without decoding it in full:
-    PIL's `verify` (PNG: every chunk's checksum) or, for a JPEG, a decode at 1/8 scale, which reads the whole
-    stream. Raises an OSError naming `where` for a missing, truncated or corrupt file."""
+    """(width, height) of the image file `path`, after checking that it is complete without decoding it: PIL's
+    `verify` (for a PNG, every chunk's checksum), and for a JPEG its end-of-image marker; a JPEG without one (cut
+    off, or with data appended after the image) is decoded at 1/8 scale, which reads the whole stream. Raises an
+    OSError naming `where` for a missing, truncated or corrupt file."""
     try:
         with Image.open(path) as image:
             size = image.size
-            if image.format == "JPEG":
-                # verify() does not read a JPEG's data; a draft decode does, at a fraction of a full decode's cost
+            if image.format != "JPEG":
+                image.verify()
+            elif not _ends_with_jpeg_eoi(path):
                 image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
                 image.load()
-            else:
-                image.verify()
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image file {path} does not exist.") from None
     except IMAGE_ERRORS as err:
         raise OSError(f"{where}: image file {path} is corrupt or truncated ({err}).") from err
     return size
+
+
+def _ends_with_jpeg_eoi(path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-2, os.SEEK_END)
+        return handle.read(2) == b"\xff\xd9"
 
 
 def check_conversations(
@@ -179,7 +185,8 @@ def check_conversations(
     - each turn has a known `from` role and a string `value`, and `conversations` is a list;
     - each image file exists and is a complete image (`check_image`);
     - the `<image>` placeholders match the sample's images, and `max_length` does not cut into an image's tokens
-      (the collator's own tokenization, so the check agrees with training);
+      (`MoIIECollator.check`: the collator's own chat template and tokenization, so the check agrees with
+      training, without expanding the images' tokens);
     - some sample has answer (assistant) tokens left after truncation: refuses data that would train on a loss of
       0, and warns with a count when only some samples have none.
 
@@ -190,6 +197,7 @@ def check_conversations(
 
     collator = MoIIECollator(processor, max_length=max_length)
     without_answer: list[str] = []
+    sizes: dict[str, tuple[int, int]] = {}
     total = 0
     for row in tqdm(dataset, desc=f"Checking {Path(json_path).name}", unit=" samples", disable=disable_progress):
         total += 1
@@ -200,14 +208,15 @@ def check_conversations(
             raise ValueError(f"{_where(json_path, sample_id, field)}: {reason}.")
         tokens = []
         for path in row["images"]:
-            width, height = check_image(path, _where(json_path, sample_id, "image"))
-            tokens.append(collator.tokens_for_size(width, height))
+            if path not in sizes:  # an image shared by several samples is read once
+                sizes[path] = check_image(path, _where(json_path, sample_id, "image"))
+            tokens.append(collator.tokens_for_size(*sizes[path]))
         try:
-            encoded = collator.encode(row, tokens)
+            has_answer = collator.check(row, tokens)
         except ValueError as err:
-            field = "conversations" if "placeholder" in str(err) else "--max_length"
+            field = "--max_length" if "max_length=" in str(err) else "conversations"
             raise ValueError(f"{_where(json_path, sample_id, field)}: {err}") from err
-        if all(label == IGNORE_INDEX for label in encoded["labels"]):
+        if not has_answer:
             without_answer.append(sample_id)
     if total == 0:
         raise ValueError(f"'{json_path}' holds no samples.")
@@ -275,6 +284,62 @@ class MoIIECollator:
             out += token * tokens_per_image[start + offset] + piece
         return out, start + len(pieces) - 1
 
+    def check(self, row: dict, tokens_per_image: list[int]) -> bool:
+        """Whether `row` keeps an answer (assistant) token after `max_length` truncation; raises the `ValueError`s
+        `encode` would (turns, placeholder count, `max_length` cutting into an image), at a fraction of its cost.
+
+        One chat-template render counts the placeholders; an assistant turn always has labelled tokens (`encode`
+        labels its whole span). With `max_length`, the rendered text is tokenized with each placeholder left as its
+        one token: `<image>` is an added token, which the tokenizer splits out before the text, so the text's tokens
+        are those of the expanded sample, and the expanded length is that plus each image's other tokens. Only a
+        sample longer than `max_length` then goes through `encode` (placeholders still unexpanded) to locate its
+        answers and images against the cut.
+        """
+        try:
+            messages = to_messages(row["conversations"])
+        except ValueError as err:
+            raise ValueError(f"Sample {row.get('id')!r}, field {err}") from None
+        full = self._render(messages)
+        self._check_placeholders(row, full, len(tokens_per_image))
+        has_assistant = any(message["role"] == "assistant" for message in messages)
+        if self.max_length is None:
+            return has_assistant
+        extra = sum(tokens_per_image) - len(tokens_per_image)
+        if len(self.tokenizer(full, add_special_tokens=False)["input_ids"]) + extra <= self.max_length:
+            return has_assistant
+        max_length, self.max_length = self.max_length, None
+        try:
+            encoded = self.encode(row, [1] * len(tokens_per_image))
+        finally:
+            self.max_length = max_length
+        input_ids, labels = encoded["input_ids"], encoded["labels"]
+        image_id, position, image, answer = self.processor.image_token_id, 0, 0, False
+        for token, label in zip(input_ids, labels):
+            width = tokens_per_image[image] if token == image_id else 1
+            if token == image_id:
+                image += 1
+                if position + width > max_length:  # `encode` refuses any image token past max_length
+                    raise ValueError(self._cut_message(row, len(input_ids) + extra))
+            elif label != IGNORE_INDEX and position < max_length:
+                answer = True
+            position += width
+        return answer
+
+    def _check_placeholders(self, row: dict, text: str, images: int) -> None:
+        placeholders = text.count(self.processor.image_token)
+        if placeholders != images:
+            raise ValueError(
+                f"Sample {row.get('id')!r} holds {placeholders} image placeholder(s) "
+                f"{self.processor.image_token!r} but {images} image(s)."
+            )
+
+    def _cut_message(self, row: dict, length: int | None = None) -> str:
+        long = f" is {length} tokens long;" if length is not None else ""
+        return (
+            f"Sample {row.get('id')!r}{long} max_length={self.max_length} would cut into its image tokens (an "
+            "image is never truncated: raise --max_length, or shorten the sample)."
+        )
+
     def encode(self, row: dict, tokens_per_image: list[int]) -> dict:
         """One sample: `input_ids` and `labels` (assistant-turn tokens only) as lists."""
         try:
@@ -282,12 +347,7 @@ class MoIIECollator:
         except ValueError as err:
             raise ValueError(f"Sample {row.get('id')!r}, field {err}") from None
         full = self._render(messages)
-        placeholders = full.count(self.processor.image_token)
-        if placeholders != len(tokens_per_image):
-            raise ValueError(
-                f"Sample {row.get('id')!r} holds {placeholders} image placeholder(s) "
-                f"{self.processor.image_token!r} but {len(tokens_per_image)} image(s)."
-            )
+        self._check_placeholders(row, full, len(tokens_per_image))
         expanded, _ = self._expand(full, tokens_per_image)
         # Character spans (in the expanded text) of each assistant turn: from the end of the prompt that asks for
         # it (the generation prompt) to the end of the conversation rendered up to and including it.
@@ -311,10 +371,7 @@ class MoIIECollator:
         if self.max_length is not None and len(input_ids) > self.max_length:
             image_id = self.processor.image_token_id
             if input_ids.count(image_id) != input_ids[: self.max_length].count(image_id):
-                raise ValueError(
-                    f"Sample {row.get('id')!r} is {len(input_ids)} tokens long; max_length={self.max_length} would "
-                    "cut into its image tokens."
-                )
+                raise ValueError(self._cut_message(row, len(input_ids)))
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": input_ids, "labels": labels}
 
