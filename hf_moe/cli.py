@@ -229,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         from .log_noise import quiet_library_noise
 
         quiet_library_noise(argv[1:])
+    from .fileio import output_dirs_held  # a command locks the output folder it checks until it returns
+
     try:
-        COMMANDS[argv[0]][0](argv[1:])
+        with output_dirs_held():
+            COMMANDS[argv[0]][0](argv[1:])
     except (ValueError, OSError) as err:  # bad input: a clear one-paragraph error instead of a traceback
         print(f"hf-moe {argv[0]}: error: {err}", file=sys.stderr)
         return 1

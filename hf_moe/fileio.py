@@ -225,6 +225,31 @@ def _release(path: Path) -> None:
         os.close(held[0])
 
 
+def _is_main_process() -> bool:
+    """Whether this is the main process of its run (torchrun / accelerate / DeepSpeed launchers set RANK): the
+    other processes of a multi-process run write under the main process's lock, never their own."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+# The `output_dirs_held` blocks open in this process, innermost last: the locks `check_output_dir` took in each.
+_HOLD_STACK: list[list["OutputDirLock"]] = []
+
+
+@contextlib.contextmanager
+def output_dirs_held() -> Iterator[None]:
+    """Within this block, every output folder `check_output_dir` accepts stays locked until the block ends (the
+    `hf-moe` command line runs each command in one), so that a converter holds its folder from its first check,
+    before any work, rather than only while it writes; outside, `check_output_dir` only checks the lock."""
+    holds: list[OutputDirLock] = []
+    _HOLD_STACK.append(holds)
+    try:
+        yield
+    finally:
+        _HOLD_STACK.remove(holds)
+        for lock in reversed(holds):
+            lock.release()
+
+
 def check_not_locked(output_dir: str | Path) -> None:
     """Raise `OutputFolderLocked` if another process holds the lock of `output_dir` (without taking it)."""
     output_dir = Path(output_dir).expanduser().resolve()
@@ -287,7 +312,11 @@ def check_output_dir(output_dir: str | Path, overwrite: bool = False, inputs: It
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"Output path {output_dir} exists and is not a folder.")
-    check_not_locked(output_dir)
+    if _is_main_process():
+        if _HOLD_STACK:
+            _HOLD_STACK[-1].append(OutputDirLock(output_dir).acquire())
+        else:
+            check_not_locked(output_dir)
     resolved = output_dir.expanduser().resolve()
     for item in inputs:
         if item is None or not Path(item).expanduser().exists():

@@ -20,7 +20,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from hf_moe.cli import main
-from hf_moe.fileio import OutputDirLock, OutputFolderLocked, atomic_output_dir, lock_path
+from hf_moe.fileio import (
+    OutputDirLock,
+    OutputFolderLocked,
+    atomic_output_dir,
+    check_output_dir,
+    lock_path,
+    output_dirs_held,
+)
 from hf_moe.toy_data import save_digit_caption_folder, save_digit_class_folders
 from hf_moe.training import JOB_FILE, JobMismatchError, TrainingJob, input_fingerprint
 
@@ -162,6 +169,29 @@ def test_upcycle_clip_into_a_folder_another_process_writes_is_refused(toy_clip_d
     with pytest.raises(OutputFolderLocked, match=f"process {process.pid}"):
         with atomic_output_dir(out):
             pytest.fail("the body must not run")
+
+
+TRY_LOCK = """
+import sys
+from hf_moe.fileio import OutputDirLock, OutputFolderLocked
+try:
+    OutputDirLock(sys.argv[1]).acquire()
+    print("locked")
+except OutputFolderLocked as err:
+    print(err)
+"""
+
+
+def test_a_command_holds_the_folder_it_checked_until_it_returns(tmp_path):
+    out = tmp_path / "out"
+    with output_dirs_held():  # as the command line runs every command
+        check_output_dir(out)  # a converter's first step, before any work
+        refused = subprocess.run([sys.executable, "-c", TRY_LOCK, str(out)], capture_output=True, text=True)
+        assert f"process {os.getpid()}" in refused.stdout, refused.stdout + refused.stderr
+        assert lock_path(out).exists()
+    assert not lock_path(out).exists()
+    check_output_dir(out)  # outside such a block the lock is only checked, not taken
+    assert not lock_path(out).exists()
 
 
 def test_a_training_job_refuses_a_folder_another_process_writes(holder):
