@@ -15,8 +15,10 @@ model's. The processor's chat template is the tokenizer's own only if it renders
 """
 
 import copy
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -115,21 +117,31 @@ def read_projector(folder: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _pickled_objects_refused(source, err) -> ValueError:
+    """The one-line refusal of a pickled weights file that holds Python objects besides tensors (`weights_only`
+    loading stops at the first one, so nothing of it runs)."""
+    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"'{source}' holds a pickled weights file with Python objects besides tensors, which hf-moe refuses to load "
+        f"(they could run any code; {reason}). Use weights saved as safetensors, or re-save them from a source you "
+        "trust as a plain state dict."
+    )
+
+
+def _lazy_checkpoint(source, **kwargs) -> LazyCheckpoint:
+    try:
+        return LazyCheckpoint(source, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise _pickled_objects_refused(source, err) from None
+
+
 def _load_projector_bin(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a pickled projector file (LLaVA's `mm_projector.bin`), loaded with `weights_only`: a file that
     holds other Python objects is refused with one line and never run (a pickle can execute any code)."""
-    import pickle
-    import zipfile
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"projector file '{path}' holds pickled Python objects besides tensors, which hf-moe refuses to load "
-            f"(they could run any code; {reason}). Use a projector saved as safetensors, or re-save this one from a "
-            "source you trust with torch.save(state_dict)."
-        ) from None
+        raise _pickled_objects_refused(f"projector file {path}", err) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise OSError(f"projector file '{path}' is corrupt or truncated ({' '.join(str(err).split())}).") from err
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
@@ -352,7 +364,7 @@ def upcycle_moiie(
             from transformers import LlavaForConditionalGeneration
 
             meta = _meta(lambda: LlavaForConditionalGeneration(copy.deepcopy(llm_config)))
-            checkpoint = LazyCheckpoint(llm, key_mapping=from_pretrained_names(meta))
+            checkpoint = _lazy_checkpoint(llm, key_mapping=from_pretrained_names(meta))
             input_dtype = checkpoint_dtype(llm_config, checkpoint)
             dense.add_checkpoint(checkpoint, lambda name: name, input_dtype)  # LLaVA's names are MoIIE's
             if "lm_head.weight" not in dense and text_config.tie_word_embeddings:
@@ -366,7 +378,7 @@ def upcycle_moiie(
 
             lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
             meta_lm = _meta(lambda: lm_class(copy.deepcopy(llm_config)))
-            lm = LazyCheckpoint(llm, key_mapping=from_pretrained_names(meta_lm))
+            lm = _lazy_checkpoint(llm, key_mapping=from_pretrained_names(meta_lm))
             input_dtype = checkpoint_dtype(llm_config, lm)
             dense.add_checkpoint(lm, lm_name, input_dtype)
             if "lm_head.weight" not in dense and llm_config.tie_word_embeddings:
@@ -379,7 +391,7 @@ def upcycle_moiie(
                     dense.add_tensor(name, tensor)
             vision_full_config = load_config(vision, require_moe=False)
             meta_tower = _meta(lambda: AutoModel.from_config(copy.deepcopy(vision_full_config)))
-            tower = LazyCheckpoint(vision, key_mapping=from_pretrained_names(meta_tower))
+            tower = _lazy_checkpoint(vision, key_mapping=from_pretrained_names(meta_tower))
             rename = vision_name(is_full_siglip=hasattr(meta_tower, "text_model"))
             dense.add_checkpoint(tower, rename, checkpoint_dtype(vision_full_config, tower))
         if projector_state is not None:

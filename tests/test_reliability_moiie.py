@@ -262,7 +262,7 @@ def test_pickled_projector_is_refused_and_never_run(tmp_path, capsys):
     folder = tmp_path / "projector"
     folder.mkdir()
     torch.save({"model.mm_projector.0.weight": Evil(marker)}, folder / "mm_projector.bin")
-    with pytest.raises(ValueError, match=r"mm_projector.bin' holds pickled Python objects"):
+    with pytest.raises(ValueError, match=r"mm_projector.bin' holds a pickled weights file with Python objects"):
         read_projector(folder)
     assert not marker.exists()
 
@@ -279,7 +279,7 @@ def test_pickled_projector_is_refused_and_never_run(tmp_path, capsys):
     argv = ["upcycle-moiie", "--llm", str(llm), "--vision", str(vision), "--projector", str(folder)]
     assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "hf-moe upcycle-moiie: error:" in err and "pickled Python objects" in err and "Traceback" not in err
+    assert "hf-moe upcycle-moiie: error:" in err and "Python objects besides tensors" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -330,3 +330,18 @@ def test_the_check_agrees_with_the_collator_at_every_max_length():
             assert got == expected, (row["id"], max_length)
             checked += isinstance(expected, str)
     assert checked  # some lengths cut into images
+
+
+def test_llava_folder_with_pickled_objects_is_refused_and_never_run(tmp_path, capsys):
+    from moiie_dense import save_dense_parts
+    from test_upcycle_moiie import TEXT
+    from transformers import Phi3ForCausalLM
+
+    save_dense_parts(tmp_path, TEXT, Phi3ForCausalLM, "phi3")
+    marker = tmp_path / "pwned"
+    (tmp_path / "llava" / "model.safetensors").unlink()
+    torch.save({"model.language_model.embed_tokens.weight": Evil(marker)}, tmp_path / "llava" / "pytorch_model.bin")
+    assert main(["upcycle-moiie", "--llm", str(tmp_path / "llava"), "--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "hf-moe upcycle-moiie: error:" in err and "llava' holds a pickled weights file" in err
+    assert "Traceback" not in err and not marker.exists() and not (tmp_path / "out" / "config.json").exists()
