@@ -9,7 +9,9 @@ Three on-disk layouts load into one row format, `{"image": PIL.Image, "text": st
   `shards/{00000..00099}.tar`), streamed by default.
 
 Rows whose image cannot be decoded or whose caption is missing or empty are skipped, counted and logged, and so is
-the unread rest of a truncated or corrupt shard (the shards after it are still read).
+the unread rest of a truncated or corrupt shard (the shards after it are still read). Image paths in imagefolder
+metadata must stay inside its folder: an absolute or `../` path is refused, naming the file, line and value, unless
+`allow_outside_image_paths` (or `HF_MOE_ALLOW_OUTSIDE_IMAGE_PATHS=1`) allows it.
 `ImageTextCollator` turns rows into model inputs with the model's own processor.
 """
 
@@ -691,11 +693,11 @@ def _validate_map_style(
 
 
 def drop_unreadable_images(
-    dataset: Dataset, image_column: str = "image", name: str = "Image data", num_proc: int | None = None
+    dataset: Dataset, image_column: str = "image", name: str = "the data", num_proc: int | None = None
 ) -> tuple[Dataset, SkipReport]:
     """Drop the rows whose image is missing or cannot be decoded, and count them: the image-only check of
     `validate_image_text_dataset`, for data without captions (class-folder image sets). Skips are logged at warning
-    level under `name` with a few of the files.
+    level with a few of the files; `name` (e.g. "task 'mnist'") says whose images they are.
 
     Returns:
         `tuple[Dataset, SkipReport]`: the dataset without the bad rows (its features unchanged) and the report.
@@ -722,7 +724,7 @@ def drop_unreadable_images(
             report.record(reason, lambda row=row: _where(undecoded[row], image_column, row))
     if not report.num_skipped:
         return dataset, report
-    logger.warning(f"{name}: {report.summary()}.")
+    logger.warning(f"Images of {name}: {report.summary()}.")
     return dataset.select(keep), report
 
 

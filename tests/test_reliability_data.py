@@ -205,3 +205,9 @@ def test_toy_mcl_prints_one_bar_per_phase_and_names_the_final_folder(toy_clip_di
     assert ".tmp-" not in output
     last = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip()][-1]
     assert str(out / "moe") in last and "MCL finished" in last, last
+
+
+def test_metadata_that_is_not_json_is_refused_naming_the_line(captioned):
+    (captioned / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", text}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{captioned / 'metadata.jsonl'} line 2 is not JSON")):
+        load_image_text_dataset(captioned)

@@ -346,7 +346,7 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
     for name, folder, classes, template in zip(names, script_args.tasks, class_options, template_options):
         dataset = load_image_dataset(folder, script_args.split)
         class_names[name], class_set = dataset_class_names(dataset, classes, folder)
-        datasets[name], report = drop_unreadable_images(dataset, name=f"Task '{name}' ({folder})")
+        datasets[name], report = drop_unreadable_images(dataset, name=f"task '{name}'")
         if report.num_rows and not report.num_kept:
             raise ValueError(f"Task '{name}': no image of {folder} can be read ({report.summary()}).")
         known = clip_task_templates(name) if template in (None, "auto") and class_set is None else None
