@@ -211,3 +211,23 @@ def test_metadata_that_is_not_json_is_refused_naming_the_line(captioned):
     (captioned / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", text}\n')
     with pytest.raises(ValueError, match=re.escape(f"{captioned / 'metadata.jsonl'} line 2 is not JSON")):
         load_image_text_dataset(captioned)
+
+
+def test_the_deepspeed_cpu_notice_is_dropped_only_when_deepspeed_is_not_asked_for(tmp_path, monkeypatch):
+    import logging
+
+    from hf_moe.log_noise import DEEPSPEED_LOGGER, _drop_deepspeed_cpu_notice, deepspeed_requested, quiet_library_noise
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    options = tmp_path / "args.json"
+    options.write_text(json.dumps({"deepspeed": "zero2.json"}))
+    assert deepspeed_requested(["--deepspeed", "zero2.json"]) and deepspeed_requested([str(options)])
+    assert not deepspeed_requested(["--model", "m", "--output_dir", "o"])
+    deepspeed_logger = logging.getLogger(DEEPSPEED_LOGGER)
+    monkeypatch.setattr(deepspeed_logger, "filters", [])
+    quiet_library_noise(["--deepspeed", "zero2.json"])
+    assert _drop_deepspeed_cpu_notice not in deepspeed_logger.filters
+    quiet_library_noise(["--output_dir", "o"])
+    notice = logging.LogRecord(DEEPSPEED_LOGGER, logging.WARNING, "", 0, "Setting accelerator to CPU.", None, None)
+    other = logging.LogRecord(DEEPSPEED_LOGGER, logging.WARNING, "", 0, "ZeRO stage 3 enabled", None, None)
+    assert not deepspeed_logger.filter(notice) and deepspeed_logger.filter(other)
