@@ -12,8 +12,8 @@ from PIL import Image
 from test_moiie_training import SAMPLES, TOKENS_PER_IMAGE, toy_model, toy_processor
 
 from hf_moe.cli import main
-from hf_moe.moiie import toy
 from hf_moe.moiie import data as moiie_data
+from hf_moe.moiie import toy
 from hf_moe.moiie.data import MoIIECollator, load_conversations
 
 
@@ -72,8 +72,10 @@ HUMAN = {"from": "human", "value": "<image>\nwhat digit is this ?"}
 
 
 def test_data_without_any_assistant_turn_is_refused(model_dir, data, capsys):
-    samples = [{"id": s["id"], **({"image": s["image"]} if "image" in s else {}), "conversations": s["conversations"][:1]}
-               for s in SAMPLES]
+    samples = [
+        {"id": s["id"], **({"image": s["image"]} if "image" in s else {}), "conversations": s["conversations"][:1]}
+        for s in SAMPLES
+    ]
     err = refused(model_dir, data, capsys, samples)
     assert "data.json" in err and "no sample has an answer token" in err
 
@@ -226,7 +228,10 @@ def test_paths_that_stay_inside_the_folder_are_accepted(data):
     samples = [{**SAMPLES[0], "image": "sub/../seven.png"}, *SAMPLES[1:]]
     write(data, samples)
     dataset = load_conversations(data / "data.json", data / "images")
-    assert moiie_data.check_conversations(dataset, toy_processor(), data / "data.json", disable_progress=True)["samples"] == 3
+    assert (
+        moiie_data.check_conversations(dataset, toy_processor(), data / "data.json", disable_progress=True)["samples"]
+        == 3
+    )
 
 
 def test_checked_data_trains(model_dir, data):
@@ -333,9 +338,10 @@ def test_the_check_agrees_with_the_collator_at_every_max_length():
 
 
 def test_llava_folder_with_pickled_objects_is_refused_and_never_run(tmp_path, capsys):
-    from moiie_dense import save_dense_parts
     from test_upcycle_moiie import TEXT
     from transformers import Phi3ForCausalLM
+
+    from moiie_dense import save_dense_parts
 
     save_dense_parts(tmp_path, TEXT, Phi3ForCausalLM, "phi3")
     marker = tmp_path / "pwned"

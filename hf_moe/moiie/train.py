@@ -8,12 +8,12 @@ projector; `--moe_only`: the MoE layers only), on LLaVA-format conversations.
 
 The data is checked before the job starts (`hf_moe.moiie.data.check_conversations`: turns, image files and paths,
 `<image>` counts, `--max_length`, answer tokens), and `--model` must be a MoIIE; a refusal names the file, sample
-and field, and writes nothing. A re-run continues the same job or refuses: the options and fingerprints of the model, the JSON file and the
-image folder are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes from its last complete
-checkpoint; a finished run is reported as done and left untouched. `--push_to_hub --hub_model_id` pushes the final
-folder with its model card. `--lora_rank R` (stage finetune) trains PEFT LoRA adapters on the decoder's attention
-and / or packed experts instead of their full weights (see `hf_moe.moiie.lora`); checkpoints hold the adapters,
-the output folder the merged model, which loads without PEFT.
+and field, and writes nothing. A re-run continues the same job or refuses: the options and fingerprints of the
+model, the JSON file and the image folder are recorded in `OUTPUT_DIR/hf_moe_job.json`; an interrupted run resumes
+from its last complete checkpoint; a finished run is reported as done and left untouched. `--push_to_hub
+--hub_model_id` pushes the final folder with its model card. `--lora_rank R` (stage finetune) trains PEFT LoRA
+adapters on the decoder's attention and / or packed experts instead of their full weights (see
+`hf_moe.moiie.lora`); checkpoints hold the adapters, the output folder the merged model, which loads without PEFT.
 """
 
 from dataclasses import dataclass, field, replace
@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
-from ..loading import check_model_path, check_model_type, load_config, load_pretrained
+from ..loading import check_model_type, load_config, load_pretrained
 from ..training import (
     TrainingJob,
     complete_job,
