@@ -240,13 +240,19 @@ def test_checked_data_trains(model_dir, data):
     assert json.loads((data / "out" / "hf_moe_job.json").read_text())["complete"]
 
 
-def test_check_uses_the_training_token_count(data):
-    # the check counts an image's tokens as the collator does (here a fixed count), so --max_length agrees
-    collator = MoIIECollator(toy_processor())
-    assert collator.tokens_for_size(640, 480) == TOKENS_PER_IMAGE
-    processor = toy_processor()
-    processor.num_image_tokens, processor.patch_size = None, 8
-    assert MoIIECollator(processor).tokens_for_size(640, 480) == processor.tokens_per_image(16, 16)
+def test_check_uses_the_training_token_count():
+    # the check counts an image's tokens as the collator does from the processed pixels, so --max_length agrees
+    assert MoIIECollator(toy_processor()).tokens_for_size(640, 480) == TOKENS_PER_IMAGE
+    for do_resize in (True, False):  # a fixed size, or (no resizing) the image's own
+        processor = toy_processor()
+        processor.num_image_tokens, processor.patch_size = None, 8
+        processor.image_processor.do_resize = do_resize
+        collator = MoIIECollator(processor)
+        for size in [(40, 24), (16, 16), (100, 60)]:
+            pixels = np.random.RandomState(0).randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            processed = processor.image_processor([Image.fromarray(pixels)], return_tensors="pt")["pixel_values"][0]
+            assert collator.tokens_for_size(*size) == processor.tokens_per_image(*map(int, processed.shape[-2:]))
+        assert (collator.tokens_for_size(40, 24) == 4) == do_resize
 
 
 # item 9: a pickled projector is refused and never run
