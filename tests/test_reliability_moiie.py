@@ -145,6 +145,14 @@ def test_missing_image_is_refused_before_the_job_starts(model_dir, data, capsys)
     assert "sample 'c', field 'image'" in err and "three.png" in err and "does not exist" in err
 
 
+def test_missing_image_folder_is_named(model_dir, data, capsys):
+    (data / "images" / "seven.png").unlink()
+    (data / "images" / "three.png").unlink()
+    (data / "images").rmdir()
+    err = refused(model_dir, data, capsys, SAMPLES)
+    assert "image folder" in err and "images' (of the images of" in err
+
+
 @pytest.mark.parametrize("name", ["three.png", "three.jpg"])
 def test_corrupt_or_truncated_image_is_refused(model_dir, data, capsys, name):
     path = data / "images" / name

@@ -123,6 +123,8 @@ def load_conversations(
             f"{dataset.column_names}). Each sample needs a 'conversations' list of {{'from', 'value'}} turns."
         )
     folder = Path(image_folder) if image_folder is not None else json_path.parent
+    if check_images and not folder.is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' (of the images of {json_path}) is not a folder.")
     has_image = "image" in dataset.column_names
 
     def resolve(row, index):
