@@ -213,7 +213,7 @@ def test_corrupt_image_in_the_collator_is_named(data):
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "list"])
-def test_image_paths_outside_the_folder_are_refused_unless_allowed(model_dir, data, capsys, kind):
+def test_image_paths_outside_the_folder_are_refused_unless_allowed(model_dir, data, capsys, monkeypatch, kind):
     outside = data / "outside.png"
     (data / "images" / "seven.png").rename(outside)
     (data / "images" / "sub").mkdir()
@@ -224,8 +224,10 @@ def test_image_paths_outside_the_folder_are_refused_unless_allowed(model_dir, da
     err = refused(model_dir, data, capsys, samples)
     assert "sample 'a', field 'image'" in err and "outside.png" in err and "--allow_outside_image_paths" in err
 
-    # allowed explicitly: the check passes and the job records itself
+    # allowed explicitly (the option, or the environment variable the other commands read): the check passes
     dataset = load_conversations(data / "data.json", data / "images", allow_outside_image_paths=True)
+    monkeypatch.setenv("HF_MOE_ALLOW_OUTSIDE_IMAGE_PATHS", "1")
+    assert load_conversations(data / "data.json", data / "images")["images"] == dataset["images"]
     assert str(outside) in [os.path.abspath(path) for path in dataset["images"][0]]
     stats = moiie_data.check_conversations(dataset, toy_processor(), data / "data.json", disable_progress=True)
     assert stats["without_answer"] == 0

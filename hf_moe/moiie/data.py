@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
+from ..data import ALLOW_OUTSIDE_ENV
+
 
 logger = logging.get_logger(__name__)
 
@@ -105,17 +107,20 @@ def load_conversations(
     json_path: str | Path,
     image_folder: str | Path | None = None,
     check_images: bool = True,
-    allow_outside_image_paths: bool = False,
+    allow_outside_image_paths: bool | None = None,
 ):
     """The samples of a LLaVA-format JSON file as a `datasets.Dataset` with columns `id`, `images` (image paths,
     resolved against `image_folder`; empty for text-only samples) and `conversations`.
 
     Image paths must be relative and stay inside the folder (no absolute path, no `../` out of it) unless
-    `allow_outside_image_paths`. With `check_images`, every image file is checked to exist (no image is read), and
-    a missing one raises a `FileNotFoundError` naming it and its sample. Data that is not JSON, a sample without
-    `conversations` or with a malformed `image` field raise a `ValueError` naming the file, sample and field.
+    `allow_outside_image_paths` (default: the `HF_MOE_ALLOW_OUTSIDE_IMAGE_PATHS=1` environment variable, as for the
+    image-caption folders of `hf_moe.data`). With `check_images`, every image file is checked to exist (no image is
+    read), and a missing one raises a `FileNotFoundError` naming it and its sample. Data that is not JSON, a sample
+    without `conversations` or with a malformed `image` field raise a `ValueError` naming the file, sample and field.
     """
     json_path = Path(json_path)
+    if allow_outside_image_paths is None:
+        allow_outside_image_paths = os.environ.get(ALLOW_OUTSIDE_ENV, "").strip().lower() in ("1", "true", "yes")
     dataset = _read_dataset(json_path)
     if "conversations" not in dataset.column_names:
         raise ValueError(

@@ -114,7 +114,10 @@ def train_moiie(
     processor = AutoProcessor.from_pretrained(script_args.model, trust_remote_code=script_args.trust_remote_code)
     # Every sample is checked before anything is written: a bad one is refused by name, not hours into the run.
     dataset = load_conversations(
-        script_args.data, script_args.image_folder, allow_outside_image_paths=script_args.allow_outside_image_paths
+        script_args.data,
+        script_args.image_folder,
+        # unset: HF_MOE_ALLOW_OUTSIDE_IMAGE_PATHS decides, as for the other commands' image folders
+        allow_outside_image_paths=script_args.allow_outside_image_paths or None,
     )
     check_conversations(
         dataset,
