@@ -200,7 +200,7 @@ def check_conversations(
     Raises a `ValueError` (an `OSError` for an image file) naming the file, the sample id and the field. Returns
     `{"samples": N, "without_answer": M}`.
     """
-    from transformers.utils.logging import tqdm
+    from tqdm.auto import tqdm
 
     collator = MoIIECollator(processor, max_length=max_length)
     without_answer: list[str] = []
