@@ -107,26 +107,39 @@ class NonFiniteError(ValueError):
     every output of the model NaN."""
 
 
-def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(NaN count, inf count) of a floating tensor, or None when every value is finite (always for other dtypes).
-
-    A sum is NaN or inf when any value is, and costs a fraction of `isfinite` (no temporary): the exact count runs
-    only when the sum is not finite, which finite values do only by overflowing (then it finds nothing)."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+def tensor_sum(tensor: torch.Tensor) -> float | None:
+    """The sum of a floating tensor (in its dtype, as `Tensor.sum`: no temporary), None for other dtypes. NaN or inf
+    when any value is; also a cheap fingerprint: two tensors of equal sums in every key are, for weights, the same
+    checkpoint to any practical certainty."""
+    if not tensor.is_floating_point():
         return None
     flat = tensor.detach().reshape(-1)
     if flat.element_size() == 1:  # float8: no sum / isfinite kernels on the CPU
         flat = flat.float()
-    if torch.isfinite(flat.sum()):
+    return float(flat.sum())
+
+
+def non_finite_counts(tensor: torch.Tensor, total: float | None = None) -> tuple[int, int] | None:
+    """(NaN count, inf count) of a floating tensor, or None when every value is finite (always for other dtypes).
+
+    A sum (`total`, its `tensor_sum` when already known) is NaN or inf when any value is, and costs a fraction of
+    `isfinite`: the exact count runs only when the sum is not finite, which finite values do only by overflowing
+    (then it finds nothing)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
+    if math.isfinite(tensor_sum(tensor) if total is None else total):
+        return None
+    flat = tensor.detach().reshape(-1)
+    if flat.element_size() == 1:
+        flat = flat.float()
     nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
     return (nan, inf) if nan or inf else None
 
 
-def check_finite(tensor: torch.Tensor, name: str, source: str) -> None:
+def check_finite(tensor: torch.Tensor, name: str, source: str, total: float | None = None) -> None:
     """Refuse, naming `source` (e.g. "fine-tune 2 of 3 ('path')") and the tensor `name`, a tensor holding NaN or
-    inf values."""
-    counts = non_finite_counts(tensor)
+    inf values (`total`: its `tensor_sum`, when already known)."""
+    counts = non_finite_counts(tensor, total)
     if counts is not None:
         raise NonFiniteError(
             f"{source}: {name} holds {counts[0]} NaN / {counts[1]} inf values; a model built from it would carry "
@@ -269,7 +282,8 @@ class LazyCheckpoint:
             re-opened (bounds the resident file pages).
         label: How errors name the checkpoint (e.g. "fine-tune 2 of 3 ('path')"); default `'name_or_path'`.
         check_finite: Refuse (`NonFiniteError`, naming `label` and the tensor) a floating tensor holding NaN or inf
-            as `get` reads it, so that no converter writes one into a model. The check costs a sum per tensor.
+            as `get` reads it, so that no converter writes one into a model. The check costs a sum per tensor,
+            kept in `sums` (name -> `tensor_sum`): a fingerprint of what was read, to tell identical inputs apart.
 
     Names are the (renamed) checkpoint names; `get(name)` returns a contiguous CPU tensor in the stored dtype that
     owns its memory (no view into a map), so dropping it frees it. Use as a context manager or call `close()`.
@@ -289,6 +303,7 @@ class LazyCheckpoint:
         self.name_or_path = name_or_path
         self.label = f"'{name_or_path}'" if label is None else label
         self._check_finite = check_finite
+        self.sums: dict[str, float] = {}
         self.files = weight_files(name_or_path, subfolder=subfolder, revision=revision)
         self._index: dict[str, tuple[object, str]] = {}
         self._readers = []
@@ -332,11 +347,13 @@ class LazyCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         reader, stored = self._entry(name)
         tensor = reader.get(stored)
-        if self._check_finite:
-            where = f" (stored as {stored})" if stored != name else ""
-            if len(self._readers) > 1:
-                where += f" in {reader.path.name}"
-            check_finite(tensor, name + where, self.label)
+        if self._check_finite and tensor.is_floating_point():
+            self.sums[name] = total = tensor_sum(tensor)
+            if not math.isfinite(total):
+                where = f" (stored as {stored})" if stored != name else ""
+                if len(self._readers) > 1:
+                    where += f" in {reader.path.name}"
+                check_finite(tensor, name + where, self.label, total)
         return tensor
 
     def dtypes(self) -> set[torch.dtype]:

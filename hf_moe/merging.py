@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .checkpoint_io import check_finite, check_finite_options, release_free_memory
+from .checkpoint_io import check_finite, check_finite_options, release_free_memory, tensor_sum
 from .fileio import check_output_dir
 from .hub import check_hub_model_id, save_model_folder
 from .loading import check_model_type, load_config, load_pretrained
@@ -119,20 +119,15 @@ def task_vectors(pretrained: StateDict, finetuned: Sequence[StateDict], names: S
     check_compatible(pretrained, finetuned, names)
     names = list(names) if names is not None else ["pretrained", *(f"finetuned[{i}]" for i in range(len(finetuned)))]
     check_finite_state_dicts([pretrained, *finetuned], input_labels(names[0], names[1:]))
-    vectors = [_difference(pretrained, other) for other in finetuned]
-    warn_identical_task_vectors([task_vector_fingerprint(vector) for vector in vectors], names)
-    return vectors
+    fingerprints = [fingerprint(state_dict) for state_dict in [pretrained, *finetuned]]
+    warn_identical_inputs(fingerprints[0], fingerprints[1:], names)
+    return [_difference(pretrained, other) for other in finetuned]
 
 
-def task_vector_fingerprint(vector: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """(sum, L2 norm) of each tensor of a task vector: two fine-tunes with equal fingerprints hold the same weights
-    (to any practical certainty), and a zero norm everywhere is the pretrained model given as a fine-tune. Two
-    reductions per tensor, no temporary."""
-    return {key: _tensor_fingerprint(tensor) for key, tensor in vector.items()}
-
-
-def _tensor_fingerprint(tensor: torch.Tensor) -> tuple[float, float]:
-    return float(tensor.sum()), float(torch.linalg.vector_norm(tensor))
+def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """`tensor_sum` of each floating tensor: two state dicts with equal fingerprints hold the same weights, to any
+    practical certainty (what the streamed merges get for free from `LazyCheckpoint.sums`)."""
+    return {key: tensor_sum(tensor) for key, tensor in state_dict.items() if tensor.is_floating_point()}
 
 
 def _input_identity(name) -> str:
@@ -140,34 +135,32 @@ def _input_identity(name) -> str:
     return str(path.resolve()) if path.exists() else str(name)
 
 
-def warn_identical_task_vectors(fingerprints: Sequence[dict], names: Sequence[str]) -> None:
-    """Warn about a fine-tune whose task vector is zero (the pretrained model's weights) and about fine-tunes
-    holding the same weights (`fingerprints`: `task_vector_fingerprint` of each; `names`: pretrained first). Inputs
-    given by the same path are left to `warn_input_mistakes`."""
-    pretrained, finetuned = names[0], list(names[1:])
-    labels = input_labels(pretrained, finetuned)[1:]
+def warn_identical_inputs(pretrained: dict, finetuned: Sequence[dict | None], names: Sequence[str]) -> None:
+    """Warn about a fine-tune holding the pretrained model's weights (its task vector is zero) and about fine-tunes
+    holding the same weights. `pretrained`, `finetuned`: `fingerprint`s of the inputs (None: unknown); `names`:
+    pretrained first. Inputs given by the same path are left to `warn_input_mistakes`."""
+    base_name, finetuned_names = names[0], list(names[1:])
+    labels = input_labels(base_name, finetuned_names)[1:]
     first_of = {}
-    for index, fingerprint in enumerate(fingerprints):
-        if not fingerprint:
+    for index, sums in enumerate(finetuned):
+        if not sums:
             continue
-        same_path = _input_identity(finetuned[index]) == _input_identity(pretrained)
-        if all(norm == 0 for _, norm in fingerprint.values()):
-            if not same_path:
+        identity = _input_identity(finetuned_names[index])
+        if sums == pretrained:
+            if identity != _input_identity(base_name):
                 logger.warning(
                     f"{labels[index]} holds the weights of the pretrained model: its task vector is zero, so it only "
                     "dilutes the merge. Did you mean another fine-tune?"
                 )
             continue
-        key = tuple(sorted(fingerprint.items()))
-        if key in first_of:
-            other = first_of[key]
-            if _input_identity(finetuned[index]) != _input_identity(finetuned[other]):
-                logger.warning(
-                    f"{labels[index]} holds the same weights as {labels[other]}: that fine-tune counts twice in the "
-                    "merge. Did you mean another fine-tune?"
-                )
-        else:
+        key = tuple(sorted(sums.items()))
+        if key not in first_of:
             first_of[key] = index
+        elif identity != _input_identity(finetuned_names[first_of[key]]):
+            logger.warning(
+                f"{labels[index]} holds the same weights as {labels[first_of[key]]}: that fine-tune counts twice in "
+                "the merge. Did you mean another fine-tune?"
+            )
 
 
 def warn_input_mistakes(
@@ -772,9 +765,6 @@ class CheckpointTaskVectors(TaskVectorSource):
         specs = pretrained.vision_specs()
         self.keys = [key for key, spec in specs.items() if spec.is_floating_point()]
         self._cached = (None, None)  # the last pretrained tensor read: N task vectors of one key read it once
-        # `task_vector_fingerprint` of each task vector, filled as its tensors are computed (for the warnings
-        # about a fine-tune given twice or equal to the pretrained model: a merge reads every tensor anyway).
-        self.fingerprints = [{} for _ in self.finetuned]
 
     def pretrained(self, key: str) -> torch.Tensor:
         if self._cached[0] != key:
@@ -783,20 +773,24 @@ class CheckpointTaskVectors(TaskVectorSource):
         return self._cached[1]
 
     def task_vector(self, index: int, key: str) -> torch.Tensor:
-        vector = self.finetuned[index].vision(key).float() - self.pretrained(key)
-        if key not in self.fingerprints[index]:
-            self.fingerprints[index][key] = _tensor_fingerprint(vector)
-        return vector
+        return self.finetuned[index].vision(key).float() - self.pretrained(key)
 
     def shape(self, key: str) -> torch.Size:
         return self.base.specs[self.base.prefix + key].shape
 
     def warn_identical(self) -> None:
-        """After a merge read every task vector: warn about fine-tunes equal to the pretrained model or to each
-        other (`warn_identical_task_vectors`)."""
-        if all(len(fingerprint) == len(self.keys) for fingerprint in self.fingerprints):
-            names = [self.base.name_or_path, *(checkpoint.name_or_path for checkpoint in self.finetuned)]
-            warn_identical_task_vectors(self.fingerprints, names)
+        """After a merge read every tensor: warn about fine-tunes equal to the pretrained model or to each other
+        (`warn_identical_inputs`), by the sums their reads recorded (`LazyCheckpoint.sums`: no extra pass)."""
+
+        def read_sums(checkpoint):
+            sums = checkpoint.checkpoint.sums
+            names = [checkpoint.prefix + key for key in self.keys]
+            return {key: sums[name] for key, name in zip(self.keys, names)} if all(n in sums for n in names) else None
+
+        names = [self.base.name_or_path, *(checkpoint.name_or_path for checkpoint in self.finetuned)]
+        pretrained = read_sums(self.base)
+        if pretrained is not None:
+            warn_identical_inputs(pretrained, [read_sums(checkpoint) for checkpoint in self.finetuned], names)
 
 
 def open_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
