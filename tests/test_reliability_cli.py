@@ -13,7 +13,8 @@ import pytest
 import transformers
 
 import hf_moe
-from hf_moe.cli import HELP_CACHE, help_cache_source, help_command_paths, main
+from hf_moe.cli import HELP_CACHE, HELP_WIDTH, build_help, cached_help, help_cache_source, help_command_paths, main
+from hf_moe.cli_help import TRANSFORMERS_VERSION
 from hf_moe.toy_data import save_digit_caption_folder
 from hf_moe.training import JOB_FILE
 
@@ -28,6 +29,23 @@ def test_version(capsys):
 # --- --help: cached, current, free of torch ---------------------------------------------------------------------
 
 
+# The cache holds TrainingArguments' options as one transformers version prints them; under another version (a newer
+# release than the cache was generated with) every command must build its help itself instead.
+CACHE_FITS = TRANSFORMERS_VERSION == transformers.__version__
+
+
+@pytest.mark.skipif(CACHE_FITS, reason="the cache was generated with this transformers")
+def test_help_under_another_transformers_is_built_live(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(HELP_WIDTH))  # the width the cache is built at
+    for path in help_command_paths():
+        assert cached_help([*path.split(), "--help"]) is None, path
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own --help, as without a cache
+        main(["train-router", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == build_help("train-router")
+
+
+@pytest.mark.skipif(not CACHE_FITS, reason=f"the cache is for transformers {TRANSFORMERS_VERSION}: built live instead")
 def test_help_cache_is_current():
     """Fails when a command's options or help changed without `python -m hf_moe.cli --update-help-cache`."""
     assert HELP_CACHE.read_text(encoding="utf-8") == help_cache_source(), (
@@ -35,6 +53,7 @@ def test_help_cache_is_current():
     )
 
 
+@pytest.mark.skipif(not CACHE_FITS, reason=f"the cache is for transformers {TRANSFORMERS_VERSION}: built live instead")
 def test_help_prints_the_cache_without_importing_torch():
     code = (
         "import contextlib, io, json, sys\n"
