@@ -209,7 +209,9 @@ def with_layers(fields: dict, layers: int | None) -> dict:
 
 
 def _seed(name: str, seed: int) -> int:
-    return zlib.crc32(name.encode()) + (seed << 32)
+    # One 32-bit value from both: torch's CPU generator keeps only the low 32 bits of a seed, so `seed << 32` (the
+    # earlier mix) gave every fine-tune the same delta.
+    return zlib.crc32(f"{name}\0{seed}".encode())
 
 
 def random_tensor(name: str, shape, dtype: torch.dtype = torch.float32, seed: int = SEED) -> torch.Tensor:
