@@ -69,7 +69,12 @@ def convert_clip_moe_original_command(argv: list[str]) -> None:
 
     from ..conversion import convert_clip_moe_original
 
-    parser = HfArgumentParser((ConvertClipMoEOriginalArguments, HubArguments), prog="hf-moe convert-clip-moe-original")
+    parser = HfArgumentParser(
+        (ConvertClipMoEOriginalArguments, HubArguments),
+        prog="hf-moe convert-clip-moe-original",
+        description="Convert an official CLIP-MoE .pt release (OpenAI-CLIP naming) into a CLIPMoEModel folder; --base "
+        "must be the dense CLIP it was built from (model_type 'clip'; hf-moe models are refused).",
+    )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
     args, hub_args, positional = parse_command_line(parser, argv)
     convert_clip_moe_original(positional.checkpoint, **vars(args), **vars(hub_args), return_model=False)
