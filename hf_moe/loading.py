@@ -116,11 +116,8 @@ def check_moe(config, name_or_path, require_moe: bool | None) -> None:
     if require_moe and model_type not in MOE_MODEL_TYPES:
         family = HF_MOE_MODEL_TYPES.get(model_type)
         kind = f"a {family} model ('{model_type}')" if family else f"a '{model_type}' model"
-        hint = (
-            ""
-            if family
-            else f": upcycle it first (`hf-moe upcycle-clip {name_or_path} --num_experts N --output_dir DIR`) and pass DIR"
-        )
+        upcycle = f"hf-moe upcycle-clip {name_or_path} --num_experts N --output_dir DIR"
+        hint = "" if family else f": upcycle it first (`{upcycle}`) and pass DIR"
         raise ValueError(f"'{name_or_path}' is {kind}, not a CLIP-MoE (model_type 'clip_moe'){hint}.")
     if require_moe is False and model_type in HF_MOE_MODEL_TYPES:
         raise ValueError(

@@ -86,7 +86,9 @@ def test_every_hf_moe_model_is_refused_where_a_dense_model_is_needed(model_type)
     from hf_moe.loading import check_model_type, check_moe
 
     config = SimpleNamespace(model_type=model_type)
-    with pytest.raises(ValueError, match=rf"'folder' is already a \w[\w-]* \('{model_type}'\); this step needs a DENSE"):
+    with pytest.raises(
+        ValueError, match=rf"'folder' is already a \w[\w-]* \('{model_type}'\); this step needs a DENSE"
+    ):
         check_moe(config, "folder", require_moe=False)
     with pytest.raises(ValueError, match=rf"is a \w[\w-]* model \('{model_type}'\), not a CLIP-MoE"):
         check_moe(config, "folder", require_moe=True)
