@@ -678,18 +678,24 @@ def _validate_map_style(
         desc="Checking images and captions",
         new_fingerprint=_fingerprint(checked, "validate"),
     )["skip_reason"]
-    report = SkipReport(num_rows=len(dataset))
+    keep, report = _rows_to_keep(reasons, undecoded, image_column)
+    if not report.num_skipped:
+        logger.info(f"Checked {report.num_rows} rows: every image decodes and every caption is non-empty.")
+        return dataset, report
+    logger.warning(f"Image-text data: {report.summary()}.")
+    return dataset.select(keep), report
+
+
+def _rows_to_keep(reasons: list[str | None], undecoded: Dataset, image_column: str) -> tuple[list[int], SkipReport]:
+    """The rows without a skip reason, and the report counting the others (named by their image's file)."""
+    report = SkipReport(num_rows=len(reasons))
     keep = []
     for row, reason in enumerate(reasons):
         if reason is None:
             keep.append(row)
         else:
             report.record(reason, lambda row=row: _where(undecoded[row], image_column, row))
-    if not report.num_skipped:
-        logger.info(f"Checked {report.num_rows} rows: every image decodes and every caption is non-empty.")
-        return dataset, report
-    logger.warning(f"Image-text data: {report.summary()}.")
-    return dataset.select(keep), report
+    return keep, report
 
 
 def drop_unreadable_images(
@@ -715,13 +721,7 @@ def drop_unreadable_images(
         desc=f"Checking the images of {name}",
         new_fingerprint=_fingerprint(checked, "validate-images"),
     )["skip_reason"]
-    report = SkipReport(num_rows=len(dataset))
-    keep = []
-    for row, reason in enumerate(reasons):
-        if reason is None:
-            keep.append(row)
-        else:
-            report.record(reason, lambda row=row: _where(undecoded[row], image_column, row))
+    keep, report = _rows_to_keep(reasons, undecoded, image_column)
     if not report.num_skipped:
         return dataset, report
     logger.warning(f"Images of {name}: {report.summary()}.")
