@@ -202,7 +202,7 @@ def merge_wemoe(
                 "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
             ),
             "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
-            "usage": None if kind == "CLIPModel" else wemoe_vision_usage(model_name),
+            "usage": wemoe_usage(model_name) if kind == "CLIPModel" else wemoe_vision_usage(model_name),
         }
         save_model_folder(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
@@ -349,6 +349,33 @@ def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, o
         f"{options['seed']}); routing per sample"
         + (" averaged over the batch (batch_reduce)" if vision_config.batch_reduce else "")
         + f". Text tower and processor from `{pretrained}`.\n\nTasks:\n\n{listed}\n\n```bash\n{' '.join(command)}\n```"
+    )
+
+
+def wemoe_usage(model_id: str) -> str:
+    """Zero-shot classification with a WEMoE CLIP, its routing weights (one mix of the tasks per image) and the
+    pipeline; `trust_remote_code=True` on the processor too, which reads the remote-code config."""
+    return "\n".join(
+        [
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoModel, AutoProcessor, pipeline",
+            "",
+            f"model_id = {model_id!r}",
+            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+            "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
+            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+            'labels = ["a photo of a cat", "a photo of a dog"]',
+            'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
+            "with torch.no_grad():",
+            "    outputs = model(**inputs, output_routing_weights=True)",
+            "print(dict(zip(labels, outputs.logits_per_image.softmax(dim=-1)[0].tolist())))",
+            "# Per WEMoE block, the weight of each task vector for this image:",
+            "print(outputs.routing_weights[0])",
+            "",
+            'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
+            "print(classifier(image, candidate_labels=labels))",
+        ]
     )
 
 

@@ -36,7 +36,7 @@ from ..checkpoint_io import (
     resolve_dtype,
 )
 from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, save_model_folder
+from ..hub import check_hub_model_id, image_text_to_text_usage, save_model_folder
 from ..loading import check_safetensors_file, load_config
 from ..modeling import (
     MoIIEConfig,
@@ -663,10 +663,5 @@ def command_line(llm, vision, projector, config: MoIIEConfig, seed: int, dtype: 
 
 
 def usage(model_id: str) -> str:
-    return "\n".join(
-        [
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f"model = AutoModelForCausalLM.from_pretrained({model_id!r}, trust_remote_code=True).eval()",
-        ]
-    )
+    """The card snippet: `generate` from a chat prompt, then the image-text-to-text pipeline."""
+    return image_text_to_text_usage(model_id)

@@ -51,6 +51,10 @@ The model code travels with the weights, so no hf-moe install is needed; `trust_
 ## Evaluation
 
 {{ metrics_table }}
+
+## License
+
+{{ license_text }}
 """
 
 DEFAULT_DESCRIPTION = (
@@ -61,7 +65,12 @@ DEFAULT_DESCRIPTION = (
 
 
 def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-classification") -> str:
-    """A runnable snippet: the `model_id = ...` line is the only one a reader (or a test) needs to change."""
+    """A runnable snippet: the `model_id = ...` line is the only one a reader (or a test) needs to change.
+
+    `trust_remote_code=True` on the processor too: `AutoProcessor` reads the model's config, whose `auto_map` names
+    remote code, and would otherwise stop at transformers' interactive "run the custom code? [y/N]" prompt."""
+    if pipeline_tag == "image-text-to-text":
+        return image_text_to_text_usage(model_id)
     lines = [
         "import torch",
         "from PIL import Image",
@@ -69,7 +78,7 @@ def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-cla
         "",
         f"model_id = {model_id!r}",
         "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
-        "processor = AutoProcessor.from_pretrained(model_id)",
+        "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
         'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
         'labels = ["a photo of a cat", "a photo of a dog"]',
         'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
@@ -84,6 +93,34 @@ def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-cla
             "print(classifier(image, candidate_labels=labels))",
         ]
     return "\n".join(lines)
+
+
+def image_text_to_text_usage(model_id: str) -> str:
+    """`generate` from a chat prompt, then the image-text-to-text pipeline: the use of a vision-language model."""
+    return "\n".join(
+        [
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline",
+            "",
+            f"model_id = {model_id!r}",
+            "model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True).eval()",
+            "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
+            'image = Image.new("RGB", (384, 384), "white")  # your image: Image.open("photo.jpg")',
+            'question = {"type": "text", "text": "What is in the image?"}',
+            'messages = [{"role": "user", "content": [{"type": "image"}, question]}]',
+            "prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+            'inputs = processor(images=[image], text=prompt, return_tensors="pt")',
+            "with torch.no_grad():",
+            "    output_ids = model.generate(**inputs, max_new_tokens=20, do_sample=False)",
+            'answer = processor.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)',
+            "print(answer)",
+            "",
+            'pipe = pipeline("image-text-to-text", model=model_id, trust_remote_code=True)',
+            'chat = [{"role": "user", "content": [{"type": "image", "image": image}, question]}]',
+            'print(pipe(text=chat, max_new_tokens=20, do_sample=False)[0]["generated_text"][-1]["content"])',
+        ]
+    )
 
 
 def model_name_for(folder: str | Path) -> str:
@@ -132,7 +169,60 @@ def base_model_of(name_or_path: str | Path) -> str | list[str] | None:
     return str(name_or_path)
 
 
-def _metrics_table(eval_results: Iterable[EvalResult], untyped: dict | None = None) -> str:
+EVAL_HINT = "Not evaluated yet (`hf-moe eval zero-shot|retrieval --model FOLDER` adds results here)."
+
+
+def license_of(name_or_path: str | Path) -> str | None:
+    """The `license` of a base model's card: a local folder's own card, or a Hub repo's card (from the local cache,
+    or from the Hub unless offline). None where no card states one."""
+    path = Path(name_or_path).expanduser()
+    card_path = path / "README.md" if path.is_dir() else None
+    if card_path is None:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(str(name_or_path))
+        except HFValidationError:
+            return None
+        cached = try_to_load_from_cache(str(name_or_path), "README.md")
+        card_path = Path(cached) if isinstance(cached, str) else None
+    try:
+        if card_path is not None:
+            return ModelCard.load(card_path).data.license if card_path.is_file() else None
+        import huggingface_hub.constants
+
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            return None
+        return ModelCard.load(str(name_or_path)).data.license
+    except Exception as err:  # no card, no network, a card without metadata: the license is just not known
+        logger.info(f"Could not read the license of '{name_or_path}' ({err}).")
+        return None
+
+
+def _base_leaves(base_model) -> list[str]:
+    if isinstance(base_model, (list, tuple)):
+        return [leaf for item in base_model for leaf in _base_leaves(item)]
+    return [str(base_model)] if base_model else []
+
+
+def _license_text(license: str | None, inherited: bool, bases: list[str]) -> str:
+    names = ", ".join(f"`{base}`" for base in bases)
+    if license and inherited:
+        return f"`{license}`, the license of the base model(s) {names} this model derives from."
+    if license:
+        return f"`{license}`."
+    if not bases:
+        return "Not recorded: set `license:` in this card's metadata before sharing the model."
+    return (
+        f"Not recorded: no license was found in the card(s) of the base model(s) {names}, or they differ. This model "
+        "derives from their weights, so their licenses apply; set `license:` in this card's metadata before sharing it."
+    )
+
+
+def _metrics_table(
+    eval_results: Iterable[EvalResult], untyped: dict | None = None, not_evaluated: str = EVAL_HINT
+) -> str:
     rows = [
         f"| {result.task_type} | {result.dataset_name} | {result.metric_name or result.metric_type} | "
         f"{_format(result.metric_value)} |"
@@ -140,7 +230,7 @@ def _metrics_table(eval_results: Iterable[EvalResult], untyped: dict | None = No
     ]
     rows += [f"| | | {name} | {_format(value)} |" for name, value in (untyped or {}).items()]
     if not rows:
-        body = "Not evaluated yet (`hf-moe eval zero-shot|retrieval --model FOLDER` adds results here)."
+        body = not_evaluated
     else:
         body = "\n".join(["| task | dataset | metric | value |", "| --- | --- | --- | --- |", *rows])
     return f"{METRICS_BEGIN}\n{body}\n{METRICS_END}"
@@ -177,6 +267,8 @@ def write_model_card(
     metrics_task: str | None = None,
     metrics_dataset: str | None = None,
     description: str | None = None,
+    license: str | None = None,
+    not_evaluated: str | None = None,
 ) -> ModelCard:
     """Write `folder/README.md`: a `huggingface_hub.ModelCard` for the model saved in `folder`.
 
@@ -195,6 +287,10 @@ def write_model_card(
             `metrics_dataset` are given, also recorded as card-data `eval_results`).
         model_name: The repo id or folder the usage snippet loads; default the folder's name.
         description: What the model is (one paragraph); default a generic hf-moe description.
+        license: The card's `license`; by default the base models' own, when their cards (local, cached or on the
+            Hub) all state the same one; else none, and the card says the base models' licenses apply.
+        not_evaluated: The evaluation section before any result; by default it points to `hf-moe eval` for a
+            zero-shot-image-classification model and says "Not evaluated yet." for others.
 
     Returns:
         The card (also saved as `folder/README.md`).
@@ -204,12 +300,20 @@ def write_model_card(
         raise FileNotFoundError(f"Cannot write a model card: model folder '{folder}' does not exist.")
     model_name = model_name or model_name_for(folder)
     tags = list(dict.fromkeys([*ALWAYS_TAGS, *tags]))
+    bases = _base_leaves(base_model)
+    inherited = license is None
+    if inherited:
+        licenses = {license_of(base) for base in bases}
+        license = licenses.pop() if len(licenses) == 1 else None
     base_model = _flat_base_models(base_model)
+    if not_evaluated is None:
+        not_evaluated = EVAL_HINT if pipeline_tag == "zero-shot-image-classification" else "Not evaluated yet."
     eval_results, untyped = None, metrics
     if metrics and metrics_task and metrics_dataset:
         eval_results, untyped = _eval_results(metrics, metrics_task, metrics_dataset), None
     card_data = ModelCardData(
         base_model=base_model,
+        license=license,
         tags=tags,
         pipeline_tag=pipeline_tag,
         library_name="transformers",
@@ -223,7 +327,8 @@ def write_model_card(
         description=description or DEFAULT_DESCRIPTION,
         how_built=how_built.strip(),
         usage=(usage if usage is not None else default_usage(model_name, pipeline_tag)).strip(),
-        metrics_table=_metrics_table(eval_results or [], untyped),
+        metrics_table=_metrics_table(eval_results or [], untyped, not_evaluated),
+        license_text=_license_text(license, inherited, bases),
     )
     card.save(folder / "README.md")
     return card

@@ -39,6 +39,7 @@ from .configuration_clip_moe import (
     CLIPMoETextConfig,
     CLIPMoEVisionConfig,
 )
+from .model_card import KeepModelCardMixin
 from .moe import MoEMLPExperts, MoESparseBlock, MoETopKRouter, load_balancing_loss, router_z_loss
 
 
@@ -134,7 +135,7 @@ class CLIPMoEEncoder(CLIPEncoder):
         self.gradient_checkpointing = False
 
 
-class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
+class CLIPMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
     config: CLIPMoEConfig
     config_class = CLIPMoEConfig
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPMoEEncoderLayer", "CLIPVisionEmbeddings"]

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_mode import CLUSTERING_POOLINGS, MoDEConfig
+from .model_card import KeepModelCardMixin
 
 
 logger = logging.get_logger(__name__)
@@ -120,7 +121,7 @@ class MoDEOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
 
 
-class MoDEPreTrainedModel(PreTrainedModel):
+class MoDEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     config_class = MoDEConfig
     base_model_prefix = "mode"
     input_modalities = ("image", "text")

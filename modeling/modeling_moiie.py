@@ -20,6 +20,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
+from .model_card import KeepModelCardMixin
 from .moe import MoETopKRouter, load_balancing_loss
 
 
@@ -258,7 +259,7 @@ class MoIIEProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-class MoIIEPreTrainedModel(PreTrainedModel):
+class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     config: MoIIEConfig
     config_class = MoIIEConfig
     base_model_prefix = "model"

@@ -34,6 +34,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
+from .model_card import KeepModelCardMixin
 
 
 logger = logging.get_logger(__name__)
@@ -477,7 +478,7 @@ class WEMoEEncoder(CLIPEncoder):
         self.gradient_checkpointing = False
 
 
-class WEMoEPreTrainedModel(CLIPPreTrainedModel):
+class WEMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
     config: WEMoEConfig
     config_class = WEMoEConfig
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "WEMoEEncoderLayer", "CLIPVisionEmbeddings"]

@@ -443,7 +443,8 @@ def write_heads_file(output_dir: Path, class_names: dict, templates: dict) -> No
 
 
 def _write_card(output_dir: Path, script_args, training_args, class_names: dict) -> None:
-    from ..hub import write_model_card
+    from ..conversion.merge_wemoe import wemoe_usage
+    from ..hub import model_name_for, write_model_card
     from ..training import result_options
 
     options = result_options(script_args, training_args, exclude={"trust_remote_code", "tasks"})
@@ -460,6 +461,7 @@ def _write_card(output_dir: Path, script_args, training_args, class_names: dict)
         ),
         tags=("clip", "we-moe", "model-merging"),
         model_name=training_args.hub_model_id,
+        usage=wemoe_usage(training_args.hub_model_id or model_name_for(output_dir)),
     )
 
 

@@ -1,0 +1,384 @@
+"""Every model card's Python blocks and the README's run as written, in a fresh process, against the folder they
+describe (a Hub id replaced by the local folder; the user's photos by small images); cards carry license, tags,
+base_model and model-index results; a loaded model's `save_pretrained` / `push_to_hub` keep its card."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from PIL import Image
+from test_convert_clip_moe_original import openai_naming
+from test_mode_build import write_clusters
+from test_mode_model import save_tiny_bert
+from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
+
+from hf_moe.clip_moe.lora import clip_moe_lora_config, merge_lora_into_folder
+from hf_moe.conversion import build_mode, convert_clip_moe_original, merge_wemoe, upcycle_clip, upcycle_moiie
+from hf_moe.hub import add_eval_results, write_model_card
+from hf_moe.merging import merge_clip_vision
+from hf_moe.toy import save_toy_clip
+
+from helpers import BLOCK_HF_MOE
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MODEL_ID_LINE = re.compile(r"^model_id = .*$", re.M)
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+PROMPT = "Do you wish to run the custom code"
+
+# Runs jobs [{name, code, cwd}] one after the other, each in its own namespace and working folder, and writes
+# [{name, error}]: an exception, or transformers' interactive "run the custom code? [y/N]" prompt (where a user at a
+# terminal would be stuck), is the job's error.
+RUNNER = r"""
+import builtins, contextlib, io, json, os, sys, time, traceback
+
+jobs = json.load(open(sys.argv[1]))
+prompts = []
+
+def no_prompt(prompt=""):
+    prompts.append(str(prompt))
+    raise EOFError("interactive prompt")
+
+builtins.input = no_prompt
+results = []
+for job in jobs:
+    os.chdir(job["cwd"])
+    prompts.clear()
+    error, start = None, time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(job["code"], job["name"], "exec"), {"__name__": "__main__"})
+    except BaseException:
+        error = traceback.format_exc()[-4000:]
+    if prompts:
+        error = f"stopped at an interactive prompt: {prompts[0][:300]}" + (f"\n{error}" if error else "")
+    results.append({"name": job["name"], "error": error, "seconds": round(time.perf_counter() - start, 1)})
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def run_jobs(jobs: list[dict], workdir: Path, without_hf_moe: bool) -> None:
+    """Run `jobs` in one fresh interpreter (hf_moe not importable when `without_hf_moe`); fail naming each failure."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "jobs.json").write_text(json.dumps(jobs))
+    script = workdir / "runner.py"
+    script.write_text((BLOCK_HF_MOE if without_hf_moe else "") + RUNNER)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, str(script), str(workdir / "jobs.json"), str(workdir / "results.json")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert [r["name"] for r in results] == [job["name"] for job in jobs]
+    print({r["name"]: r["seconds"] for r in results})
+    failures = [f"--- {r['name']} ---\n{r['error']}" for r in results if r["error"]]
+    assert not failures, "\n".join(failures)
+
+
+def user_images(folder: Path) -> None:
+    """The photos a reader has at hand, named as the README names them."""
+    Image.new("RGB", (64, 48), "orange").save(folder / "cat.jpg")
+    Image.new("RGB", (48, 64), "gray").save(folder / "dog.jpg")
+
+
+def python_blocks(text: str) -> list[str]:
+    return PYTHON_BLOCK.findall(text)
+
+
+def copy_model(folder: Path, target: Path) -> Path:
+    shutil.copytree(folder, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def card_folders(toy_clip_dir, upcycled_dir, tmp_path_factory) -> dict[str, Path]:
+    """One folder per command (and output kind) that writes a model card, each with that command's own card.
+
+    The training commands' cards come from their own card writers on a folder of the kind they output (training
+    itself is tested elsewhere and leaves the card's snippet unchanged)."""
+    from hf_moe.clip_moe.train_router import RouterTrainingArguments
+    from hf_moe.clip_moe.train_router import _write_card as router_card
+    from hf_moe.clip_moe.trainer import CLIPMoERouterTrainingArguments
+    from hf_moe.mode.train_expert import DataExpertArguments, DataExpertTrainingArguments
+    from hf_moe.mode.train_expert import _write_card as expert_card
+    from hf_moe.moiie.lora import MoIIELoraArguments
+    from hf_moe.moiie.toy import save_toy_parts, toy_processor
+    from hf_moe.moiie.train import MoIIEScriptArguments
+    from hf_moe.moiie.train import _write_card as moiie_card
+    from hf_moe.moiie.trainer import MoIIETrainingArguments
+    from hf_moe.we_moe.tta import TTAScriptArguments, TTATrainingArguments
+    from hf_moe.we_moe.tta import _write_card as tta_card
+
+    root = tmp_path_factory.mktemp("cards")
+    licensed = copy_model(toy_clip_dir, root / "licensed-clip")
+    write_model_card(licensed, base_model="openai/clip-vit-base-patch32", how_built="A copy.", license="mit")
+    finetunes = [save_toy_clip(root / f"finetune{seed}", seed=seed) for seed in (1, 2)]
+    folders = {"upcycle-clip": upcycled_dir}
+
+    upcycle_clip(licensed, root / "upcycle-licensed", num_experts=2, top_k=1)
+    folders["upcycle-clip (licensed base)"] = root / "upcycle-licensed"
+
+    dense = CLIPModel.from_pretrained(toy_clip_dir)
+    torch.save(openai_naming(dense, num_experts=2, moe_layers=1, expert_noise=0.0, long_text=False), root / "r.pt")
+    convert_clip_moe_original(root / "r.pt", toy_clip_dir, root / "converted", return_model=False)
+    folders["convert-clip-moe-original"] = root / "converted"
+
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    peft_model = get_peft_model(
+        AutoModel.from_pretrained(upcycled_dir), clip_moe_lora_config(r=2, alpha=4, routers_trainable=False)
+    )
+    merge_lora_into_folder(peft_model, upcycled_dir, root / "lora-merged")
+    folders["LoRA merge"] = root / "lora-merged"
+
+    merge_clip_vision("task_arithmetic", toy_clip_dir, finetunes, root / "merged", return_model=False)
+    folders["merge"] = root / "merged"
+    vision = [root / f"vision{k}" for k in range(3)]
+    for source, target in zip([toy_clip_dir, *finetunes], vision):
+        CLIPVisionModel.from_pretrained(source).save_pretrained(target)
+        AutoProcessor.from_pretrained(source).image_processor.save_pretrained(target)
+    merge_clip_vision("average", vision[0], vision[1:], root / "merged-vision", return_model=False)
+    folders["merge (vision)"] = root / "merged-vision"
+
+    merge_wemoe(toy_clip_dir, finetunes, root / "wemoe", task_names=["a", "b"], return_model=False)
+    folders["merge-wemoe"] = root / "wemoe"
+    merge_wemoe(vision[0], vision[1:], root / "wemoe-vision", shared_router=True, return_model=False)
+    folders["merge-wemoe (vision)"] = root / "wemoe-vision"
+
+    phi3, siglip = save_toy_parts(root / "moiie-parts", toy_processor())
+    upcycle_moiie(phi3, siglip, root / "moiie", return_model=False)
+    folders["upcycle-moiie"] = root / "moiie"
+
+    bert = save_tiny_bert(root / "bert")
+    clusters = write_clusters(root / "clusters", encoder=bert)
+    build_mode(finetunes, clusters, root / "mode", return_model=False)
+    folders["mode build"] = root / "mode"
+
+    folders["train-router"] = copy_model(upcycled_dir, root / "router-trained")
+    router_card(
+        folders["train-router"],
+        RouterTrainingArguments(model=str(upcycled_dir), data="captions"),
+        CLIPMoERouterTrainingArguments(output_dir=str(folders["train-router"]), report_to="none"),
+    )
+    folders["mcl"] = root / "mcl-moe"
+    from hf_moe.clip_moe.mcl import MCLArguments, _build_moe
+    from hf_moe.clip_moe.trainer import MCLTrainingArguments
+
+    _build_moe(
+        MCLArguments(base=str(licensed), data="captions", num_experts=2),
+        MCLTrainingArguments(output_dir=str(root / "mcl"), report_to="none"),
+        [licensed, copy_model(licensed, root / "mcl-stage1")],
+        folders["mcl"],
+    )
+    folders["tta-wemoe"] = copy_model(root / "wemoe", root / "tta")
+    tta_card(
+        folders["tta-wemoe"],
+        TTAScriptArguments(model=str(root / "wemoe"), tasks=["a", "b"]),
+        TTATrainingArguments(output_dir=str(folders["tta-wemoe"]), report_to="none"),
+        {"a": ["x", "y"], "b": ["z", "w"]},
+    )
+    folders["train-moiie"] = copy_model(root / "moiie", root / "moiie-trained")
+    moiie_card(
+        folders["train-moiie"],
+        MoIIEScriptArguments(model=str(root / "moiie"), data="chat.json"),
+        MoIIETrainingArguments(output_dir=str(folders["train-moiie"]), stage="finetune", report_to="none"),
+        MoIIELoraArguments(),
+    )
+    folders["mode train-expert"] = copy_model(finetunes[0], root / "expert0")
+    expert_card(
+        folders["mode train-expert"],
+        DataExpertArguments(seed_model=str(toy_clip_dir), data="captions", clusters=str(clusters), expert=0),
+        DataExpertTrainingArguments(output_dir=str(folders["mode train-expert"]), report_to="none"),
+        2,
+        SimpleNamespace(own=[0, 1], other=[2]),
+        4,
+        1,
+    )
+    return folders
+
+
+def test_every_card_snippet_runs_as_written_in_a_fresh_process_without_hf_moe(card_folders, tmp_path):
+    jobs, seen = [], set()
+    for name, folder in card_folders.items():
+        blocks = python_blocks((folder / "README.md").read_text())
+        assert blocks, f"the {name} card has no Python block"
+        architectures = tuple(json.loads((folder / "config.json").read_text())["architectures"])
+        for number, code in enumerate(blocks):
+            assert len(MODEL_ID_LINE.findall(code)) == 1, f"the {name} card's block {number} has no single model_id"
+            # The same snippet on the same kind of model runs once (several commands write one CLIP-MoE snippet).
+            if (MODEL_ID_LINE.sub("", code), architectures) in seen:
+                continue
+            seen.add((MODEL_ID_LINE.sub("", code), architectures))
+            code = MODEL_ID_LINE.sub(f"model_id = {str(folder)!r}", code)
+            jobs.append({"name": f"{name} card, block {number}", "code": code, "cwd": str(tmp_path)})
+    run_jobs(jobs, tmp_path / "run", without_hf_moe=True)
+
+
+def test_each_family_card_shows_its_own_use(card_folders):
+    for name in ("upcycle-moiie", "train-moiie"):
+        text = (card_folders[name] / "README.md").read_text()
+        code = "\n".join(python_blocks(text))
+        assert ".generate(" in code and 'pipeline("image-text-to-text"' in code, name
+        assert "zero-shot-image-classification" not in text and "logits_per_image" not in code, name
+        assert "hf-moe eval" not in text, name
+        assert ModelCard.load(card_folders[name] / "README.md").data.pipeline_tag == "image-text-to-text"
+    for name in ("merge-wemoe", "tta-wemoe"):
+        assert "output_routing_weights=True" in (card_folders[name] / "README.md").read_text(), name
+    for name, folder in card_folders.items():
+        for code in python_blocks((folder / "README.md").read_text()):
+            for line in code.splitlines():
+                if "AutoProcessor.from_pretrained(" in line:
+                    assert "trust_remote_code=True" in line, (name, line)
+
+
+def test_cards_carry_license_tags_and_base_model(card_folders):
+    for name, folder in card_folders.items():
+        card = ModelCard.load(folder / "README.md")
+        assert {"hf-moe", "mixture-of-experts"} <= set(card.data.tags), name
+        assert card.data.library_name == "transformers", name
+        assert "## License" in card.text, name
+    # A base whose card names a license passes it on; a bare local base has none to pass on, and the card says so.
+    for name in ("upcycle-clip (licensed base)", "mcl"):
+        card = ModelCard.load(card_folders[name] / "README.md")
+        assert card.data.license == "mit" and card.data.base_model == "openai/clip-vit-base-patch32", name
+        assert "`mit`, the license of the base model(s)" in card.text, name
+    card = ModelCard.load(card_folders["upcycle-clip"] / "README.md")
+    assert card.data.license is None and "Not recorded" in card.text and "their licenses apply" in card.text
+
+
+def test_eval_results_are_in_the_hubs_model_index(card_folders, tmp_path):
+    folder = copy_model(card_folders["upcycle-clip"], tmp_path / "evaluated")
+    add_eval_results(folder, {"top1": 0.5, "num_images": 10}, task="zero-shot-image-classification", dataset="digits")
+    metadata = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    [entry] = metadata["model-index"]
+    [result] = entry["results"]
+    assert entry["name"] == "clip-moe" and result["task"]["type"] == "zero-shot-image-classification"
+    assert result["dataset"]["name"] == "digits" and result["metrics"] == [{"type": "top1", "value": 0.5, "name": "top1"}]
+
+
+PUSH_SCRIPT = r"""
+import json, os, sys
+import huggingface_hub
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoModel, AutoModelForCausalLM
+from transformers.utils import hub
+
+folders, work = json.loads(sys.argv[1]), sys.argv[2]
+uploaded = {}
+
+class OfflineHub:  # create_repo and create_commit as the Hub answers them for a new repo
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            if op.path_in_repo == "README.md":
+                with open(op.path_or_fileobj) as handle:
+                    uploaded[repo_id] = handle.read()
+
+class NewRepoCard(huggingface_hub.ModelCard):  # the new repo has no README yet
+    @classmethod
+    def load(cls, repo_id_or_path, *args, **kwargs):
+        if os.path.isfile(str(repo_id_or_path)):
+            return super().load(repo_id_or_path, *args, **kwargs)
+        raise EntryNotFoundError(f"{repo_id_or_path} has no README.md")
+
+hub.hf_api = lambda *args, **kwargs: OfflineHub()
+hub.ModelCard = NewRepoCard
+result = {}
+for name, folder in folders.items():
+    auto = AutoModelForCausalLM if name == "moiie" else AutoModel
+    model = auto.from_pretrained(folder, trust_remote_code=True)
+    model.push_to_hub(f"me/{name}", tags=["my-tag"])
+    model.save_pretrained(os.path.join(work, name))
+    model.save_pretrained(os.path.join(work, name + "-pushed"), push_to_hub=True, repo_id=f"me/{name}-pushed")
+    result[name] = {
+        "push_to_hub": uploaded[f"me/{name}"],
+        "save_pretrained": open(os.path.join(work, name, "README.md")).read(),
+        "save_pretrained(push_to_hub=True)": uploaded[f"me/{name}-pushed"],
+    }
+json.dump(result, open(os.path.join(work, "cards.json"), "w"))
+"""
+
+
+def test_save_pretrained_and_push_to_hub_of_a_loaded_model_keep_its_card(card_folders, tmp_path):
+    folders = {
+        "clip-moe": card_folders["upcycle-clip"],
+        "wemoe": card_folders["merge-wemoe"],
+        "moiie": card_folders["upcycle-moiie"],
+        "mode": card_folders["mode build"],
+    }
+    script = tmp_path / "push.py"
+    script.write_text(BLOCK_HF_MOE + PUSH_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, str(script), json.dumps({k: str(v) for k, v in folders.items()}), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    cards = json.loads((tmp_path / "cards.json").read_text())
+    for name, folder in folders.items():
+        ours = ModelCard.load(folder / "README.md")
+        for how, text in cards[name].items():
+            assert "automatically generated" not in text, (name, how)
+            card = ModelCard(text)
+            assert card.text == ours.text, (name, how)
+            assert card.data.base_model == ours.data.base_model, (name, how)
+            assert set(ours.data.tags) <= set(card.data.tags), (name, how)
+        assert "my-tag" in ModelCard(cards[name]["push_to_hub"]).data.tags
+
+
+# Names the README uses for models a reader has built or downloaded; the test points them at toy folders.
+README_MODELS = {
+    "clip-moe-l14": "upcycle-clip",
+    "wemoe-b32-tta": "tta-wemoe",
+    "moiie-stage2": "train-moiie",
+    "mode-4-b32": "mode build",
+}
+# A block that writes a model gets a working folder without it.
+README_OUTPUTS = {"upcycle_clip(": "clip-moe-l14", "merge_lora_into_folder(": "clip-moe-l14-lora-merged"}
+
+
+def test_readme_python_blocks_run_as_written(card_folders, toy_clip_dir, tmp_path):
+    from hf_moe.toy_data import save_digit_caption_folder
+
+    blocks = python_blocks(README.read_text())
+    assert len(blocks) >= 6
+    captions = save_digit_caption_folder(tmp_path / "captions", count=8)
+    jobs = {True: [], False: []}
+    for number, code in enumerate(blocks):
+        cwd = tmp_path / f"block{number}"
+        cwd.mkdir()
+        user_images(cwd)
+        written = {name for call, name in README_OUTPUTS.items() if call in code}
+        for name, kind in README_MODELS.items():
+            if f'"{name}"' in code and name not in written:
+                (cwd / name).symlink_to(card_folders[kind])
+        if '"captions"' in code:
+            (cwd / "captions").symlink_to(captions)
+        code = code.replace('"openai/clip-vit-large-patch14"', repr(str(toy_clip_dir)))
+        uses_hf_moe = "hf_moe" in code
+        jobs[not uses_hf_moe].append({"name": f"README block {number}", "code": code, "cwd": str(cwd)})
+    run_jobs(jobs[True], tmp_path / "without-hf-moe", without_hf_moe=True)
+    run_jobs(jobs[False], tmp_path / "with-hf-moe", without_hf_moe=False)
