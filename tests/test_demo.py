@@ -6,6 +6,7 @@ import json
 
 import torch
 from safetensors.torch import load_file
+from test_demo_figures import assert_readme_shows
 
 from hf_moe.cli import main
 from hf_moe.clip_moe.demo import RESULT_FILE
@@ -47,3 +48,4 @@ def test_demo_trains_upcycles_and_reloads(tmp_path, capsys):
     router = "vision_model.encoder.layers.0.mlp.router.weight"
     assert not torch.equal(moe[router], untrained_routers[router])
     assert "The trained CLIP-MoE folder is" in printed
+    assert_readme_shows("clip_moe", printed)  # the README's figures are this run's

@@ -3,6 +3,8 @@ per-sample routing weights, and a reload without hf_moe that computes the same f
 
 import json
 
+from test_demo_figures import assert_readme_shows
+
 from hf_moe.cli import main
 from hf_moe.we_moe.demo import DEMO_TASKS, RESULT_FILE
 
@@ -30,6 +32,7 @@ def test_wemoe_demo_merges_routes_and_reloads(tmp_path, capsys):
     assert result["reloaded_class"].startswith("transformers_modules.") and "WEMoECLIPModel" in result["reloaded_class"]
     assert result["reload_max_difference"] <= 1e-6
     assert "loaded transformers_modules." in printed
+    assert_readme_shows("we_moe", printed)  # the README's figures are this run's
 
 
 def test_demo_runs_every_family_in_order_into_one_folder(tmp_path, monkeypatch):
