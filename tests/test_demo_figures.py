@@ -24,7 +24,7 @@ def readme_demo_lines(family: str, readme: str | None = None) -> list[str]:
     """The lines of the README's "`hf-moe demo --family FAMILY` prints ...:" block (a ```text fence)."""
     readme = README.read_text() if readme is None else readme
     # From "prints" to the first fence after it, which must be a ```text one.
-    pattern = rf"`hf-moe demo --family {re.escape(family)}` prints(?:(?!```).)*?:\s*\n```text\n(.*?)\n```"
+    pattern = rf"`hf-moe demo --family {re.escape(family)}`\s+prints(?:(?!```).)*?:\s*\n```text\n(.*?)\n```"
     blocks = re.findall(pattern, readme, flags=re.DOTALL)
     if len(blocks) != 1:
         raise AssertionError(
