@@ -35,7 +35,8 @@ MODEL_ID_LINE = re.compile(r"^model_id = .*$", re.M)
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 PROMPT = "Do you wish to run the custom code"
 
-# Runs jobs [{name, code, cwd}] one after the other, each in its own namespace and working folder, and writes
+# Runs jobs [{name, code, cwd, hf_moe}] one after the other, each in its own namespace and working folder (hf_moe
+# importable from the first job with `hf_moe` true on, when the script starts with BLOCK_HF_MOE), and writes
 # [{name, error}]: an exception, or transformers' interactive "run the custom code? [y/N]" prompt (where a user at a
 # terminal would be stuck), is the job's error.
 RUNNER = r"""
@@ -51,6 +52,8 @@ def no_prompt(prompt=""):
 builtins.input = no_prompt
 results = []
 for job in jobs:
+    if job.get("hf_moe"):  # the jobs that use hf_moe come last: from here on it is importable
+        sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != "BlockHfMoe"]
     os.chdir(job["cwd"])
     prompts.clear()
     error, start = None, time.perf_counter()
@@ -66,8 +69,8 @@ json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-def run_jobs(jobs: list[dict], workdir: Path, without_hf_moe: bool) -> None:
-    """Run `jobs` in one fresh interpreter (hf_moe not importable when `without_hf_moe`); fail naming each failure."""
+def run_jobs(jobs: list[dict], workdir: Path, without_hf_moe: bool) -> dict[str, str | None]:
+    """Run `jobs` in one fresh interpreter (hf_moe not importable when `without_hf_moe`): {name: error or None}."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "jobs.json").write_text(json.dumps(jobs))
     script = workdir / "runner.py"
@@ -86,8 +89,13 @@ def run_jobs(jobs: list[dict], workdir: Path, without_hf_moe: bool) -> None:
     assert result.returncode == 0, result.stderr[-6000:]
     results = json.loads((workdir / "results.json").read_text())
     assert [r["name"] for r in results] == [job["name"] for job in jobs]
-    print({r["name"]: r["seconds"] for r in results})
-    failures = [f"--- {r['name']} ---\n{r['error']}" for r in results if r["error"]]
+    return {r["name"]: r["error"] for r in results}
+
+
+def assert_ran(results: dict[str, str | None], prefix: str) -> None:
+    ran = {name: error for name, error in results.items() if name.startswith(prefix)}
+    assert ran, f"no job named {prefix}..."
+    failures = [f"--- {name} ---\n{error}" for name, error in ran.items() if error]
     assert not failures, "\n".join(failures)
 
 
@@ -214,7 +222,9 @@ def card_folders(toy_clip_dir, upcycled_dir, tmp_path_factory) -> dict[str, Path
     return folders
 
 
-def test_every_card_snippet_runs_as_written_in_a_fresh_process_without_hf_moe(card_folders, tmp_path):
+def card_jobs(card_folders: dict[str, Path], cwd: Path) -> list[dict]:
+    """Each card's Python blocks with `model_id` pointed at its folder. The same snippet on the same kind of model
+    runs once (several commands write the one CLIP-MoE snippet)."""
     jobs, seen = [], set()
     for name, folder in card_folders.items():
         blocks = python_blocks((folder / "README.md").read_text())
@@ -222,13 +232,31 @@ def test_every_card_snippet_runs_as_written_in_a_fresh_process_without_hf_moe(ca
         architectures = tuple(json.loads((folder / "config.json").read_text())["architectures"])
         for number, code in enumerate(blocks):
             assert len(MODEL_ID_LINE.findall(code)) == 1, f"the {name} card's block {number} has no single model_id"
-            # The same snippet on the same kind of model runs once (several commands write one CLIP-MoE snippet).
-            if (MODEL_ID_LINE.sub("", code), architectures) in seen:
-                continue
-            seen.add((MODEL_ID_LINE.sub("", code), architectures))
-            code = MODEL_ID_LINE.sub(f"model_id = {str(folder)!r}", code)
-            jobs.append({"name": f"{name} card, block {number}", "code": code, "cwd": str(tmp_path)})
-    run_jobs(jobs, tmp_path / "run", without_hf_moe=True)
+            key = (MODEL_ID_LINE.sub("", code), architectures)
+            if key not in seen:
+                seen.add(key)
+                code = MODEL_ID_LINE.sub(f"model_id = {str(folder)!r}", code)
+                jobs.append({"name": f"card: {name}, block {number}", "code": code, "cwd": str(cwd)})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def fresh_process(card_folders, toy_clip_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """The cards' snippets, the README's blocks and the save/push of loaded models in one fresh interpreter (one
+    start-up for all): first without hf_moe, then the README's Python-API blocks, which import it.
+    Returns ({job: error or None}, its working folder)."""
+    root = tmp_path_factory.mktemp("fresh")
+    readme = readme_jobs(card_folders, toy_clip_dir, root / "readme")
+    jobs = card_jobs(card_folders, root) + [job for job in readme if "hf_moe" not in job["code"]]
+    push_folders = {name: str(card_folders[kind]) for name, kind in PUSHED.items()}
+    push = f"folders, work = {push_folders!r}, {str(root)!r}\n" + PUSH_SCRIPT
+    jobs.append({"name": "push", "code": push, "cwd": str(root)})  # after the snippets: it patches the Hub client
+    jobs += [{**job, "hf_moe": True} for job in readme if "hf_moe" in job["code"]]
+    return run_jobs(jobs, root / "run", without_hf_moe=True), root
+
+
+def test_every_card_snippet_runs_as_written_in_a_fresh_process_without_hf_moe(fresh_process):
+    assert_ran(fresh_process[0], "card: ")
 
 
 def test_each_family_card_shows_its_own_use(card_folders):
@@ -270,17 +298,20 @@ def test_eval_results_are_in_the_hubs_model_index(card_folders, tmp_path):
     [entry] = metadata["model-index"]
     [result] = entry["results"]
     assert entry["name"] == "clip-moe" and result["task"]["type"] == "zero-shot-image-classification"
-    assert result["dataset"]["name"] == "digits" and result["metrics"] == [{"type": "top1", "value": 0.5, "name": "top1"}]
+    assert result["dataset"]["name"] == "digits" and result["metrics"] == [
+        {"type": "top1", "value": 0.5, "name": "top1"}
+    ]
 
 
+# The cards a loaded model's save_pretrained writes and its push_to_hub uploads (to a new repo, through an offline
+# stand-in for the Hub's API), in cards.json.
 PUSH_SCRIPT = r"""
-import json, os, sys
+import json, os
 import huggingface_hub
 from huggingface_hub.errors import EntryNotFoundError
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, modeling_utils
 from transformers.utils import hub
 
-folders, work = json.loads(sys.argv[1]), sys.argv[2]
 uploaded = {}
 
 class OfflineHub:  # create_repo and create_commit as the Hub answers them for a new repo
@@ -300,7 +331,7 @@ class NewRepoCard(huggingface_hub.ModelCard):  # the new repo has no README yet
             return super().load(repo_id_or_path, *args, **kwargs)
         raise EntryNotFoundError(f"{repo_id_or_path} has no README.md")
 
-hub.hf_api = lambda *args, **kwargs: OfflineHub()
+hub.hf_api = modeling_utils.hf_api = lambda *args, **kwargs: OfflineHub()
 hub.ModelCard = NewRepoCard
 result = {}
 for name, folder in folders.items():
@@ -309,37 +340,25 @@ for name, folder in folders.items():
     model.push_to_hub(f"me/{name}", tags=["my-tag"])
     model.save_pretrained(os.path.join(work, name))
     model.save_pretrained(os.path.join(work, name + "-pushed"), push_to_hub=True, repo_id=f"me/{name}-pushed")
+    with open(os.path.join(work, name, "README.md")) as handle:
+        saved = handle.read()
     result[name] = {
         "push_to_hub": uploaded[f"me/{name}"],
-        "save_pretrained": open(os.path.join(work, name, "README.md")).read(),
+        "save_pretrained": saved,
         "save_pretrained(push_to_hub=True)": uploaded[f"me/{name}-pushed"],
     }
-json.dump(result, open(os.path.join(work, "cards.json"), "w"))
+with open(os.path.join(work, "cards.json"), "w") as handle:
+    json.dump(result, handle)
 """
+PUSHED = {"clip-moe": "upcycle-clip", "wemoe": "merge-wemoe", "moiie": "upcycle-moiie", "mode": "mode build"}
 
 
-def test_save_pretrained_and_push_to_hub_of_a_loaded_model_keep_its_card(card_folders, tmp_path):
-    folders = {
-        "clip-moe": card_folders["upcycle-clip"],
-        "wemoe": card_folders["merge-wemoe"],
-        "moiie": card_folders["upcycle-moiie"],
-        "mode": card_folders["mode build"],
-    }
-    script = tmp_path / "push.py"
-    script.write_text(BLOCK_HF_MOE + PUSH_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, str(script), json.dumps({k: str(v) for k, v in folders.items()}), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-6000:]
-    cards = json.loads((tmp_path / "cards.json").read_text())
-    for name, folder in folders.items():
-        ours = ModelCard.load(folder / "README.md")
+def test_save_pretrained_and_push_to_hub_of_a_loaded_model_keep_its_card(fresh_process, card_folders):
+    results, root = fresh_process
+    assert_ran(results, "push")
+    cards = json.loads((root / "cards.json").read_text())
+    for name, kind in PUSHED.items():
+        ours = ModelCard.load(card_folders[kind] / "README.md")
         for how, text in cards[name].items():
             assert "automatically generated" not in text, (name, how)
             card = ModelCard(text)
@@ -360,16 +379,18 @@ README_MODELS = {
 README_OUTPUTS = {"upcycle_clip(": "clip-moe-l14", "merge_lora_into_folder(": "clip-moe-l14-lora-merged"}
 
 
-def test_readme_python_blocks_run_as_written(card_folders, toy_clip_dir, tmp_path):
+def readme_jobs(card_folders: dict[str, Path], toy_clip_dir: Path, root: Path) -> list[dict]:
+    """The README's Python blocks, each in its own working folder holding what it reads: the models it names
+    (links to toy folders), `cat.jpg` / `dog.jpg` and a `captions` folder; the base's Hub id is the toy CLIP."""
     from hf_moe.toy_data import save_digit_caption_folder
 
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 6
-    captions = save_digit_caption_folder(tmp_path / "captions", count=8)
-    jobs = {True: [], False: []}
+    captions = save_digit_caption_folder(root / "captions", count=8)
+    jobs = []
     for number, code in enumerate(blocks):
-        cwd = tmp_path / f"block{number}"
-        cwd.mkdir()
+        cwd = root / f"block{number}"
+        cwd.mkdir(parents=True)
         user_images(cwd)
         written = {name for call, name in README_OUTPUTS.items() if call in code}
         for name, kind in README_MODELS.items():
@@ -378,7 +399,10 @@ def test_readme_python_blocks_run_as_written(card_folders, toy_clip_dir, tmp_pat
         if '"captions"' in code:
             (cwd / "captions").symlink_to(captions)
         code = code.replace('"openai/clip-vit-large-patch14"', repr(str(toy_clip_dir)))
-        uses_hf_moe = "hf_moe" in code
-        jobs[not uses_hf_moe].append({"name": f"README block {number}", "code": code, "cwd": str(cwd)})
-    run_jobs(jobs[True], tmp_path / "without-hf-moe", without_hf_moe=True)
-    run_jobs(jobs[False], tmp_path / "with-hf-moe", without_hf_moe=False)
+        jobs.append({"name": f"README block {number}", "code": code, "cwd": str(cwd)})
+    return jobs
+
+
+def test_readme_python_blocks_run_as_written(fresh_process):
+    assert_ran(fresh_process[0], "README block ")
+    assert len([name for name in fresh_process[0] if name.startswith("README block ")]) >= 6
