@@ -40,7 +40,14 @@ from .configuration_clip_moe import (
     CLIPMoEVisionConfig,
 )
 from .model_card import KeepModelCardMixin
-from .moe import MoEMLPExperts, MoESparseBlock, MoETopKRouter, load_balancing_loss, router_z_loss
+from .moe import (
+    MoEMLPExperts,
+    MoESparseBlock,
+    MoETopKRouter,
+    initialize_weights_as_transformers_code,
+    load_balancing_loss,
+    router_z_loss,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -151,11 +158,19 @@ class CLIPMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
         return True
 
     @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        initialize_weights_as_transformers_code(self)
+
+    @torch.no_grad()
     def _init_weights(self, module):
         # CLIP's own modules (projections of the joint and *WithProjection models included, as these subclass
         # transformers' classes) are initialised by CLIPPreTrainedModel.
         super()._init_weights(module)
         factor = self.config.initializer_factor
+        if isinstance(module, CLIPModel):
+            # transformers' CLIP sets it in __init__ only: a checkpoint without it would keep uninitialised memory.
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
         if isinstance(module, MoEMLPExperts):
             # Each expert initialised like transformers' CLIPMLP.
             config = module.config

@@ -34,6 +34,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
+from .moe import initialize_weights_as_transformers_code
 from .model_card import KeepModelCardMixin
 
 
@@ -489,6 +490,24 @@ class WEMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
         "routing_weights": OutputRecorder(WEMoERouter),
     }
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # WEMoE has no packed experts: the argument every hf-moe family takes is accepted (and ignored, with a note).
+        return True
+
+    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
+        if experts_implementation is not None:
+            logger.warning_once(
+                f"WEMoE has no packed experts (its MLPs merge task vectors per sample): "
+                f"experts_implementation={experts_implementation!r} is accepted and changes nothing."
+            )
+        return super()._check_and_adjust_experts_implementation(experts_implementation)
+
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        initialize_weights_as_transformers_code(self)
+
     @torch.no_grad()
     def _init_weights(self, module):
         if hasattr(module, "router_bias_init"):
@@ -501,6 +520,9 @@ class WEMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
         # CLIP's own modules are initialised by CLIPPreTrainedModel.
         super()._init_weights(module)
         factor = self.config.initializer_factor
+        if isinstance(module, CLIPModel):
+            # transformers' CLIP sets it in __init__ only: a checkpoint without it would keep uninitialised memory.
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
         if isinstance(module, WEMoEMLP):
             # The pretrained MLP like transformers' CLIPMLP; zero task vectors make a fresh model the dense CLIP.
             config = module.config
@@ -627,7 +649,9 @@ class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPModel):
         self.projection_dim = config.projection_dim
         self.text_embed_dim = config.text_config.hidden_size
         self.vision_embed_dim = config.vision_config.hidden_size
-        self.text_model = CLIPTextModel._from_config(config.text_config)
+        # The text tower is transformers' CLIP, without experts: an experts implementation asked for the joint model
+        # (which WEMoE accepts and ignores) must not reach it, where `grouped_mm` would be refused.
+        self.text_model = CLIPTextModel._from_config(config.text_config, experts_implementation=None)
         self.vision_model = WEMoECLIPVisionModel._from_config(config.vision_config)
         self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)

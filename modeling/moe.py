@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ExpertsInterface
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,27 @@ class MoEConfigFields:
         return sorted(set(self.moe_layers))
 
 
+def initialize_weights_as_transformers_code(model: nn.Module) -> None:
+    """`PreTrainedModel.initialize_weights` as transformers runs it for its own models: every module (sub-models with
+    their own `_init_weights`) after its children, skipping what is flagged `_is_hf_initialized` (loaded weights).
+
+    transformers runs it differently for code outside its package (ours): a module whose own parameters are all
+    flagged counts as initialised. Containers without parameters of their own (CLIP's attention and MLP) then count
+    as done before their `_init_weights` ran, and CLIP initialises their projections from there: fresh models and
+    weights missing from a checkpoint got the generic N(0, 0.02) instead of CLIP's init. Our `_init_weights` only
+    write through `transformers.initialization`, which honours the per-tensor flags, so the heuristic is not needed.
+    Call it from an `initialize_weights` override decorated as transformers' own is.
+    """
+    from transformers import PreTrainedModel
+
+    def visit(module: nn.Module, initialize) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+        initialize(module, is_custom_code=False)
+
+    visit(model, model._initialize_weights)
+
+
 MOE_FIELD_NAMES = [name for name in MoEConfigFields.__dataclass_fields__ if name != "moe_layers"]
 
 
@@ -113,7 +135,40 @@ class ActivationWithDropout(nn.Module):
         return self.dropout(self.act(hidden_states))
 
 
-@use_experts_implementation(has_gate=False, has_bias=True)
+def _grouped_mm_fits(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm takes these experts: its kernels want every row of both operands 16-byte aligned,
+    which CLIP's sizes are (768, 3072, ...) but tiny or odd widths are not ("strides should be multiple of 16
+    bytes", raised by transformers' Mixtral too)."""
+    row_bytes = [size * hidden_states.element_size() for size in (module.hidden_dim, module.intermediate_dim)]
+    return all(size % 16 == 0 for size in row_bytes)
+
+
+class MoEExpertsInterface(ExpertsInterface):
+    """transformers' experts functions (the same registry), with `batched_mm` standing in where the requested one
+    cannot run and batched_mm computes the same:
+
+    - while `torch.export` traces the model (`torch.onnx.export(..., dynamo=True)` included): eager loops over the
+      experts hit, a data-dependent count, and grouped_mm has no ONNX lowering;
+    - grouped_mm (the default) on widths whose rows are not 16-byte aligned (see `_grouped_mm_fits`).
+    """
+
+    def get_interface(self, experts_implementation: str, default):
+        requested = super().get_interface(experts_implementation, default)
+        if experts_implementation not in (None, "eager", "grouped_mm"):
+            return requested
+        batched = super().get_interface("batched_mm", default)
+
+        def forward(module, hidden_states, top_k_index, top_k_weights):
+            if torch.compiler.is_exporting() or (
+                experts_implementation != "eager" and not _grouped_mm_fits(module, hidden_states)
+            ):
+                return batched(module, hidden_states, top_k_index, top_k_weights)
+            return requested(module, hidden_states, top_k_index, top_k_weights)
+
+        return forward
+
+
+@use_experts_implementation(has_gate=False, has_bias=True, experts_interface=MoEExpertsInterface())
 class MoEMLPExperts(nn.Module):
     """Non-gated two-layer MLP experts with biases (the CLIP / ViT MLP), packed as 3-D parameters."""
 
@@ -237,10 +292,12 @@ def expert_load(
 __all__ = [
     "MOE_FIELD_NAMES",
     "MoEConfigFields",
+    "MoEExpertsInterface",
     "MoEMLPExperts",
     "MoESparseBlock",
     "MoETopKRouter",
     "expert_load",
+    "initialize_weights_as_transformers_code",
     "load_balancing_loss",
     "router_z_loss",
 ]

@@ -73,6 +73,25 @@ def test_experts_implementations_have_equal_gradients(implementation):
         torch.testing.assert_close(grads[implementation][name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("implementation", experts_implementations())
+def test_experts_implementations_take_widths_grouped_mm_kernels_refuse(implementation):
+    # 37 fp32 values a row are not 16-byte aligned: torch's grouped_mm raises "strides should be multiple of 16 bytes"
+    # (transformers' Mixtral too); the default implementation must still run, as batched_mm.
+    block = random_block(intermediate_size=37, _experts_implementation=implementation)
+    hidden = torch.randn(2, 5, 16)
+    torch.testing.assert_close(block(hidden).double(), loop_reference(block, hidden), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", experts_implementations())
+def test_experts_export_under_every_implementation(implementation):
+    # torch.export (and ONNX's dynamo exporter, which runs it) cannot trace eager's data-dependent loop over the
+    # experts hit nor lower grouped_mm: the exported program computes batched_mm's, the same values.
+    block = random_block(_experts_implementation=implementation)
+    hidden = torch.randn(2, 5, 16)
+    program = torch.export.export(block, (hidden,), strict=False)
+    torch.testing.assert_close(program.module()(hidden).double(), loop_reference(block, hidden), atol=1e-5, rtol=1e-5)
+
+
 def test_router_is_fp32_and_renormalises():
     router = MoETopKRouter(moe_config()).to(torch.bfloat16)
     torch.nn.init.normal_(router.weight)
