@@ -202,6 +202,19 @@ def card_folders(toy_clip_dir, upcycled_dir, tmp_path_factory) -> dict[str, Path
         TTATrainingArguments(output_dir=str(folders["tta-wemoe"]), report_to="none"),
         {"a": ["x", "y"], "b": ["z", "w"]},
     )
+    from hf_moe.toy_data import save_digit_class_folders
+    from hf_moe.we_moe.adamerging import AdaMergingScriptArguments, adamerging
+
+    tasks = [save_digit_class_folders(root / f"digits_{k}", 8, 32, 8 * k) for k in range(2)]
+    adamerging(
+        AdaMergingScriptArguments(
+            pretrained=str(toy_clip_dir), finetuned=[str(f) for f in finetunes], tasks=[str(t) for t in tasks]
+        ),
+        TTATrainingArguments(
+            output_dir=str(root / "adamerged"), max_steps=1, per_device_train_batch_size=4, report_to="none"
+        ),
+    )
+    folders["adamerging"] = root / "adamerged"
     folders["train-moiie"] = copy_model(root / "moiie", root / "moiie-trained")
     moiie_card(
         folders["train-moiie"],
