@@ -12,6 +12,7 @@ import os
 import shutil
 
 from transformers.utils import logging
+from transformers.utils.hub import ModelCard, try_to_load_from_cache
 
 
 logger = logging.get_logger(__name__)
@@ -33,8 +34,6 @@ class KeepModelCardMixin:
             path = os.path.join(source, CARD_NAME)
             return path if os.path.isfile(path) else None
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             path = try_to_load_from_cache(source, CARD_NAME)
         except Exception:  # not a repo id: nothing to carry on
             return None
@@ -59,8 +58,6 @@ class KeepModelCardMixin:
 
 
 def _replace_card(target: str, source: str) -> None:
-    from huggingface_hub import ModelCard
-
     tags = ModelCard.load(target).data.tags or []
     card = ModelCard.load(source)
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
