@@ -390,6 +390,11 @@ def build_mode(
                 "experts, each trained on one cluster of the captions, ensembled per task with weights from how "
                 "close the task's class names lie to the caption clusters."
             ),
+            "usage": mode_usage(model_name),
+            "not_evaluated": (
+                "Not evaluated yet (`hf-moe mode report --model FOLDER --tasks TASK_DIR ...` and `hf-moe eval "
+                "zero-shot --model FOLDER` add results here)."
+            ),
         }
         save_model_folder(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
@@ -495,3 +500,31 @@ def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, 
 
 
 __all__ = ["build_mode", "clusters_id", "read_clusters"]
+
+
+def mode_usage(model_id: str) -> str:
+    """The card snippet: zero-shot classification, where the texts of one call are the classes of one task and set
+    the experts' weights (printed), then the pipeline."""
+    return "\n".join(
+        [
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoModel, AutoProcessor, pipeline",
+            "",
+            f"model_id = {model_id!r}",
+            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+            "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
+            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+            "# The texts of one call are the classes of one task: their closeness to the caption clusters weighs",
+            "# the data experts, so pass all of a task's classes together.",
+            'labels = ["a photo of a cat", "a photo of a dog", "a photo of a car"]',
+            'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
+            "with torch.no_grad():",
+            "    outputs = model(**inputs)",
+            "print(dict(zip(labels, outputs.logits_per_image.softmax(dim=-1)[0].tolist())))",
+            'print("expert weights for this task:", outputs.task_weights.tolist())',
+            "",
+            'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
+            "print(classifier(image, candidate_labels=labels))",
+        ]
+    )
