@@ -2,7 +2,9 @@
 
 Works for transformers' dense `CLIPModel` and every CLIP-like model of hf-moe: anything with
 `get_image_features(pixel_values=...)` and `get_text_features(input_ids=..., attention_mask=...)`, returning
-either the projected embeddings or an output whose `pooler_output` holds them (transformers 5).
+either the projected embeddings or an output whose `pooler_output` holds them (transformers 5). A task-weighted
+ensemble of CLIP experts (MoDE: `experts`, `clustering_embeddings`, `task_weights`) is scored as the model's own
+zero-shot classification is: each expert's cosine similarities, summed with the task weights of the class names.
 Metrics go through `evaluate` with the local metric scripts in `hf_moe/metrics` (no Hub access).
 
     hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--class_names imagenet|cifar10|cifar100|FILE]
@@ -279,6 +281,72 @@ def encode_images(model, processor, dataset, batch_size: int = 64, device=None, 
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
+def is_task_weighted_ensemble(model) -> bool:
+    """Whether `model` ensembles CLIP experts with weights from the task's class names (MoDE's `MoDEModel`)."""
+    return all(hasattr(model, name) for name in ("experts", "clustering_embeddings", "task_weights"))
+
+
+class ExpertsAsOne:
+    """Makes `encode_images` encode every expert of an ensemble in one pass over the images (decoded and
+    preprocessed once): its `get_image_features` returns `(batch, num_experts, projection_dim)`, which
+    `encode_images` normalises along the last dimension, i.e. per expert, and concatenates along the images."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def get_image_features(self, pixel_values):
+        return projected_embeddings(self.model.get_image_features(pixel_values=pixel_values)).transpose(0, 1)
+
+
+# Token keys an ensemble's `clustering_embeddings` takes; the "clip" pooling has no clustering tokens of its own.
+_CLUSTERING_KEYS = ("input_ids", "attention_mask", "clustering_input_ids", "clustering_attention_mask")
+
+
+@torch.inference_mode()
+def class_task_weights(model, tokenizer, class_names, templates, batch_size: int = 64, device=None, progress=True):
+    """A task-weighted ensemble's expert weights `(num_experts,)` for a task: every class name under every template
+    embedded with its clustering encoder, the embeddings template-averaged (`model.task_weights` on
+    `(classes, templates, D)`), as the released MoDE report weighs the experts."""
+    texts = [template.format(name) for name in class_names for template in templates]
+    max_length = text_max_length(model.experts[0], tokenizer)
+    device = torch.device(device) if device is not None else model.device
+    chunks = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="Clustering embeddings", unit="batch", disable=not progress):
+        tokens = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        inputs = {key: tokens[key].to(device) for key in _CLUSTERING_KEYS if key in tokens}
+        chunks.append(model.clustering_embeddings(**inputs).float())
+    embeddings = torch.cat(chunks).reshape(len(class_names), len(templates), -1)
+    return model.task_weights(embeddings.to(model.fine_centers.device)).float().cpu()
+
+
+def ensemble_cosines(model, processor, dataset, class_names, templates, batch_size=64, device=None, progress=True):
+    """A task-weighted ensemble on a zero-shot task: every expert's cosine similarities `(num_experts, images,
+    classes)` (per expert exactly `zero_shot_classification`'s of that expert's CLIP) and the task weights
+    `(num_experts,)` of the class names. The model must be in eval mode and on `device` (see `EvalMode`)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    classes = [
+        class_embeddings(expert, processor, class_names, templates, batch_size, device, progress)
+        for expert in model.experts
+    ]  # num_experts x (num_classes, P)
+    images = encode_images(ExpertsAsOne(model), processor, dataset, batch_size, device, progress)  # (N, E, P)
+    weights = class_task_weights(model, tokenizer, class_names, templates, batch_size, device, progress)
+    if len(images) == 0:
+        return torch.empty(len(classes), 0, len(class_names)), weights
+    # Per expert the same matmul as zero_shot_classification, so each expert's cosines are exactly its CLIP's.
+    cosines = torch.stack([images[:, k] @ expert_classes.T for k, expert_classes in enumerate(classes)])
+    return cosines, weights
+
+
 class EvalMode:
     """Put the model in eval mode (and optionally on `device`) for the block; restore its training flag after."""
 
@@ -422,21 +490,29 @@ def zero_shot_classification(
         progress: Show tqdm progress bars.
 
     Returns:
-        `{"top1_accuracy", "num_images", "num_classes", "num_templates"}` (+ `predictions`).
+        `{"top1_accuracy", "num_images", "num_classes", "num_templates"}` (+ `predictions`), and for a
+        task-weighted ensemble (MoDE) the `task_weights` of the class names, one per expert.
     """
     check_batch_size(batch_size)
     dataset = load_image_dataset(data, split)
     source = data if isinstance(data, (str, os.PathLike)) else None
     names, class_name_set = dataset_class_names(dataset, class_names, source)
     templates = resolve_templates(templates, class_name_set)
+    ensemble = is_task_weighted_ensemble(model)
     with EvalMode(model, device):
-        classes = class_embeddings(model, processor, names, templates, batch_size, device, progress)
-        images = encode_images(model, processor, dataset, batch_size, device, progress)
+        if ensemble:
+            cosines, task_weights = ensemble_cosines(model, processor, dataset, names, templates, batch_size, device,
+                                                     progress)  # fmt: skip
+            similarities = (task_weights[:, None, None] * cosines).sum(dim=0)  # the model's own ensemble
+        else:
+            classes = class_embeddings(model, processor, names, templates, batch_size, device, progress)
+            images = encode_images(model, processor, dataset, batch_size, device, progress)
+            similarities = images @ classes.T if len(images) else torch.empty(0, len(names))
     references = [int(label) for label in dataset.select_columns(["label"])[:]["label"]]
     if any(not 0 <= label < len(names) for label in references):
         raise ValueError(f"Labels must be class ids in [0, {len(names)}); the data has {sorted(set(references))}.")
     # Cosine similarity; the logit scale does not change the argmax.
-    predictions = (images @ classes.T).argmax(dim=-1).tolist() if len(references) else []
+    predictions = similarities.argmax(dim=-1).tolist() if len(references) else []
     accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
     results = {
         "top1_accuracy": float(accuracy),
@@ -444,6 +520,8 @@ def zero_shot_classification(
         "num_classes": len(names),
         "num_templates": len(templates),
     }
+    if ensemble:
+        results["task_weights"] = [round(float(weight), 6) for weight in task_weights]
     if return_predictions:
         results["predictions"] = predictions
     return results
@@ -568,6 +646,16 @@ def image_text_retrieval(
         "num_skipped_captions"}`.
     """
     check_batch_size(batch_size)
+    if is_task_weighted_ensemble(model):
+        # Its weights come from the texts of one task; a caption corpus is no task, and image->text and text->image
+        # need different weights (one set for the corpus, one per query), which the features alone do not give.
+        raise ValueError(
+            f"image_text_retrieval scores CLIP-like models by their features; {type(model).__name__} ensembles its "
+            "experts with task weights from the texts, so retrieval goes through its forward: "
+            "`model(input_ids, pixel_values, clustering_input_ids=..., per_query_weights=True)` for text->image "
+            "(each caption its own task), without `per_query_weights` for image->text over the captions. "
+            "`hf-moe eval zero-shot` takes it."
+        )
     k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1:
         raise ValueError(f"k_values must be positive integers, got {k_values}.")

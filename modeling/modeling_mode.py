@@ -16,7 +16,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_mode import CLUSTERING_POOLINGS, MoDEConfig
 from .model_card import KeepModelCardMixin
@@ -93,11 +96,33 @@ def paper_task_weights(
     return torch.softmax(scores, dim=0)
 
 
+def stack_expert_outputs(outputs: list[BaseModelOutputWithPooling]) -> BaseModelOutputWithPooling:
+    """The experts' tower outputs as one `BaseModelOutputWithPooling` whose every tensor has a leading experts
+    dimension (`hidden_states` / `attentions`: one stacked tensor per layer). The experts share one architecture,
+    so their shapes agree; their feature spaces do not, which is why MoDE ensembles similarities, not features."""
+
+    def stack(values):
+        if values[0] is None:
+            return None
+        if isinstance(values[0], torch.Tensor):
+            return torch.stack(values)
+        return tuple(stack(list(layer)) for layer in zip(*values))
+
+    return BaseModelOutputWithPooling(
+        **{
+            key: stack([getattr(out, key) for out in outputs])
+            for key in BaseModelOutputWithPooling.__dataclass_fields__
+        }
+    )
+
+
 @dataclass
 class MoDEOutput(ModelOutput):
     r"""Output of [`MoDEModel`]: CLIP's logits, ensembled over the data experts, and what they were made of.
 
     Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `return_loss` is `True`):
+            CLIP's contrastive loss on the ensembled logits.
         logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
             s * sum_k w_k * cos_k: the experts' cosine similarities weighted by the task weights (per text with
             `per_query_weights`), times the ensemble's logit scale s = `logit_scale.exp()`.
@@ -111,14 +136,37 @@ class MoDEOutput(ModelOutput):
             Each expert's normalised text embeddings.
         image_embeds (`torch.FloatTensor` of shape `(num_experts, image_batch_size, projection_dim)`):
             Each expert's normalised image embeddings.
+        text_model_output (`BaseModelOutputWithPooling`):
+            The experts' text tower outputs, each tensor with a leading experts dimension (`stack_expert_outputs`);
+            `hidden_states` / `attentions` with `output_hidden_states` / `output_attentions`.
+        vision_model_output (`BaseModelOutputWithPooling`):
+            The experts' vision tower outputs, as `text_model_output`.
     """
 
+    loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     expert_logits_per_image: torch.FloatTensor | None = None
     task_weights: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        # As CLIPOutput: the nested tower outputs become tuples too.
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def _set_nested_dtype(config) -> None:
+    """Give every nested sub-config the dtype of `config`. `from_pretrained(dtype=...)` sets it one level down only
+    (on `expert_config`), and CLIPModel builds its towers from `text_config` / `vision_config` with THEIR dtype, so
+    the experts' towers stayed float32 under `dtype=torch.bfloat16`."""
+    for key in getattr(config, "sub_configs", {}):
+        sub_config = getattr(config, key, None)
+        if sub_config is not None:
+            sub_config.dtype = config.dtype
+            _set_nested_dtype(sub_config)
 
 
 class MoDEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
@@ -131,12 +179,41 @@ class MoDEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     # The experts' (CLIPModel's): post_init collects only direct children's, and the experts sit in a ModuleList.
     # The clustering encoder, a direct child, contributes its own.
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    # The fine centers place class names by euclidean distance; bfloat16 would move which center is nearest.
+    _keep_in_fp32_modules_strict = ["fine_centers"]
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers skips, for custom code, every module whose own parameters are all loaded, assuming its
+        # `_init_weights` writes in place; CLIP's attention and MLP blocks own no parameters and initialise their
+        # Linear children from the parent, so the experts' missing weights came back with the generic std instead
+        # of CLIP's. Our `_init_weights` only uses `transformers.initialization`, which skips loaded tensors itself.
+        return False
+
+    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
+        # MoDE's experts are whole CLIP models, not packed MoE experts, so no experts implementation applies; accept
+        # the argument (it is valid for every family that has packed experts) and say that it changes nothing.
+        if experts_implementation in (None, "eager"):  # what MoDE's plain modules are anyway
+            return experts_implementation
+        if experts_implementation != "grouped_mm":  # grouped_mm needs packed experts to dispatch to; others: checked
+            super()._check_and_adjust_experts_implementation(experts_implementation)
+        logger.warning_once(
+            f"experts_implementation={experts_implementation!r} is ignored: MoDE has no packed experts (each data "
+            "expert is a whole CLIPModel)."
+        )
+        return experts_implementation
 
     def _init_weights(self, module):
+        # The experts' and the clustering encoder's own weights go through their classes' `_init_weights`
+        # (`initialize_weights` dispatches sub-models to theirs).
         if isinstance(module, MoDEModel):
             init.zeros_(module.fine_centers)
             init.zeros_(module.fine_to_coarse)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            # CLIPModel's `_init_weights` leaves its `logit_scale` to its constructor, so one missing from a
+            # checkpoint would stay uninitialised memory; set it as a fresh expert has it.
+            for expert in module.experts:
+                init.constant_(expert.logit_scale, expert.config.logit_scale_init_value)
 
 
 class MoDEModel(MoDEPreTrainedModel):
@@ -154,6 +231,12 @@ class MoDEModel(MoDEPreTrainedModel):
 
     def __init__(self, config: MoDEConfig):
         super().__init__(config)
+        if config.dtype is not None:
+            _set_nested_dtype(config)
+        # The setter passes a requested experts implementation down to the experts, and CLIPModel refuses one.
+        for sub_config in (config.expert_config, config.clustering_encoder_config):
+            if sub_config is not None:
+                sub_config._experts_implementation = None
         self.experts = nn.ModuleList([CLIPModel(config.expert_config) for _ in range(config.num_experts)])
         encoder_config = config.clustering_encoder_config
         if encoder_config is None:
@@ -164,38 +247,87 @@ class MoDEModel(MoDEPreTrainedModel):
         else:
             self.clustering_encoder = AutoModel.from_config(encoder_config)
         dim = config.clustering_dim
-        self.register_buffer("fine_centers", torch.zeros(config.num_fine_clusters, dim))
+        self.register_buffer("fine_centers", torch.zeros(config.num_fine_clusters, dim, dtype=torch.float32))
         self.register_buffer("fine_to_coarse", torch.zeros(config.num_fine_clusters, dtype=torch.long))
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
-    def get_text_features(self, input_ids, attention_mask=None, position_ids=None, expert: int | None = None):
-        """Projected (unnormalised) text features of every expert, `(num_experts, batch, projection_dim)`, or of
-        expert `expert`, `(batch, projection_dim)`."""
-        experts = self.experts if expert is None else [self.experts[expert]]
-        features = torch.stack(
+    def _with_output_flags(self, kwargs: dict) -> dict:
+        """`kwargs` with MoDE's own `output_hidden_states` / `output_attentions` config flags where the call sets none:
+        the experts' towers read their own (nested) configs, which a flag set on this config does not reach."""
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag) is None and getattr(self.config, flag, False):
+                kwargs = {**kwargs, flag: True}
+        return kwargs
+
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        expert: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""The experts' text tower outputs, as `CLIPModel.get_text_features` returns them: `pooler_output` holds the
+        projected (unnormalised) text features. Every tensor has a leading experts dimension (`pooler_output`:
+        `(num_experts, batch, projection_dim)`), since the experts' feature spaces differ and MoDE ensembles their
+        cosine similarities with task weights (see `forward`), never their features. With `expert=k`: exactly expert
+        k's `get_text_features` (`pooler_output` `(batch, projection_dim)`).
+        """
+        kwargs = self._with_output_flags(kwargs)
+        if expert is not None:
+            return self.experts[expert].get_text_features(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                return_dict=True,
+                **kwargs,
+            )
+        return stack_expert_outputs(
             [
                 clip.get_text_features(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-                ).pooler_output
-                for clip in experts
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    return_dict=True,
+                    **kwargs,
+                )
+                for clip in self.experts
             ]
         )
-        return features if expert is None else features[0]
 
-    def get_image_features(self, pixel_values, interpolate_pos_encoding: bool = False, expert: int | None = None):
-        """Projected (unnormalised) image features of every expert, `(num_experts, batch, projection_dim)`, or of
-        expert `expert`, `(batch, projection_dim)`."""
-        experts = self.experts if expert is None else [self.experts[expert]]
-        features = torch.stack(
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        expert: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""The experts' vision tower outputs, as `CLIPModel.get_image_features` returns them, with a leading experts
+        dimension (`pooler_output`: `(num_experts, batch, projection_dim)`, projected, unnormalised); with
+        `expert=k`: exactly expert k's (see `get_text_features`).
+        """
+        kwargs = self._with_output_flags(kwargs)
+        if expert is not None:
+            return self.experts[expert].get_image_features(
+                pixel_values=pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                return_dict=True,
+                **kwargs,
+            )
+        return stack_expert_outputs(
             [
                 clip.get_image_features(
-                    pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
-                ).pooler_output
-                for clip in experts
+                    pixel_values=pixel_values,
+                    interpolate_pos_encoding=interpolate_pos_encoding,
+                    return_dict=True,
+                    **kwargs,
+                )
+                for clip in self.experts
             ]
         )
-        return features if expert is None else features[0]
 
     def clustering_embeddings(
         self, input_ids=None, attention_mask=None, clustering_input_ids=None, clustering_attention_mask=None
@@ -251,7 +383,9 @@ class MoDEModel(MoDEPreTrainedModel):
         clustering_attention_mask: torch.Tensor | None = None,
         task_weights: torch.Tensor | None = None,
         per_query_weights: bool = False,
+        return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoDEOutput:
         r"""
         clustering_input_ids (`torch.LongTensor` of shape `(text_batch_size, clustering_sequence_length)`, *optional*):
@@ -263,7 +397,12 @@ class MoDEModel(MoDEPreTrainedModel):
         per_query_weights (`bool`, defaults to `False`): Text->image retrieval: weights from each text alone
             (`(text_batch_size, num_experts)`), so every text column is ensembled with its own weights. Off: the
             texts are the classes of ONE task (zero-shot classification, image->text retrieval over a corpus).
+        return_loss (`bool`, *optional*): Return CLIP's contrastive loss on the ensembled logits.
+
+        The weights of one task depend on ALL its texts (the classes together), so, unlike CLIP, a text's logits
+        change with the other texts of the batch (except with `per_query_weights` or given `task_weights`).
         """
+        kwargs = self._with_output_flags(kwargs)
         if input_ids is None or pixel_values is None:
             raise ValueError("MoDEModel.forward needs both input_ids (the class texts) and pixel_values.")
         outputs = [
@@ -274,6 +413,7 @@ class MoDEModel(MoDEPreTrainedModel):
                 position_ids=position_ids,
                 interpolate_pos_encoding=interpolate_pos_encoding,
                 return_dict=True,
+                **kwargs,
             )
             for clip in self.experts
         ]
@@ -296,13 +436,17 @@ class MoDEModel(MoDEPreTrainedModel):
         else:
             weights = weights.t()[:, :, None]  # (E, B_txt, 1): per query text
         logits_per_text = (weights * cosine_per_text).sum(dim=0) * self.logit_scale.exp()
+        loss = image_text_contrastive_loss(logits_per_text) if return_loss else None
         return MoDEOutput(
+            loss=loss,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
             expert_logits_per_image=expert_logits,
             task_weights=task_weights,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
+            text_model_output=stack_expert_outputs([out.text_model_output for out in outputs]),
+            vision_model_output=stack_expert_outputs([out.vision_model_output for out in outputs]),
         )
 
 
@@ -319,4 +463,5 @@ __all__ = [
     "clustering_text_embeddings",
     "paper_task_weights",
     "released_task_weights",
+    "stack_expert_outputs",
 ]

@@ -5,12 +5,18 @@ claim to be."""
 import functools
 import math
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer, CLIPModel
+from PIL import Image
+from transformers import BertConfig, BertModel, BertTokenizer, CLIPModel, CLIPProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hf_moe.modeling import MoDEConfig, MoDEModel, clustering_text_embeddings
 from hf_moe.toy import save_toy_clip
+
+from helpers import run_without_hf_moe
 
 
 WORDS = ["this", "is", "photo", "of", "cat", "dog", "car", "bird", "ship", "red", "blue"]
@@ -241,3 +247,196 @@ def test_clustering_text_embeddings_poolings(mode_inputs):
         clustering_text_embeddings(encoder, ids, mask, "max")
     with pytest.raises(TypeError, match="BertModel"):
         clustering_text_embeddings(encoder, ids, mask, "clip")
+
+
+def test_bfloat16_loading_casts_every_expert_and_keeps_the_centers_float32(mode_inputs, tmp_path):
+    clips, bert = mode_inputs
+    model = make_model(clips[:2], bert)
+    model.save_pretrained(tmp_path)
+    # The experts' towers are built from configs nested two levels down, which from_pretrained's dtype missed.
+    loaded = MoDEModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.fine_centers.dtype == torch.float32  # nearest centers as in float32
+    input_ids, pixel_values = clip_batch(model)
+    clustering_ids = torch.randint(5, 40, (4, 5))
+    with torch.no_grad():
+        half = loaded(input_ids, pixel_values.bfloat16(), clustering_input_ids=clustering_ids)
+        full = model(input_ids, pixel_values, clustering_input_ids=clustering_ids)
+    torch.testing.assert_close(half.task_weights.float(), full.task_weights, atol=2e-2, rtol=0)
+    torch.testing.assert_close(half.logits_per_image.float(), full.logits_per_image, atol=0.15, rtol=0.05)
+
+
+def test_weights_missing_from_a_checkpoint_are_initialised_as_a_fresh_model(mode_inputs, tmp_path):
+    clips, _ = mode_inputs
+    model = make_model(clips[:2])
+    model.save_pretrained(tmp_path)
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    kept = {key: value for key, value in state.items() if not key.startswith("experts.1.") and key != "logit_scale"}
+    safetensors.torch.save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = MoDEModel.from_pretrained(tmp_path)
+    fresh = MoDEModel(model.config)
+    assert loaded.logit_scale.item() == pytest.approx(model.config.logit_scale_init_value)
+    assert loaded.experts[1].logit_scale.item() == pytest.approx(model.config.expert_config.logit_scale_init_value)
+    torch.testing.assert_close(loaded.experts[0].state_dict(), model.experts[0].state_dict(), atol=0, rtol=0)
+    # CLIP's own init (attention and MLP stds from the width and depth), not the generic 0.02 std.
+    for name, tensor in loaded.experts[1].named_parameters():
+        expected = dict(fresh.experts[1].named_parameters())[name]
+        if tensor.numel() == 1 or expected.std() == 0:  # constants: norms, biases, logit_scale
+            torch.testing.assert_close(tensor, expected, msg=name)
+        else:  # random: the same std (a few dozen entries estimate it loosely)
+            rel = 0.2 if tensor.numel() > 500 else 0.5
+            assert tensor.std().item() == pytest.approx(expected.std().item(), rel=rel), name
+
+
+def test_forward_returns_the_experts_hidden_states_attentions_and_loss(mode_inputs):
+    clips, bert = mode_inputs
+    model = make_model(clips[:2], bert)
+    model.set_attn_implementation("eager")
+    input_ids, pixel_values = clip_batch(model, num_texts=3, num_images=3)
+    clustering_ids = torch.randint(5, 40, (3, 5))
+    with torch.no_grad():
+        out = model(
+            input_ids, pixel_values, clustering_input_ids=clustering_ids, output_hidden_states=True,
+            output_attentions=True, return_loss=True,
+        )  # fmt: skip
+        alone = [
+            expert(input_ids, pixel_values, output_hidden_states=True, output_attentions=True)
+            for expert in model.experts
+        ]
+        as_tuple = model(input_ids, pixel_values, clustering_input_ids=clustering_ids, return_dict=False)
+    for tower in ("text_model_output", "vision_model_output"):
+        stacked = getattr(out, tower)
+        for field in ("last_hidden_state", "pooler_output", "hidden_states", "attentions"):
+            for k, expert_out in enumerate(alone):
+                expected = getattr(getattr(expert_out, tower), field)
+                got = getattr(stacked, field)
+                if isinstance(expected, tuple):
+                    assert len(got) == len(expected)
+                    for layer, layer_expected in zip(got, expected):
+                        torch.testing.assert_close(layer[k], layer_expected, atol=0, rtol=0)
+                else:
+                    torch.testing.assert_close(got[k], expected, atol=0, rtol=0)
+    labels = torch.arange(3)
+    expected_loss = (
+        torch.nn.functional.cross_entropy(out.logits_per_text, labels)
+        + torch.nn.functional.cross_entropy(out.logits_per_image, labels)
+    ) / 2
+    torch.testing.assert_close(out.loss, expected_loss)
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image, atol=0, rtol=0)
+
+
+def test_features_are_every_experts_as_clip_returns_them(mode_inputs):
+    clips, _ = mode_inputs
+    model = make_model(clips[:2])
+    input_ids, pixel_values = clip_batch(model)
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=input_ids, output_hidden_states=True)
+        image = model.get_image_features(pixel_values=pixel_values)
+        text_tuple = model.get_text_features(input_ids=input_ids, return_dict=False)
+        for k, expert in enumerate(model.experts):
+            clip_text = expert.get_text_features(input_ids=input_ids, output_hidden_states=True)
+            clip_image = expert.get_image_features(pixel_values=pixel_values)
+            torch.testing.assert_close(text.pooler_output[k], clip_text.pooler_output, atol=0, rtol=0)
+            torch.testing.assert_close(text.hidden_states[-1][k], clip_text.hidden_states[-1], atol=0, rtol=0)
+            torch.testing.assert_close(image.pooler_output[k], clip_image.pooler_output, atol=0, rtol=0)
+            one = model.get_text_features(input_ids=input_ids, expert=k)
+            assert type(one) is type(clip_text)
+            torch.testing.assert_close(one.pooler_output, clip_text.pooler_output, atol=0, rtol=0)
+    assert isinstance(text, BaseModelOutputWithPooling) and isinstance(image, BaseModelOutputWithPooling)
+    assert text.pooler_output.shape == (2, 4, model.config.expert_config.projection_dim)
+    assert isinstance(text_tuple, tuple)
+    torch.testing.assert_close(text_tuple[1], text.pooler_output, atol=0, rtol=0)
+
+
+def test_experts_implementation_is_accepted_and_ignored(mode_inputs, tmp_path, caplog):
+    clips, _ = mode_inputs
+    model = make_model(clips[:2])
+    model.save_pretrained(tmp_path)
+    input_ids, pixel_values = clip_batch(model)
+    with torch.no_grad():
+        expected = model(input_ids, pixel_values).logits_per_image
+        for implementation in ("grouped_mm", "batched_mm"):
+            loaded = MoDEModel.from_pretrained(tmp_path, experts_implementation=implementation).eval()
+            torch.testing.assert_close(loaded(input_ids, pixel_values).logits_per_image, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not_an_implementation"):
+        MoDEModel.from_pretrained(tmp_path, experts_implementation="not_an_implementation")
+
+
+FROM_PRETRAINED_ARGUMENTS = """
+    import json
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, pipeline
+
+    folder, workdir = sys.argv[1], sys.argv[2]
+    inputs = torch.load(f"{workdir}/inputs.pt")
+    results = {}
+
+    def load(**kwargs):
+        return AutoModel.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+
+    def logits(model, **extra):
+        pixel_values = inputs["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            return model(**{**inputs, "pixel_values": pixel_values}, **extra).logits_per_image.float()
+
+    results["fp32"] = logits(load())
+    bf16 = load(dtype=torch.bfloat16)
+    results["bf16_dtypes"] = sorted({str(p.dtype) for p in bf16.parameters()})
+    results["bf16"] = logits(bf16)
+    results["device_map"] = logits(load(device_map="auto"))
+    for attn in ("eager", "sdpa"):
+        model = load(attn_implementation=attn)
+        results[attn] = logits(model, output_hidden_states=True, output_attentions=attn == "eager")
+        results[f"{attn}_towers"] = sorted({expert.text_model.config._attn_implementation for expert in model.experts})
+    results["grouped_mm"] = logits(load(experts_implementation="grouped_mm"))
+    # aot_eager: dynamo's capture and AOT autograd of the remote code; inductor adds only codegen (and a minute).
+    results["compiled"] = logits(torch.compile(load(), backend="aot_eager"))
+    grads = {}
+    for checkpointing in (False, True):
+        model = load().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            results["checkpointing"] = sorted({m.gradient_checkpointing for m in model.modules()
+                                               if hasattr(m, "gradient_checkpointing")})
+        model(**inputs, return_loss=True).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    results["grads"] = grads
+    classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    results["pipeline"] = classifier(Image.open(f"{workdir}/image.png"), candidate_labels=["cat", "dog", "car"])
+    results["module"] = type(load()).__module__
+    assert not any(name.startswith("hf_moe") for name in sys.modules)
+    torch.save(results, f"{workdir}/results.pt")
+"""
+
+
+def test_fresh_process_without_hf_moe_takes_the_usual_from_pretrained_arguments(mode_inputs, tmp_path):
+    clips, _ = mode_inputs
+    folder = tmp_path / "mode"
+    model = make_model(clips[:2])
+    model.save_pretrained(folder)
+    CLIPProcessor.from_pretrained(clips[0]).save_pretrained(folder)  # the "clip" pooling: CLIP's own tokenizer
+    input_ids, pixel_values = clip_batch(model, num_texts=3, num_images=3)
+    torch.save({"input_ids": input_ids, "pixel_values": pixel_values}, tmp_path / "inputs.pt")
+    Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "image.png")
+    run_without_hf_moe(FROM_PRETRAINED_ARGUMENTS, [folder, tmp_path], tmp_path)
+
+    results = torch.load(tmp_path / "results.pt")
+    assert results["module"].startswith("transformers_modules")
+    with torch.no_grad():
+        expected = model(input_ids, pixel_values).logits_per_image
+    torch.testing.assert_close(results["fp32"], expected, atol=0, rtol=0)
+    assert results["bf16_dtypes"] == ["torch.bfloat16"]
+    torch.testing.assert_close(results["bf16"], expected, atol=0.15, rtol=0.05)
+    for key in ("device_map", "grouped_mm"):
+        torch.testing.assert_close(results[key], expected, atol=0, rtol=0)
+    for key in ("eager", "sdpa", "compiled"):
+        torch.testing.assert_close(results[key], expected, atol=1e-5, rtol=1e-5)
+    assert results["eager_towers"] == ["eager"] and results["sdpa_towers"] == ["sdpa"]
+    assert results["checkpointing"] == [True]
+    plain, checkpointed = results["grads"][False], results["grads"][True]
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+    assert sorted(row["label"] for row in results["pipeline"]) == ["car", "cat", "dog"]
+    assert sum(row["score"] for row in results["pipeline"]) == pytest.approx(1.0, abs=1e-4)

@@ -176,3 +176,29 @@ def test_bad_inputs_are_refused_by_name_and_nothing_written(setup, tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             main([*argv, "--templates", str(templates_file), "--output", str(output)])
         assert not output.exists() and not list(tmp_path.glob("*report*"))
+
+
+def test_eval_zero_shot_on_mode_is_the_reports_ensemble(setup, tmp_path, capsys):
+    """`hf-moe eval zero-shot` (which MoDE's card points to) scores a MoDE model as its own zero-shot does: the
+    experts' cosines summed with the task weights of the class names, i.e. the report's `ensemble` column."""
+    from hf_moe.evaluation import evaluate_command, image_text_retrieval
+
+    root, experts, bert, tasks, folders, mode, templates_file = setup
+    model = MoDEModel.from_pretrained(mode).eval()
+    processor = CLIPProcessor.from_pretrained(mode)
+    name = TASKS[0]
+    report = evaluate_task(model, processor, folders[name], templates=TEMPLATES, batch_size=BATCH, progress=False)
+    results = zero_shot_classification(
+        model, processor, folders[name], templates=TEMPLATES, batch_size=BATCH, return_predictions=True, progress=False
+    )
+    assert results["predictions"] == report.predictions["ensemble"]
+    assert results["top1_accuracy"] == report.row["ensemble"]
+    assert results["task_weights"] == pytest.approx(report.task_weights.tolist(), abs=1e-6)
+    assert report.task_weights.max() - report.task_weights.min() > 1e-3  # the weights decide something
+    output = tmp_path / "eval.json"
+    command = ["zero-shot", "--model", str(mode), "--data", str(folders[name]), "--templates", str(templates_file)]
+    written = evaluate_command([*command, "--batch_size", str(BATCH), "--output", str(output)])
+    assert written["top1_accuracy"] == results["top1_accuracy"]
+    assert written["task_weights"] == results["task_weights"]
+    with pytest.raises(ValueError, match="per_query_weights"):
+        image_text_retrieval(model, processor, folders[name], progress=False)

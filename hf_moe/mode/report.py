@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
@@ -27,13 +26,11 @@ from ..evaluation import (
     AUTO_TEMPLATES,
     EvalMode,
     check_batch_size,
-    class_embeddings,
     dataset_class_names,
-    encode_images,
+    ensemble_cosines,
     load_image_dataset,
     resolve_templates,
     templates_option,
-    text_max_length,
 )
 from ..fileio import atomic_output_file
 from ..metrics import load_metric
@@ -44,8 +41,6 @@ logger = logging.get_logger(__name__)
 MODE_MODEL_TYPE = "mode"
 AVERAGE_ROW = "average"
 DEFAULT_OUTPUT_NAME = "mode_report.csv"
-# Token keys `MoDEModel.clustering_embeddings` takes; the "clip" pooling has no clustering tokens of its own.
-_CLUSTERING_KEYS = ("input_ids", "attention_mask", "clustering_input_ids", "clustering_attention_mask")
 
 
 @dataclass
@@ -56,45 +51,6 @@ class TaskReport:
     row: dict
     task_weights: torch.Tensor
     predictions: dict[str, list[int]] = field(repr=False)
-
-
-class _AllExperts:
-    """Makes `encode_images` encode every expert in one pass over the images (decoded and preprocessed once): its
-    `get_image_features` returns `(batch, num_experts, projection_dim)`, which `encode_images` normalises along the
-    last dimension, i.e. per expert, and concatenates along the images."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @property
-    def device(self):
-        return self.model.device
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def get_image_features(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values).transpose(0, 1)
-
-
-@torch.inference_mode()
-def class_task_weights(model, tokenizer, class_names, templates, batch_size: int = 64, device=None, progress=True):
-    """MoDE's expert weights `(num_experts,)` for a task: every class name under every template embedded with the
-    clustering encoder, the embeddings template-averaged (`model.task_weights` on `(classes, templates, D)`), as
-    the released report weighs the experts."""
-    texts = [template.format(name) for name in class_names for template in templates]
-    max_length = text_max_length(model.experts[0], tokenizer)
-    device = torch.device(device) if device is not None else model.device
-    chunks = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="Clustering embeddings", unit="batch", disable=not progress):
-        tokens = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        inputs = {key: tokens[key].to(device) for key in _CLUSTERING_KEYS if key in tokens}
-        chunks.append(model.clustering_embeddings(**inputs).float())
-    embeddings = torch.cat(chunks).reshape(len(class_names), len(templates), -1)
-    return model.task_weights(embeddings.to(model.fine_centers.device)).float().cpu()
 
 
 def evaluate_task(
@@ -127,17 +83,11 @@ def evaluate_task(
     references = torch.tensor([int(label) for label in dataset.select_columns(["label"])[:]["label"]])
     if len(references) == 0:
         raise ValueError(f"Task '{name or data}' has no images.")
-    tokenizer = getattr(processor, "tokenizer", processor)
     with EvalMode(model, device):
-        classes = [
-            class_embeddings(expert, processor, names, templates, batch_size, device, progress)
-            for expert in model.experts
-        ]  # num_experts x (num_classes, P)
-        images = encode_images(_AllExperts(model), processor, dataset, batch_size, device, progress)  # (N, E, P)
-        weights = class_task_weights(model, tokenizer, names, templates, batch_size, device, progress)
-    # Per expert the same matmul as zero_shot_classification, so each expert column is exactly its CLIP's.
-    cosines = torch.stack([images[:, k] @ expert_classes.T for k, expert_classes in enumerate(classes)])  # (E, N, C)
-    predictions = {f"expert-{k}": cosines[k].argmax(dim=-1).tolist() for k in range(len(classes))}
+        # Shared with `hf-moe eval zero-shot`, whose accuracy on a MoDE model is this report's `ensemble` column.
+        cosines, weights = ensemble_cosines(model, processor, dataset, names, templates, batch_size, device, progress)
+    num_experts = cosines.shape[0]
+    predictions = {f"expert-{k}": cosines[k].argmax(dim=-1).tolist() for k in range(num_experts)}
     # The released code ensembles the experts' cosine logits: their mean, and their sum weighted by the task weights.
     predictions["all_unit"] = cosines.mean(dim=0).argmax(dim=-1).tolist()
     predictions["ensemble"] = (weights[:, None, None] * cosines).sum(dim=0).argmax(dim=-1).tolist()
@@ -146,7 +96,7 @@ def evaluate_task(
         column: float(accuracy.compute(predictions=predicted, references=references.tolist())["accuracy"])
         for column, predicted in predictions.items()
     }
-    experts = [scores[f"expert-{k}"] for k in range(len(classes))]
+    experts = [scores[f"expert-{k}"] for k in range(num_experts)]
     row = {
         "dataset": name if name is not None else (Path(data).name if isinstance(data, (str, Path)) else "data"),
         "num_classes": len(names),
