@@ -5,7 +5,9 @@ lines are lines of that demo's output, verbatim (indentation aside). The demos a
 thread: see `hf_moe.experiments.quiet_tiny_run`), so the figures do not move between runs or with the machine's
 core count. The demo tests (test_demo.py, test_we_moe_demo.py, test_moiie_demo.py) already run each demo once at
 its defaults; they pass what it printed to `assert_readme_shows`, so no demo runs twice. The tests here check the
-README side.
+README side. When a change moves a demo's figures, rewrite its block from the demo's output:
+
+    hf-moe demo --family moiie | tee moiie.log && python tests/test_demo_figures.py moiie moiie.log
 """
 
 import re

@@ -1,4 +1,4 @@
-"""MoDE in under a minute on a CPU, offline: data experts of one small CLIP, ensembled per task.
+"""MoDE in about a minute on one CPU core, offline: data experts of one small CLIP, ensembled per task.
 
 1. a small CLIP (`hf_moe.toy`, whole-word tokens) trained contrastively on captioned handwritten digits
    ("a heavy narrow seven", scikit-learn's digits) as the SEED model;
