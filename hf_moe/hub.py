@@ -41,8 +41,7 @@ CARD_TEMPLATE = """---
 
 ## Usage
 
-The model code travels with the weights, so no hf-moe install is needed; `trust_remote_code=True` runs the
-`*.py` files of this repository.
+{{ usage_intro }}
 
 ```python
 {{ usage }}
@@ -327,6 +326,12 @@ def write_model_card(
         description=description or DEFAULT_DESCRIPTION,
         how_built=how_built.strip(),
         usage=(usage if usage is not None else default_usage(model_name, pipeline_tag)).strip(),
+        usage_intro=(
+            "The model code travels with the weights, so no hf-moe install is needed; `trust_remote_code=True` runs "
+            "the `*.py` files of this repository."
+            if any(folder.glob("*.py"))
+            else "An ordinary transformers model: neither remote code nor an hf-moe install is needed."
+        ),
         metrics_table=_metrics_table(eval_results or [], untyped, not_evaluated),
         license_text=_license_text(license, inherited, bases),
     )

@@ -282,6 +282,9 @@ def test_each_family_card_shows_its_own_use(card_folders):
         assert ModelCard.load(card_folders[name] / "README.md").data.pipeline_tag == "image-text-to-text"
     for name in ("merge-wemoe", "tta-wemoe"):
         assert "output_routing_weights=True" in (card_folders[name] / "README.md").read_text(), name
+    for name, folder in card_folders.items():  # remote code is named only where the folder carries it
+        remote = any(folder.glob("*.py"))
+        assert ("`trust_remote_code=True` runs" in (folder / "README.md").read_text()) == remote, name
     mode_card = (card_folders["mode build"] / "README.md").read_text()
     assert "outputs.task_weights" in mode_card and "hf-moe mode report" in mode_card
     for name, folder in card_folders.items():
