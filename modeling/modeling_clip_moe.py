@@ -274,7 +274,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
     ```python
     >>> from transformers import AutoModel, AutoProcessor
     >>> model = AutoModel.from_pretrained("path/to/clip-moe", trust_remote_code=True)
-    >>> processor = AutoProcessor.from_pretrained("path/to/clip-moe")
+    >>> processor = AutoProcessor.from_pretrained("path/to/clip-moe", trust_remote_code=True)
     >>> inputs = processor(text=["a cat", "a dog"], images=image, return_tensors="pt", padding=True)
     >>> probs = model(**inputs).logits_per_image.softmax(dim=-1)
     ```"""
