@@ -72,7 +72,10 @@ AUTO_CLASSES = [
     (WEMoEVisionConfig, {AutoModel: WEMoECLIPVisionModel}),
     (MoDEConfig, {AutoModel: MoDEModel, AutoModelForZeroShotImageClassification: MoDEModel}),
     # MoIIEForCausalLM.from_pretrained / _from_config return MoIIEPhi3ForCausalLM or MoIIELlamaForCausalLM.
-    (MoIIEConfig, {AutoModelForCausalLM: MoIIEForCausalLM, AutoModelForImageTextToText: MoIIEForCausalLM}),
+    (
+        MoIIEConfig,
+        {AutoModel: MoIIEModel, AutoModelForCausalLM: MoIIEForCausalLM, AutoModelForImageTextToText: MoIIEForCausalLM},
+    ),
 ]
 
 

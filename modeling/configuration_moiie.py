@@ -89,6 +89,8 @@ class MoIIEConfig(PreTrainedConfig):
                 "AutoModelForCausalLM": model_class,
                 "AutoModelForImageTextToText": model_class,
             }
+        if "AutoModelForCausalLM" in self.auto_map:  # ours, also in folders saved before AutoModel was mapped
+            self.auto_map.setdefault("AutoModel", "modeling_moiie.MoIIEModel")
         self.validate_moe()
 
     @property

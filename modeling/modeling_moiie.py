@@ -13,11 +13,13 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3Model
-from transformers.utils import can_return_tuple
-from transformers.utils.output_capturing import OutputRecorder
+from transformers.utils import can_return_tuple, torch_compilable_check
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, select_hidden_states
 
 from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
 from .model_card import KeepModelCardMixin
@@ -28,10 +30,13 @@ from .moe import MoETopKRouter, load_balancing_loss
 class MoIIEModelOutputWithPast(BaseModelOutputWithPast):
     r"""router_logits: per MoE layer, in layer order, the logits of its routers over all tokens (`"moiie"`: the
     vision router's then the language router's; `"vanilla"`: the one router's). image_hidden_states: projected
-    image features, `(num_images, tokens_per_image, hidden_size)`."""
+    image features, `(num_images, tokens_per_image, hidden_size)`. image_outputs: the vision tower's output as
+    [`MoIIEModel.get_image_features`] returns it (as LLaVA's `image_outputs`; `pooler_output` holds the projected
+    features)."""
 
     router_logits: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -43,13 +48,14 @@ class MoIIECausalLMOutputWithPast(CausalLMOutputWithPast):
     vision_aux_loss / language_aux_loss: Mixtral balance loss over all MoE layers of the non-padding vision /
     language tokens, on the vision / language router under `"moiie"`, on the single router under `"vanilla"` with
     `"per_modality"`; None when they are not part of the loss (`"vanilla"` with `"all_tokens"`, or no router).
-    router_logits, image_hidden_states: as in [`MoIIEModelOutputWithPast`]."""
+    router_logits, image_hidden_states, image_outputs: as in [`MoIIEModelOutputWithPast`]."""
 
     router_logits: tuple[torch.Tensor, ...] | None = None
     vision_aux_loss: torch.Tensor | None = None
     language_aux_loss: torch.Tensor | None = None
     image_hidden_states: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # last: the tuple positions of the fields above stay as they were
+    aux_loss: torch.Tensor | None = None  # after the fields above: their tuple positions stay as they were
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class MoIIERouter(MoETopKRouter):
@@ -268,11 +274,27 @@ class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     _no_split_modules = ["MoIIEPhi3DecoderLayer", "MoIIELlamaDecoderLayer", "SiglipEncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True  # SigLIP, Phi-3 and Llama all take it, as they do in LLaVA
     _supports_attention_backend = True
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         return True  # transformers looks for the experts decorator in this file's source
+
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        # transformers treats code outside its package as writing weights in place, and skips every module whose own
+        # parameters are all flagged initialised. SigLIP's attention and MLP blocks own no parameters and initialise
+        # their Linear children from there, so a tower missing from a checkpoint came back with the generic Linear
+        # init (not a fresh SigLIP's). Our `_init_weights` writes only through `transformers.initialization`, which
+        # skips loaded tensors itself: run the dispatch as transformers runs it for its own models.
+        def visit(module, initialize):
+            for child in module.children():
+                visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+            initialize(module, is_custom_code=False)
+
+        visit(self, self._initialize_weights)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -285,6 +307,9 @@ class MoIIEModel(MoIIEPreTrainedModel):
 
     def __init__(self, config: MoIIEConfig):
         super().__init__(config)
+        # `from_pretrained(..., experts_implementation=...)` sets it on every sub-config; the vision tower has no
+        # experts and refuses any (only the decoder's MoE layers use it).
+        config.vision_config._experts_implementation_internal = None
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = MoIIEProjector(config)
         self.language_model = TEXT_MODELS[config.text_config.model_type](config.text_config, config)
@@ -296,12 +321,29 @@ class MoIIEModel(MoIIEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected features of the chosen vision hidden layer: `(num_images, tokens_per_image, hidden_size)`."""
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True)
-        return self.multi_modal_projector(outputs.hidden_states[self.config.vision_feature_layer])
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_image_features(
+        self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None, **kwargs
+    ) -> tuple | BaseModelOutputWithPooling:
+        """The vision tower's output (as LLaVA's `get_image_features`), its `pooler_output` the projected features of
+        hidden layer `vision_feature_layer` (default: the config's): `(num_images, tokens_per_image, hidden_size)`.
+        Takes the vision tower's `output_hidden_states` / `output_attentions` / `return_dict`."""
+        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        image_outputs.pooler_output = self.multi_modal_projector(image_outputs.hidden_states[vision_feature_layer])
+        return image_outputs
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq)` bool mask of the image placeholders: from `input_ids`, or (without them) the positions of
+        `inputs_embeds` that hold the image token's embedding, as LLaVA finds them."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.full((), self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -320,27 +362,29 @@ class MoIIEModel(MoIIEPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if token_type_ids is None or token_type_ids.shape != inputs_embeds.shape[:-1]:
-            if input_ids is not None:
-                token_type_ids = (input_ids == self.config.image_token_id).long()
-            else:
-                token_type_ids = torch.zeros(inputs_embeds.shape[:-1], dtype=torch.long, device=inputs_embeds.device)
+            token_type_ids = self.get_placeholder_mask(input_ids, inputs_embeds).long()
         image_mask = token_type_ids == 1
-        num_image_tokens = int(image_mask.sum())
-        image_features = None
+        image_outputs = image_features = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values.to(self.vision_tower.dtype))
-            num_features = image_features.shape[0] * image_features.shape[1]
-            if num_features != num_image_tokens:
-                raise ValueError(
+            vision_kwargs = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
+            image_outputs = self.get_image_features(
+                pixel_values.to(self.vision_tower.dtype), return_dict=True, **vision_kwargs
+            )
+            image_features = image_outputs.pooler_output
+            # A tensor check, not a Python int: torch.export / torch.compile trace through it (LLaVA's check).
+            torch_compilable_check(
+                image_mask.sum() * image_features.shape[-1] == image_features.numel(),
+                lambda: (
                     f"Image features and image tokens do not match: {image_features.shape[0]} image(s) of "
-                    f"{image_features.shape[1]} tokens give {num_features} features, but the batch holds "
-                    f"{num_image_tokens} image tokens (image_token_id={self.config.image_token_id})."
-                )
+                    f"{image_features.shape[1]} tokens give {image_features.shape[0] * image_features.shape[1]} "
+                    f"features, but the batch holds {int(image_mask.sum())} image tokens "
+                    f"(image_token_id={self.config.image_token_id})."
+                ),
+            )
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
             )
-        elif num_image_tokens and (cache is None or cache.get_seq_length() == 0):
-            raise ValueError(f"The batch holds {num_image_tokens} image tokens but no pixel_values were given.")
+        # Image tokens without pixel_values run as their placeholder embeddings, as LLaVA runs them.
         elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
             # The other processes' batches may hold images: their ZeRO gathers / DDP reductions over the vision
             # tower's and projector's parameters wait for ours, so a text-only batch runs them too, on a blank image
@@ -370,6 +414,7 @@ class MoIIEModel(MoIIEPreTrainedModel):
             attentions=outputs.attentions,
             router_logits=outputs.get("router_logits"),
             image_hidden_states=image_features,
+            image_outputs=image_outputs,
         )
 
 
@@ -388,6 +433,9 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
     ```"""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Phi-3's / Llama's / LLaVA's own head plan: with the decoder's `embed_tokens` sharded, an unsharded (possibly
+    # tied) head would take a DTensor weight in F.linear.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     text_model_type = None  # the decoder this class requires; None: any
 
@@ -425,6 +473,13 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None, **kwargs):
+        """[`MoIIEModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, vision_feature_layer=vision_feature_layer, **kwargs)
 
     def modality_masks(self, token_type_ids, attention_mask):
         """Float `(batch, seq)` masks of the non-padding vision and language tokens."""
@@ -467,6 +522,7 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
         return losses[0], losses[1], losses[0] + losses[1]
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -491,6 +547,9 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
             token_type_ids = (
                 torch.zeros_like(input_ids) if decoding else (input_ids == self.config.image_token_id).long()
             )
+        elif input_ids is None and token_type_ids is None and not decoding:
+            # The balance losses need the modality of every token too.
+            token_type_ids = self.model.get_placeholder_mask(None, inputs_embeds).long()
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -529,6 +588,7 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
             vision_aux_loss=vision_aux_loss,
             language_aux_loss=language_aux_loss,
             image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
         )
 
 
@@ -545,6 +605,7 @@ class MoIIELlamaForCausalLM(MoIIEForCausalLM):
 
 
 MoIIEConfig.register_for_auto_class()
+MoIIEModel.register_for_auto_class("AutoModel")
 for _model_class in (MoIIEPhi3ForCausalLM, MoIIELlamaForCausalLM):
     _model_class.register_for_auto_class("AutoModelForCausalLM")
     _model_class.register_for_auto_class("AutoModelForImageTextToText")

@@ -122,8 +122,85 @@ def test_several_images_per_sample_text_only_batches_and_count_mismatch():
     assert model(**text_only).logits.shape == (2, 14, 100) and not calls
     with pytest.raises(ValueError, match="do not match"):
         model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:3])
-    with pytest.raises(ValueError, match="no pixel_values"):
-        model(input_ids=inputs["input_ids"])
+
+
+def test_image_tokens_without_pixel_values_run_as_llava_runs_them():
+    """LLaVA runs image placeholders without pixel_values as the placeholder's embedding; MoIIE raised."""
+    model = tiny_model()
+    inputs = batch()
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    assert logits.shape == (2, 14, 100) and torch.isfinite(logits).all()
+
+
+def test_inputs_embeds_with_pixel_values_give_the_input_ids_result():
+    """LLaVA finds the placeholders in `inputs_embeds` by the image token's embedding; MoIIE found none and raised."""
+    model = tiny_model()
+    inputs = batch(pad=2)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        expected = model(**inputs, output_router_logits=True)
+        got = model(
+            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"],
+            output_router_logits=True,
+        )  # fmt: skip
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.vision_aux_loss, expected.vision_aux_loss)  # the modalities were found too
+
+
+def test_image_features_and_outputs_are_llavas_output_classes():
+    model = tiny_model()
+    inputs = batch()
+    features = model.get_image_features(inputs["pixel_values"], output_hidden_states=True)
+    assert features.pooler_output.shape == (3, TOKENS_PER_IMAGE, 32)
+    assert len(features.hidden_states) == 3  # embeddings + 2 layers
+    assert isinstance(model.get_image_features(inputs["pixel_values"], return_dict=False), tuple)
+    out = model(**inputs)
+    torch.testing.assert_close(out.image_outputs.pooler_output, features.pooler_output)
+    torch.testing.assert_close(out.image_hidden_states, features.pooler_output)
+
+
+@pytest.mark.parametrize("implementation", experts_implementations())
+def test_from_pretrained_takes_experts_and_flex_attention(tmp_path, implementation):
+    """`experts_implementation` reached the SigLIP tower (which refused it); flex_attention was refused outright."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = MoIIEPhi3ForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation)
+    assert loaded.model.language_model.layers[1].mlp.experts.config._experts_implementation == implementation
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
+    flex = MoIIEPhi3ForCausalLM.from_pretrained(tmp_path, attn_implementation="flex_attention")
+    assert flex.config.text_config._attn_implementation == "flex_attention"
+
+
+def test_missing_weights_are_initialised_as_a_fresh_model_initialises_them(tmp_path):
+    """A checkpoint without the SigLIP tower: its attention / MLP projections came back with the generic Linear init
+    (transformers skips parameter-less blocks of code outside its package), not SigLIP's xavier init."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    loaded = MoIIEPhi3ForCausalLM.from_pretrained(tmp_path)
+    q_proj = loaded.model.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
+    bound = (6 / (q_proj.in_features + q_proj.out_features)) ** 0.5  # xavier_uniform's
+    assert q_proj.weight.abs().max() <= bound and not q_proj.bias.any()
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)  # loaded weights kept
+
+
+def test_auto_model_and_tp_plan():
+    from transformers import AutoModel
+
+    from hf_moe.modeling import MoIIEModel
+
+    config = tiny_config()
+    assert config.auto_map["AutoModel"] == "modeling_moiie.MoIIEModel"
+    assert type(AutoModel.from_config(config)) is MoIIEModel
+    plan = tiny_model().tp_plan
+    assert plan["lm_head"] == "colwise_gather_output" and "model.language_model.embed_tokens" in plan
 
 
 def test_padding_is_excluded_from_the_balance_losses():
@@ -263,27 +340,90 @@ def test_bad_config_values_are_refused(kwargs, message):
 
 FRESH = textwrap.dedent(
     """
+    import re
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
     folder, workdir = sys.argv[1], sys.argv[2]
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     inputs = torch.load(f"{workdir}/inputs.pt")
+    valid = inputs["attention_mask"].bool()
+
+    def load(**kwargs):
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+
+    model = load()
     with torch.no_grad():
         out = model(**inputs, output_router_logits=True)
     torch.save({"logits": out.logits, "aux": out.vision_aux_loss, "module": type(model).__module__},
                f"{workdir}/out.pt")
+
+    def same_logits(model, atol=1e-5):
+        with torch.no_grad():
+            got = model(**inputs).logits
+        torch.testing.assert_close(got[valid].float(), out.logits[valid], atol=atol, rtol=0)
+
+    # The arguments a user passes to from_pretrained, each on its own.
+    for attn in ("eager", "sdpa"):
+        same_logits(load(attn_implementation=attn))
+    for experts in ("eager", "batched_mm", "grouped_mm"):  # the CPU ones of transformers' experts implementations
+        loaded = load(experts_implementation=experts)
+        assert loaded.config.text_config._experts_implementation == experts
+        same_logits(loaded)
+    bf16 = load(dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    same_logits(bf16, atol=0.05)
+    same_logits(load(device_map="auto"))
+    same_logits(torch.compile(load()))
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "MoIIEModel", type(base)
+
+    # tp_plan: the head is sharded with the embedding (as Phi-3's plan does), every entry names existing modules.
+    plan, names = load().tp_plan, [name for name, _ in model.named_modules()]
+    assert plan.get("lm_head") == "colwise_gather_output" and "model.language_model.embed_tokens" in plan, plan
+    for pattern in plan:
+        regex = re.compile(pattern.replace(".", "[.]").replace("*", "[0-9]+") + "$")
+        assert any(regex.match(name) for name in names), pattern
+
+    # Gradient checkpointing: the same loss, and every decoder parameter gets a gradient.
+    trained = load().train()
+    loss = trained(**inputs, labels=inputs["input_ids"]).loss
+    trained.gradient_checkpointing_enable()
+    checkpointed = trained(**inputs, labels=inputs["input_ids"]).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, loss)
+    decoder = trained.model.language_model
+    assert all(p.grad is not None for name, p in decoder.named_parameters() if "router" not in name)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1))
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    one = {key: value[1:] for key, value in inputs.items() if key != "pixel_values"}
+    one["pixel_values"] = inputs["pixel_values"][1:]  # row 1 holds the second row's images
+    generated = model.generate(**one, streamer=streamer, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert streamer.ended and torch.equal(torch.cat(streamer.chunks[1:]), generated[0, one["input_ids"].shape[1]:])
     assert not any(name.startswith("hf_moe") for name in sys.modules)
     """
 )
 
 
 def test_saved_folder_loads_in_a_fresh_process_without_hf_moe(tmp_path):
+    """Deliverable of issue 15: every `from_pretrained` argument a user passes works where hf_moe is absent (dtype,
+    device_map, attn / experts implementation, torch.compile, gradient checkpointing, the tp plan, `AutoModel`,
+    `generate` with a streamer). A 1-process tensor-parallel run needs a distributed launch: the plan is checked."""
     model = tiny_model()
     model.save_pretrained(tmp_path / "moiie")
     files = {path.name for path in (tmp_path / "moiie").iterdir()}
     assert {"configuration_moiie.py", "modeling_moiie.py", "moe.py"} <= files
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "moiie")) is MoIIEPhi3ForCausalLM
-    inputs = batch(pad=2)
+    inputs = batch(images_per_row=(1, 1), pad=2)
     torch.save(inputs, tmp_path / "inputs.pt")
     run_without_hf_moe(FRESH, [tmp_path / "moiie", tmp_path], tmp_path)
     remote = torch.load(tmp_path / "out.pt")
