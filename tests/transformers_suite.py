@@ -3,7 +3,7 @@
 They live in transformers' source distribution, not in its wheel, and none of their code is committed here: the
 first use fetches the sdist of the INSTALLED transformers (`pip download --no-deps --no-binary :all:
 transformers==X`), extracts its `tests/` into a cache outside the repository (`~/.cache/hf-moe/transformers-tests/X`,
-or `$HF_MOE_TRANSFORMERS_TESTS`) as the package `transformers_sdist_tests`, and imports the mixins from there.
+or `$HF_MOE_TRANSFORMERS_TESTS_CACHE`) as the package `transformers_sdist_tests`, and imports the mixins from there.
 `.ci/run` runs the fetch before the suite (`python tests/transformers_suite.py`).
 
 The sdist lacks three modules `test_modeling_common` / `test_configuration_common` import (the export and generation
@@ -35,7 +35,7 @@ STAND_INS = {
 
 
 def cache_root() -> Path:
-    root = os.environ.get("HF_MOE_TRANSFORMERS_TESTS")
+    root = os.environ.get("HF_MOE_TRANSFORMERS_TESTS_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "hf-moe" / "transformers-tests"
     return base / transformers.__version__
 
