@@ -34,8 +34,8 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
-from .moe import initialize_weights_as_transformers_code
 from .model_card import KeepModelCardMixin
+from .moe import initialize_weights_as_transformers_code
 
 
 logger = logging.get_logger(__name__)

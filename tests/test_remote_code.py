@@ -169,7 +169,8 @@ FROM_PRETRAINED_ARGUMENTS = textwrap.dedent(
                 model.gradient_checkpointing_enable()
             loss = model(**inputs, return_loss=True).loss
             loss.backward()
-            losses.append(torch.stack([loss.detach()] + [p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+            losses.append(torch.stack([loss.detach(), *grads]))
         torch.testing.assert_close(losses[1], losses[0])
         return losses[1]
 
@@ -193,8 +194,9 @@ FROM_PRETRAINED_ARGUMENTS = textwrap.dedent(
 
 
 def _we_moe_folder(toy_clip_dir, folder):
-    from hf_moe.modeling import WEMoECLIPModel, WEMoEConfig
     from transformers import CLIPModel
+
+    from hf_moe.modeling import WEMoECLIPModel, WEMoEConfig
 
     dense = CLIPModel.from_pretrained(toy_clip_dir)
     config = WEMoEConfig(
