@@ -393,7 +393,7 @@ class MoIIEModel(MoIIEPreTrainedModel):
             blank = torch.zeros(
                 1, vision.num_channels, vision.image_size, vision.image_size, device=inputs_embeds.device
             )
-            unused = self.get_image_features(blank.to(self.vision_tower.dtype)).sum()
+            unused = self.get_image_features(blank.to(self.vision_tower.dtype)).pooler_output.sum()
             inputs_embeds = inputs_embeds + 0 * unused.to(inputs_embeds.dtype)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
