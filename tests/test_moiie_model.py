@@ -185,8 +185,8 @@ def test_missing_weights_are_initialised_as_a_fresh_model_initialises_them(tmp_p
     save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     loaded = MoIIEPhi3ForCausalLM.from_pretrained(tmp_path)
-    tower = loaded.model.vision_tower
-    q_proj = getattr(tower, "vision_model", tower).encoder.layers[0].self_attn.q_proj  # transformers 5.25: no vision_model
+    tower = loaded.model.vision_tower  # SiglipVisionModel (transformers 5.25: no vision_model level)
+    q_proj = getattr(tower, "vision_model", tower).encoder.layers[0].self_attn.q_proj
     bound = (6 / (q_proj.in_features + q_proj.out_features)) ** 0.5  # xavier_uniform's
     assert q_proj.weight.abs().max() <= bound and not q_proj.bias.any()
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)  # loaded weights kept
