@@ -19,10 +19,9 @@ import unittest
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
+from transformers_suite import import_common
 
 from hf_moe.modeling import MoIIEConfig, MoIIELlamaForCausalLM, MoIIEModel, MoIIEPhi3ForCausalLM
-
-from transformers_suite import import_common
 
 
 common = import_common("test_modeling_common")
