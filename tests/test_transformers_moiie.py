@@ -74,7 +74,8 @@ class VisionLanguageTester:
             )  # fmt: skip
         return MoIIEConfig(
             text_config=self.text_config, vision_config=self.vision_config, image_token_id=self.image_token_id,
-            vision_feature_layer=-1, moe_layers=[1], num_vision_experts=1, num_shared_experts=2, num_language_experts=1, num_experts_per_tok=2,
+            vision_feature_layer=-1, moe_layers=[1], num_vision_experts=1, num_shared_experts=2,
+            num_language_experts=1, num_experts_per_tok=2,
         )  # fmt: skip
 
     def prepare_config_and_inputs(self):
