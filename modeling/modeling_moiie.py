@@ -23,7 +23,7 @@ from transformers.utils.output_capturing import OutputRecorder, select_hidden_st
 
 from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
 from .model_card import KeepModelCardMixin
-from .moe import MoETopKRouter, load_balancing_loss
+from .moe import MoETopKRouter, initialize_weights_as_transformers_code, load_balancing_loss
 
 
 @dataclass
@@ -284,17 +284,9 @@ class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     @torch.no_grad()
     @init.guard_torch_init_functions()
     def initialize_weights(self):
-        # transformers treats code outside its package as writing weights in place, and skips every module whose own
-        # parameters are all flagged initialised. SigLIP's attention and MLP blocks own no parameters and initialise
-        # their Linear children from there, so a tower missing from a checkpoint came back with the generic Linear
-        # init (not a fresh SigLIP's). Our `_init_weights` writes only through `transformers.initialization`, which
-        # skips loaded tensors itself: run the dispatch as transformers runs it for its own models.
-        def visit(module, initialize):
-            for child in module.children():
-                visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
-            initialize(module, is_custom_code=False)
-
-        visit(self, self._initialize_weights)
+        # SigLIP's attention and MLP blocks own no parameters: transformers' custom-code heuristic would leave a tower
+        # missing from a checkpoint with the generic Linear init (see the helper).
+        initialize_weights_as_transformers_code(self)
 
     @torch.no_grad()
     def _init_weights(self, module):
