@@ -10,7 +10,6 @@ on 2 CPU cores, so by default the suite runs our classes with the fp32 cases; `H
 everything.
 """
 
-import os
 import re
 import unittest
 
@@ -30,7 +29,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 from transformers.testing_utils import is_flaky
-from transformers_suite import import_common
+from transformers_suite import FULL, FULL_ONLY, CLIPTrainingSkips, import_common
 
 from hf_moe.modeling import (
     CLIPMoEConfig,
@@ -53,13 +52,6 @@ common = import_common("test_modeling_common")
 ModelTesterMixin = common.ModelTesterMixin
 ConfigTester = import_common("test_configuration_common").ConfigTester
 
-# transformers' reason for skipping the gradient-checkpointing variants on every CLIP tester.
-CLIP_GC_REASON = (
-    "transformers skips it for CLIP: This architecture seem to not compute gradients properly when using GC, check: "
-    "https://github.com/huggingface/transformers/pull/27124"
-)
-FULL = os.environ.get("HF_MOE_TRANSFORMERS_TESTS") == "full"
-FULL_ONLY = "runs with HF_MOE_TRANSFORMERS_TESTS=full (time on 2 CPU cores)"
 # intermediate_size 40, not CLIP's 37: grouped_mm's kernels need 16-byte rows, and at 37 our experts run batched_mm
 # instead (tests/test_moe_core.py), which test_eager_matches_batched_and_grouped_inference counts as a wrong dispatch.
 CLIP_MOE = {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 40}
@@ -170,7 +162,7 @@ class JointTester:
         return self.get_config(), inputs
 
 
-class CLIPFamilyTests(ModelTesterMixin):
+class CLIPFamilyTests(CLIPTrainingSkips, ModelTesterMixin):
     """The skips transformers' CLIP testers make (each with transformers' reason)."""
 
     test_resize_embeddings = False
@@ -195,22 +187,6 @@ class CLIPFamilyTests(ModelTesterMixin):
     @is_flaky()
     def test_eager_matches_sdpa_inference(self, *args):
         return getattr(ModelTesterMixin, self._testMethodName)(self)
-
-    @unittest.skip(reason="transformers skips test_training for CLIP")
-    def test_training(self):
-        pass
-
-    @unittest.skip(reason="transformers skips test_training_gradient_checkpointing for CLIP")
-    def test_training_gradient_checkpointing(self):
-        pass
-
-    @unittest.skip(reason=CLIP_GC_REASON)
-    def test_training_gradient_checkpointing_use_reentrant_true(self):
-        pass
-
-    @unittest.skip(reason=CLIP_GC_REASON)
-    def test_training_gradient_checkpointing_use_reentrant_false(self):
-        pass
 
 
 class VisionTests(CLIPFamilyTests):

@@ -17,14 +17,13 @@ task weights of one forward come from ALL its texts (the classes of one task tog
 the other texts of the batch.
 """
 
-import os
 import re
 import unittest
 
 import numpy as np
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from transformers_suite import import_common
+from transformers_suite import FULL, FULL_ONLY, CLIPTrainingSkips, import_common
 
 from hf_moe.modeling import MoDEConfig, MoDEModel
 
@@ -33,12 +32,6 @@ common = import_common("test_modeling_common")
 ModelTesterMixin = common.ModelTesterMixin
 ConfigTester = import_common("test_configuration_common").ConfigTester
 
-CLIP_GC_REASON = (
-    "transformers skips it for CLIP: This architecture seem to not compute gradients properly when using GC, check: "
-    "https://github.com/huggingface/transformers/pull/27124"
-)
-FULL = os.environ.get("HF_MOE_TRANSFORMERS_TESTS") == "full"
-FULL_ONLY = "runs with HF_MOE_TRANSFORMERS_TESTS=full (time on 2 CPU cores)"
 BATCH_SEMANTICS = (
     "MoDE's task weights come from all the texts of a forward together (they are the classes of one task), so a "
     "text's logits change with the other texts of the batch: {what}"
@@ -109,7 +102,7 @@ class CLIPJointTester:
         return self.get_config(), inputs
 
 
-class JointTests(ModelTesterMixin):
+class JointTests(CLIPTrainingSkips, ModelTesterMixin):
     """transformers' CLIPModelTest settings and skips (each with transformers' reason)."""
 
     mode = False
@@ -157,22 +150,6 @@ class JointTests(ModelTesterMixin):
 
     @unittest.skip(reason="CLIPModel does not have input/output embeddings")
     def test_model_get_set_embeddings(self):
-        pass
-
-    @unittest.skip(reason="transformers skips test_training for CLIP")
-    def test_training(self):
-        pass
-
-    @unittest.skip(reason="transformers skips test_training_gradient_checkpointing for CLIP")
-    def test_training_gradient_checkpointing(self):
-        pass
-
-    @unittest.skip(reason=CLIP_GC_REASON)
-    def test_training_gradient_checkpointing_use_reentrant_true(self):
-        pass
-
-    @unittest.skip(reason=CLIP_GC_REASON)
-    def test_training_gradient_checkpointing_use_reentrant_false(self):
         pass
 
     def test_sdpa_can_dispatch_on_flash(self):

@@ -13,13 +13,12 @@ fp32 cases; `HF_MOE_TRANSFORMERS_TESTS=full` adds the half-precision cases, the 
 """
 
 import copy
-import os
 import re
 import unittest
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
-from transformers_suite import import_common
+from transformers_suite import FULL, FULL_ONLY, import_common
 
 from hf_moe.modeling import MoIIEConfig, MoIIELlamaForCausalLM, MoIIEModel, MoIIEPhi3ForCausalLM
 
@@ -29,8 +28,6 @@ ModelTesterMixin, floats_tensor, ids_tensor = common.ModelTesterMixin, common.fl
 ConfigTester = import_common("test_configuration_common").ConfigTester
 GenerationTesterMixin = import_common("generation.test_utils").GenerationTesterMixin
 
-FULL = os.environ.get("HF_MOE_TRANSFORMERS_TESTS") == "full"
-FULL_ONLY = "runs with HF_MOE_TRANSFORMERS_TESTS=full (time on 2 CPU cores)"
 LLAVA_GC_REASON = (
     "transformers skips it for LLaVA: This architecture seems to not compute gradients properly when using GC, "
     "check: https://github.com/huggingface/transformers/pull/27124"
