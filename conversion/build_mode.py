@@ -28,7 +28,7 @@ from ..checkpoint_io import (
     resolve_dtype,
 )
 from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, save_model_folder
+from ..hub import check_hub_model_id, clip_usage_head, save_model_folder
 from ..loading import check_model_type, check_safetensors_file, load_config
 from ..merging import CLIPCheckpoint, load_processor
 from ..modeling.configuration_mode import CLUSTERING_POOLINGS, ENSEMBLE_FORMULAS, MoDEConfig
@@ -507,14 +507,7 @@ def mode_usage(model_id: str) -> str:
     the experts' weights (printed), then the pipeline."""
     return "\n".join(
         [
-            "import torch",
-            "from PIL import Image",
-            "from transformers import AutoModel, AutoProcessor, pipeline",
-            "",
-            f"model_id = {model_id!r}",
-            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
-            "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
-            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+            *clip_usage_head(model_id),
             "# The texts of one call are the classes of one task: their closeness to the caption clusters weighs",
             "# the data experts, so pass all of a task's classes together.",
             'labels = ["a photo of a cat", "a photo of a dog", "a photo of a car"]',

@@ -28,7 +28,7 @@ from ..checkpoint_io import (
     resolve_dtype,
 )
 from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, save_model_folder
+from ..hub import check_hub_model_id, clip_usage_head, save_model_folder
 from ..merging import (
     CheckpointTaskVectors,
     clip_vision_kind,
@@ -357,14 +357,7 @@ def wemoe_usage(model_id: str) -> str:
     pipeline; `trust_remote_code=True` on the processor too, which reads the remote-code config."""
     return "\n".join(
         [
-            "import torch",
-            "from PIL import Image",
-            "from transformers import AutoModel, AutoProcessor, pipeline",
-            "",
-            f"model_id = {model_id!r}",
-            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
-            "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
-            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+            *clip_usage_head(model_id),
             'labels = ["a photo of a cat", "a photo of a dog"]',
             'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
             "with torch.no_grad():",

@@ -63,14 +63,10 @@ DEFAULT_DESCRIPTION = (
 )
 
 
-def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-classification") -> str:
-    """A runnable snippet: the `model_id = ...` line is the only one a reader (or a test) needs to change.
-
-    `trust_remote_code=True` on the processor too: `AutoProcessor` reads the model's config, whose `auto_map` names
-    remote code, and would otherwise stop at transformers' interactive "run the custom code? [y/N]" prompt."""
-    if pipeline_tag == "image-text-to-text":
-        return image_text_to_text_usage(model_id)
-    lines = [
+def clip_usage_head(model_id: str) -> list[str]:
+    """The opening lines of every CLIP-like card snippet (imports, the model, its processor, an image); each family's
+    snippet goes on from `model`, `processor` and `image`."""
+    return [
         "import torch",
         "from PIL import Image",
         "from transformers import AutoModel, AutoProcessor, pipeline",
@@ -79,6 +75,18 @@ def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-cla
         "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
         "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
         'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
+    ]
+
+
+def default_usage(model_id: str, pipeline_tag: str | None = "zero-shot-image-classification") -> str:
+    """A runnable snippet: the `model_id = ...` line is the only one a reader (or a test) needs to change.
+
+    `trust_remote_code=True` on the processor too: `AutoProcessor` reads the model's config, whose `auto_map` names
+    remote code, and would otherwise stop at transformers' interactive "run the custom code? [y/N]" prompt."""
+    if pipeline_tag == "image-text-to-text":
+        return image_text_to_text_usage(model_id)
+    lines = [
+        *clip_usage_head(model_id),
         'labels = ["a photo of a cat", "a photo of a dog"]',
         'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
         "with torch.no_grad():",
