@@ -40,7 +40,15 @@ setup(
         "bench": ["faiss-cpu>=1.8", "scikit-learn>=1.3"],
         "deepspeed": ["deepspeed>=0.16"],
         "demo": ["scikit-learn>=1.3"],
-        "test": ["pytest>=8", "parameterized>=0.9", "scikit-learn>=1.3", "deepspeed>=0.19,<0.20"],
+        "test": [
+            "pytest>=8",
+            "parameterized>=0.9",
+            "scikit-learn>=1.3",
+            "deepspeed>=0.19,<0.20",
+            "onnx>=1.17",
+            "onnxscript>=0.3",
+            "onnxruntime>=1.20",
+        ],
     },
     entry_points={"console_scripts": ["hf-moe=hf_moe.cli:main"]},
 )

@@ -23,7 +23,7 @@ from transformers.utils.output_capturing import OutputRecorder, select_hidden_st
 
 from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
 from .model_card import KeepModelCardMixin
-from .moe import MoETopKRouter, initialize_weights_as_transformers_code, load_balancing_loss
+from .moe import MoEExpertsInterface, MoETopKRouter, initialize_weights_as_transformers_code, load_balancing_loss
 
 
 @dataclass
@@ -67,7 +67,8 @@ class MoIIERouter(MoETopKRouter):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
 
-@use_experts_implementation
+# moe.py's interface: batched_mm stands in under torch.export / ONNX and for widths grouped_mm refuses.
+@use_experts_implementation(experts_interface=MoEExpertsInterface())
 class MoIIEExperts(nn.Module):
     """Gated MLP experts (Phi-3's and Llama's MLP) packed as 3-D parameters: `down(up * act(gate))`,
     `gate_up_proj` = [gate; up] (Phi-3's fused `gate_up_proj`, or Llama's `gate_proj` and `up_proj` stacked)."""
@@ -363,9 +364,10 @@ class MoIIEModel(MoIIEPreTrainedModel):
                 pixel_values.to(self.vision_tower.dtype), return_dict=True, **vision_kwargs
             )
             image_features = image_outputs.pooler_output
-            # A tensor check, not a Python int: torch.export / torch.compile trace through it (LLaVA's check).
+            # A tensor check, not a Python int: torch.export / torch.compile trace through it (LLaVA's check). ONNX
+            # has no operator for a traced tensor check (LLaVA's export fails on it), so an ONNX export leaves it out.
             torch_compilable_check(
-                image_mask.sum() * image_features.shape[-1] == image_features.numel(),
+                torch.onnx.is_in_onnx_export() or image_mask.sum() * image_features.shape[-1] == image_features.numel(),
                 lambda: (
                     f"Image features and image tokens do not match: {image_features.shape[0]} image(s) of "
                     f"{image_features.shape[1]} tokens give {image_features.shape[0] * image_features.shape[1]} "

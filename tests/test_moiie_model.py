@@ -375,6 +375,10 @@ FRESH = textwrap.dedent(
     same_logits(bf16, atol=0.05)
     same_logits(load(device_map="auto"))
     same_logits(torch.compile(load()))
+    # ONNX (dynamo) through the default experts implementation, run by onnxruntime (both come with the test extra).
+    program = torch.onnx.export(load(), (), kwargs=dict(inputs, use_cache=False), dynamo=True)
+    onnx_logits = program(**inputs, use_cache=False)[0]
+    torch.testing.assert_close(onnx_logits[valid], out.logits[valid], atol=1e-4, rtol=0)
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert type(base).__name__ == "MoIIEModel", type(base)
 
@@ -418,7 +422,7 @@ FRESH = textwrap.dedent(
 def test_saved_folder_loads_in_a_fresh_process_without_hf_moe(tmp_path):
     """Deliverable of issue 15: every `from_pretrained` argument a user passes works where hf_moe is absent (dtype,
     device_map, attn / experts implementation, torch.compile, gradient checkpointing, the tp plan, `AutoModel`,
-    `generate` with a streamer). A 1-process tensor-parallel run needs a distributed launch: the plan is checked."""
+    `generate` with a streamer, ONNX export). A 1-process tensor-parallel run needs a distributed launch: the plan is checked."""
     model = tiny_model()
     model.save_pretrained(tmp_path / "moiie")
     files = {path.name for path in (tmp_path / "moiie").iterdir()}
