@@ -422,7 +422,8 @@ FRESH = textwrap.dedent(
 def test_saved_folder_loads_in_a_fresh_process_without_hf_moe(tmp_path):
     """Deliverable of issue 15: every `from_pretrained` argument a user passes works where hf_moe is absent (dtype,
     device_map, attn / experts implementation, torch.compile, gradient checkpointing, the tp plan, `AutoModel`,
-    `generate` with a streamer, ONNX export). A 1-process tensor-parallel run needs a distributed launch: the plan is checked."""
+    `generate` with a streamer, ONNX export). A 1-process tensor-parallel run needs a distributed launch: the plan is
+    checked."""
     model = tiny_model()
     model.save_pretrained(tmp_path / "moiie")
     files = {path.name for path in (tmp_path / "moiie").iterdir()}
