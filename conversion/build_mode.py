@@ -293,6 +293,7 @@ def build_mode(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
+    license: str | None = None,
 ) -> MoDEModel:
     """Build a `MoDEModel` from trained CLIP data experts and the clusters of `hf-moe mode cluster`.
 
@@ -311,6 +312,8 @@ def build_mode(
             "float32", "bfloat16" or "float16".
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
+        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
+            their cards state one (`hf_moe.hub.write_model_card`).
 
     The experts and the clustering encoder are read one tensor at a time and the model written tensor by tensor
     (`hf_moe.checkpoint_io`); only an encoder whose checkpoint names do not map onto its model is loaded whole.
@@ -385,6 +388,7 @@ def build_mode(
             ),
             "tags": ["mode", "data-experts", "clip"],
             "model_name": model_name,
+            "license": license,
             "description": (
                 "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data "
                 "experts, each trained on one cluster of the captions, ensembled per task with weights from how "

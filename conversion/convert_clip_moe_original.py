@@ -213,6 +213,7 @@ def convert_clip_moe_original(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
+    license: str | None = None,
 ) -> CLIPMoEModel | None:
     """Convert an official CLIP-MoE `.pt` release into a CLIPMoEModel folder (safetensors + remote code + processor
     + model card). The release is memory-mapped and the output written tensor by tensor (`hf_moe.checkpoint_io`).
@@ -231,6 +232,8 @@ def convert_clip_moe_original(
         return_model: Load the written model and return it; False returns None (the command line's choice).
         push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
             `hub_token` and, for a new repo, `hub_private_repo`.
+        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
+            their cards state one (`hf_moe.hub.write_model_card`).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
@@ -289,6 +292,7 @@ def convert_clip_moe_original(
             "how_built": how_built,
             "tags": ["clip-moe", "clip"],
             "model_name": hub_model_id or Path(output_dir).name,
+            "license": license,
         }
         save_with_processor(
             StreamedModel(model, produce, max_shard_size=max_shard_size),

@@ -77,6 +77,7 @@ def merge_wemoe(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
+    license: str | None = None,
 ):
     """Build a WEMoE / E-WEMoE from a dense CLIPModel or CLIPVisionModel and its fine-tunes (hf-moe models refused).
 
@@ -105,6 +106,8 @@ def merge_wemoe(
             "float32", "bfloat16" or "float16". Task vectors, pruning and SVD are computed in float32 per tensor.
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
+        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
+            their cards state one (`hf_moe.hub.write_model_card`).
 
     The checkpoints are read one tensor at a time and the model written tensor by tensor
     (`hf_moe.checkpoint_io`): memory holds the task vectors of one MLP tensor at a time, never the models.
@@ -195,6 +198,7 @@ def merge_wemoe(
             "how_built": wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir),
             "tags": ["we-moe", "e-we-moe" if shared_router else "we-moe-router", "model-merging", "clip"],
             "model_name": model_name,
+            "license": license,
             "description": (
                 "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
                 "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per "

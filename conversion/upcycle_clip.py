@@ -180,6 +180,7 @@ def upcycle_clip(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
+    license: str | None = None,
     **moe_kwargs,
 ) -> CLIPMoEModel | None:
     """Upcycle one or several dense CLIP checkpoints into a CLIPMoEModel saved in `output_dir`.
@@ -207,6 +208,8 @@ def upcycle_clip(
             command line does: a real checkpoint need not be held in memory once written).
         push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
             `hub_token` and, for a new repo, `hub_private_repo` (as `TrainingArguments`).
+        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
+            their cards state one (`hf_moe.hub.write_model_card`).
         moe_kwargs: Further `CLIPMoEConfig` fields (`expert_dropout`, `router_aux_loss_coef`, ...) and
             per-tower `moe_layers` as `text_moe_layers` / `vision_moe_layers`.
 
@@ -292,6 +295,7 @@ def upcycle_clip(
             ),
             "tags": ["clip-moe", "clip", "upcycling"],
             "model_name": hub_model_id or Path(output_dir).name,
+            "license": license,
         }
         save_with_processor(
             StreamedModel(model, produce, max_shard_size=max_shard_size),

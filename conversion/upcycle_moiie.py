@@ -262,6 +262,7 @@ def upcycle_moiie(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
+    license: str | None = None,
 ) -> MoIIEForCausalLM | None:
     """Upcycle a dense Phi-3 or Llama + SigLIP (+ projector), or a dense LLaVA-style folder, into a MoIIE in
     `output_dir`.
@@ -289,6 +290,8 @@ def upcycle_moiie(
         return_model: Load the written model and return it; False returns None without reading it back (the command
             line's choice: a real checkpoint need not be held in memory once written).
         push_to_hub, hub_model_id, hub_token, hub_private_repo: As `TrainingArguments`.
+        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
+            their cards state one (`hf_moe.hub.write_model_card`).
 
     The checkpoints are read one tensor at a time and the MoIIE, built on the meta device (its routers replayed from
     `seed`), is written tensor by tensor (`hf_moe.checkpoint_io`): memory holds about one packed expert tensor, never
@@ -434,6 +437,7 @@ def upcycle_moiie(
             "pipeline_tag": "image-text-to-text",
             "usage": usage(hub_model_id or Path(output_dir).name),
             "model_name": hub_model_id or Path(output_dir).name,
+            "license": license,
         }
         save_model_folder(
             StreamedModel(model, produce, max_shard_size=max_shard_size),

@@ -9,9 +9,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def check_license(license: str | None, option: str = "--license") -> str | None:
+    """`license` if the Hub's model-card `license` field takes it, else a ValueError naming `option` and the value.
+
+    huggingface_hub ships no list of the Hub's license ids, so this checks their form: one lowercase token without
+    spaces (`apache-2.0`, `mit`, `cc-by-4.0`, `llama3.1`, `other`), which every id of the Hub's list is."""
+    if license is None:
+        return None
+    if not isinstance(license, str) or not license or any(char.isspace() for char in license):
+        raise ValueError(
+            f"{option} {license!r} is not a license the Hub takes: give one license id without spaces as the Hub "
+            "lists them (https://huggingface.co/docs/hub/repositories-licenses), e.g. apache-2.0, mit, cc-by-4.0, "
+            "or 'other' for a license the list lacks."
+        )
+    if license != license.lower():
+        raise ValueError(
+            f"{option} {license!r} is not a license the Hub takes: its license ids are lowercase "
+            f"(did you mean {license.lower()!r}?)."
+        )
+    return license
+
+
 @dataclass
-class HubArguments:
-    """The Hub options of commands that write a model (the names and meanings of `TrainingArguments`')."""
+class CardArguments:
+    """The model-card option of every command that writes a model: `--license` overrides the license the card
+    inherits from the base model(s)."""
+
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "The card's license (a Hub license id such as apache-2.0 or mit, or 'other'; default: the "
+            "base model's, where its card states one)."
+        },
+    )
+
+    def __post_init__(self):
+        # Refused when the command starts, not after the model is built or trained.
+        self.license = check_license(self.license)
+        # Cooperative: as a mixin of `TrainingArguments`, whose own checks run next.
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+@dataclass
+class HubArguments(CardArguments):
+    """The Hub options of commands that write a model (the names and meanings of `TrainingArguments`'), and
+    `--license`."""
 
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the written folder to the Hub."})
     hub_model_id: str | None = field(

@@ -27,6 +27,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .arguments import CardArguments
 from .losses import clip_contrastive_loss
 from .training import RecordedMetricsMixin, freeze_all_but, share_process_group_with_deepspeed
 
@@ -35,9 +36,10 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class CLIPTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the contrastive loss's settings and which parameters train. The defaults are plain
-    CLIP training (OpenCLIP / MetaCLIP): no label smoothing, the model's own learned logit scale, every parameter."""
+class CLIPTrainingArguments(CardArguments, TrainingArguments):
+    """`TrainingArguments` plus the contrastive loss's settings, which parameters train and the card's `--license`.
+    The defaults are plain CLIP training (OpenCLIP / MetaCLIP): no label smoothing, the model's own learned logit
+    scale, every parameter."""
 
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the contrastive loss."})
     logit_scale: float | None = field(

@@ -15,6 +15,7 @@ import huggingface_hub.errors
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 from transformers.utils import logging
 
+from .arguments import check_license
 from .fileio import atomic_output_dir, atomic_output_file
 
 
@@ -294,8 +295,9 @@ def write_model_card(
             `metrics_dataset` are given, also recorded as card-data `eval_results`).
         model_name: The repo id or folder the usage snippet loads; default the folder's name.
         description: What the model is (one paragraph); default a generic hf-moe description.
-        license: The card's `license`; by default the base models' own, when their cards (local, cached or on the
-            Hub) all state the same one; else none, and the card says the base models' licenses apply.
+        license: The card's `license` (a Hub license id, as the commands' `--license`; a malformed one raises a
+            ValueError); by default the base models' own, when their cards (local, cached or on the Hub) all state
+            the same one; else none, and the card says the base models' licenses apply.
         not_evaluated: The evaluation section before any result; by default it points to `hf-moe eval` for a
             zero-shot-image-classification model and says "Not evaluated yet." for others.
 
@@ -308,7 +310,7 @@ def write_model_card(
     model_name = model_name or model_name_for(folder)
     tags = list(dict.fromkeys([*ALWAYS_TAGS, *tags]))
     bases = _base_leaves(base_model)
-    inherited = license is None
+    inherited = check_license(license, "license") is None
     if inherited:
         licenses = {license_of(base) for base in bases}
         license = licenses.pop() if len(licenses) == 1 else None

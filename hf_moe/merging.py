@@ -883,6 +883,7 @@ def merge_clip_vision(
     hub_model_id: str | None = None,
     hub_token: str | None = None,
     hub_private_repo: bool | None = None,
+    license: str | None = None,
     **options,
 ):
     """Merge fine-tuned dense CLIP vision towers (CLIPModel / CLIPVisionModel; hf-moe models refused) into one.
@@ -906,6 +907,8 @@ def merge_clip_vision(
             "float32", "bfloat16" or "float16". The merge itself is computed in float32 per tensor.
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
+        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
+            their cards state one (`hf_moe.hub.write_model_card`).
         options: The method's options (`scaling`, `density`, `trim`, `aggregation`, ...), checked by name first.
 
     Returns:
@@ -968,6 +971,7 @@ def merge_clip_vision(
             "how_built": how_built,
             "tags": ["merge", "model-merging", method, "clip"],
             "model_name": model_name,
+            "license": license,
             "description": (
                 f"A dense CLIP{'' if is_clip else ' vision model'} merged from fine-tuned models by {method} with "
                 "[hf-moe](https://github.com/hf-moe/hf-moe): an ordinary transformers model, no remote code needed."

@@ -80,6 +80,7 @@ NOT_RESULT_FIELDS = {
     "accelerator_config",
     "parallelism_config",
     "log_expert_load",
+    "license",  # the card's, not the model's
 }
 NOT_RESULT_PREFIXES = ("logging_", "log_", "save_", "hub_", "eval_", "trackio_", "ddp_")
 

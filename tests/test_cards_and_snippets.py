@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import test_reliability_jobs as reliability
 import torch
 import yaml
 from huggingface_hub import ModelCard
@@ -19,8 +19,12 @@ from PIL import Image
 from test_convert_clip_moe_original import openai_naming
 from test_mode_build import write_clusters
 from test_mode_model import save_tiny_bert
+from test_moiie_train_command import run as train_moiie
+from test_moiie_training import SAMPLES
+from test_reliability_jobs import TRAINERS, _mcl, tta
 from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
 
+from hf_moe.cli import main as cli_main
 from hf_moe.clip_moe.lora import clip_moe_lora_config, merge_lora_into_folder
 from hf_moe.conversion import build_mode, convert_clip_moe_original, merge_wemoe, upcycle_clip, upcycle_moiie
 from hf_moe.hub import add_eval_results, write_model_card
@@ -29,6 +33,9 @@ from hf_moe.toy import save_toy_clip
 
 from helpers import BLOCK_HF_MOE
 
+
+# The inputs of the training runs (and the fixtures they come from), as tests/test_reliability_jobs.py makes them.
+trainer_inputs, captions, task_dirs = reliability.trainer_inputs, reliability.captions, reliability.task_dirs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL_ID_LINE = re.compile(r"^model_id = .*$", re.M)
@@ -115,32 +122,25 @@ def copy_model(folder: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def card_folders(toy_clip_dir, upcycled_dir, tmp_path_factory) -> dict[str, Path]:
-    """One folder per command (and output kind) that writes a model card, each with that command's own card.
-
-    The training commands' cards come from their own card writers on a folder of the kind they output (training
-    itself is tested elsewhere and leaves the card's snippet unchanged)."""
-    from hf_moe.clip_moe.train_router import RouterTrainingArguments
-    from hf_moe.clip_moe.train_router import _write_card as router_card
-    from hf_moe.clip_moe.trainer import CLIPMoERouterTrainingArguments
-    from hf_moe.mode.train_expert import DataExpertArguments, DataExpertTrainingArguments
-    from hf_moe.mode.train_expert import _write_card as expert_card
-    from hf_moe.moiie.lora import MoIIELoraArguments
+def card_folders(toy_clip_dir, upcycled_dir, trainer_inputs, tmp_path_factory) -> dict[str, Path]:
+    """One folder per command (and output kind) that writes a model card, each with the card that command wrote:
+    the converters called as functions (their commands pass the options through), the training commands run
+    through `hf-moe` at the smallest settings their own tests use, and two commands given `--license`."""
     from hf_moe.moiie.toy import save_toy_parts, toy_processor
-    from hf_moe.moiie.train import MoIIEScriptArguments
-    from hf_moe.moiie.train import _write_card as moiie_card
-    from hf_moe.moiie.trainer import MoIIETrainingArguments
-    from hf_moe.we_moe.tta import TTAScriptArguments, TTATrainingArguments
-    from hf_moe.we_moe.tta import _write_card as tta_card
 
     root = tmp_path_factory.mktemp("cards")
     licensed = copy_model(toy_clip_dir, root / "licensed-clip")
     write_model_card(licensed, base_model="openai/clip-vit-base-patch32", how_built="A copy.", license="mit")
     finetunes = [save_toy_clip(root / f"finetune{seed}", seed=seed) for seed in (1, 2)]
+    for finetune in finetunes:  # licensed as their base, so that what is merged from them all inherits `mit`
+        write_model_card(finetune, base_model="openai/clip-vit-base-patch32", how_built="A fine-tune.", license="mit")
     folders = {"upcycle-clip": upcycled_dir}
 
     upcycle_clip(licensed, root / "upcycle-licensed", num_experts=2, top_k=1)
     folders["upcycle-clip (licensed base)"] = root / "upcycle-licensed"
+    argv = ["upcycle-clip", str(licensed), "--output_dir", str(root / "upcycle-apache"), "--num_experts", "2"]
+    assert cli_main([*argv, "--top_k", "1", "--license", "apache-2.0"]) == 0
+    folders["upcycle-clip (--license)"] = root / "upcycle-apache"
 
     dense = CLIPModel.from_pretrained(toy_clip_dir)
     torch.save(openai_naming(dense, num_experts=2, moe_layers=1, expert_noise=0.0, long_text=False), root / "r.pt")
@@ -165,7 +165,7 @@ def card_folders(toy_clip_dir, upcycled_dir, tmp_path_factory) -> dict[str, Path
     merge_clip_vision("average", vision[0], vision[1:], root / "merged-vision", return_model=False)
     folders["merge (vision)"] = root / "merged-vision"
 
-    merge_wemoe(toy_clip_dir, finetunes, root / "wemoe", task_names=["a", "b"], return_model=False)
+    merge_wemoe(licensed, finetunes, root / "wemoe", task_names=["a", "b"], return_model=False)
     folders["merge-wemoe"] = root / "wemoe"
     merge_wemoe(vision[0], vision[1:], root / "wemoe-vision", shared_router=True, return_model=False)
     folders["merge-wemoe (vision)"] = root / "wemoe-vision"
@@ -179,77 +179,43 @@ def card_folders(toy_clip_dir, upcycled_dir, tmp_path_factory) -> dict[str, Path
     build_mode(finetunes, clusters, root / "mode", return_model=False)
     folders["mode build"] = root / "mode"
 
-    folders["train-router"] = copy_model(upcycled_dir, root / "router-trained")
-    router_card(
-        folders["train-router"],
-        RouterTrainingArguments(model=str(upcycled_dir), data="captions"),
-        CLIPMoERouterTrainingArguments(output_dir=str(folders["train-router"]), report_to="none"),
-    )
-    folders["mcl"] = root / "mcl-moe"
-    from hf_moe.clip_moe.mcl import MCLArguments, _build_moe
-    from hf_moe.clip_moe.trainer import MCLTrainingArguments
-
-    _build_moe(
-        MCLArguments(base=str(licensed), data="captions", num_experts=2),
-        MCLTrainingArguments(output_dir=str(root / "mcl"), report_to="none"),
-        [licensed, copy_model(licensed, root / "mcl-stage1")],
-        folders["mcl"],
-    )
-    folders["tta-wemoe"] = copy_model(root / "wemoe", root / "tta")
-    tta_card(
-        folders["tta-wemoe"],
-        TTAScriptArguments(model=str(root / "wemoe"), tasks=["a", "b"]),
-        TTATrainingArguments(output_dir=str(folders["tta-wemoe"]), report_to="none"),
-        {"a": ["x", "y"], "b": ["z", "w"]},
-    )
-    from hf_moe.toy_data import save_digit_class_folders
-    from hf_moe.we_moe.adamerging import AdaMergingScriptArguments, adamerging
-
-    tasks = [save_digit_class_folders(root / f"digits_{k}", 8, 32, 8 * k) for k in range(2)]
-    adamerging(
-        AdaMergingScriptArguments(
-            pretrained=str(toy_clip_dir), finetuned=[str(f) for f in finetunes], tasks=[str(t) for t in tasks]
-        ),
-        TTATrainingArguments(
-            output_dir=str(root / "adamerged"), max_steps=1, per_device_train_batch_size=4, report_to="none"
-        ),
-    )
+    # The training commands (test_reliability_jobs' runs) from the licensed models, whose license all but adamerging
+    # (a merge with unlicensed fine-tunes) inherit; tta-wemoe's --license overrides it.
+    context = {**trainer_inputs, "clip": licensed, "upcycled": folders["upcycle-clip (licensed base)"]}
+    assert TRAINERS["train-router"](context, root / "router-trained") == 0
+    folders["train-router"] = root / "router-trained"
+    assert _mcl(context, root / "mcl") == 0
+    folders["mcl"] = root / "mcl" / "moe"
+    argv = tta(root / "wemoe", context["tasks"], root / "tta", "--max_steps", "3", "--license", "apache-2.0")
+    assert cli_main(argv) == 0
+    folders["tta-wemoe"] = root / "tta"
+    assert TRAINERS["adamerging"](context, root / "adamerged") == 0
     folders["adamerging"] = root / "adamerged"
-    folders["train-moiie"] = copy_model(root / "moiie", root / "moiie-trained")
-    moiie_card(
-        folders["train-moiie"],
-        MoIIEScriptArguments(model=str(root / "moiie"), data="chat.json"),
-        MoIIETrainingArguments(output_dir=str(folders["train-moiie"]), stage="finetune", report_to="none"),
-        MoIIELoraArguments(),
-    )
-    folders["mode train-expert"] = copy_model(finetunes[0], root / "expert0")
-    expert_card(
-        folders["mode train-expert"],
-        DataExpertArguments(seed_model=str(toy_clip_dir), data="captions", clusters=str(clusters), expert=0),
-        DataExpertTrainingArguments(output_dir=str(folders["mode train-expert"]), report_to="none"),
-        2,
-        SimpleNamespace(own=[0, 1], other=[2]),
-        4,
-        1,
-    )
+    assert TRAINERS["mode-train-expert"](context, root / "expert0") == 0
+    folders["mode train-expert"] = root / "expert0"
+    # Both stages of train-moiie, the second with LoRA (merged into the saved model), each in its own inputs folder;
+    # stage 1 on image-caption pairs only, as its data is (a batch without an image gives the projector no gradient).
+    pretrain_inputs = shutil.copytree(trainer_inputs["moiie"], root / "moiie-pretrain")
+    (pretrain_inputs / "data.json").write_text(json.dumps([sample for sample in SAMPLES if "image" in sample] * 4))
+    assert train_moiie(pretrain_inputs, "--stage", "pretrain") == 0
+    folders["train-moiie (pretrain)"] = pretrain_inputs / "out"
+    finetune = ["--stage", "finetune", "--lora_rank", "2", "--log_expert_load", "none"]
+    assert train_moiie(trainer_inputs["moiie"], *finetune) == 0
+    folders["train-moiie"] = trainer_inputs["moiie"] / "out"
     return folders
 
 
 def card_jobs(card_folders: dict[str, Path], cwd: Path) -> list[dict]:
-    """Each card's Python blocks with `model_id` pointed at its folder. The same snippet on the same kind of model
-    runs once (several commands write the one CLIP-MoE snippet)."""
-    jobs, seen = [], set()
+    """Each card's Python blocks with `model_id` pointed at its folder: every folder's own, so that what a command
+    saves beside the weights (remote code, processor, config) is what its snippet is run against."""
+    jobs = []
     for name, folder in card_folders.items():
         blocks = python_blocks((folder / "README.md").read_text())
         assert blocks, f"the {name} card has no Python block"
-        architectures = tuple(json.loads((folder / "config.json").read_text())["architectures"])
         for number, code in enumerate(blocks):
             assert len(MODEL_ID_LINE.findall(code)) == 1, f"the {name} card's block {number} has no single model_id"
-            key = (MODEL_ID_LINE.sub("", code), architectures)
-            if key not in seen:
-                seen.add(key)
-                code = MODEL_ID_LINE.sub(f"model_id = {str(folder)!r}", code)
-                jobs.append({"name": f"card: {name}, block {number}", "code": code, "cwd": str(cwd)})
+            code = MODEL_ID_LINE.sub(f"model_id = {str(folder)!r}", code)
+            jobs.append({"name": f"card: {name}, block {number}", "code": code, "cwd": str(cwd)})
     return jobs
 
 
@@ -273,7 +239,7 @@ def test_every_card_snippet_runs_as_written_in_a_fresh_process_without_hf_moe(fr
 
 
 def test_each_family_card_shows_its_own_use(card_folders):
-    for name in ("upcycle-moiie", "train-moiie"):
+    for name in ("upcycle-moiie", "train-moiie (pretrain)", "train-moiie"):
         text = (card_folders[name] / "README.md").read_text()
         code = "\n".join(python_blocks(text))
         assert ".generate(" in code and 'pipeline("image-text-to-text"' in code, name
@@ -300,13 +266,41 @@ def test_cards_carry_license_tags_and_base_model(card_folders):
         assert {"hf-moe", "mixture-of-experts"} <= set(card.data.tags), name
         assert card.data.library_name == "transformers", name
         assert "## License" in card.text, name
-    # A base whose card names a license passes it on; a bare local base has none to pass on, and the card says so.
-    for name in ("upcycle-clip (licensed base)", "mcl"):
+    # A base whose card names a license passes it on (converters and training commands alike); a bare local base has
+    # none to pass on, and the card says so.
+    for name in ("upcycle-clip (licensed base)", "merge-wemoe", "mcl", "train-router", "mode train-expert"):
         card = ModelCard.load(card_folders[name] / "README.md")
         assert card.data.license == "mit" and card.data.base_model == "openai/clip-vit-base-patch32", name
         assert "`mit`, the license of the base model(s)" in card.text, name
     card = ModelCard.load(card_folders["upcycle-clip"] / "README.md")
     assert card.data.license is None and "Not recorded" in card.text and "their licenses apply" in card.text
+
+
+def test_license_option_overrides_the_inherited_license(card_folders):
+    # `--license apache-2.0` given to a converter and to a training command, both from a base licensed `mit`.
+    for name in ("upcycle-clip (--license)", "tta-wemoe"):
+        text = (card_folders[name] / "README.md").read_text()
+        assert yaml.safe_load(text.split("---")[1])["license"] == "apache-2.0", name
+        card = ModelCard(text)
+        assert card.data.base_model == "openai/clip-vit-base-patch32", name
+        assert "## License\n\n`apache-2.0`." in card.text and "`mit`" not in card.text, name
+
+
+@pytest.mark.parametrize("value", ["Apache 2.0", "", "MIT"])
+def test_a_license_the_hub_would_refuse_is_refused_before_anything_is_written(
+    value, toy_clip_dir, upcycled_dir, tmp_path, capsys
+):
+    converter = ["upcycle-clip", str(toy_clip_dir), "--num_experts", "2", "--output_dir", str(tmp_path / "moe")]
+    trainer = ["train-router", "--model", str(upcycled_dir), "--data", str(tmp_path), "--output_dir"]
+    for argv in (converter, [*trainer, str(tmp_path / "routed")]):
+        assert cli_main([*argv, "--license", value]) == 1
+        error = capsys.readouterr().err
+        assert f"--license {value!r} is not a license the Hub takes" in error, error
+        if value == "MIT":
+            assert "did you mean 'mit'?" in error
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "routed").exists()
+    with pytest.raises(ValueError, match="license 'a b' is not a license the Hub takes"):
+        write_model_card(tmp_path, base_model=None, how_built="", license="a b")
 
 
 def test_eval_results_are_in_the_hubs_model_index(card_folders, tmp_path):

@@ -334,6 +334,7 @@ def _build_moe(mcl_args, training_args, stage_dirs: list[Path], moe_dir: Path) -
             how_built=_how_built(mcl_args, training_args),
             tags=("clip", "clip-moe", "mcl"),
             model_name=training_args.hub_model_id,
+            license=training_args.license,
             description=(
                 "A CLIP-MoE (Diversified Multiplet Upcycling) built with hf-moe: expert i of every block is the MLP "
                 f"of MCL stage i of {mcl_args.base}; the routers are untrained (train them with "

@@ -124,6 +124,7 @@ def _write_card(output_dir: Path, script_args, training_args) -> None:
         ),
         tags=("clip", "clip-moe"),
         model_name=training_args.hub_model_id,
+        license=training_args.license,
     )
 
 

@@ -206,6 +206,7 @@ def _write_card(output_dir: Path, script_args, training_args, num_experts: int, 
         ),
         tags=("clip", "mode", "data-expert"),
         model_name=training_args.hub_model_id,
+        license=training_args.license,
         description=(
             f"A CLIP data expert (MoDE: CLIP Data Experts via Clustering): expert {script_args.expert} of "
             f"{num_experts}, for `hf-moe mode build` to ensemble with the others."

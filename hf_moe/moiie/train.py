@@ -184,6 +184,7 @@ def _write_card(output_dir: Path, script_args, training_args, lora_args: MoIIELo
         tags=("moiie", "image-text-to-text"),
         pipeline_tag="image-text-to-text",
         model_name=training_args.hub_model_id,
+        license=training_args.license,
     )
 
 

@@ -41,6 +41,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
+from ..arguments import CardArguments
 from ..modeling import expert_load
 from ..training import (
     RecordedMetricsMixin,
@@ -62,8 +63,9 @@ MOE_PARAMETERS = r"\.mlp\.(experts|router|vision_router|language_router)\."
 
 
 @dataclass
-class MoIIETrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the MoIIE stage (which parameters train) and the stage's learning rate."""
+class MoIIETrainingArguments(CardArguments, TrainingArguments):
+    """`TrainingArguments` plus the MoIIE stage (which parameters train), the stage's learning rate and the card's
+    `--license`."""
 
     stage: Literal["pretrain", "finetune"] = field(
         default="finetune",

@@ -292,6 +292,7 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
             ),
             tags=("clip", "merge", "model-merging", "adamerging"),
             model_name=training_args.hub_model_id,
+            license=training_args.license,
             description="A dense CLIP merged by AdaMerging with hf-moe: an ordinary transformers model.",
         )
 

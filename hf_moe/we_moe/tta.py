@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..arguments import parse_command_line
+from ..arguments import CardArguments, parse_command_line
 from ..evaluation import EvalMode, class_embeddings, projected_embeddings
 from ..training import RecordedMetricsMixin, complete_job, freeze_all_but, job_already_done, train_from_last_checkpoint
 
@@ -159,11 +159,11 @@ def _single_item(items: list[dict]) -> dict:
 
 
 @dataclass
-class TTATrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the WEMoE test-time-adaptation recipe's defaults (METHODS.md section 3): Adam lr 1e-4
-    (the Trainer's AdamW with weight decay 0 is Adam), 1000 steps, cosine annealing over them without warm-up (the
-    original repo's `CosineAnnealingLR(T_max=1000)`; the paper states Adam lr 1e-4 only), a batch of 16 per task, no
-    gradient clipping; routers only."""
+class TTATrainingArguments(CardArguments, TrainingArguments):
+    """`TrainingArguments` (and the card's `--license`) with the WEMoE test-time-adaptation recipe's defaults
+    (METHODS.md section 3): Adam lr 1e-4 (the Trainer's AdamW with weight decay 0 is Adam), 1000 steps, cosine
+    annealing over them without warm-up (the original repo's `CosineAnnealingLR(T_max=1000)`; the paper states Adam
+    lr 1e-4 only), a batch of 16 per task, no gradient clipping; routers only."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (WEMoE TTA: 1e-4)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (0: AdamW is Adam, as the paper)."})
@@ -461,6 +461,7 @@ def _write_card(output_dir: Path, script_args, training_args, class_names: dict)
         ),
         tags=("clip", "we-moe", "model-merging"),
         model_name=training_args.hub_model_id,
+        license=training_args.license,
         usage=wemoe_usage(training_args.hub_model_id or model_name_for(output_dir)),
     )
 
