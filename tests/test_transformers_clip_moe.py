@@ -302,19 +302,16 @@ class JointTests(CLIPFamilyTests):
 
 
 # transformers' classes through our testers: the controls.
-@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
 class CLIPVisionControlTest(VisionTests, unittest.TestCase):
     all_model_classes = (CLIPVisionModel, CLIPVisionModelWithProjection)
     config_class = CLIPVisionConfig
 
 
-@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
 class CLIPTextControlTest(TextTests, unittest.TestCase):
     all_model_classes = (CLIPTextModel, CLIPTextModelWithProjection)
     config_class = CLIPTextConfig
 
 
-@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
 class CLIPModelControlTest(JointTests, unittest.TestCase):
     all_model_classes = (CLIPModel,)
     config_class, text_config_class, vision_config_class = CLIPConfig, CLIPTextConfig, CLIPVisionConfig

@@ -159,7 +159,6 @@ class JointTests(CLIPTrainingSkips, ModelTesterMixin):
         self.skipTest(reason="CLIP model can't be compiled dynamic, error in clip_loss`")
 
 
-@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
 class CLIPModelControlTest(JointTests, unittest.TestCase):
     all_model_classes = (CLIPModel,)
 
