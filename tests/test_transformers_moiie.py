@@ -7,8 +7,14 @@ transformers' LLaVA tester has (with its reason) and what cannot run on a CPU. T
 not LLaVA's 37: torch's CPU grouped_mm (transformers' default experts implementation) wants 16-byte rows, and at 37
 transformers' own Mixtral fails the same way ("strides should be multiple of 16 bytes").
 
+Generation: the causal LMs go through tests/transformers_stand_ins/generation_tester.py, hf-moe's stand-in for
+transformers' `GenerationTesterMixin` (greedy / sample / beam search / beam sample with their dict outputs, assisted and
+prompt-lookup decoding, left padding, the cache's format and continuing from it, `inputs_embeds` with `pixel_values`,
+the static cache, the streamer), with LLaVA as the control: over its Llama decoder (the full tester) and over MoIIE's
+default Phi-3 decoder (the generation checks only).
+
 Time: each class takes minutes on 2 CPU cores, so by default the suite runs MoIIEModel and the Phi-3 causal LM with the
-fp32 cases; `HF_MOE_TRANSFORMERS_TESTS=full` adds the half-precision cases, the Llama causal LM and the LLaVA control
+fp32 cases; `HF_MOE_TRANSFORMERS_TESTS=full` adds the half-precision cases, the Llama causal LM and the LLaVA controls
 (as tests/test_transformers_clip_moe.py does).
 """
 
@@ -159,6 +165,18 @@ class LlavaControlTest(VisionLanguageTestMixin, unittest.TestCase):
     family, text_model_type, config_class = "llava", "llama", LlavaConfig
     all_model_classes = (LlavaModel, LlavaForConditionalGeneration)
     all_generative_model_classes = (LlavaForConditionalGeneration,)
+
+
+@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
+class LlavaPhi3GenerationControlTest(GenerationTesterMixin, unittest.TestCase):
+    """transformers' LLaVA over a Phi-3 decoder (MoIIE's default) through the same generation checks as
+    `MoIIEPhi3Test`: a failure here is the generation tester's, not MoIIE's."""
+
+    has_attentions = True
+    all_generative_model_classes = (LlavaForConditionalGeneration,)
+
+    def setUp(self):
+        self.model_tester = VisionLanguageTester(self, "phi3", "llava")
 
 
 class MoIIEPhi3Test(VisionLanguageTestMixin, unittest.TestCase):
