@@ -46,6 +46,7 @@ from .moe import (
     MoETopKRouter,
     initialize_weights_as_transformers_code,
     load_balancing_loss,
+    note_packed_experts_stay_unquantized,
     router_z_loss,
 )
 
@@ -156,6 +157,10 @@ class CLIPMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         # transformers looks for the experts decorator in this file's source; it lives in moe.py.
         return True
+
+    def post_init(self):
+        super().post_init()
+        note_packed_experts_stay_unquantized(self)
 
     @torch.no_grad()
     @init.guard_torch_init_functions()

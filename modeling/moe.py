@@ -16,6 +16,10 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -170,7 +174,12 @@ class MoEExpertsInterface(ExpertsInterface):
 
 @use_experts_implementation(has_gate=False, has_bias=True, experts_interface=MoEExpertsInterface())
 class MoEMLPExperts(nn.Module):
-    """Non-gated two-layer MLP experts with biases (the CLIP / ViT MLP), packed as 3-D parameters."""
+    """Non-gated two-layer MLP experts with biases (the CLIP / ViT MLP), packed as 3-D parameters.
+
+    Quantization: bitsandbytes (`load_in_4bit` / `load_in_8bit`) replaces `nn.Linear` layers only, so these packed
+    experts stay in the loading dtype, exactly as transformers' own packed experts (Mixtral's) do; see
+    `note_packed_experts_stay_unquantized`.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -199,6 +208,39 @@ class MoEMLPExperts(nn.Module):
             current = current * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
         return final_hidden_states
+
+
+def note_packed_experts_stay_unquantized(model: nn.Module) -> None:
+    """Say once, when a model with packed experts is loaded with a bitsandbytes `quantization_config`, that its
+    experts are not quantized. Call it from the model's `post_init` (`from_pretrained` puts the quantization config
+    on the model's config before building it).
+
+    transformers' bitsandbytes integration swaps every `nn.Linear` for a 4-/8-bit layer and has no path for 3-D
+    packed experts: it leaves Mixtral's `experts.gate_up_proj` / `down_proj` in the loading dtype too, and so
+    ours behave as Mixtral's. In a mixture of experts those are most of the weights, so a user expecting a
+    4x smaller model is told where the memory stays.
+    """
+    quantization_config = getattr(model.config, "quantization_config", None)
+    if isinstance(quantization_config, dict):  # as read from a pre-quantized checkpoint's config.json
+        method = quantization_config.get("quant_method")
+    else:
+        method = getattr(quantization_config, "quant_method", None)
+    if method != "bitsandbytes":
+        return
+    # Packed experts: the modules owning 3-D parameters (num_experts, out, in), biases included.
+    packed = [
+        param
+        for module in model.modules()
+        if any(param.ndim == 3 for param in module.parameters(recurse=False))
+        for param in module.parameters(recurse=False)
+    ]
+    if not packed:
+        return
+    share = sum(param.numel() for param in packed) / sum(param.numel() for param in model.parameters())
+    logger.warning_once(
+        f"bitsandbytes quantizes nn.Linear layers only: the packed experts of {type(model).__name__} "
+        f"({share:.0%} of its parameters) stay in {packed[0].dtype}, as transformers' Mixtral experts do."
+    )
 
 
 class MoESparseBlock(nn.Module):
