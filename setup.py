@@ -48,6 +48,7 @@ setup(
             "onnx>=1.17",
             "onnxscript>=0.3",
             "onnxruntime>=1.20",
+            "bitsandbytes>=0.48",
         ],
     },
     entry_points={"console_scripts": ["hf-moe=hf_moe.cli:main"]},
