@@ -10,12 +10,10 @@ weights from the candidate labels.
         [--ensemble_formula released|paper]
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer, CLIPProcessor, CLIPTextModelWithProjection
 from transformers.utils import logging
 
@@ -29,9 +27,10 @@ from ..checkpoint_io import (
 )
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, clip_usage_head, save_model_folder
-from ..loading import check_model_type, check_safetensors_file, load_config
+from ..loading import check_model_type, load_config
 from ..merging import CLIPCheckpoint, load_processor
-from ..modeling.configuration_mode import CLUSTERING_POOLINGS, ENSEMBLE_FORMULAS, MoDEConfig
+from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, read_cluster_folder
+from ..modeling.configuration_mode import ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel
 from ..modeling.tokenization_mode import MoDETokenizer
 from ..training import JOB_FILE
@@ -39,8 +38,6 @@ from ..training import JOB_FILE
 
 logger = logging.get_logger(__name__)
 
-CLUSTERS_FILE = "clusters.json"
-CENTERS_FILE = "centers.safetensors"
 # The command that `hf-moe mode train-expert` records in each expert's job record (`hf_moe.training.JOB_FILE`).
 EXPERT_JOB_COMMAND = "mode train-expert"
 # Config entries, at any depth (the towers' configs carry them too), that say where a checkpoint came from, how it
@@ -76,67 +73,6 @@ NOT_ARCHITECTURE = {
     "label2id",
     "problem_type",
 }
-
-
-def read_clusters(clusters: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """`clusters.json` and the tensors of `centers.safetensors` of a `hf-moe mode cluster` folder, their keys and
-    shapes checked (not yet against the experts or the encoder), each error naming the file and key."""
-    folder = Path(clusters)
-    info_path, centers_path = folder / CLUSTERS_FILE, folder / CENTERS_FILE
-    for path in (info_path, centers_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: --clusters must be a folder written by `hf-moe mode cluster`.")
-    info = json.loads(info_path.read_text())
-    for key in ("num_fine_clusters", "num_experts", "encoder"):
-        if key not in info:
-            raise ValueError(f"{info_path} has no '{key}'.")
-    for key in ("name_or_path", "pooling", "max_length"):
-        if key not in info["encoder"]:
-            raise ValueError(f"{info_path} has no 'encoder.{key}'.")
-    if info["encoder"]["pooling"] not in CLUSTERING_POOLINGS:
-        raise ValueError(
-            f"{info_path}: 'encoder.pooling' is {info['encoder']['pooling']!r}, not one of {CLUSTERING_POOLINGS}."
-        )
-    check_safetensors_file(centers_path)
-    with safe_open(centers_path, framework="pt") as file:
-        missing = {"fine_centers", "fine_to_coarse"} - set(file.keys())
-        if missing:
-            raise ValueError(f"{centers_path} has no tensor(s) {sorted(missing)}.")
-        centers = {key: file.get_tensor(key) for key in file.keys()}
-    m, n = info["num_fine_clusters"], info["num_experts"]
-    fine, fine_to_coarse = centers["fine_centers"], centers["fine_to_coarse"]
-    if fine.dim() != 2 or fine.shape[0] != m:
-        raise ValueError(f"{centers_path}: 'fine_centers' has shape {tuple(fine.shape)}, expected ({m}, dim).")
-    if fine_to_coarse.shape != (m,) or fine_to_coarse.dtype != torch.int64:
-        raise ValueError(
-            f"{centers_path}: 'fine_to_coarse' is {fine_to_coarse.dtype} {tuple(fine_to_coarse.shape)}, expected "
-            f"int64 ({m},)."
-        )
-    bad = fine_to_coarse[(fine_to_coarse < 0) | (fine_to_coarse >= n)]
-    if bad.numel():
-        raise ValueError(
-            f"{centers_path}: 'fine_to_coarse' holds {sorted(set(bad.tolist()))}, outside the {n} experts [0, {n})."
-        )
-    return info, centers
-
-
-def clusters_id(clusters: str | Path) -> str:
-    """A content fingerprint of a `hf-moe mode cluster` folder: the sha256 of `centers.safetensors` (the fine and
-    coarse centers and the fine -> coarse map, from which every assignment follows) and of the counts in
-    `clusters.json`. Unlike `hf_moe.training.input_fingerprint` it reads the files, so a copied or moved clusters
-    folder keeps it, and another run's clusters (other data, seed or options) do not share it.
-
-    `hf-moe mode train-expert` records it in each expert's job record; `hf-moe mode build` compares it with the
-    clusters it is given."""
-    folder = Path(clusters)
-    digest = hashlib.sha256()
-    with (folder / CENTERS_FILE).open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    info = json.loads((folder / CLUSTERS_FILE).read_text())
-    counts = {key: info.get(key) for key in ("num_fine_clusters", "num_experts", "num_pairs", "expert_sizes")}
-    digest.update(json.dumps(counts, sort_keys=True).encode())
-    return digest.hexdigest()[:32]
 
 
 def _without_provenance(value):
@@ -327,7 +263,7 @@ def build_mode(
         raise ValueError("build_mode needs at least one EXPERT.")
     if ensemble_formula not in ENSEMBLE_FORMULAS:
         raise ValueError(f"ensemble_formula must be one of {ENSEMBLE_FORMULAS}, got {ensemble_formula!r}.")
-    info, centers = read_clusters(clusters)
+    info, centers = read_cluster_folder(clusters)
     clusters_json = Path(clusters) / CLUSTERS_FILE
     encoder = str(clustering_encoder or info["encoder"]["name_or_path"])
     pooling, max_length = info["encoder"]["pooling"], int(info["encoder"]["max_length"])
@@ -503,7 +439,7 @@ def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, 
     )
 
 
-__all__ = ["build_mode", "clusters_id", "read_clusters"]
+__all__ = ["build_mode"]
 
 
 def mode_usage(model_id: str) -> str:

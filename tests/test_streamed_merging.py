@@ -202,9 +202,10 @@ def reference_wemoe(pretrained, finetuned, init_lambda=0.3, seed=0, **fields):
 
 def reference_mode(experts, clusters, encoder, pooling):
     """What build_mode saved before streaming: a float32 MoDEModel filled from the loaded experts and encoder."""
-    from hf_moe.conversion.build_mode import clustering_encoder_config, read_clusters
+    from hf_moe.conversion.build_mode import clustering_encoder_config
+    from hf_moe.mode.cluster_files import read_cluster_folder
 
-    info, centers = read_clusters(clusters)
+    info, centers = read_cluster_folder(clusters)
     encoder_config, _ = clustering_encoder_config(encoder, pooling)
     config = MoDEConfig(
         expert_config=load_config(experts[0], require_moe=False).to_dict(),

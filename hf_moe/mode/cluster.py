@@ -42,9 +42,9 @@ from transformers.utils import logging
 
 from ..arguments import parse_command_line
 from ..clustering import balanced_kmeans, nearest_centers
-from ..conversion.build_mode import CENTERS_FILE, CLUSTERS_FILE
 from ..fileio import atomic_output_file, check_output_dir
 from ..training import JOB_FILE, TrainingJob, input_fingerprint, local_path
+from .cluster_files import CENTERS_FILE, CLUSTERS_FILE
 from .data import ASSIGNMENTS_DIR, read_assignments
 from .embed import (
     EMBED_FILE,

@@ -30,8 +30,6 @@ from transformers.utils import logging
 
 from ..arguments import parse_command_line
 from ..clip_training import CLIPTrainer, CLIPTrainingArguments
-from ..conversion.build_mode import clusters_id
-from ..conversion.build_mode import read_clusters as read_cluster_files
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..loading import check_model_type, load_config, load_pretrained
 from ..training import (
@@ -44,6 +42,7 @@ from ..training import (
     result_options,
     train_from_last_checkpoint,
 )
+from .cluster_files import clusters_id, read_cluster_folder
 from .data import fine_labels_of
 from .sampling import expert_subset
 
@@ -95,15 +94,15 @@ class DataExpertTrainer(CLIPTrainer):
         return scale.clamp(max=self.args.max_logit_scale) if torch.is_tensor(scale) else scale
 
 
-def read_clusters(clusters_dir: str | Path) -> tuple[int, torch.Tensor]:
-    """`(num_experts, fine_to_coarse)` of the output of `hf-moe mode cluster`, checked as `hf-moe mode build`
-    checks it."""
-    info, centers = read_cluster_files(clusters_dir)
+def read_fine_to_coarse(clusters_dir: str | Path) -> tuple[int, torch.Tensor]:
+    """`(num_experts, fine_to_coarse)` of the output of `hf-moe mode cluster` (`read_cluster_folder`, which checks
+    it as `hf-moe mode build` does)."""
+    info, centers = read_cluster_folder(clusters_dir)
     return int(info["num_experts"]), centers["fine_to_coarse"].long()
 
 
 def check_expert_arguments(script_args: DataExpertArguments) -> tuple[int, torch.Tensor]:
-    """Every check that needs no data or training, before anything is written; returns `read_clusters`."""
+    """Every check that needs no data or training, before anything is written; returns `read_fine_to_coarse`."""
     if not 0.0 <= script_args.other_share <= 1.0:
         raise ValueError(f"--other_share must be in [0, 1], got {script_args.other_share}.")
     # require_moe=False refuses every hf-moe model (a WEMoE or MoDE would load as a plain CLIP, losing its parts).
@@ -111,7 +110,7 @@ def check_expert_arguments(script_args: DataExpertArguments) -> tuple[int, torch
     check_model_type(
         config, script_args.seed_model, ("clip",), "--seed_model of `hf-moe mode train-expert` (a dense CLIP)"
     )
-    num_experts, fine_to_coarse = read_clusters(script_args.clusters)
+    num_experts, fine_to_coarse = read_fine_to_coarse(script_args.clusters)
     if not 0 <= script_args.expert < num_experts:
         raise ValueError(
             f"--expert {script_args.expert} is out of range: {script_args.clusters} has {num_experts} experts "
