@@ -27,8 +27,8 @@ from ..checkpoint_io import (
 )
 from ..fileio import check_output_dir
 from ..hub import check_hub_model_id, clip_usage_head, save_model_folder
-from ..loading import check_model_type, load_config
-from ..merging import CLIPCheckpoint, load_processor
+from ..loading import check_model_type, load_config, load_processor
+from ..merging import CLIPCheckpoint
 from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, read_cluster_folder
 from ..modeling.configuration_mode import ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel

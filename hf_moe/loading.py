@@ -4,6 +4,10 @@ transformers treats any name it cannot find locally as a Hub id: a mistyped loca
 Hub (for tens of seconds offline) and ends in a message about repositories; a truncated safetensors file ends in
 a deserialisation traceback that names no file; and a dense model given where a CLIP-MoE is needed (or the
 reverse) fails late or, worse, silently does the wrong thing. `load_pretrained` checks all three first.
+
+`HF_MOE_MODEL_TYPES` names the family of every hf-moe `model_type` (tests/test_loading.py checks it against the
+configs `hf_moe.modeling` registers), so every hf-moe model is refused where a dense one is needed. `load_processor`
+loads the processor the converters and merges save beside the model they write.
 """
 
 import json
@@ -27,8 +31,9 @@ HF_MOE_MODEL_TYPES = {
     "moiie": "MoIIE",
     "mode": "MoDE",
 }
-# The CLIP-MoE model types (what `require_moe=True` asks for).
-MOE_MODEL_TYPES = {model_type for model_type, family in HF_MOE_MODEL_TYPES.items() if family == "CLIP-MoE"}
+# The CLIP-MoE model types: what `require_moe=True` asks for (router training and LoRA take a CLIP-MoE).
+CLIP_MOE_MODEL_TYPES = {model_type for model_type, family in HF_MOE_MODEL_TYPES.items() if family == "CLIP-MoE"}
+MOE_MODEL_TYPES = CLIP_MOE_MODEL_TYPES  # the older name
 
 
 def _is_hub_repo_id(name: str) -> bool:
@@ -113,7 +118,7 @@ def check_moe(config, name_or_path, require_moe: bool | None) -> None:
     hf-moe model (CLIP-MoE, WEMoE, MoIIE, MoDE) where a dense model is (`require_moe=False`): loaded as a dense
     CLIP, a WEMoE or a MoDE would silently lose its routers, task vectors or experts."""
     model_type = getattr(config, "model_type", None)
-    if require_moe and model_type not in MOE_MODEL_TYPES:
+    if require_moe and model_type not in CLIP_MOE_MODEL_TYPES:
         family = HF_MOE_MODEL_TYPES.get(model_type)
         kind = f"a {family} model ('{model_type}')" if family else f"a '{model_type}' model"
         upcycle = f"hf-moe upcycle-clip {name_or_path} --num_experts N --output_dir DIR"
@@ -202,6 +207,20 @@ def load_pretrained(
         if type(err).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "HeaderTooSmall"):
             raise OSError(f"The weights of '{name_or_path}' are corrupt or truncated: {err}") from err
         raise
+
+
+def load_processor(name_or_path: str | Path):
+    """The processor of a checkpoint (an image processor alone for vision-only ones), or None (logged): what the
+    converters and merges save next to the model they write."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    for loader in (AutoProcessor, AutoImageProcessor):
+        try:
+            return loader.from_pretrained(name_or_path)
+        except Exception as err:  # a bare weights folder: the model is usable, just without a processor
+            reason = err
+    logger.warning(f"No processor could be loaded from '{name_or_path}' ({reason}); the output folder will lack one.")
+    return None
 
 
 # `from_pretrained` keywords that are not config fields (anything else in kwargs overrides the config).

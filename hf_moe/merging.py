@@ -31,7 +31,7 @@ from transformers.utils import logging
 from .checkpoint_io import check_finite, check_finite_options, release_free_memory, tensor_sum
 from .fileio import check_output_dir
 from .hub import check_hub_model_id, save_model_folder
-from .loading import check_model_type, load_config, load_pretrained
+from .loading import check_model_type, load_config, load_pretrained, load_processor
 
 
 logger = logging.get_logger(__name__)
@@ -813,19 +813,6 @@ def open_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
             checkpoint.close()
         raise
     return opened[0], opened[1:]
-
-
-def load_processor(name_or_path: str | Path):
-    """The processor of a checkpoint (an image processor alone for vision-only ones), or None (logged)."""
-    from transformers import AutoImageProcessor, AutoProcessor
-
-    for loader in (AutoProcessor, AutoImageProcessor):
-        try:
-            return loader.from_pretrained(name_or_path)
-        except Exception as err:  # a bare weights folder: the model is usable, just without a processor
-            reason = err
-    logger.warning(f"No processor could be loaded from '{name_or_path}' ({reason}); the output folder will lack one.")
-    return None
 
 
 def vision_usage(model_id: str) -> str:

@@ -95,3 +95,24 @@ def test_every_hf_moe_model_is_refused_where_a_dense_model_is_needed(model_type)
     with pytest.raises(ValueError, match=r"the seed of X takes model_type 'clip'"):
         check_model_type(config, "folder", {"clip"}, "the seed of X")
     check_model_type(config, "folder", {model_type}, "X")
+
+
+def test_every_model_type_of_hf_moe_modeling_has_a_family():
+    """`HF_MOE_MODEL_TYPES` is written by hand: a config added to `hf_moe.modeling` without an entry there would load
+    as a dense model where `require_moe=False` must refuse it."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import hf_moe.modeling
+    from hf_moe.loading import CLIP_MOE_MODEL_TYPES, HF_MOE_MODEL_TYPES
+
+    model_types = set()
+    for info in pkgutil.iter_modules(hf_moe.modeling.__path__):
+        module = importlib.import_module(f"hf_moe.modeling.{info.name}")
+        for value in vars(module).values():
+            if inspect.isclass(value) and issubclass(value, transformers.PretrainedConfig):
+                if value.__module__ == module.__name__ and value.model_type:
+                    model_types.add(value.model_type)
+    assert model_types == set(HF_MOE_MODEL_TYPES)
+    assert CLIP_MOE_MODEL_TYPES == {"clip_moe", "clip_moe_text_model", "clip_moe_vision_model"}

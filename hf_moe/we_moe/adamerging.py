@@ -235,7 +235,8 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
 
     from ..checkpoint_io import check_finite_options
     from ..hub import write_model_card
-    from ..merging import load_for_merge, load_processor, task_vectors, warn_input_mistakes
+    from ..loading import load_processor
+    from ..merging import load_for_merge, task_vectors, warn_input_mistakes
     from ..training import complete_job, input_fingerprint, job_already_done, train_from_last_checkpoint
     from .tta import TaskBatches, TTATrainer, load_tasks, tta_job, zero_shot_heads
 
