@@ -4,8 +4,11 @@
 decoder-only / VLM part of transformers' `GenerationTesterMixin`: the same test names and, where the API of the
 installed transformers allows, the same assertions (this transformers calls the KV cache `cache`, where the mixin's
 code says `past_key_values`; its Cache holds `layers[i].keys` / `.values`). Each test's docstring names the test it
-stands in for. Left out: encoder-decoder branches, the deprecated decoding methods transformers moved to the Hub
-(contrastive, DoLa, group / constrained beam search), and the tests that need a GPU, a compiler or optimum-quanto.
+stands in for. Left out: encoder-decoder branches (head masking), the decoding methods this transformers moved to the
+Hub (contrastive, DoLa, group / constrained beam search), what needs a GPU or several (offloaded cache, FA2, model-
+parallel beam search), a compiler (`test_generate_compile_model_forward`), optimum-quanto (quantized cache), the slow
+eager-vs-SDPA generation, and `test_prompt_lookup_decoding_stops_at_eos` (it tests the candidate generator, no model).
+Where this file departs from transformers' test, the docstring says how and why.
 """
 
 import inspect
@@ -357,7 +360,7 @@ class GenerationTesterMixin:
 
     def test_left_padding_compatibility(self):
         """Stands in for transformers' `test_left_padding_compatibility`: the last token's logits are the same with
-        32 positions of left padding (masked) as without."""
+        32 positions of left padding (masked) as without. The tester's other inputs (a VLM's image) go in both calls."""
         if not self.has_attentions:
             self.skipTest(reason="This model doesn't support padding.")
 
@@ -560,6 +563,39 @@ class GenerationTesterMixin:
                 with_all_logits = model.generate(**generation_kwargs, **inputs_dict, logits_to_keep=0)
                 without_all_logits = model.generate(**inputs_dict, **generation_kwargs)
             self.assertEqual(with_all_logits.tolist(), without_all_logits.tolist())
+
+    def test_assisted_decoding_with_logits_to_keep(self):
+        """Stands in for transformers' `test_assisted_decoding_with_logits_to_keep`."""
+        for model_class in self._generative_classes():
+            if "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
+                self.skipTest(reason="This model does not support `logits_to_keep` argument.")
+            config, inputs_dict = self.prepare_config_and_inputs_for_generate(batch_size=1)
+            model = model_class(config).eval()
+            generation_kwargs = {
+                "max_new_tokens": 10, "do_sample": False, "assistant_model": model, "return_dict_in_generate": True,
+                "output_scores": True,
+            }  # fmt: skip
+            with torch.no_grad():
+                with_all_logits = model.generate(**generation_kwargs, **inputs_dict, logits_to_keep=0)
+                without_all_logits = model.generate(**inputs_dict, **generation_kwargs)
+            self._check_similar_generate_outputs(with_all_logits, without_all_logits)
+
+    def test_generate_without_input_ids(self):
+        """Stands in for transformers' `test_generate_without_input_ids`: generation from the BOS token alone (no
+        prompt, no image)."""
+        config, _ = self.prepare_config_and_inputs_for_generate()
+        text_config = config.get_text_config(decoder=True)
+        if text_config.bos_token_id is None:
+            self.skipTest(reason="bos_token_id is None")
+        if text_config.bos_token_id == text_config.pad_token_id:
+            text_config.pad_token_id = None
+        for model_class in self._generative_classes():
+            model = model_class(config).eval()
+            with torch.no_grad():
+                output_ids_generate = model.generate(
+                    do_sample=False, max_new_tokens=self.max_new_tokens, remove_invalid_values=True
+                )
+            self.assertIsNotNone(output_ids_generate)
 
     def test_inherits_generation_mixin(self):
         """Stands in for transformers' `test_inherits_generation_mixin`."""
