@@ -7,6 +7,7 @@ as in transformers' examples. Only the standard library is imported until a comm
         [--templates auto|default|imagenet|FILE] [--output FILE]
     hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--output FILE]
     hf-moe prepare coco|flickr30k --annotations FILE --images DIR --output_dir DIR
+    hf-moe merge --method METHOD BASE FINETUNED [FINETUNED ...] --output_dir DIR [the method's options]
     hf-moe COMMAND --help     (the family commands: see `hf-moe --help`)
     hf-moe COMMAND OPTIONS.yaml [--flag value ...]   (options from a JSON / YAML file; flags win)
     hf-moe --version
@@ -64,6 +65,12 @@ def demo_command(argv: list[str]) -> None:
             demo(args.output_dir)
 
 
+def merge_command(argv: list[str]) -> None:
+    from .merging import merge_command as run_merge
+
+    run_merge(argv)
+
+
 def prepare_command(argv: list[str]) -> None:
     from .prepare import main as prepare_main
 
@@ -73,6 +80,10 @@ def prepare_command(argv: list[str]) -> None:
 SHARED_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "eval": (eval_command, "Zero-shot classification or image-text retrieval evaluation (eval zero-shot|retrieval)."),
     "prepare": (prepare_command, "Turn official COCO / Flickr30k annotations into captioned image folders."),
+    "merge": (
+        merge_command,
+        "Merge fine-tuned CLIP vision towers (average, task_arithmetic, ties, dare_linear, dare_ties) into one model.",
+    ),
     "demo": (demo_command, "Every family's demo on built-in data (CLIP-MoE, WEMoE, MoIIE, MoDE), offline, on a CPU."),
 }
 

@@ -9,9 +9,16 @@ and returns the merged state dict. Options are its keyword arguments, checked by
     ties             theta_0 + scaling * TIES(tau)      (Yadav et al., 2023: trim to the top `density` by magnitude,
                                                          elect the sign of the summed mass, disjoint sum (default,
                                                          as fusion_bench) or mean)
+    dare_linear      theta_0 + scaling * sum_i DARE(tau_i)   (Yu et al., 2024: drop each entry with probability
+                                                         1 - density, rescale the rest by 1 / density; peft's)
+    dare_ties        theta_0 + DARE, then TIES' sign election and disjoint mean (peft's `dare_ties`)
+    adamerging       theta_0 + sum_i lambda_{key,i} tau_i   (Yang et al., 2024: coefficients learned per tensor and
+                                                         task by `hf-moe adamerging`; `trained_by` says so)
 
-A trained method (AdaMerging's coefficients, for instance) registers the same way:
-`register_merge_method("adamerging", fn)`, `fn(pretrained, task_vectors, coefficients=...)`.
+Every method is registered when this module is imported. A method whose options are learned from data (AdaMerging's
+coefficients) registers the function that applies them, with `trained_by` naming the command that learns them:
+`hf-moe merge` refuses it and points there. `hf-moe merge`'s flags are the static methods' options, read from their
+signatures (`merge_option_fields`); `MERGE_OPTION_HELP` adds each option's help and the older flag names it keeps.
 
 `merge_clip_vision("ties", PRETRAINED, [FINETUNED, ...], OUTPUT_DIR)` writes an ordinary `CLIPVisionModel` folder
 (a `CLIPModel` one when PRETRAINED is a `CLIPModel`: text tower, projections and logit scale from PRETRAINED) with
@@ -19,8 +26,12 @@ the processor and a model card, atomically. Inputs are Hub ids or folders of `CL
 (`CLIPVisionModelWithProjection` too); only their vision towers are merged.
 """
 
+import dataclasses
 import inspect
 import re
+import typing
+import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +282,7 @@ def ties(
     scaling: float = 0.3,
     density: float = 0.2,
     trim: str = "task_vector",
-    aggregation: str = "sum",
+    aggregation: typing.Literal["sum", "mean"] = "sum",
 ) -> StateDict:
     """TIES-merging: trim, elect signs, disjoint aggregation, then theta_0 + `scaling` * the result.
 
@@ -314,6 +325,89 @@ def ties_disjoint_merge(stacked: torch.Tensor, majority: torch.Tensor, scaling: 
     return scaling * total
 
 
+def adamerging_merge(
+    pretrained: StateDict, task_vectors: Sequence[StateDict], coefficients: dict | None = None, clamp: bool = True
+) -> StateDict:
+    """theta_0 + sum_i lambda_{key,i} tau_{i,key} with `coefficients` {key: [lambda per task]} (learned by
+    `hf_moe.we_moe.adamerging.AdaMergingCLIP`; a key missing: 0.3 for every task), clamped to [0, 1] if `clamp`."""
+    coefficients = coefficients or {}
+    delta = {}
+    for key in task_vectors[0]:
+        weights = torch.as_tensor(coefficients.get(key, [0.3] * len(task_vectors)), dtype=torch.float32)
+        if weights.shape != (len(task_vectors),):
+            raise ValueError(f"coefficients[{key!r}] needs one value per task ({len(task_vectors)}), got {weights}.")
+        if clamp:
+            weights = weights.clamp(0.0, 1.0)
+        delta[key] = sum(weight * tv[key].float() for weight, tv in zip(weights, task_vectors))
+    return add_to_pretrained(pretrained, delta)
+
+
+def dare_seed(seed: int, key: str) -> int:
+    """The seed of tensor `key`'s DARE masks: each tensor draws from its own generator state (the option's seed and
+    the tensor's name), so a merge is the same whichever order its tensors are merged in (in memory, streamed a
+    tensor at a time, or in another process)."""
+    return (seed * 0x9E3779B1 + zlib.crc32(key.encode("utf-8"))) % (1 << 63)
+
+
+def _dare(merge: Callable, pretrained, task_vectors, scaling: float, density: float, seed: int, **kwargs):
+    """`theta_0 + merge(tensors, weights=scaling, density)` per tensor, `merge` one of peft's DARE merges, whose
+    random masks are drawn with torch's global generator: it is seeded per tensor (`dare_seed`) inside a fork, so
+    the caller's random state is left as it was."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density (the fraction of each task vector kept) must be in (0, 1], got {density}.")
+    delta = {}
+    for key in task_vectors[0]:
+        tensors = [tv[key].float() for tv in task_vectors]
+        device = tensors[0].device
+        weights = torch.full((len(tensors),), float(scaling), device=device)
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+            torch.manual_seed(dare_seed(seed, key))
+            with warnings.catch_warnings():
+                # density 1 keeps every entry: peft warns "no pruning will be performed" once per tensor.
+                warnings.filterwarnings("ignore", message="The density .* no pruning")
+                delta[key] = merge(tensors, weights, density, **kwargs)
+    return add_to_pretrained(pretrained, delta)
+
+
+def dare_linear(
+    pretrained: StateDict, task_vectors: Sequence[StateDict], scaling: float = 0.3, density: float = 0.5, seed: int = 0
+) -> StateDict:
+    """DARE with task arithmetic: theta_0 + scaling * sum_i DARE(tau_i).
+
+    DARE (Yu et al., 2024, "Language Models are Super Mario"): each entry of each task vector is kept with
+    probability `density` (dropped with p = 1 - density) and the kept ones are rescaled by 1 / density, so every
+    task vector keeps its expected value. Computed by peft's `dare_linear` (`peft.utils.merge_utils`; weights all
+    `scaling`), the masks drawn per tensor from `seed` and the tensor's name (`dare_seed`).
+    """
+    from peft.utils.merge_utils import dare_linear as peft_dare_linear
+
+    return _dare(peft_dare_linear, pretrained, task_vectors, scaling, density, seed)
+
+
+def dare_ties(
+    pretrained: StateDict,
+    task_vectors: Sequence[StateDict],
+    scaling: float = 0.3,
+    density: float = 0.5,
+    seed: int = 0,
+    majority_sign_method: typing.Literal["total", "frequency"] = "total",
+) -> StateDict:
+    """DARE, then TIES' sign election and disjoint mean: theta_0 + dare_ties(tau) as peft computes it.
+
+    Each task vector is sparsified as in [`dare_linear`] (random drop and rescale instead of TIES' magnitude trim);
+    each entry's sign is elected per tensor (`majority_sign_method`: `total`, the sign of the summed values, or
+    `frequency`, of the signs; a zero sum elects +), and the values agreeing with it, each times `scaling`, are
+    averaged. Computed by peft's `dare_ties` (`peft.utils.merge_utils`), masks as in `dare_linear`.
+    """
+    from peft.utils.merge_utils import dare_ties as peft_dare_ties
+
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
+    return _dare(
+        peft_dare_ties, pretrained, task_vectors, scaling, density, seed, majority_sign_method=majority_sign_method
+    )
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: `fn(pretrained, task_vectors, **options) -> merged state dict`.
@@ -321,13 +415,17 @@ class MergeMethod:
     How `merge_clip_vision` runs it on checkpoints without holding them (see `streamed_merge`): `per_tensor`
     methods (each merged tensor depends only on that tensor of the inputs) are called one tensor at a time;
     `streamed(source, **options)` is a method's own streamed form (TIES: its whole-vector threshold and majority
-    sign take passes over the inputs first); a method with neither gets every task vector in memory at once."""
+    sign take passes over the inputs first); a method with neither gets every task vector in memory at once.
+
+    `trained_by`: for a method whose options are learned from data (AdaMerging's coefficients), how they are learned
+    and by which command; `hf-moe merge`, a static merge, refuses such a method with that message."""
 
     name: str
     fn: Callable[..., StateDict]
     description: str
     per_tensor: bool = False
     streamed: Callable[..., Callable[[str], torch.Tensor]] | None = None
+    trained_by: str | None = None
 
     def options(self) -> dict:
         """The method's options and their defaults."""
@@ -357,17 +455,21 @@ def register_merge_method(
     overwrite=False,
     per_tensor: bool = False,
     streamed: Callable | None = None,
+    trained_by: str | None = None,
 ):
     """Register `fn(pretrained, task_vectors, **options)` as merge method `name` (usable as a decorator). A trained
-    method registers the function that applies its learned parameters (passed as options). `per_tensor=True`
-    declares that each merged tensor depends only on the same tensor of the inputs, so checkpoints are merged a
-    tensor at a time; `streamed` gives a streamed form of a method that is not (see `MergeMethod`)."""
+    method registers the function that applies its learned parameters (passed as options), with `trained_by`
+    saying how and by which command they are learned. `per_tensor=True` declares that each merged tensor depends
+    only on the same tensor of the inputs, so checkpoints are merged a tensor at a time; `streamed` gives a streamed
+    form of a method that is not (see `MergeMethod`)."""
 
     def register(fn):
         if name in MERGE_METHODS and not overwrite:
             raise ValueError(f"Merge method '{name}' is already registered; pass overwrite=True to replace it.")
         text = description or (inspect.getdoc(fn) or name).split("\n")[0]
-        MERGE_METHODS[name] = MergeMethod(name, fn, text, per_tensor=per_tensor, streamed=streamed)
+        MERGE_METHODS[name] = MergeMethod(
+            name, fn, text, per_tensor=per_tensor, streamed=streamed, trained_by=trained_by
+        )
         return fn
 
     return register(fn) if fn is not None else register
@@ -509,7 +611,7 @@ def ties_streamed(
     scaling: float = 0.3,
     density: float = 0.2,
     trim: str = "task_vector",
-    aggregation: str = "sum",
+    aggregation: typing.Literal["sum", "mean"] = "sum",
 ) -> Callable[[str], torch.Tensor]:
     """[`ties`] on a `TaskVectorSource`, equal to it bit for bit, with a few tensors in memory at a time: the
     whole-vector trim thresholds take two passes over the task vectors ([`MagnitudeSelection`], the exact
@@ -585,6 +687,16 @@ def ties_streamed(
 register_merge_method("average", average, per_tensor=True)
 register_merge_method("task_arithmetic", task_arithmetic, per_tensor=True)
 register_merge_method("ties", ties, streamed=ties_streamed)
+# DARE's masks and TIES-like sign election are per tensor in peft's form, and each tensor's masks have their own seed.
+register_merge_method("dare_linear", dare_linear, per_tensor=True)
+register_merge_method("dare_ties", dare_ties, per_tensor=True)
+ADAMERGING_TRAINING = (
+    "AdaMerging's coefficients (one per tensor and task) are trained by entropy minimisation on unlabeled test "
+    "images of each task, so it is not a static merge: run `hf-moe adamerging --base BASE --finetuned FINETUNED "
+    "[FINETUNED ...] --tasks TASK_DIR [TASK_DIR ...] --output_dir DIR`, which trains them and writes the merged model "
+    "with its coefficients"
+)
+register_merge_method("adamerging", adamerging_merge, per_tensor=True, trained_by=ADAMERGING_TRAINING)
 
 
 def streamed_merge(method: str, source: TaskVectorSource, **options) -> Callable[[str], torch.Tensor]:
@@ -834,13 +946,7 @@ def vision_usage(model_id: str) -> str:
 
 
 def merge_command_line(method: str, pretrained, finetuned, output_dir, options: dict) -> str:
-    flags = {
-        "scaling": "--scaling",
-        "density": "--ties_density",
-        "trim": "--ties_trim",
-        "aggregation": "--ties_aggregation",
-        "dtype": "--dtype",
-    }
+    """The `hf-moe merge` command line that makes this merge (each option is the flag of its name)."""
     parts = [
         "hf-moe",
         "merge",
@@ -852,7 +958,7 @@ def merge_command_line(method: str, pretrained, finetuned, output_dir, options: 
         str(output_dir),
     ]
     for key, value in options.items():
-        parts += [flags.get(key, f"--{key}"), str(value)]
+        parts += [f"--{key}", str(value)]
     return " ".join(parts)
 
 
@@ -984,3 +1090,143 @@ def merge_clip_vision(
             checkpoint.close()
     logger.info(f"Saved the {method} merge of {len(finetuned)} model(s) to {output_dir}")
     return base.model_class.from_pretrained(output_dir).eval() if return_model else None
+
+
+# --------------------------------------------------------------------------------------------- `hf-moe merge`
+
+# The help of each merge option on `hf-moe merge`, and the older flag names it keeps. The flags themselves (names,
+# types, choices, defaults per method) come from the registered methods' signatures (`merge_option_fields`); an
+# option missing here gets a generic help.
+MERGE_OPTION_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "scaling": ("lambda: theta_0 + lambda * the merged task vectors.", ()),
+    "density": (
+        "Fraction of each task vector kept: the largest by magnitude (ties), or a random draw whose kept entries are "
+        "rescaled by 1 / density (dare_linear, dare_ties).",
+        ("--ties_density", "--ties-density"),
+    ),
+    "trim": (
+        "ties: trim over the whole task vector (task_vector) or per tensor (tensor).",
+        ("--ties_trim", "--ties-trim"),
+    ),
+    "aggregation": (
+        "ties: disjoint aggregation of the sign-agreeing trimmed values, sum (fusion_bench's default and the dis-sum "
+        "of the AdaMerging / WEMoE TIES baselines) or mean (the TIES paper's dis-mean, peft's ties).",
+        ("--ties_aggregation", "--ties-aggregation"),
+    ),
+    "seed": ("Seed of the random drop masks (each tensor's masks are drawn from it and the tensor's name).", ()),
+    "majority_sign_method": (
+        "How the sign of each entry is elected: total (of the summed values) or frequency (of the signs), as peft.",
+        (),
+    ),
+}
+# The option types a flag can carry; a method option of another type (AdaMerging's coefficient dict) has no flag.
+FLAG_TYPES = (float, int, str, bool)
+
+
+def static_merge_methods() -> dict[str, MergeMethod]:
+    """The registered methods `hf-moe merge` runs: all but those whose options are trained (`trained_by`)."""
+    return {name: method for name, method in MERGE_METHODS.items() if method.trained_by is None}
+
+
+def merge_option_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    """The `hf-moe merge` option fields (for `dataclasses.make_dataclass`): one per option of the static merge
+    methods, in the order the methods and their signatures name them, typed as the signature types it (a Literal
+    gives choices), default None (the method's own default applies), its help from `MERGE_OPTION_HELP` with the
+    methods that take it and their defaults."""
+    found: dict[str, dict] = {}
+    for name, method in static_merge_methods().items():
+        hints = typing.get_type_hints(method.fn)
+        for option, default in method.options().items():
+            annotation = hints.get(option, type(default))
+            literal = typing.get_origin(annotation) is typing.Literal
+            if not literal and annotation not in FLAG_TYPES:
+                continue
+            entry = found.setdefault(option, {"annotation": annotation, "defaults": {}})
+            if entry["annotation"] != annotation:
+                raise TypeError(
+                    f"Merge option '{option}' is {entry['annotation']} in one method and {annotation} in '{name}': one "
+                    "flag cannot carry both; rename one."
+                )
+            entry["defaults"][name] = default
+    fields = []
+    for option, entry in found.items():
+        text, aliases = MERGE_OPTION_HELP.get(option, (f"Option '{option}' of the merge method.", ()))
+        by_default: dict = {}
+        for name, default in entry["defaults"].items():
+            by_default.setdefault(default, []).append(name)
+        defaults = "; ".join(f"{', '.join(names)}: {default}" for default, names in by_default.items())
+        metadata = {"help": f"{text} ({defaults})", **({"aliases": list(aliases)} if aliases else {})}
+        fields.append((option, entry["annotation"] | None, dataclasses.field(default=None, metadata=metadata)))
+    return fields
+
+
+def merge_arguments_class() -> type:
+    """The options dataclass of `hf-moe merge`: the method, the output, the method options (`merge_option_fields`:
+    built from the registry when the command runs, so a method registered before has its flags) and the dtype."""
+    from .checkpoint_io import DTYPE_CHOICES
+
+    static = ", ".join(static_merge_methods())
+    trained = ", ".join(f"{name} (trained: `hf-moe {name}`)" for name, m in MERGE_METHODS.items() if m.trained_by)
+    method_help = f"Merge method: {static}" + (f"; not here: {trained}" if trained else "") + "."
+    head = [
+        ("method", str, dataclasses.field(metadata={"help": method_help})),
+        (
+            "output_dir",
+            str,
+            dataclasses.field(metadata={"help": "Folder to write the merged model to (must be new or empty)."}),
+        ),
+    ]
+    tail = [
+        (
+            "dtype",
+            str,
+            dataclasses.field(
+                default="auto",
+                metadata={
+                    "help": "Dtype of the written weights (default: BASE's); the merge is computed in float32 per "
+                    "tensor.",
+                    "choices": list(DTYPE_CHOICES),
+                },
+            ),
+        ),
+        (
+            "max_shard_size",
+            str,
+            dataclasses.field(default="5GB", metadata={"help": "Shard the weights above this size (with an index)."}),
+        ),
+        ("overwrite", bool, dataclasses.field(default=False, metadata={"help": "Replace a non-empty output_dir."})),
+    ]
+    return dataclasses.make_dataclass("MergeArguments", [*head, *merge_option_fields(), *tail])
+
+
+def merge_command(argv: list[str]) -> None:
+    """`hf-moe merge`: `merge_clip_vision` from the command line."""
+    from transformers import HfArgumentParser
+
+    from .arguments import HubArguments, parse_command_line
+
+    parser = HfArgumentParser(
+        (merge_arguments_class(), HubArguments),
+        prog="hf-moe merge",
+        description=merge_clip_vision.__doc__.split("\n")[0],
+    )
+    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP (Hub id or folder).")
+    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE.")
+    args, hub_args, positional = parse_command_line(parser, argv)
+    method = get_merge_method(args.method)
+    if method.trained_by is not None:
+        raise ValueError(f"Merge method '{args.method}': {method.trained_by}.")
+    options = {name: getattr(args, name) for name, *_ in merge_option_fields() if getattr(args, name) is not None}
+    merge_clip_vision(
+        args.method,
+        positional.pretrained,
+        positional.finetuned,
+        args.output_dir,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        return_model=False,
+        **vars(hub_args),
+        **options,
+    )
+    print(f"Merged {len(positional.finetuned)} model(s) by {args.method} into {args.output_dir}")

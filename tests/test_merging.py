@@ -346,3 +346,121 @@ def test_merge_command(toy_clip_dir, finetuned_dirs, tmp_path, capsys):
     )
     assert "no option 'density'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------------------------------ registry, DARE, CLI
+
+
+def test_every_merge_method_is_registered_when_merging_is_imported():
+    """AdaMerging used to register itself only when `hf_moe.we_moe.adamerging` happened to be imported."""
+    import subprocess
+    import sys
+
+    code = "import hf_moe.merging as m; print(' '.join(m.MERGE_METHODS))"
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert names == ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging"]
+    assert MERGE_METHODS["adamerging"].trained_by and "hf-moe adamerging" in MERGE_METHODS["adamerging"].trained_by
+    assert all(MERGE_METHODS[name].trained_by is None for name in names[:-1])
+
+
+def dare_reference(base, finetuned, scaling, density, seed, ties=False):
+    """DARE written out from the paper: a Bernoulli(density) keep mask per entry, kept values divided by density,
+    scaled by lambda and summed (or, for DARE-TIES, sign elected by the summed values, + for a zero sum, and the
+    agreeing values averaged), with the mask draws of `merging.dare_seed`."""
+    out = {}
+    for key, tensor in base.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor
+            continue
+        torch.manual_seed(merging.dare_seed(seed, key))
+        taus = [ft[key].float() - tensor.float() for ft in finetuned]
+        kept = [tau * torch.bernoulli(torch.full_like(tau, density)) / density for tau in taus]
+        weighted = torch.stack(kept) * scaling
+        if ties:
+            sign = torch.where(torch.stack(kept).sum(dim=0) >= 0, 1, -1)
+            agree = torch.stack(kept).sign() == sign
+            delta = (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)
+        else:
+            delta = weighted.sum(dim=0)
+        out[key] = (tensor.float() + delta).to(tensor.dtype)
+    return out
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_is_the_papers_formula_with_the_same_draws_streamed_or_not(method):
+    generator = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(16, 8, generator=generator), "c": torch.randn(9, generator=generator), "n": BASE["n"]}
+    finetuned = [
+        {
+            k: v + 0.1 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for _ in range(3)
+    ]
+    state = torch.get_rng_state()
+    merged = merge_state_dicts(method, base, finetuned, scaling=0.7, density=0.4, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the masks' generator is forked, the caller's left alone
+    expected = dare_reference(base, finetuned, 0.7, 0.4, 3, ties=method == "dare_ties")
+    for key in base:
+        assert torch.equal(merged[key], expected[key]), key
+    # Per-tensor seeds: streamed in another order, the same tensors; another seed, other masks.
+    streamed = merging.streamed_merge(
+        method, merging.StateDictSource(base, finetuned), scaling=0.7, density=0.4, seed=3
+    )
+    for key in ["c", "a"]:
+        assert torch.equal(streamed(key), merged[key])
+    assert not torch.equal(merge_state_dicts(method, base, finetuned, density=0.4, seed=4)["a"], merged["a"])
+    # density 1 keeps every entry: DARE is then task arithmetic (to rounding: peft scales before summing).
+    if method == "dare_linear":
+        torch.testing.assert_close(
+            merge_state_dicts(method, base, finetuned, density=1.0)["a"],
+            merge_state_dicts("task_arithmetic", base, finetuned)["a"],
+        )
+    with pytest.raises(ValueError, match="density"):
+        merge_state_dicts(method, base, finetuned, density=0.0)
+
+
+def test_merge_command_flags_come_from_the_methods_signatures(toy_clip_dir, finetuned_dirs, tmp_path, capsys):
+    from transformers import HfArgumentParser
+
+    @register_merge_method("scaled_mean_test", per_tensor=True)
+    def scaled_mean(pretrained, task_vectors, beta: float = 1.0):
+        """beta times the mean task vector."""
+        return merging.add_to_pretrained(
+            pretrained, {k: beta * sum(tv[k] for tv in task_vectors) / len(task_vectors) for k in task_vectors[0]}
+        )
+
+    base = [str(toy_clip_dir), str(finetuned_dirs[0]), str(finetuned_dirs[1])]
+    try:
+        output = tmp_path / "scaled"
+        assert main(["merge", "--method", "scaled_mean_test", *base, "--output_dir", str(output), "--beta", "0.5"]) == 0
+        expected = merge_state_dicts(
+            "scaled_mean_test", vision_state(toy_clip_dir), [vision_state(d) for d in finetuned_dirs[:2]], beta=0.5
+        )
+        loaded = CLIPModel.from_pretrained(output).vision_model.state_dict()
+        key = "encoder.layers.1.mlp.fc2.weight"
+        torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0)
+        assert "--beta 0.5" in ModelCard.load(output / "README.md").text
+    finally:
+        MERGE_METHODS.pop("scaled_mean_test")
+    # The older flag names parse as the new ones.
+    parser = HfArgumentParser(merging.merge_arguments_class())
+    common = ["--method", "ties", "--output_dir", "o"]
+    old = parser.parse_args(common + ["--ties_density", "0.4", "--ties_trim", "tensor", "--ties_aggregation", "mean"])
+    new = parser.parse_args(common + ["--density", "0.4", "--trim", "tensor", "--aggregation", "mean"])
+    assert vars(old) == vars(new) and new.density == 0.4 and new.aggregation == "mean"
+    # DARE through the command, as merge_state_dicts computes it.
+    output = tmp_path / "dare"
+    assert main(["merge", "--method", "dare_ties", *base, "--output_dir", str(output), "--seed", "5"]) == 0
+    expected = merge_state_dicts(
+        "dare_ties", vision_state(toy_clip_dir), [vision_state(d) for d in finetuned_dirs[:2]], seed=5
+    )
+    loaded = CLIPModel.from_pretrained(output).vision_model.state_dict()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor), key
+    capsys.readouterr()
+    # AdaMerging is registered, but its coefficients are trained: `hf-moe merge` points to its command.
+    assert main(["merge", "--method", "adamerging", *base, "--output_dir", str(tmp_path / "ada")]) == 1
+    error = capsys.readouterr().err
+    assert "not a static merge" in error and "hf-moe adamerging --base BASE" in error
+    assert not (tmp_path / "ada").exists()

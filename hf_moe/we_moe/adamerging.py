@@ -11,8 +11,9 @@ clamped to [0, 1] in the merge, as the original (`clamp=False` leaves them free)
 `AdaMergingCLIP` wraps a pretrained `CLIPModel` (its text tower gives the zero-shot heads) and computes the merged
 vision tower functionally (`torch.func.functional_call`), so the entropy loss's gradients reach the coefficients, and
 only them: it trains with `hf_moe.we_moe.tta.TTATrainer` (`trainable_parameters=[r"merge_coefficients"]`). The
-result is an ordinary `CLIPModel` (`merged_model()`), and the method is registered in `hf_moe.merging` as
-`adamerging` (`fn(pretrained, task_vectors, coefficients={key: [lambda per task]})`).
+result is an ordinary `CLIPModel` (`merged_model()`). Applying learned coefficients is the merge method `adamerging`
+of `hf_moe.merging` (`adamerging_merge(pretrained, task_vectors, coefficients={key: [lambda per task]})`), registered
+when that module is imported; `hf-moe merge` refuses it, pointing here, because its coefficients are trained.
 
 Loss: `TTATrainer`'s, the sum over tasks of the mean entropy of one micro-batch's images, each micro-batch and
 process its own batch, averaged over the k accumulated micro-batches and the W processes: every task has weight 1 at
@@ -33,7 +34,12 @@ from torch.func import functional_call
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
-from ..merging import StateDict, add_to_pretrained, layer_index, register_merge_method, vision_tower_module
+from ..merging import (
+    StateDict,
+    adamerging_merge,  # noqa: F401  (the `adamerging` merge method, registered in merging)
+    layer_index,
+    vision_tower_module,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -55,26 +61,6 @@ def coefficient_groups(keys: Sequence[str], granularity: str = "tensor") -> tupl
             names.append(name)
         groups.append(index[name])
     return groups, names
-
-
-def adamerging_merge(
-    pretrained: StateDict, task_vectors: Sequence[StateDict], coefficients: dict | None = None, clamp: bool = True
-) -> StateDict:
-    """theta_0 + sum_i lambda_{key,i} tau_{i,key} with `coefficients` {key: [lambda per task]} (learned by
-    `AdaMergingCLIP`; a key missing: 0.3 for every task), clamped to [0, 1] if `clamp`."""
-    coefficients = coefficients or {}
-    delta = {}
-    for key in task_vectors[0]:
-        weights = torch.as_tensor(coefficients.get(key, [0.3] * len(task_vectors)), dtype=torch.float32)
-        if weights.shape != (len(task_vectors),):
-            raise ValueError(f"coefficients[{key!r}] needs one value per task ({len(task_vectors)}), got {weights}.")
-        if clamp:
-            weights = weights.clamp(0.0, 1.0)
-        delta[key] = sum(weight * tv[key].float() for weight, tv in zip(weights, task_vectors))
-    return add_to_pretrained(pretrained, delta)
-
-
-register_merge_method("adamerging", adamerging_merge, per_tensor=True)  # coefficients are per tensor
 
 
 class AdaMergingCLIP(torch.nn.Module):

@@ -1,18 +1,17 @@
 """WEMoE's `hf-moe` sub-commands. Only the standard library is imported here: `hf-moe --help` reads `COMMANDS`
 without importing torch or transformers; each command imports its module when it runs.
 
-    hf-moe merge --method average|task_arithmetic|ties BASE FINETUNED [FINETUNED ...] --output_dir DIR
-        [--scaling 0.3 --ties_density 0.2 --ties_trim task_vector|tensor --ties_aggregation sum|mean]
-        [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
     hf-moe merge-wemoe BASE FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
         --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ...]
         [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
     hf-moe wemoe-params --model MODEL     (or MODEL alone)
+
+The generic `hf-moe merge` of dense CLIP fine-tunes (the WEMoE paper's baselines) is a shared command
+(`hf_moe.merging.merge_command`).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ..arguments import HubArguments, parse_command_line
 
@@ -21,33 +20,6 @@ from ..arguments import HubArguments, parse_command_line
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
 DTYPE_HELP = "Dtype of the written weights (default: BASE's); the merge is computed in float32 per tensor."
 SHARD_HELP = "Shard the weights above this size (with an index)."
-
-
-@dataclass
-class MergeArguments:
-    method: str = field(metadata={"help": "Merge method: average, task_arithmetic, ties (or one registered later)."})
-    output_dir: str = field(metadata={"help": "Folder to write the merged model to (must be new or empty)."})
-    scaling: float | None = field(
-        default=None, metadata={"help": "lambda of task_arithmetic / ties: theta_0 + lambda * merged tau (0.3)."}
-    )
-    ties_density: float | None = field(
-        default=None, metadata={"help": "ties: fraction of each task vector kept by magnitude (0.2)."}
-    )
-    ties_trim: str | None = field(
-        default=None, metadata={"help": "ties: trim over the whole task vector (task_vector, default) or per tensor."}
-    )
-    ties_aggregation: Literal["sum", "mean"] | None = field(
-        default=None,
-        metadata={
-            "aliases": ["--aggregation"],
-            "help": "ties: disjoint aggregation of the sign-agreeing trimmed values, sum (default: fusion_bench's "
-            "default and the dis-sum of the AdaMerging / WEMoE TIES baselines) or mean (the TIES paper's dis-mean, "
-            "peft's ties).",
-        },
-    )
-    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
-    max_shard_size: str = field(default="5GB", metadata={"help": SHARD_HELP})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
 @dataclass
@@ -142,34 +114,6 @@ def wemoe_params_command(argv: list[str]) -> None:
         print(f"{label:<24}{value:>14,}{value / dense:>21.2%}")
 
 
-def merge_command(argv: list[str]) -> None:
-    from transformers import HfArgumentParser
-
-    from ..merging import merge_clip_vision
-
-    parser = HfArgumentParser(
-        (MergeArguments, HubArguments), prog="hf-moe merge", description=merge_clip_vision.__doc__.split("\n")[0]
-    )
-    parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP (Hub id or folder).")
-    parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE.")
-    args, hub_args, positional = parse_command_line(parser, argv)
-    names = {"scaling": "scaling", "ties_density": "density", "ties_trim": "trim", "ties_aggregation": "aggregation"}
-    options = {names[key]: getattr(args, key) for key in names if getattr(args, key) is not None}
-    merge_clip_vision(
-        args.method,
-        positional.pretrained,
-        positional.finetuned,
-        args.output_dir,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        return_model=False,
-        **vars(hub_args),
-        **options,
-    )
-    print(f"Merged {len(positional.finetuned)} model(s) by {args.method} into {args.output_dir}")
-
-
 def tta_wemoe_command(argv: list[str]) -> None:
     from .tta import main as tta_main
 
@@ -197,7 +141,6 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "tta-wemoe": (tta_wemoe_command, "Adapt a WEMoE's routers on unlabeled task images (entropy minimisation)."),
     "merge-wemoe": (merge_wemoe_command, "Merge a pretrained CLIP and fine-tunes of it into a WEMoE / E-WEMoE model."),
     "wemoe-params": (wemoe_params_command, "Trainable (router) and total parameters of a WEMoE vs one dense model."),
-    "merge": (merge_command, "Merge fine-tuned CLIP vision towers (average, task_arithmetic, ties) into one model."),
     "adamerging": (
         adamerging_command,
         "Layer-wise AdaMerging: merge coefficients trained by entropy on unlabeled data.",
