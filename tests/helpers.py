@@ -1,11 +1,18 @@
-"""Inputs, small reference implementations and a fresh-process runner shared by the tests."""
+"""Inputs, tiny models, small reference implementations, a script loader and a fresh-process runner shared by the
+tests."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pytest
 import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # Prepended to scripts run by `run_without_hf_moe`: importing hf_moe fails, as on a Hub user's machine.
@@ -50,3 +57,57 @@ def clip_inputs(config, batch_size: int = 3, seq_len: int = 9, seed: int = 0, pa
         input_ids[0, seq_len - pad :] = text.pad_token_id
         attention_mask[0, seq_len - pad :] = 0
     return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# The tiny BERT's whole-word vocabulary: the captions' words of test_mode_embed and the prompts' of test_mode_model.
+TINY_BERT_WORDS = (
+    "this is photo of cat dog car bird ship red blue the green small large tree on in grass road sky".split()
+)
+
+
+def save_tiny_bert(folder, seed: int = 0, hidden_size: int = 16):
+    """A random 2-layer BertModel and its WordPiece tokenizer over special tokens, ".", letters and
+    `TINY_BERT_WORDS`, saved like a Hub checkpoint. Its large random weights (initializer_range 0.5, against BERT's
+    0.02) give different captions different embeddings: at 0.02 every caption gets nearly the same one (cosine ~1)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *"abcdefghijklmnopqrstuvwxyz"]
+    vocab += [word for word in TINY_BERT_WORDS if word not in vocab]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # The vocabulary goes in positionally: transformers 5's BertTokenizer takes it as `vocab` and ignores a
+    # `vocab_file=` keyword, which leaves only the special tokens, so that every word becomes [UNK].
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=64,
+        initializer_range=0.5,
+    )
+    BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def load_script(path, name: str | None = None):
+    """Import an example or benchmark script (`path` relative to the repository root) as a module, without running
+    its `__main__` block."""
+    path = REPO_ROOT / path
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_fixture(path, name: str | None = None):
+    """A module-scoped fixture that imports the script at `path` once per test module: `bench = script_fixture(...)`
+    makes a fixture named `bench`."""
+
+    @pytest.fixture(scope="module")
+    def script():
+        return load_script(path, name)
+
+    return script

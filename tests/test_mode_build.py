@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from test_mode_model import save_tiny_bert
 from transformers import AutoModel, AutoTokenizer, BertModel, BertTokenizer, CLIPModel, CLIPProcessor, pipeline
 
 from hf_moe.conversion import build_mode
@@ -18,7 +17,7 @@ from hf_moe.mode.build import main
 from hf_moe.modeling import MoDEModel, clustering_text_embeddings
 from hf_moe.toy import save_toy_clip
 
-from helpers import run_without_hf_moe
+from helpers import run_without_hf_moe, save_tiny_bert
 
 
 LABEL_SETS = [["cat", "dog", "car"], ["red ship", "blue bird"]]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_mode_embed import save_tiny_bert, write_image_folder, write_mode_shards
+from test_mode_embed import write_image_folder, write_mode_shards
 
 from hf_moe.clustering import balanced_size_bounds
 from hf_moe.data import load_image_text_dataset
@@ -18,6 +18,8 @@ from hf_moe.mode.cluster import CENTERS_FILE, CLUSTERS_FILE, main
 from hf_moe.mode.data import fine_labels_of
 from hf_moe.mode.embed import read_shard_keys, shard_path
 from hf_moe.training import JobMismatchError
+
+from helpers import save_tiny_bert
 
 
 NUM_FINE, NUM_EXPERTS, TOLERANCE = 4, 2, 0.25
@@ -45,7 +47,7 @@ def clustered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf_datasets_cache")
         expected = write_mode_shards(root / "data")
-        bert = save_tiny_bert(root / "bert")
+        bert = save_tiny_bert(root / "bert", hidden_size=32)
         data = root / "data" / "*" / "*.tar"
         output = main(cluster_argv(data, root / "clusters", "--encoder", str(bert), "--shard_size", "5"))
     return {"data": data, "output": output, "embeddings": output / "embeddings", "captions": expected}
@@ -149,7 +151,7 @@ def test_resume_reuses_centers_and_complete_parts(clustered, tmp_path, monkeypat
     assert sorted(p.name for p in mtimes) == [CENTERS_FILE, "part-00000.parquet", "part-00001.parquet"]
 
     calls = []
-    monkeypatch.setattr(cluster_module, "balanced_kmeans", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(cluster_module, "cluster", lambda *a, **k: calls.append(a))
     written.clear()
     monkeypatch.setattr(
         cluster_module, "_write_part", lambda path, *args: (written.append(path.name), write_part(path, *args))

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer, CLIPModel
+from transformers import AutoTokenizer, BertModel, CLIPModel
 
 from hf_moe.data import load_image_text_dataset
 from hf_moe.mode import embed as embed_module
 from hf_moe.mode.data import dataset_pair_keys, read_captions
 from hf_moe.mode.embed import EMBED_FILE, embed_texts, main, read_shard_keys, shard_path
 from hf_moe.training import JobMismatchError
+
+from helpers import save_tiny_bert
 
 
 WORDS = "a photo of the red blue green small large cat dog bird car tree on in grass road sky".split()
@@ -73,30 +75,18 @@ def write_image_folder(root, count=6) -> dict[str, str]:
     return expected
 
 
-def save_tiny_bert(folder, seed=0):
-    """A 2-layer BertModel with a WordPiece tokenizer over `WORDS`, saved like a Hub checkpoint."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        # Large random weights: with BERT's 0.02 every caption gets nearly the same (cosine ~1) embedding.
-        initializer_range=0.5,
-    )
-    BertModel(config).eval().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("encoder") / "bert")
+    return save_tiny_bert(tmp_path_factory.mktemp("encoder") / "bert", hidden_size=32)
+
+
+def test_tiny_bert_reads_caption_words_as_words(bert_dir):
+    """The test encoder's tokenizer holds its vocabulary: no caption word becomes [UNK] (with every word [UNK], all
+    captions of one length would share an embedding, and the tests below would compare next to nothing)."""
+    tokenizer = AutoTokenizer.from_pretrained(bert_dir)
+    for i in range(20):
+        tokens = tokenizer.tokenize(caption(i))
+        assert tokens == caption(i).split(), tokens
 
 
 def reference_embeddings(encoder_dir, texts: list[str], pooling: str, max_length: int = 77) -> torch.Tensor:

@@ -10,36 +10,13 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
-from transformers import BertConfig, BertModel, BertTokenizer, CLIPModel, CLIPProcessor
+from transformers import BertModel, CLIPModel, CLIPProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hf_moe.modeling import MoDEConfig, MoDEModel, clustering_text_embeddings
 from hf_moe.toy import save_toy_clip
 
-from helpers import run_without_hf_moe
-
-
-WORDS = ["this", "is", "photo", "of", "cat", "dog", "car", "bird", "ship", "red", "blue"]
-
-
-def save_tiny_bert(folder, seed: int = 0):
-    """A random tiny BertModel and a BertTokenizer over a small vocabulary (special tokens, letters, WORDS)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *"abcdefghijklmnopqrstuvwxyz", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    BertModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from helpers import run_without_hf_moe, save_tiny_bert
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_mode_build import write_clusters
-from test_mode_model import save_tiny_bert
 from transformers import BertModel, BertTokenizer, CLIPModel, CLIPProcessor
 
 from hf_moe.evaluation import load_image_dataset, zero_shot_classification
@@ -19,6 +18,8 @@ from hf_moe.mode.report import evaluate_task, main
 from hf_moe.modeling import MoDEModel
 from hf_moe.task_data import build_task, save_task_folders
 from hf_moe.toy import save_toy_clip
+
+from helpers import save_tiny_bert
 
 
 TEMPLATES = ("a {}.", "a photo of the {}.")

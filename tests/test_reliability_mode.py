@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_mode_build import write_clusters
-from test_mode_embed import save_tiny_bert
 from test_mode_train_expert import argv as expert_argv
 from test_mode_train_expert import inputs  # noqa: F401  (module fixture: data and clusters for train-expert)
 from transformers import CLIPModel
@@ -27,12 +26,14 @@ from hf_moe.mode.train_expert import main as train_expert_main
 from hf_moe.toy import save_toy_clip
 from hf_moe.training import JOB_FILE, input_fingerprint
 
+from helpers import save_tiny_bert
+
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Two toy CLIP experts, a tiny BERT clustering encoder and two different clusters folders for it."""
     root = tmp_path_factory.mktemp("mode_reliability")
-    bert = save_tiny_bert(root / "bert")
+    bert = save_tiny_bert(root / "bert", hidden_size=32)
     experts = [save_toy_clip(root / f"expert{k}", seed=k) for k in range(2)]
     clusters = write_clusters(root / "clusters", dim=32, encoder=bert)
     other = write_clusters(

@@ -11,7 +11,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_merging import save_clip_finetune, save_vision_finetune
 from test_mode_build import write_clusters
-from test_mode_model import save_tiny_bert
 from transformers import AutoModel, CLIPModel, CLIPTextModelWithProjection
 
 from hf_moe import merging
@@ -28,6 +27,8 @@ from hf_moe.merging import (
     task_vectors,
 )
 from hf_moe.modeling import MoDEConfig, MoDEModel, WEMoECLIPModel, WEMoECLIPVisionModel
+
+from helpers import save_tiny_bert
 
 
 # ------------------------------------------------------------------------------------------ exact selection
