@@ -4,6 +4,17 @@ Written by hand: scikit-learn's KMeans is CPU-only and not a core dependency, an
 on PyPI do not scale to MoDE's sizes (k-means-constrained takes about a minute per iteration for 100k points
 into 256 clusters; the MoDE reference broadcasts an N x K x D tensor). Distances are computed in chunks so
 memory stays O(chunk x K) whatever the number of points.
+
+One interface for the back-ends, as callers choose them by name:
+
+- `cluster(points, num_clusters, method=...)`: `kmeans` (Lloyd, k-means++ init) or `balanced_kmeans` (cluster
+  sizes bounded, `tolerance`), each taking `(points, num_clusters, *, num_iters, seed, chunk_size, device,
+  normalize, progress)` plus its own options, and returning `(labels, centers)`: `(N,)` long and `(K, dim)` fp32
+  (`CLUSTERING_METHODS`).
+- `assign(points, centers, backend=...)`: the nearest center of every point, `(labels, squared_distances)`:
+  `torch` (`nearest_centers`, chunked, on the centers' device) or `faiss` (`faiss_nearest_centers`, an exact
+  `IndexFlatL2` search, CPU; faiss-cpu is in the `bench` extra). `auto`, the default, takes faiss when it is
+  installed and the centers are on the CPU, torch otherwise (`ASSIGNMENT_BACKENDS`).
 """
 
 import math
@@ -82,18 +93,31 @@ def kmeans(
     seed: int = 0,
     tol: float = 1e-6,
     chunk_size: int = 65536,
+    *,
+    device=None,
+    normalize: bool = False,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ initialisation.
 
     Args:
-        points: `(num_points, dim)` features (any device; computed in fp32).
+        points: `(num_points, dim)` features (torch tensor or numpy array, any device; computed in fp32).
         num_clusters: k.
+        num_iters: at most this many Lloyd iterations (fewer once the inertia improves by less than `tol`).
+        seed: seed of the k-means++ draws.
+        chunk_size: points per distance block.
+        device: where to compute (default: the points' device); the points are moved there whole.
+        normalize: L2-normalise each point first.
+        progress: accepted for the common interface (`cluster`); k-means shows no bar.
     Returns:
         `(labels, centers)`: `(num_points,)` long cluster ids and `(k, dim)` fp32 centers.
     """
+    points = _as_tensor(points)
     if not 1 <= num_clusters <= points.shape[0]:
         raise ValueError(f"num_clusters={num_clusters} must be between 1 and the number of points ({points.shape[0]}).")
-    points = points.float()
+    points = points.float() if device is None else points.to(device=device, dtype=torch.float32)
+    if normalize:
+        points = F.normalize(points, dim=-1)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     first = torch.randint(points.shape[0], (1,), generator=generator).item()
     centers = points[first : first + 1]
@@ -447,3 +471,78 @@ def balanced_kmeans(
         f"(bounds {low}-{high})."
     )
     return labels, centers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One interface: the back-ends by name
+# ----------------------------------------------------------------------------------------------------------
+
+
+def faiss_nearest_centers(
+    points, centers: torch.Tensor, chunk_size: int = 65536, normalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`nearest_centers`] by faiss: an exact `IndexFlatL2` search (faiss-cpu, optional), a chunk of points at a
+    time. Same arguments and results: `(labels, squared_distances)`, `(num_points,)` long and fp32 tensors on the
+    centers' device (the search itself runs on the CPU). Equal labels except where two centers are at the same
+    distance to float rounding."""
+    import faiss
+
+    points = _as_tensor(points)
+    centers = centers.float()
+    index = faiss.IndexFlatL2(centers.shape[1])
+    index.add(centers.detach().cpu().contiguous().numpy())
+    labels = torch.empty(points.shape[0], dtype=torch.long)
+    distances = torch.empty(points.shape[0], dtype=torch.float32)
+    for start, chunk in _iter_chunks(points, chunk_size, torch.device("cpu"), normalize):
+        found_distances, found = index.search(chunk.contiguous().numpy(), 1)
+        labels[start : start + len(chunk)] = torch.from_numpy(found[:, 0])
+        distances[start : start + len(chunk)] = torch.from_numpy(found_distances[:, 0]).clamp(min=0)
+    return labels.to(centers.device), distances.to(centers.device)
+
+
+def faiss_available() -> bool:
+    """Whether faiss can be imported (`pip install faiss-cpu`, or hf-moe's `bench` extra)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+CLUSTERING_METHODS = {"kmeans": kmeans, "balanced_kmeans": balanced_kmeans}
+ASSIGNMENT_BACKENDS = {"torch": nearest_centers, "faiss": faiss_nearest_centers}
+
+
+def cluster(
+    points,
+    num_clusters: int,
+    method: str = "kmeans",
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster `points` into `num_clusters` with the back-end `method` of `CLUSTERING_METHODS`: `(labels,
+    centers)`. `options`: the back-end's keyword arguments, common (`num_iters`, `seed`, `chunk_size`, `device`,
+    `normalize`, `progress`) or its own (`tol` of `kmeans`, `tolerance` of `balanced_kmeans`)."""
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(f"Unknown clustering method {method!r}; one of: {', '.join(CLUSTERING_METHODS)}.")
+    return CLUSTERING_METHODS[method](points, num_clusters, **options)
+
+
+def assignment_backend(backend: str, centers: torch.Tensor) -> str:
+    """The back-end `assign` runs: `backend`, or for `auto` faiss where it is installed and `centers` are on the CPU
+    (faiss-cpu's exact search is faster there), torch otherwise."""
+    if backend == "auto":
+        return "faiss" if centers.device.type == "cpu" and faiss_available() else "torch"
+    if backend not in ASSIGNMENT_BACKENDS:
+        raise ValueError(f"Unknown assignment backend {backend!r}; one of: auto, {', '.join(ASSIGNMENT_BACKENDS)}.")
+    if backend == "faiss" and not faiss_available():
+        raise ImportError("The faiss assignment backend needs faiss: pip install faiss-cpu (or hf-moe[bench]).")
+    return backend
+
+
+def assign(
+    points, centers: torch.Tensor, backend: str = "auto", chunk_size: int = 65536, normalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest of `centers` for every point, `(labels, squared_distances)` on the centers' device, by
+    `backend` (`assignment_backend`: `auto`, `torch` or `faiss`)."""
+    run = ASSIGNMENT_BACKENDS[assignment_backend(backend, centers)]
+    return run(points, centers, chunk_size=chunk_size, normalize=normalize)

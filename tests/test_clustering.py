@@ -2,6 +2,8 @@
 constraint-free case is plain Lloyd, the price-based assignment is near the exact optimum, the size bounds hold
 on unbalanced data, memory never holds an N x K block, runs are reproducible and bad input is named."""
 
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -203,3 +205,54 @@ def test_nearest_center_with_room_from_candidates_matches_brute_force():
     assert has_candidate.any() and not has_candidate.all()  # both paths ran
     assert torch.equal(target, brute.argmin(dim=1))
     torch.testing.assert_close((partial + norms).double(), brute.min(dim=1).values, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One interface for the back-ends
+
+
+# The keyword arguments every clustering back-end takes.
+COMMON = {"num_iters": 5, "seed": 3, "chunk_size": 97, "device": "cpu", "normalize": False, "progress": False}
+
+
+@pytest.mark.parametrize("method", ["kmeans", "balanced_kmeans"])
+def test_cluster_runs_each_backend_by_name_with_the_same_arguments_and_results(method):
+    points = unbalanced_blobs()
+    labels, centers = clustering.cluster(points, 6, method=method, **COMMON)
+    direct = clustering.CLUSTERING_METHODS[method](points, 6, **COMMON)
+    assert torch.equal(labels, direct[0]) and torch.equal(centers, direct[1])
+    assert labels.shape == (len(points),) and labels.dtype == torch.long
+    assert centers.shape == (6, points.shape[1]) and centers.dtype == torch.float32
+    # normalize: the same as clustering the L2-normalised points
+    normalized = clustering.cluster(points, 6, method=method, **{**COMMON, "normalize": True})
+    reference = clustering.cluster(torch.nn.functional.normalize(points, dim=-1), 6, method=method, **COMMON)
+    assert torch.equal(normalized[0], reference[0])
+    with pytest.raises(ValueError, match="Unknown clustering method 'dbscan'; one of: kmeans, balanced_kmeans"):
+        clustering.cluster(points, 6, method="dbscan")
+
+
+def test_kmeans_defaults_are_unchanged_by_the_common_arguments():
+    points = unbalanced_blobs()
+    plain = clustering.kmeans(points, 6, seed=1)
+    placed = clustering.kmeans(points.numpy(), 6, seed=1, device="cpu", normalize=False, progress=True)
+    assert torch.equal(plain[0], placed[0]) and torch.equal(plain[1], placed[1])
+
+
+def test_assign_backends_agree_and_auto_takes_faiss_only_when_installed(monkeypatch):
+    points = unbalanced_blobs()
+    centers = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:7]]
+    expected = nearest_centers(points, centers, chunk_size=50)
+    got = clustering.assign(points, centers, backend="torch", chunk_size=50)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    if clustering.faiss_available():
+        assert clustering.assignment_backend("auto", centers) == "faiss"
+        labels, distances = clustering.assign(points, centers, backend="faiss", chunk_size=50)
+        assert torch.equal(labels, expected[0])
+        torch.testing.assert_close(distances, expected[1], rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    assert clustering.assignment_backend("auto", centers) == "torch"
+    assert torch.equal(clustering.assign(points, centers)[0], expected[0])
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        clustering.assign(points, centers, backend="faiss")
+    with pytest.raises(ValueError, match="Unknown assignment backend 'annoy'"):
+        clustering.assign(points, centers, backend="annoy")

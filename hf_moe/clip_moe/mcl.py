@@ -33,7 +33,7 @@ from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
-from ..clustering import kmeans
+from ..clustering import cluster
 from ..conversion.upcycle_clip import save_with_processor, upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..evaluation import projected_embeddings
@@ -124,11 +124,17 @@ def extract_features(
 
 
 def joint_cluster_labels(
-    image_features: torch.Tensor, text_features: torch.Tensor, image_clusters: int = 3, text_clusters: int = 3, seed=0
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    image_clusters: int = 3,
+    text_clusters: int = 3,
+    seed=0,
+    method: str = "kmeans",
 ) -> torch.Tensor:
-    """MCL's stage label: k-means on image and on text features separately, joined as `k_i * text + image`."""
-    image_labels, _ = kmeans(image_features, image_clusters, seed=seed)
-    text_labels, _ = kmeans(text_features, text_clusters, seed=seed)
+    """MCL's stage label: clusters of the image and of the text features separately (`method`, a back-end of
+    `hf_moe.clustering.cluster`: k-means, as the MCL paper), joined as `k_i * text + image`."""
+    image_labels, _ = cluster(image_features, image_clusters, method=method, seed=seed)
+    text_labels, _ = cluster(text_features, text_clusters, method=method, seed=seed)
     return image_clusters * text_labels + image_labels
 
 

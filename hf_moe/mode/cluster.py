@@ -41,7 +41,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
-from ..clustering import balanced_kmeans, nearest_centers
+from ..clustering import assign, cluster
 from ..fileio import atomic_output_file, check_output_dir
 from ..training import JOB_FILE, TrainingJob, input_fingerprint, local_path
 from .cluster_files import CENTERS_FILE, CLUSTERS_FILE
@@ -59,6 +59,12 @@ from .embed import (
 
 
 logger = logging.get_logger(__name__)
+
+# MoDE's clustering, by back-end name (`hf_moe.clustering`): balanced k-means for the fine and the coarse centers (the
+# paper's), and the nearest-center assignment by `assign`'s "auto" (faiss's exact search where faiss is installed and
+# the centers are on the CPU, torch otherwise: the same labels, to ties at float rounding).
+CLUSTERING_METHOD = "balanced_kmeans"
+ASSIGNMENT_BACKEND = "auto"
 
 
 @dataclass
@@ -261,7 +267,7 @@ def cluster_pairs(args: ClusterArguments, encoder_args: EncoderArguments) -> Pat
         if part.is_file():
             continue
         keys, points = read_shard(shards[index][0])
-        fine, _ = nearest_centers(points, fine_centers, chunk_size=args.chunk_size)
+        fine, _ = assign(points, fine_centers, backend=ASSIGNMENT_BACKEND, chunk_size=args.chunk_size)
         fine = fine.cpu()
         _write_part(part, keys, fine, centers["fine_to_coarse"][fine])
     state.wait_for_everyone()
@@ -294,11 +300,11 @@ def _fit_centers(args: ClusterArguments, shards, sample_size: int, device) -> tu
     points = torch.cat(points)
     kwargs = {"tolerance": args.tolerance, "seed": args.seed, "chunk_size": args.chunk_size, "device": device}
     logger.info(f"Fine balanced k-means: {args.num_fine_clusters} centers on {len(points)} pairs.")
-    fine_labels, fine_centers = balanced_kmeans(points, args.num_fine_clusters, **kwargs)
+    fine_labels, fine_centers = cluster(points, args.num_fine_clusters, method=CLUSTERING_METHOD, **kwargs)
     logger.info(f"Coarse balanced k-means: {args.num_experts} centers of the {args.num_fine_clusters} fine centers.")
-    _, coarse_centers = balanced_kmeans(fine_centers, args.num_experts, **kwargs)
+    _, coarse_centers = cluster(fine_centers, args.num_experts, method=CLUSTERING_METHOD, **kwargs)
     # MoDE maps a fine cluster to its NEAREST coarse center, not to its balanced coarse label.
-    fine_to_coarse, _ = nearest_centers(fine_centers, coarse_centers, chunk_size=args.chunk_size)
+    fine_to_coarse, _ = assign(fine_centers, coarse_centers, backend=ASSIGNMENT_BACKEND, chunk_size=args.chunk_size)
     sizes = torch.bincount(fine_labels.cpu(), minlength=args.num_fine_clusters)
     centers = {
         "fine_centers": fine_centers.float().cpu().contiguous(),
