@@ -74,10 +74,9 @@ import torch
 import transformers
 
 
-# The device and log helpers live in the WEMoE benchmark; this script's folder is on sys.path when it runs as a
-# script, not when a test loads it by path.
+# This script's folder is on sys.path when it runs as a script, not when a test loads it by path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from we_moe_forward import device_name, log  # noqa: E402
+from measuring import device_name, log, write_report  # noqa: E402
 
 
 SEED = 0
@@ -1120,11 +1119,7 @@ def main(argv=None):
                 result["peak_minus_baseline_over_output"] = round(net, 3)
         report["goals"] = goals(report["cases"])
         log(markdown_table(report["cases"]))
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    write_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,8 @@ One JSON object goes to stdout, progress to stderr:
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -43,10 +41,9 @@ import torch
 from hf_moe.clustering import balanced_kmeans, balanced_size_bounds, nearest_centers
 
 
-# The peak-memory and device helpers live in the WEMoE benchmark; this script's folder is on sys.path when it runs
-# as a script, not when a test loads it by path.
+# This script's folder is on sys.path when it runs as a script, not when a test loads it by path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from we_moe_forward import device_name, log, peak_since, reset_peak  # noqa: E402
+from measuring import log, peak_since, report_header, reset_peak, run_worker, synchronize, write_report  # noqa: E402
 
 
 SEED = 0
@@ -120,11 +117,6 @@ RUNNERS = {"balanced_kmeans": run_balanced_kmeans, "faiss": run_faiss, "minibatc
 # ----------------------------------------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(args, name: str) -> dict:
     """Cluster (or, for an assigner, assign) the benchmark's points with one method, in this process."""
     if name in ("faiss", "faiss_index") and faiss_module() is None:
@@ -182,18 +174,11 @@ def measure(args, name: str) -> dict:
     return result
 
 
-def run_worker(name: str, argv: list[str]) -> dict:
+def run_method(name: str, argv: list[str]) -> dict:
     log(f"[{name}] fresh process")
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", name]
-    # Allocations of 64 KiB and more are mmap'ed and handed back on free, so that the resident size follows the
-    # live memory.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        return {"error": f"exit status {done.returncode} (killed for memory if -9): " + " | ".join(tail)}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    log(f"[{name}] {json.dumps(result)}")
+    result = run_worker(__file__, argv, name)
+    if "error" not in result:
+        log(f"[{name}] {json.dumps(result)}")
     return result
 
 
@@ -249,18 +234,13 @@ def main(argv=None):
     if args._worker:
         print(json.dumps(measure(args, args._worker)))
         return
-    clustering = {name: run_worker(name, argv) for name in args.methods}
-    assignment = {} if args.skip_assignment else {name: run_worker(name, argv) for name in ASSIGNERS}
+    clustering = {name: run_method(name, argv) for name in args.methods}
+    assignment = {} if args.skip_assignment else {name: run_method(name, argv) for name in ASSIGNERS}
     ratios = vs_faiss(clustering, assignment)
     faiss = faiss_module()
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/mode_clustering.py " + " ".join(argv),
-        "device": device_name(torch.device(args.device)),
-        "torch": torch.__version__,
+        **report_header("mode_clustering.py", argv, torch.device(args.device)),
         "faiss": getattr(faiss, "__version__", "unavailable") if faiss else "unavailable",
-        "num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "data": {
             "num_points": args.num_points,
@@ -280,7 +260,7 @@ def main(argv=None):
         "vs_faiss": ratios,
         "goals": goals(clustering, ratios, args.device),
     }
-    print(json.dumps(report, indent=2))
+    write_report(report)
 
 
 if __name__ == "__main__":

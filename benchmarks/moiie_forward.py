@@ -32,26 +32,33 @@ One JSON object goes to stdout, progress to stderr:
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_moe.modeling import MoIIEConfig, MoIIEPhi3ForCausalLM
 
 
-# The peak-memory and device helpers live in the WEMoE benchmark; this script's folder is on sys.path when it runs
-# as a script, not when a test loads it by path.
+# This script's folder is on sys.path when it runs as a script, not when a test loads it by path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from we_moe_forward import device_name, log, peak_since, reset_peak  # noqa: E402
+from measuring import (  # noqa: E402
+    log,
+    max_rss_mib,
+    peak_since,
+    ratios_per_round,
+    report_header,
+    reset_peak,
+    run_rounds,
+    run_worker,
+    synchronize,
+    timed,
+    write_report,
+)
 
 
 SEED = 0
@@ -171,24 +178,6 @@ def random_inputs(shape: Shape, batch_size: int, device, seed: int = SEED) -> di
 # ----------------------------------------------------------------------------------------------------------
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device, function, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def measure_train(model, shape: Shape, args, device) -> dict:
     model.train()
     inputs = random_inputs(shape, shape.batch_size, device)
@@ -281,21 +270,18 @@ def measure(args) -> dict:
     if not args.skip_train:
         result["train"] = measure_train(model, shape, args, device)
     if device.type == "cpu":
-        result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        result["max_rss_mib"] = max_rss_mib()
     return result
 
 
-def run_worker(variant: str, implementation: str | None, argv: list[str]) -> dict:
+def run_configuration(name: str, argv: list[str]) -> dict:
+    """Configuration `name` ("dense" or "variant/implementation") in a fresh worker."""
+    variant, _, implementation = name.partition("/")
+    result = run_worker(__file__, argv, f"{variant}:{implementation or '-'}")
     label = f"{variant}/{implementation or '-'}"
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", f"{variant}:{implementation or '-'}"]
-    # As in we_moe_forward.py: freed buffers leave the resident set, so that VmHWM follows the live memory.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        log(f"[{label}] failed: {' | '.join(tail)}")
-        return {"error": f"exit status {done.returncode} (killed for memory if -9): " + " | ".join(tail)}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if "error" in result:
+        log(f"[{label}] failed: {result['error']}")
+        return result
     log(
         f"[{label}] "
         + ", ".join(
@@ -332,8 +318,8 @@ def summarise(rounds: list[dict]) -> dict:
                 "peak_memory_mib": statistics.median(run[phase]["peak_memory_mib"] for run in runs),
             }
             dense = [r.get("dense", {}).get(phase) for r in rounds]
-            if all(dense):
-                ratios = [run[phase]["tokens_per_s"] / d["tokens_per_s"] for run, d in zip(runs, dense)]
+            ratios = ratios_per_round(rounds, name, "dense", lambda run, p=phase: run.get(p, {}).get("tokens_per_s"))
+            if ratios:
                 stats["speed_vs_dense"] = statistics.median(ratios)
                 stats["speed_vs_dense_all_rounds"] = ratios
                 stats["peak_memory_vs_dense"] = stats["peak_memory_mib"] / max(
@@ -447,9 +433,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def configurations(args) -> list[tuple[str, str | None]]:
+def configurations(args) -> list[str]:
+    """ "dense", then "variant/implementation" for every MoE variant and experts implementation."""
     return [
-        (variant, None if variant == "dense" else impl)
+        variant if variant == "dense" else f"{variant}/{impl}"
         for variant in args.variants
         for impl in ([None] if variant == "dense" else args.experts_implementations)
     ]
@@ -463,26 +450,12 @@ def main(argv=None):
         return
     shape = selected_shape(args)
     memory = memory_check(shape, args.variants, args)
-    rounds = []
-    for index in range(args.rounds):
-        log(f"round {index + 1}/{args.rounds}")
-        rounds.append(
-            {
-                variant if impl is None else f"{variant}/{impl}": run_worker(variant, impl, argv)
-                for variant, impl in configurations(args)
-            }
-        )
+    rounds = run_rounds(configurations(args), args.rounds, lambda name: run_configuration(name, argv))
     summary = summarise(rounds)
     best = best_implementations(summary, args.variants, args.experts_implementations)
     device = torch.device(args.device)
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/moiie_forward.py " + " ".join(argv),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "num_threads": args.threads or torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **report_header("moiie_forward.py", argv, device, args.threads),
         "shape": {
             "name": args.shape,
             **asdict(shape),
@@ -511,7 +484,7 @@ def main(argv=None):
         "best_experts_implementation": best,
         "goals": goals(best),
     }
-    print(json.dumps(report, indent=2))
+    write_report(report)
 
 
 if __name__ == "__main__":

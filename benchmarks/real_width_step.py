@@ -53,25 +53,20 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import TrainerCallback
 
 
-# The device and logging helpers live in the WEMoE benchmark; this script's folder is on sys.path when it runs as a
-# script, not when a test loads it by path.
+# This script's folder is on sys.path when it runs as a script, not when a test loads it by path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from we_moe_forward import device_name, log  # noqa: E402
+from measuring import current_rss_mib, log, peak_rss_mib, report_header, run_worker, write_report  # noqa: E402
 
 
 SEED = 0
@@ -277,20 +272,6 @@ class StepProbe(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.logs.append(dict(logs))
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1)) / 1024
-
-
-def current_rss_mib() -> float:
-    return _status_mib("VmRSS")
-
-
-def peak_rss_mib() -> float:
-    # VmHWM, not getrusage's ru_maxrss: the kernel updates the latter lazily, so it can read below the current VmRSS.
-    return _status_mib("VmHWM")
 
 
 def common_training_kwargs(args, output_dir: str, batch_size: int) -> dict:
@@ -731,17 +712,11 @@ def measure(run: str, args) -> dict:
     }
 
 
-def run_worker(run: str, argv: list[str]) -> dict:
+def run_in_worker(run: str, argv: list[str]) -> dict:
     log(f"[{run}] fresh process: build at real width, {' + '.join(map(str, worker_steps(argv)))} steps")
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", run]
-    # As in we_moe_forward.py: freed buffers leave the resident set, so that the RSS follows the live memory.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-6:]
-        log(f"[{run}] failed with exit status {done.returncode}:\n  " + "\n  ".join(tail))
-        return {"ok": False, "error": f"exit status {done.returncode} (killed for memory if -9): " + " | ".join(tail)}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_worker(__file__, argv, run, tail_lines=6)
+    if "error" in result:
+        result = {"ok": False, **result}
     log(summary_line(run, result))
     return result
 
@@ -838,7 +813,7 @@ def main(argv=None) -> int:
                 results[run] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
             log(summary_line(run, results[run]))
         else:
-            results[run] = run_worker(run, argv)
+            results[run] = run_in_worker(run, argv)
     command = "python benchmarks/real_width_step.py " + " ".join(argv)
     timing = {
         "warmup_steps": args.warmup,
@@ -860,13 +835,7 @@ def main(argv=None) -> int:
                 results[run] = result
         results = {run: results[run] for run in RUNS if run in results}
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "device": device_name(torch.device("cpu")),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "num_threads": args.threads or torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **report_header("real_width_step.py", argv, torch.device("cpu"), args.threads),
         "widths": "tiny (smoke test)" if args.tiny else "real",
         "layers": args.layers,
         "param_dtype": args.param_dtype,
@@ -880,11 +849,7 @@ def main(argv=None) -> int:
         "results": results,
         "ok": all(result.get("ok") for result in results.values()),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    write_report(report, args.output)
     if not report["ok"]:
         log("FAILED: " + ", ".join(run for run, result in results.items() if not result.get("ok")))
     return 0 if report["ok"] else 1

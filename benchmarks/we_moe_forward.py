@@ -17,7 +17,7 @@ What is measured, on one randomly initialised vision tower whose every MLP is a 
 All variants share the same weights (same seed); before timing, the outputs (and, for TTA, the router
 gradients) of every variant are compared with the loop's at fp32 (`max_abs_diff`).
 
-Timing: warm-up passes, then the median over `--iters` passes (`time.perf_counter`; CUDA events on CUDA).
+Timing: warm-up passes, then the median over `--iters` passes (`time.perf_counter`, synchronised on CUDA).
 Peak memory: every variant runs in a FRESH subprocess. On CPU the figure is the peak resident set size during
 the timed passes minus the resident size just before them (Linux `VmHWM`, reset through `/proc/self/clear_refs`
 right before the passes, with glibc's mmap threshold fixed at 64 KiB so that freed memory leaves the resident
@@ -35,21 +35,19 @@ import argparse
 import copy
 import gc
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+
+
+# This script's folder is on sys.path when it runs as a script, not when a test loads it by path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measuring import log, peak_since, report_header, reset_peak, run_worker, timed, write_report  # noqa: E402
 
 
 SEED = 0
@@ -71,10 +69,6 @@ SHAPES = {
     "tiny": Shape(64, 256, 2, 4, 32, 8),
     "b32": Shape(768, 3072, 12, 12, 224, 32),
 }
-
-
-def log(message: str):
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,28 +274,6 @@ def run_once(model, phase: str, inputs):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
-
-
-def reset_peak(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM (the peak resident size) to the current resident size
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_since(device, baseline: int) -> float:
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    return (_status_kib("VmHWM") * 1024 - baseline) / 2**20
-
-
 def measure(args) -> dict:
     name, phase = args._worker.split(":")
     device = torch.device(args.device)
@@ -317,15 +289,7 @@ def measure(args) -> dict:
     for _ in range(args.warmup):
         run_once(model, phase, inputs)
     baseline = reset_peak(device)
-    times = []
-    for _ in range(args.iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run_once(model, phase, inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = [1e3 * seconds for seconds in timed(device, lambda: run_once(model, phase, inputs), 0, args.iters)]
     median = statistics.median(times)
     return {
         "ms_per_step" if phase == "tta" else "ms_per_batch": median,
@@ -336,17 +300,11 @@ def measure(args) -> dict:
     }
 
 
-def run_worker(name: str, phase: str, argv: list[str]) -> dict:
+def run_variant(name: str, phase: str, argv: list[str]) -> dict:
     log(f"[{phase}/{name}] fresh process: build, {phase} passes")
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", f"{name}:{phase}"]
-    # Allocations of 64 KiB and more are mmap'ed and handed back on free (no dynamic threshold), so that the
-    # resident size follows the live memory instead of keeping freed heap from the warm-up passes.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        return {"error": f"exit status {done.returncode} (killed for memory if -9): " + " | ".join(tail)}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_worker(__file__, argv, f"{name}:{phase}")
+    if "error" in result:
+        return result
     key = "ms_per_step" if phase == "tta" else "ms_per_batch"
     log(f"[{phase}/{name}] {result[key]:.1f} ms, peak +{result['peak_memory_mib']:.0f} MiB")
     return result
@@ -400,19 +358,6 @@ def selected_shape(args) -> Shape:
     if args.layers is not None:
         shape = Shape(**{**asdict(shape), "num_hidden_layers": args.layers})
     return shape
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -477,20 +422,14 @@ def main(argv=None):
     torch.manual_seed(SEED)
     checks = check_against_loop([n for n in names if n not in ("dense", "loop")], shape, args)
     gc.collect()
-    inference = {name: run_worker(name, "inference", argv) for name in names}
+    inference = {name: run_variant(name, "inference", argv) for name in names}
     add_ratios(inference, "inference")
     tta = {}
     if not args.skip_tta:
-        tta = {name: run_worker(name, "tta", argv) for name in names if name != "dense"}
+        tta = {name: run_variant(name, "tta", argv) for name in names if name != "dense"}
         add_ratios(tta, "tta")
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/we_moe_forward.py " + " ".join(argv),
-        "device": device_name(torch.device(args.device)),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **report_header("we_moe_forward.py", argv, torch.device(args.device)),
         "shape": {"name": args.shape, **asdict(shape), "num_tasks": args.num_tasks, "router_depth": 2},
         "inference_batch_size": args.batch_size,
         "tta": {"tasks": args.tta_tasks, "batch_size_per_task": args.tta_batch_size, "trainable": "routers only"},
@@ -506,7 +445,7 @@ def main(argv=None):
         "tta_step": tta,
         "goals": goals(inference, tta),
     }
-    print(json.dumps(report, indent=2))
+    write_report(report)
 
 
 if __name__ == "__main__":
