@@ -15,17 +15,20 @@ a vision tower with its projection, for
 All MoE variants share one randomly initialised CLIPMoE (every block MoE, experts perturbed so they
 differ). With random router weights routing is close to balanced; a trained router is usually less so.
 
-Timing: warm-up passes first, then the median over `--iters` passes (CUDA events around each pass, one
-synchronisation at the end, on CUDA; `time.perf_counter` on CPU). Peak memory: on CUDA
-`torch.cuda.max_memory_allocated`, reset before each variant, with only that variant on the GPU (so it is
-weights + activations); on CPU the process-wide max RSS, which never decreases, so a variant's figure also
-covers the variants measured before it. `flop_limit_vs_dense` is dense FLOPs / MoE FLOPs of the tower
+Timing: every variant runs in a FRESH subprocess, and the whole set is run `--rounds` times interleaved (dense,
+official_loop, eager, batched_mm, grouped_mm, dense, ...); in a worker, warm-up passes first, then `--iters` timed
+passes (synchronised around each on CUDA). A figure is the median over rounds of the per-round median pass; the
+`ratio_vs_*` figures are the medians of the per-round ratios to the dense (or official loop) run of the same round,
+so that the drift of a shared machine cancels out. Peak memory: the peak during the timed passes above what the
+worker held before them (activations and workspaces; the weights are `weights_mib`): on CPU the resident set size
+(VmHWM, reset through /proc/self/clear_refs), on CUDA `torch.cuda.max_memory_allocated`; on CPU `max_rss_mib` is
+the worker's lifetime maximum resident size. `flop_limit_vs_dense` is dense FLOPs / MoE FLOPs of the tower
 (MLP FLOPs x top_k, plus the router; attention and embeddings unchanged): the throughput ratio an MoE
 would reach vs dense if its experts ran at dense-MLP efficiency.
 
 One JSON object goes to stdout, progress to stderr:
 
-    python benchmarks/clip_moe_forward.py                                  # tiny, CPU-friendly (< 1 min)
+    python benchmarks/clip_moe_forward.py                                  # tiny, CPU-friendly (~1 min)
     python benchmarks/clip_moe_forward.py --shape vit-l-14                 # bf16, batch 256, on CUDA
     python benchmarks/clip_moe_forward.py --shape vit-b-32 --top_k 1 --iters 20
 
@@ -37,24 +40,37 @@ import argparse
 import copy
 import gc
 import json
-import platform
-import resource
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hf_moe.modeling import CLIPMoEVisionConfig, CLIPMoEVisionModelWithProjection, MoEMLPExperts, MoESparseBlock
 
 
+# This script's folder is on sys.path when it runs as a script, not when a test loads it by path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measuring import (  # noqa: E402
+    log,
+    max_rss_mib,
+    peak_since,
+    ratios_per_round,
+    report_header,
+    reset_peak,
+    run_rounds,
+    run_worker,
+    timed,
+    write_report,
+)
+
+
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+VARIANTS = ("dense", "official_loop", *EXPERTS_IMPLEMENTATIONS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED = 0
 CHECK_BATCH_SIZE = 4
@@ -86,10 +102,6 @@ SHAPES = {
     "vit-b-32": Shape(768, 3072, 12, 12, 224, 32, 512, batch_size=256, dtype="bfloat16"),
     "vit-l-14": Shape(1024, 4096, 24, 16, 224, 14, 768, batch_size=256, dtype="bfloat16"),
 }
-
-
-def log(message: str):
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,64 +244,57 @@ def check_official_loop(master, shape: Shape, device) -> dict:
     return {"batch_size": CHECK_BATCH_SIZE, "dtype": "float32", "max_abs_diff": (actual - expected).abs().max().item()}
 
 
-@torch.inference_mode()
-def time_forward(model: nn.Module, pixel_values: torch.Tensor, warmup: int, iters: int) -> list[float]:
-    """Milliseconds per forward pass, one entry per timed pass."""
-    for _ in range(warmup):
-        model(pixel_values=pixel_values)
-    if pixel_values.device.type == "cuda":
-        # Events are queued with the work; one synchronisation at the end keeps the host out of the timing.
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            model(pixel_values=pixel_values)
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in events]
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        model(pixel_values=pixel_values)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def release_memory(device: torch.device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+def build_variant(name: str, shape: Shape, args, device, dtype) -> nn.Module:
+    if name == "dense":
+        return build_dense(shape).to(device=device, dtype=dtype)
+    torch.manual_seed(SEED)  # the master MoE every MoE variant (and the check in the parent) starts from
+    master = build_moe(shape, args.num_experts, args.top_k)
+    # In place: the worker needs no CPU master copy next to the variant.
+    model = master.to(device=device, dtype=dtype)
+    if name == "official_loop":
+        return to_official_loop(model)
+    model.set_experts_implementation(name)
+    return model
 
 
-def measure(name: str, build, pixel_values: torch.Tensor, args) -> dict:
-    """Build one variant on the device, time it and read its peak memory; an exception becomes an `error` entry."""
-    device = pixel_values.device
-    release_memory(device)  # previous variants gone, peak counter reset: only this one is measured
-    log(f"[{name}] building and timing ({args.warmup} warm-up + {args.iters} passes)")
-    model = None
+def measure(args) -> dict:
+    """In a worker: build variant `args._worker`, time its forward passes and read its peak memory; an exception
+    (e.g. CUDA out of memory for batched_mm at ViT batch sizes, an unsupported kernel or dtype) becomes `error`."""
+    name, shape = args._worker, selected_shape(args)
+    device, dtype = torch.device(args.device), DTYPES[shape.dtype]
+    pixel_values = random_images(shape, shape.batch_size, device, dtype)
     try:
-        model = build()
-        times = time_forward(model, pixel_values, args.warmup, args.iters)
+        model = build_variant(name, shape, args, device, dtype)
+        with torch.inference_mode():
+            for _ in range(args.warmup):
+                model(pixel_values=pixel_values)
+            baseline = reset_peak(device)
+            seconds = timed(device, lambda: model(pixel_values=pixel_values), 0, args.iters)
         result = {
-            "ms_per_batch": statistics.median(times),
-            "images_per_s": pixel_values.shape[0] / (statistics.median(times) / 1e3),
-            "peak_memory_mib": peak_memory_mib(device),
+            "ms_per_batch": 1e3 * statistics.median(seconds),
+            "ms_all": [1e3 * s for s in seconds],
+            "peak_memory_mib": peak_since(device, baseline),
             "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         }
-        log(f"[{name}] {result['ms_per_batch']:.2f} ms/batch, {result['images_per_s']:.1f} images/s")
-    except Exception as error:  # e.g. CUDA OOM (batched_mm at ViT batch sizes), an unsupported kernel or dtype
-        result = {"error": f"{type(error).__name__}: {error}"}
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    if device.type == "cpu":
+        result["max_rss_mib"] = max_rss_mib()
+    return result
+
+
+def run_variant(name: str, argv: list[str]) -> dict:
+    result = run_worker(__file__, argv, name)
+    if "error" in result:
         log(f"[{name}] failed: {result['error']}")
-    del model
-    release_memory(device)
+    else:
+        log(f"[{name}] {result['ms_per_batch']:.2f} ms/batch, peak +{result['peak_memory_mib']:.0f} MiB")
     return result
 
 
@@ -309,37 +314,50 @@ def vision_flops_per_image(shape: Shape, num_experts: int | None = None, top_k: 
     return embeddings + layers * (attention + mlp) + projection
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # platform.processor() is only the architecture ("x86_64") on Linux
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+def summarise(rounds: list[dict], batch_size: int) -> dict:
+    """`rounds`: per round, {variant: worker result}. Per variant: the median over rounds of its per-round median
+    pass, and the throughput ratios to dense (all variants) and to the official loop (the experts implementations),
+    each the median of the ratios within a round."""
 
+    def throughput(result: dict) -> float | None:
+        return batch_size / (result["ms_per_batch"] / 1e3) if "ms_per_batch" in result else None
 
-def add_ratios(variants: dict):
-    """Throughput ratios vs dense (all variants) and vs the official loop (the experts implementations)."""
-
-    def throughput(name):
-        return variants.get(name, {}).get("images_per_s")
-
-    for name, result in variants.items():
-        if "images_per_s" not in result:
+    summary = {}
+    for name in rounds[0]:
+        runs = [results[name] for results in rounds]
+        errors = [run["error"] for run in runs if "error" in run]
+        if errors:
+            summary[name] = {"error": errors[0]}
             continue
-        if throughput("dense"):
-            result["ratio_vs_dense"] = result["images_per_s"] / throughput("dense")
-        if name in EXPERTS_IMPLEMENTATIONS and throughput("official_loop"):
-            result["ratio_vs_official_loop"] = result["images_per_s"] / throughput("official_loop")
+        ms = statistics.median(run["ms_per_batch"] for run in runs)
+        entry = {
+            "ms_per_batch": ms,
+            "ms_per_batch_all_rounds": [run["ms_per_batch"] for run in runs],
+            "images_per_s": batch_size / (ms / 1e3),
+            "peak_memory_mib": statistics.median(run["peak_memory_mib"] for run in runs),
+            "weights_mib": runs[0]["weights_mib"],
+            "rounds": len(runs),
+        }
+        if "max_rss_mib" in runs[0]:
+            entry["max_rss_mib"] = max(run["max_rss_mib"] for run in runs)
+        references = ["dense"] + (["official_loop"] if name in EXPERTS_IMPLEMENTATIONS else [])
+        for reference in references:
+            ratios = ratios_per_round(rounds, name, reference, throughput)
+            if ratios:
+                entry[f"ratio_vs_{reference}"] = statistics.median(ratios)
+                entry[f"ratio_vs_{reference}_all_rounds"] = ratios
+        summary[name] = entry
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
+
+
+def selected_shape(args) -> Shape:
+    base = SHAPES[args.shape]
+    return replace(base, batch_size=args.batch_size or base.batch_size, dtype=args.dtype or base.dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -350,45 +368,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num_experts", type=int, default=4)
     parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--_worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.warmup < 0 or args.iters < 1:
-        parser.error("--warmup must be >= 0 and --iters >= 1")
+    if args.warmup < 0 or args.iters < 1 or args.rounds < 1:
+        parser.error("--warmup must be >= 0, --iters and --rounds >= 1")
     return args
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    base = SHAPES[args.shape]
-    shape = replace(base, batch_size=args.batch_size or base.batch_size, dtype=args.dtype or base.dtype)
-    device, dtype = torch.device(args.device), DTYPES[shape.dtype]
+    if args._worker:
+        print(json.dumps(measure(args)))
+        return
+    shape = selected_shape(args)
+    device = torch.device(args.device)
     torch.manual_seed(SEED)
 
     log(f"building {args.shape} towers ({args.num_experts} experts, top-{args.top_k})")
     master = build_moe(shape, args.num_experts, args.top_k)
     check = check_official_loop(master, shape, device)
     log(f"official loop matches eager at fp32 (max abs diff {check['max_abs_diff']:.2e})")
+    del master
     release_memory(device)
 
-    pixel_values = random_images(shape, shape.batch_size, device, dtype)
-    builds = {
-        "dense": lambda: build_dense(shape).to(device=device, dtype=dtype),
-        "official_loop": lambda: official_loop_variant(master, device, dtype),
-    }
-    for implementation in EXPERTS_IMPLEMENTATIONS:
-        builds[implementation] = lambda impl=implementation: moe_variant(master, impl, device, dtype)
-    variants = {name: measure(name, build, pixel_values, args) for name, build in builds.items()}
-    add_ratios(variants)
+    rounds = run_rounds(args.variants, args.rounds, lambda name: run_variant(name, argv))
+    variants = summarise(rounds, shape.batch_size)
 
     dense_flops = vision_flops_per_image(shape)
     moe_flops = vision_flops_per_image(shape, args.num_experts, args.top_k)
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "num_threads": torch.get_num_threads(),
+        **report_header("clip_moe_forward.py", argv, device),
         "shape": {
             "name": args.shape,
             **asdict(shape),
@@ -397,19 +411,25 @@ def main(argv=None):
             "top_k": args.top_k,
             "moe_layers": "all",
         },
-        "timing": {"warmup": args.warmup, "iters": args.iters, "statistic": "median", "mode": "inference_mode"},
+        "timing": {
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "statistic": "median over rounds of the per-round median; ratios: median of per-round ratios",
+            "mode": "inference_mode",
+        },
         "gflops_per_image": {"dense": dense_flops / 1e9, "moe": moe_flops / 1e9},
         "flop_limit_vs_dense": dense_flops / moe_flops,
-        "memory_note": (
-            "CUDA: torch.cuda.max_memory_allocated with only this variant on the GPU (weights + activations)."
-            if device.type == "cuda"
-            else "CPU figures are the process-wide max RSS (ru_maxrss) after the variant ran; it never decreases, "
-            "so each figure also covers the variants measured before it and the fp32 master copy of the MoE weights."
+        "memory_method": (
+            "fresh subprocess per variant and round; peak_memory_mib: the peak during the timed passes above what "
+            "the worker held before them (activations, workspaces; the weights are weights_mib). CPU: resident set "
+            "size (VmHWM, reset through /proc/self/clear_refs), glibc MALLOC_MMAP_THRESHOLD_=65536; max_rss_mib: "
+            "the worker's lifetime maximum (resource.getrusage). CUDA: max_memory_allocated minus allocated before"
         ),
         "official_loop_check": check,
         "variants": variants,
     }
-    print(json.dumps(report, indent=2))
+    write_report(report)
 
 
 if __name__ == "__main__":
