@@ -23,7 +23,13 @@ from transformers.utils.output_capturing import OutputRecorder, select_hidden_st
 
 from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
 from .model_card import KeepModelCardMixin
-from .moe import MoEExpertsInterface, MoETopKRouter, initialize_weights_as_transformers_code, load_balancing_loss
+from .moe import (
+    MoEExpertsInterface,
+    MoETopKRouter,
+    initialize_weights_as_transformers_code,
+    load_balancing_loss,
+    note_packed_experts_stay_unquantized,
+)
 
 
 @dataclass
@@ -282,6 +288,10 @@ class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         return True  # transformers looks for the experts decorator in this file's source
 
+    def post_init(self):
+        super().post_init()
+        note_packed_experts_stay_unquantized(self)
+
     @torch.no_grad()
     @init.guard_torch_init_functions()
     def initialize_weights(self):
@@ -379,10 +389,15 @@ class MoIIEModel(MoIIEPreTrainedModel):
                 image_mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
             )
         # Image tokens without pixel_values run as their placeholder embeddings, as LLaVA runs them.
-        elif self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+        elif self.training and (
+            (torch.distributed.is_available() and torch.distributed.is_initialized())
+            or any(param.requires_grad for param in self.multi_modal_projector.parameters())
+        ):
             # The other processes' batches may hold images: their ZeRO gathers / DDP reductions over the vision
             # tower's and projector's parameters wait for ours, so a text-only batch runs them too, on a blank image
             # whose features enter with weight 0 (the result is unchanged, the gradients are zero, not missing).
+            # On one process too while the projector trains: in stage 1 it is all that trains, and a text-only
+            # batch's loss would otherwise reach no trainable parameter (backward fails).
             vision = self.config.vision_config
             blank = torch.zeros(
                 1, vision.num_channels, vision.image_size, vision.image_size, device=inputs_embeds.device

@@ -440,6 +440,23 @@ def test_saved_folder_loads_in_a_fresh_process_without_hf_moe(tmp_path):
     torch.testing.assert_close(remote["aux"], local.vision_aux_loss, atol=0, rtol=0)
 
 
+def test_text_only_batch_trains_when_only_the_projector_trains():
+    """Stage 1 trains only the projector: a text-only batch still backpropagates (zero projector gradient, the loss
+    unchanged) instead of failing with "element 0 of tensors does not require grad"."""
+    model = tiny_model(seed=3).train()
+    text_only = batch(images_per_row=(0, 0))
+    text_only["labels"] = text_only["input_ids"]
+    with torch.no_grad():
+        expected = model(**text_only).loss
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("model.multi_modal_projector."))
+    loss = model(**text_only).loss
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
+    for param in model.model.multi_modal_projector.parameters():
+        assert param.grad is not None and not param.grad.any()
+
+
 def test_text_only_training_batch_in_a_process_group_runs_the_vision_side_with_weight_zero(tmp_path):
     """Distributed training: a process whose batch holds no image still runs the vision tower and projector (its
     ZeRO / DDP collectives must match the other processes'), without changing its loss; their gradients are zero."""
