@@ -5,26 +5,18 @@ trains, the measurement sees a process's memory (and kills one above `--max_rss_
 files'. No timing assertions."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "conversion.py"
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("conversion_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = script_fixture("benchmarks/conversion.py", "conversion_benchmark")
 
 
 def test_streamed_files_read_back_as_written(bench, tmp_path):

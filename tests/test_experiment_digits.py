@@ -1,23 +1,15 @@
 """examples/clip_moe/experiment_digits.py with tiny settings: every arm trains and is evaluated, the JSON and the
 markdown table agree, and the aggregation over seeds is right."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "clip_moe" / "experiment_digits.py"
 
-
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("experiment_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+experiment = script_fixture("examples/clip_moe/experiment_digits.py")
 
 
 def test_experiment_runs_every_arm_and_writes_json_and_table(experiment, tmp_path, capsys):

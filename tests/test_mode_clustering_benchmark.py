@@ -1,24 +1,18 @@
 """Smoke test of benchmarks/mode_clustering.py at a tiny size: the fields of each measurement, our clusters within
 their bounds, faiss reported unavailable when it cannot be imported. No timing assertions."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mode_clustering.py"
+
 TINY = ["--num_points", "300", "--num_clusters", "8", "--dim", "16", "--num_iters", "3"]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("mode_clustering", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = script_fixture("benchmarks/mode_clustering.py")
 
 
 def test_points_are_unit_vectors_and_reproducible(bench):

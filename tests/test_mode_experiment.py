@@ -2,22 +2,14 @@
 task weights are a distribution, the clusters cover every pair, and the all-data model trained as many steps as the
 experts together."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mode" / "experiment.py"
 
-
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("mode_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+experiment = script_fixture("examples/mode/experiment.py", "mode_experiment")
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,18 @@ ratios to dense are taken per round, and a shape too large for the machine is re
 No timing assertions (timings on a shared CPU mean nothing at this size)."""
 
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "moiie_forward.py"
+
 TINY = ["--shape", "tiny", "--warmup", "0", "--iters", "1", "--rounds", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("moiie_forward", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = script_fixture("benchmarks/moiie_forward.py")
 
 
 @pytest.mark.parametrize("worker", ["dense:-", "moiie:grouped_mm"])

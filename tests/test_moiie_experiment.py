@@ -3,23 +3,15 @@ kind, the routing shares are computed from the routers (each modality's shares s
 vision tokens never reach the language-only expert nor language tokens the vision-only one), the JSON and the
 markdown table agree, and the aggregation over seeds is right."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "moiie" / "experiment_digits.py"
 
-
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("experiment_moiie_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+experiment = script_fixture("examples/moiie/experiment_digits.py", "experiment_moiie_digits")
 
 
 def test_quick_run_trains_every_variant_and_reports_accuracy_and_routing(experiment, tmp_path, capsys):

@@ -2,24 +2,16 @@
 JSON carries each run's timing, memory, parameter counts, losses and passed checks; the range checks refuse values
 outside their bounds. No timing assertions (the real-width figures are in benchmarks/results)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-import pytest
+from helpers import script_fixture
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_width_step.py"
 TINY = ["--tiny", "--warmup", "0", "--steps", "1", "--text_tokens", "16", "--tta_batch_size", "1"]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("real_width_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = script_fixture("benchmarks/real_width_step.py")
 
 
 def test_every_run_trains_and_reports_its_figures(bench, tmp_path):

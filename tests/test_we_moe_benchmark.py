@@ -1,22 +1,15 @@
 """Smoke test of benchmarks/we_moe_forward.py on a tiny shape: fields of the JSON, batched numbers == the loop's.
 No timing assertions (timings on a shared CPU mean nothing at this size)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "we_moe_forward.py"
+
 TINY = ["--shape", "tiny", "--layers", "1", "--batch_size", "4", "--tta_tasks", "2", "--tta_batch_size", "2"]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("we_moe_forward", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = script_fixture("benchmarks/we_moe_forward.py")
 
 
 def test_batched_variants_equal_the_loop(bench):

@@ -1,23 +1,17 @@
 """examples/we_moe/experiment_tasks.py with tiny settings: every method is trained, merged and evaluated on every
 task, the JSON and the markdown table agree, and the fine-tunes beat the pretrained model on average."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers import script_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "we_moe" / "experiment_tasks.py"
+
 TASKS = ["digits", "photos", "shapes", "patterns"]
 
 
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("experiment_tasks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+experiment = script_fixture("examples/we_moe/experiment_tasks.py")
 
 
 def test_experiment_runs_every_method_and_writes_json_and_table(experiment, tmp_path):
