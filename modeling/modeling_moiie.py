@@ -288,10 +288,6 @@ class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         return True  # transformers looks for the experts decorator in this file's source
 
-    def post_init(self):
-        super().post_init()
-        note_packed_experts_stay_unquantized(self)
-
     @torch.no_grad()
     @init.guard_torch_init_functions()
     def initialize_weights(self):
@@ -317,6 +313,10 @@ class MoIIEModel(MoIIEPreTrainedModel):
         self.multi_modal_projector = MoIIEProjector(config)
         self.language_model = TEXT_MODELS[config.text_config.model_type](config.text_config, config)
         self.post_init()
+
+    def post_init(self):
+        super().post_init()
+        note_packed_experts_stay_unquantized(self)  # here only: the causal LMs wrap this model, one note per load
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

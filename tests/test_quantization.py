@@ -179,6 +179,21 @@ def test_bitsandbytes_load_notes_once_that_the_experts_stay_unquantized(upcycled
     ]
 
 
+def test_moiie_notes_once_per_load_of_its_causal_lm(tmp_path, caplog):
+    """The causal LM wraps MoIIEModel: one note, naming the model that holds the experts, not one per level."""
+    from test_moiie_model import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path / "moiie")
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "moiie", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+        )
+    notes = [record.getMessage() for record in caplog.records if "packed experts" in record.getMessage()]
+    assert len(notes) == 1 and "packed experts of MoIIEModel" in notes[0], notes
+
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import json, logging
