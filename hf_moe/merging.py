@@ -349,23 +349,33 @@ def dare_seed(seed: int, key: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(key.encode("utf-8"))) % (1 << 63)
 
 
+# Entries of a tensor DARE processes at once (per task: 256 KiB in float32): peft's masks, rescaling and sign
+# election make temporaries several times the size of their input, so a large tensor goes through in blocks.
+DARE_BLOCK_ELEMENTS = 1 << 16
+
+
 def _dare(merge: Callable, pretrained, task_vectors, scaling: float, density: float, seed: int, **kwargs):
-    """`theta_0 + merge(tensors, weights=scaling, density)` per tensor, `merge` one of peft's DARE merges, whose
-    random masks are drawn with torch's global generator: it is seeded per tensor (`dare_seed`) inside a fork, so
-    the caller's random state is left as it was."""
+    """`theta_0 + merge(tensors, weights=scaling, density)` per tensor, `merge` one of peft's DARE merges (its steps
+    are elementwise across the tasks), applied to blocks of `DARE_BLOCK_ELEMENTS` entries in order. peft draws the
+    random masks with torch's global generator: it is seeded once per tensor (`dare_seed`) inside a fork, so the
+    caller's random state is left as it was and the masks do not depend on the order the tensors are merged in."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density (the fraction of each task vector kept) must be in (0, 1], got {density}.")
     delta = {}
     for key in task_vectors[0]:
-        tensors = [tv[key].float() for tv in task_vectors]
-        device = tensors[0].device
-        weights = torch.full((len(tensors),), float(scaling), device=device)
+        flat = [tv[key].float().reshape(-1) for tv in task_vectors]
+        device = flat[0].device
+        weights = torch.full((len(flat),), float(scaling), device=device)
+        merged = torch.empty_like(flat[0])
         with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
             torch.manual_seed(dare_seed(seed, key))
             with warnings.catch_warnings():
-                # density 1 keeps every entry: peft warns "no pruning will be performed" once per tensor.
+                # density 1 keeps every entry: peft warns "no pruning will be performed" once per block.
                 warnings.filterwarnings("ignore", message="The density .* no pruning")
-                delta[key] = merge(tensors, weights, density, **kwargs)
+                for start in range(0, merged.numel(), DARE_BLOCK_ELEMENTS):
+                    stop = start + DARE_BLOCK_ELEMENTS
+                    merged[start:stop] = merge([tensor[start:stop] for tensor in flat], weights, density, **kwargs)
+        delta[key] = merged.reshape(task_vectors[0][key].shape)
     return add_to_pretrained(pretrained, delta)
 
 
@@ -377,7 +387,7 @@ def dare_linear(
     DARE (Yu et al., 2024, "Language Models are Super Mario"): each entry of each task vector is kept with
     probability `density` (dropped with p = 1 - density) and the kept ones are rescaled by 1 / density, so every
     task vector keeps its expected value. Computed by peft's `dare_linear` (`peft.utils.merge_utils`; weights all
-    `scaling`), the masks drawn per tensor from `seed` and the tensor's name (`dare_seed`).
+    `scaling`) on blocks of entries, the masks drawn per tensor from `seed` and the tensor's name (`dare_seed`).
     """
     from peft.utils.merge_utils import dare_linear as peft_dare_linear
 
@@ -989,7 +999,8 @@ def merge_clip_vision(
     without a streamed form holds its task vectors, with a warning).
 
     Args:
-        method: A name in `MERGE_METHODS` (`average`, `task_arithmetic`, `ties`, or one registered later).
+        method: A name in `MERGE_METHODS` (`average`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
+            `adamerging` with its learned `coefficients`, or one registered later).
         pretrained: Hub id or folder of a `CLIPModel` or `CLIPVisionModel`. A `CLIPModel` gives a `CLIPModel`
             output (its text tower, projections and logit scale kept), a vision model a `CLIPVisionModel`.
         finetuned: Hub ids or folders of fine-tunes of `pretrained` (`CLIPModel` or `CLIPVisionModel`; only their
@@ -1002,7 +1013,7 @@ def merge_clip_vision(
         return_model: Load the written model and return it; False returns None (the command line's choice).
         license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
             their cards state one (`hf_moe.hub.write_model_card`).
-        options: The method's options (`scaling`, `density`, `trim`, `aggregation`, ...), checked by name first.
+        options: The method's options (`scaling`, `density`, `trim`, `aggregation`, `seed`, ...), checked by name first.
 
     Returns:
         The merged model, loaded from `output_dir` (None when `return_model=False`).

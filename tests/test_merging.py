@@ -363,31 +363,40 @@ def test_every_merge_method_is_registered_when_merging_is_imported():
     assert all(MERGE_METHODS[name].trained_by is None for name in names[:-1])
 
 
-def dare_reference(base, finetuned, scaling, density, seed, ties=False):
+def dare_reference(base, finetuned, scaling, density, seed, ties=False, block=1 << 16):
     """DARE written out from the paper: a Bernoulli(density) keep mask per entry, kept values divided by density,
     scaled by lambda and summed (or, for DARE-TIES, sign elected by the summed values, + for a zero sum, and the
-    agreeing values averaged), with the mask draws of `merging.dare_seed`."""
+    agreeing values averaged), with the mask draws of `merging.dare_seed`, made block of entries by block."""
     out = {}
     for key, tensor in base.items():
         if not tensor.is_floating_point():
             out[key] = tensor
             continue
         torch.manual_seed(merging.dare_seed(seed, key))
-        taus = [ft[key].float() - tensor.float() for ft in finetuned]
-        kept = [tau * torch.bernoulli(torch.full_like(tau, density)) / density for tau in taus]
-        weighted = torch.stack(kept) * scaling
-        if ties:
-            sign = torch.where(torch.stack(kept).sum(dim=0) >= 0, 1, -1)
-            agree = torch.stack(kept).sign() == sign
-            delta = (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)
-        else:
-            delta = weighted.sum(dim=0)
-        out[key] = (tensor.float() + delta).to(tensor.dtype)
+        taus = [(ft[key].float() - tensor.float()).reshape(-1) for ft in finetuned]
+        deltas = []
+        for start in range(0, tensor.numel(), block):
+            kept = [
+                tau[start : start + block]
+                * torch.bernoulli(torch.full_like(tau[start : start + block], density))
+                / density
+                for tau in taus
+            ]
+            weighted = torch.stack(kept) * scaling
+            if ties:
+                sign = torch.where(torch.stack(kept).sum(dim=0) >= 0, 1, -1)
+                agree = torch.stack(kept).sign() == sign
+                deltas.append((weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0))
+            else:
+                deltas.append(weighted.sum(dim=0))
+        out[key] = (tensor.float() + torch.cat(deltas).reshape(tensor.shape)).to(tensor.dtype)
     return out
 
 
+@pytest.mark.parametrize("block", [1 << 16, 5])
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_is_the_papers_formula_with_the_same_draws_streamed_or_not(method):
+def test_dare_is_the_papers_formula_with_the_same_draws_streamed_or_not(method, block, monkeypatch):
+    monkeypatch.setattr(merging, "DARE_BLOCK_ELEMENTS", block)
     generator = torch.Generator().manual_seed(0)
     base = {"a": torch.randn(16, 8, generator=generator), "c": torch.randn(9, generator=generator), "n": BASE["n"]}
     finetuned = [
@@ -400,7 +409,7 @@ def test_dare_is_the_papers_formula_with_the_same_draws_streamed_or_not(method):
     state = torch.get_rng_state()
     merged = merge_state_dicts(method, base, finetuned, scaling=0.7, density=0.4, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # the masks' generator is forked, the caller's left alone
-    expected = dare_reference(base, finetuned, 0.7, 0.4, 3, ties=method == "dare_ties")
+    expected = dare_reference(base, finetuned, 0.7, 0.4, 3, ties=method == "dare_ties", block=block)
     for key in base:
         assert torch.equal(merged[key], expected[key]), key
     # Per-tensor seeds: streamed in another order, the same tensors; another seed, other masks.
