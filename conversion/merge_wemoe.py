@@ -117,104 +117,46 @@ def merge_wemoe(
         card); None when `return_model=False`.
     """
     finetuned = list(finetuned)
-    if not finetuned:
-        raise ValueError("merge_wemoe needs at least one FINETUNED model (one per task).")
-    check_finite_options(
-        {"init_lambda": init_lambda, "prune_ratio": prune_ratio, "svd_rank_fraction": svd_rank_fraction},
-        "merge-wemoe option",
-    )
-    if prune_ratio is not None and svd_rank_fraction is not None:
-        raise ValueError("Give prune_ratio or svd_rank_fraction, not both: the task vectors are stored one way.")
-    task_vector_format = "pruned" if prune_ratio is not None else "svd" if svd_rank_fraction is not None else "dense"
-    if task_names is None:
-        task_names = [Path(str(name).rstrip("/")).name for name in finetuned]
-    task_names = list(task_names)
-    we_moe_fields = dict(
-        num_tasks=len(finetuned),
-        task_names=task_names,
+    kind, base_config, vision_config, hub_model_id = check_merge_wemoe(
+        pretrained,
+        finetuned,
+        output_dir,
+        task_names,
+        overwrite=overwrite,
+        dtype=dtype,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
         init_lambda=init_lambda,
         router_depth=router_depth,
         shared_router=shared_router,
-        batch_reduce=batch_reduce,
-        task_vector_format=task_vector_format,
-        prune_ratio=0.9 if prune_ratio is None else prune_ratio,
+        prune_ratio=prune_ratio,
         svd_rank_fraction=svd_rank_fraction,
+        batch_reduce=batch_reduce,
         moe_layers=moe_layers,
     )
-    inputs = [pretrained, *finetuned]
-    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
-    check_output_dir(output_dir, overwrite, inputs=inputs)
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
-    warn_input_mistakes(pretrained, finetuned, task_names=task_names)
-
-    # Configs are read and compared first (also in open_for_merge), so bad options cost no weight reading.
-    kind, base_config = clip_vision_kind(pretrained)
-    vision_source = base_config.vision_config if kind == "CLIPModel" else base_config
-    try:
-        vision_config = we_moe_vision_config(vision_source, **we_moe_fields)
-    except Exception as err:  # @strict validation errors (not ValueErrors): name the option at fault in one line
-        cause = err.__cause__ or err
-        raise ValueError(f"Invalid WEMoE option: {' '.join(str(cause).split())}") from err
-
+    options = {
+        "init_lambda": init_lambda,
+        "router_depth": router_depth,
+        "shared_router": shared_router,
+        "prune_ratio": prune_ratio,
+        "svd_rank_fraction": svd_rank_fraction,
+        "batch_reduce": batch_reduce,
+        "seed": seed,
+        **({} if dtype in (None, "auto") else {"dtype": dtype}),
+    }
     base, finetuned_checkpoints = open_for_merge(pretrained, finetuned)
     try:
         source = CheckpointTaskVectors(base, finetuned_checkpoints)
-        output_dtype = resolve_dtype(dtype, base.dtype)
-        # Non-MLP weights (and the MLPs of dense blocks): task arithmetic, one tensor at a time.
-        merged = streamed_merge("task_arithmetic", source, scaling=init_lambda)
-        torch.manual_seed(seed)
-        if kind == "CLIPModel":
-            config = WEMoEConfig(
-                text_config=base_config.text_config.to_dict(),
-                vision_config=vision_config.to_dict(),
-                projection_dim=base_config.projection_dim,
-                logit_scale_init_value=base_config.logit_scale_init_value,
-                initializer_factor=base_config.initializer_factor,
-            )
-            model, initial_value = build_on_meta(lambda: WEMoECLIPModel(config))
-            tower_prefix = "vision_model."
-        else:
-            model, initial_value = build_on_meta(lambda: WEMoECLIPVisionModel(vision_config))
-            tower_prefix = ""
-        model = model.to(output_dtype).eval()
-        model.config.name_or_path = ""
-        sources = wemoe_sources(planned_state_dict(model), tower_prefix, base, set(source.keys), vision_config)
-        produce = wemoe_producer(sources, base, source, merged, initial_value, vision_config, output_dtype)
-
-        options = {
-            "init_lambda": init_lambda,
-            "router_depth": router_depth,
-            "shared_router": shared_router,
-            "prune_ratio": prune_ratio,
-            "svd_rank_fraction": svd_rank_fraction,
-            "batch_reduce": batch_reduce,
-            "seed": seed,
-        }
-        if dtype not in (None, "auto"):
-            options["dtype"] = dtype
-        model_name = hub_model_id or Path(output_dir).name
-        card = {
-            "base_model": [str(pretrained), *map(str, finetuned)],
-            "how_built": wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, output_dir),
-            "tags": ["we-moe", "e-we-moe" if shared_router else "we-moe-router", "model-merging", "clip"],
-            "model_name": model_name,
-            "license": license,
-            "description": (
-                "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
-                "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per "
-                "input by routers in every MLP (Tang et al., 2024; "
-                "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
-            ),
-            "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
-            "usage": wemoe_usage(model_name) if kind == "CLIPModel" else wemoe_vision_usage(model_name),
-        }
+        model, produce = build_wemoe(
+            kind, base_config, vision_config, base, source, init_lambda=init_lambda, seed=seed, dtype=dtype
+        )
         save_model_folder(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
             load_processor(pretrained),
             output_dir,
             overwrite=overwrite,
-            card=card,
-            inputs=inputs,
+            card=wemoe_card(pretrained, finetuned, output_dir, kind, vision_config, options, hub_model_id, license),
+            inputs=[pretrained, *finetuned],
             push_to_hub=push_to_hub,
             hub_model_id=hub_model_id,
             hub_token=hub_token,
@@ -224,8 +166,114 @@ def merge_wemoe(
     finally:
         for checkpoint in [base, *finetuned_checkpoints]:
             checkpoint.close()
-    logger.info(f"Saved a {len(finetuned)}-task WEMoE ({task_vector_format} task vectors) to {output_dir}")
+    logger.info(
+        f"Saved a {len(finetuned)}-task WEMoE ({vision_config.task_vector_format} task vectors) to {output_dir}"
+    )
     return type(model).from_pretrained(output_dir).eval() if return_model else None
+
+
+def default_task_names(finetuned: list) -> list[str]:
+    """The task names a merge records when none are given: each fine-tune's folder or repo name.
+
+    The merged config's `task_names` is the record of which task vector is which (index i: `finetuned[i]`); what
+    reads a WEMoE later (test-time adaptation, evaluation) takes the names from there, not from its own inputs."""
+    return [Path(str(name).rstrip("/")).name for name in finetuned]
+
+
+def check_merge_wemoe(
+    pretrained,
+    finetuned: list,
+    output_dir,
+    task_names,
+    *,
+    overwrite,
+    dtype,
+    push_to_hub,
+    hub_model_id,
+    **we_moe_options,
+) -> tuple[str, object, WEMoEVisionConfig, str | None]:
+    """Every check that reads no weights, before anything is written: the options, the output folder and Hub repo,
+    the inputs' configs (`we_moe_options`: the `WEMoEVisionConfig` fields the caller sets). Returns `(kind,
+    base_config, vision_config, hub_model_id)`: the `clip_vision_kind` of `pretrained`, its config, the WEMoE vision
+    config to build and the repo to push to."""
+    if not finetuned:
+        raise ValueError("merge_wemoe needs at least one FINETUNED model (one per task).")
+    finite = ("init_lambda", "prune_ratio", "svd_rank_fraction")
+    check_finite_options({key: we_moe_options[key] for key in finite}, "merge-wemoe option")
+    prune_ratio, svd_rank_fraction = we_moe_options["prune_ratio"], we_moe_options["svd_rank_fraction"]
+    if prune_ratio is not None and svd_rank_fraction is not None:
+        raise ValueError("Give prune_ratio or svd_rank_fraction, not both: the task vectors are stored one way.")
+    task_names = default_task_names(finetuned) if task_names is None else list(task_names)
+    we_moe_fields = dict(
+        we_moe_options,
+        num_tasks=len(finetuned),
+        task_names=task_names,
+        task_vector_format="pruned" if prune_ratio is not None else "svd" if svd_rank_fraction is not None else "dense",
+        prune_ratio=0.9 if prune_ratio is None else prune_ratio,
+    )
+    resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
+    check_output_dir(output_dir, overwrite, inputs=[pretrained, *finetuned])
+    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    warn_input_mistakes(pretrained, finetuned, task_names=task_names)
+    # Configs are read and compared first (also in open_for_merge), so bad options cost no weight reading.
+    kind, base_config = clip_vision_kind(pretrained)
+    try:
+        vision_config = we_moe_vision_config(
+            base_config.vision_config if kind == "CLIPModel" else base_config, **we_moe_fields
+        )
+    except Exception as err:  # @strict validation errors (not ValueErrors): name the option at fault in one line
+        cause = err.__cause__ or err
+        raise ValueError(f"Invalid WEMoE option: {' '.join(str(cause).split())}") from err
+    return kind, base_config, vision_config, hub_model_id
+
+
+def build_wemoe(kind: str, base_config, vision_config, base, source, *, init_lambda: float, seed: int, dtype: str):
+    """The WEMoE model on the meta device (routers replayed from `seed`) and its `produce(name)` for
+    `StreamedModel`: task arithmetic of the non-MLP weights (one tensor at a time), the WEMoE blocks' pretrained
+    MLPs and task vectors, the rest from `base`, all in the output dtype."""
+    output_dtype = resolve_dtype(dtype, base.dtype)
+    # Non-MLP weights (and the MLPs of dense blocks): task arithmetic, one tensor at a time.
+    merged = streamed_merge("task_arithmetic", source, scaling=init_lambda)
+    torch.manual_seed(seed)
+    if kind == "CLIPModel":
+        config = WEMoEConfig(
+            text_config=base_config.text_config.to_dict(),
+            vision_config=vision_config.to_dict(),
+            projection_dim=base_config.projection_dim,
+            logit_scale_init_value=base_config.logit_scale_init_value,
+            initializer_factor=base_config.initializer_factor,
+        )
+        model, initial_value = build_on_meta(lambda: WEMoECLIPModel(config))
+        tower_prefix = "vision_model."
+    else:
+        model, initial_value = build_on_meta(lambda: WEMoECLIPVisionModel(vision_config))
+        tower_prefix = ""
+    model = model.to(output_dtype).eval()
+    model.config.name_or_path = ""
+    sources = wemoe_sources(planned_state_dict(model), tower_prefix, base, set(source.keys), vision_config)
+    return model, wemoe_producer(sources, base, source, merged, initial_value, vision_config, output_dtype)
+
+
+def wemoe_card(pretrained, finetuned, output_dir, kind, vision_config, options, hub_model_id, license) -> dict:
+    """The model card's `write_model_card` keywords: what a WEMoE is, how this one was built, its usage."""
+    model_name = hub_model_id or Path(output_dir).name
+    return {
+        "base_model": [str(pretrained), *map(str, finetuned)],
+        "how_built": wemoe_how_built(
+            pretrained, finetuned, vision_config.task_names, vision_config, options, output_dir
+        ),
+        "tags": ["we-moe", "e-we-moe" if vision_config.shared_router else "we-moe-router", "model-merging", "clip"],
+        "model_name": model_name,
+        "license": license,
+        "description": (
+            "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
+            "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per "
+            "input by routers in every MLP (Tang et al., 2024; "
+            "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
+        ),
+        "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
+        "usage": wemoe_usage(model_name) if kind == "CLIPModel" else wemoe_vision_usage(model_name),
+    }
 
 
 def wemoe_sources(specs: dict, tower_prefix: str, base, merged_keys: set, vision_config) -> dict[str, tuple]:
