@@ -19,6 +19,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -298,29 +299,80 @@ def upcycle_moiie(
     the dense model or the MoIIE, so the full Phi-3-mini + SigLIP-so400m MoIIE (~16 GB in bf16) upcycles in far less
     memory than its size.
     """
+    plan = check_upcycle_moiie(
+        llm,
+        vision,
+        output_dir,
+        projector=projector,
+        image_token_id=image_token_id,
+        overwrite=overwrite,
+        dtype=dtype,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        moe_layers=moe_layers,
+        num_vision_experts=num_vision_experts,
+        num_shared_experts=num_shared_experts,
+        num_language_experts=num_language_experts,
+        num_experts_per_tok=top_k,
+        variant=variant,
+    )
+    config = plan.config
+    dense = DenseWeights()
+    try:
+        input_dtype = add_dense_weights(dense, plan, llm, vision, seed)
+        model, produce = build_moiie(
+            plan,
+            dense,
+            resolve_dtype(dtype, input_dtype),
+            seed,
+            random_projector=(not plan.is_llava and projector is None),
+        )
+        save_model_folder(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            (None if plan.tokenizer is None else moiie_processor(plan.tokenizer, vision, config)) or _Files(llm),
+            output_dir,
+            overwrite=overwrite,
+            card=moiie_card(llm, vision, projector, output_dir, plan, seed, dtype, license),
+            inputs=[llm, vision, projector],
+            push_to_hub=push_to_hub,
+            hub_model_id=plan.hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
+        )
+    finally:
+        dense.close()
+    logger.info(f"Saved a {config.num_local_experts}-expert {variant} MoIIE to {output_dir}")
+    return type(model).from_pretrained(output_dir).eval() if return_model else None
+
+
+@dataclass
+class UpcyclePlan:
+    """What `check_upcycle_moiie` found, for the build and the card: the LLM's (or LLaVA's) config and its text
+    config, the MoIIE config to build, the tokenizer (None: the LLM has none, or is a LLaVA folder) and whether
+    `<image>` was added to it, the LM's embedding rows, the projector's tensors (None: none given) and the repo to
+    push to."""
+
+    llm_config: object
+    is_llava: bool
+    text_config: object
+    config: MoIIEConfig
+    tokenizer: object
+    added_image_token: bool
+    rows: int
+    projector_state: dict | None
+    hub_model_id: str | None
+
+
+def check_upcycle_moiie(
+    llm, vision, output_dir, *, projector, image_token_id, overwrite, dtype, push_to_hub, hub_model_id, **moe_fields
+) -> UpcyclePlan:
+    """Every check before a weight is read and anything is written: the inputs' configs, the tokenizer's `<image>`,
+    the MoIIE config (`moe_fields`: its MoE fields), the projector, the output folder and Hub repo."""
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     llm_config = load_config(llm, require_moe=False)
     is_llava = llm_config.model_type == "llava"
     if is_llava:
-        if vision is not None:
-            raise ValueError(f"'{llm}' is a LLaVA folder with its own vision tower; leave vision unset.")
-        vision_config = _vision_config(llm, llm_config.vision_config)
-        _check_phi3(llm, llm_config.text_config, key="text_config.model_type")
-        text_config = llm_config.text_config
-        if llm_config.vision_feature_select_strategy != "full":
-            raise ValueError(
-                f"'{llm}' has vision_feature_select_strategy={llm_config.vision_feature_select_strategy!r}; "
-                "MoIIE feeds every vision token to the projector, so only 'full' upcycles exactly."
-            )
-        if llm_config.projector_hidden_act != "gelu" or not getattr(llm_config, "multimodal_projector_bias", True):
-            raise ValueError(
-                f"'{llm}' has projector_hidden_act={llm_config.projector_hidden_act!r} / multimodal_projector_bias="
-                f"{getattr(llm_config, 'multimodal_projector_bias', True)}; "
-                "MoIIE's mlp2x_gelu needs 'gelu' with biases."
-            )
-        feature_layer = llm_config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            raise ValueError(f"'{llm}' has vision_feature_layer={feature_layer!r}; MoIIE takes one layer (an int).")
+        vision_config, text_config, feature_layer = check_llava(llm, vision, llm_config)
         image_token_id = llm_config.image_token_id if image_token_id is None else image_token_id
     else:
         _check_phi3(llm, llm_config)
@@ -341,120 +393,146 @@ def upcycle_moiie(
     config = MoIIEConfig(
         vision_config=vision_config.to_dict(),
         text_config={**text_config.to_dict(), "vocab_size": vocab_size},
-        moe_layers=moe_layers,
-        num_vision_experts=num_vision_experts,
-        num_shared_experts=num_shared_experts,
-        num_language_experts=num_language_experts,
-        num_experts_per_tok=top_k,
-        variant=variant,
+        **moe_fields,
         image_token_id=image_token_id,
         vision_feature_layer=feature_layer,
     )  # validates the MoE fields (top-k vs each router, moe_layers), naming the key
-    projector_state = None
-    if projector is not None:
-        projector_state = read_projector(projector)
-        check_projector(projector_state, vision_config.hidden_size, text_config.hidden_size, f"projector '{projector}'")
-        for key, tensor in projector_state.items():  # the checkpoints' tensors are checked as they are read
-            check_finite(tensor, key, f"projector '{projector}'")
-    inputs = [llm, vision, projector]
-    check_output_dir(output_dir, overwrite, inputs=inputs)
+    projector_state = None if projector is None else checked_projector(projector, vision_config, text_config)
+    check_output_dir(output_dir, overwrite, inputs=[llm, vision, projector])
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    return UpcyclePlan(
+        llm_config, is_llava, text_config, config, tokenizer, added_image_token, rows, projector_state, hub_model_id
+    )
 
-    model_class = {"phi3": MoIIEPhi3ForCausalLM, "llama": MoIIELlamaForCausalLM}[text_config.model_type]
-    dense = DenseWeights()
-    try:
-        if is_llava:
-            from transformers import LlavaForConditionalGeneration
 
-            meta = _meta(lambda: LlavaForConditionalGeneration(copy.deepcopy(llm_config)))
-            checkpoint = _lazy_checkpoint(llm, key_mapping=from_pretrained_names(meta))
-            input_dtype = checkpoint_dtype(llm_config, checkpoint)
-            dense.add_checkpoint(checkpoint, lambda name: name, input_dtype)  # LLaVA's names are MoIIE's
-            if "lm_head.weight" not in dense and text_config.tie_word_embeddings:
-                dense.add_checkpoint(
-                    checkpoint,
-                    lambda name: "lm_head.weight" if name == "model.language_model.embed_tokens.weight" else None,
-                    input_dtype,
-                )
-        else:
-            from transformers import AutoModel, LlamaForCausalLM, Phi3ForCausalLM
-
-            lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
-            meta_lm = _meta(lambda: lm_class(copy.deepcopy(llm_config)))
-            lm = _lazy_checkpoint(llm, key_mapping=from_pretrained_names(meta_lm))
-            input_dtype = checkpoint_dtype(llm_config, lm)
-            dense.add_checkpoint(lm, lm_name, input_dtype)
-            if "lm_head.weight" not in dense and llm_config.tie_word_embeddings:
-                dense.add_checkpoint(
-                    lm, lambda n: "lm_head.weight" if n == "model.embed_tokens.weight" else None, input_dtype
-                )
-            if vocab_size != rows:
-                resized = resized_embeddings(meta_lm, dense, len(tokenizer), seed)
-                for name, tensor in resized.items():
-                    dense.add_tensor(name, tensor)
-            vision_full_config = load_config(vision, require_moe=False)
-            meta_tower = _meta(lambda: AutoModel.from_config(copy.deepcopy(vision_full_config)))
-            tower = _lazy_checkpoint(vision, key_mapping=from_pretrained_names(meta_tower))
-            rename = vision_name(is_full_siglip=hasattr(meta_tower, "text_model"))
-            dense.add_checkpoint(tower, rename, checkpoint_dtype(vision_full_config, tower))
-        if projector_state is not None:
-            for key, value in projector_state.items():
-                dense.add_tensor(f"model.multi_modal_projector.{key}", value)
-        output_dtype = resolve_dtype(dtype, input_dtype)
-
-        torch.manual_seed(seed)
-        model, initial_value = build_on_meta(lambda: model_class(config))
-        model = model.to(output_dtype).eval()
-        model.config.name_or_path = ""
-        initialised = ("router.weight",) + (("multi_modal_projector.",) if not is_llava and projector is None else ())
-        planned = planned_state_dict(model)
-        sources = upcycle_sources(config, planned, dense, initialised, tied=model.state_dict().keys() - planned.keys())
-        num_experts = config.num_local_experts
-
-        def produce(name: str) -> torch.Tensor:
-            kind, keys = sources[name]
-            if kind == "init":
-                return initial_value(name).to(output_dtype)
-            tensors = [dense.get(key) for key in keys]
-            if kind == "dense":
-                return tensors[0].to(output_dtype)
-            value = torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # Llama: [gate; up] as the experts fuse
-            return value.unsqueeze(0).expand(num_experts, *value.shape).to(output_dtype).contiguous()
-
-        card = {
-            "base_model": [str(x) for x in (llm, vision) if x is not None],
-            "how_built": how_built(
-                llm,
-                vision,
-                projector,
-                is_llava,
-                config,
-                seed,
-                image_token_note(added_image_token, config, rows),
-                dtype=None if dtype in (None, "auto") else dtype,
-            ),
-            "tags": ["moiie", text_config.model_type, "siglip", "vision-language", "upcycling"],
-            "pipeline_tag": "image-text-to-text",
-            "usage": usage(hub_model_id or Path(output_dir).name),
-            "model_name": hub_model_id or Path(output_dir).name,
-            "license": license,
-        }
-        save_model_folder(
-            StreamedModel(model, produce, max_shard_size=max_shard_size),
-            (None if tokenizer is None else moiie_processor(tokenizer, vision, config)) or _Files(llm),
-            output_dir,
-            overwrite=overwrite,
-            card=card,
-            inputs=inputs,
-            push_to_hub=push_to_hub,
-            hub_model_id=hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
+def check_llava(llm, vision, llm_config) -> tuple:
+    """`(vision_config, text_config, vision_feature_layer)` of a dense LLaVA folder, after checking that MoIIE can
+    upcycle it exactly: no separate `vision`, a SigLIP tower, a Phi-3 or Llama decoder, every vision token fed to
+    an mlp2x_gelu projector with biases, one feature layer."""
+    if vision is not None:
+        raise ValueError(f"'{llm}' is a LLaVA folder with its own vision tower; leave vision unset.")
+    vision_config = _vision_config(llm, llm_config.vision_config)
+    _check_phi3(llm, llm_config.text_config, key="text_config.model_type")
+    if llm_config.vision_feature_select_strategy != "full":
+        raise ValueError(
+            f"'{llm}' has vision_feature_select_strategy={llm_config.vision_feature_select_strategy!r}; "
+            "MoIIE feeds every vision token to the projector, so only 'full' upcycles exactly."
         )
-    finally:
-        dense.close()
-    logger.info(f"Saved a {config.num_local_experts}-expert {variant} MoIIE to {output_dir}")
-    return model_class.from_pretrained(output_dir).eval() if return_model else None
+    if llm_config.projector_hidden_act != "gelu" or not getattr(llm_config, "multimodal_projector_bias", True):
+        raise ValueError(
+            f"'{llm}' has projector_hidden_act={llm_config.projector_hidden_act!r} / multimodal_projector_bias="
+            f"{getattr(llm_config, 'multimodal_projector_bias', True)}; "
+            "MoIIE's mlp2x_gelu needs 'gelu' with biases."
+        )
+    feature_layer = llm_config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"'{llm}' has vision_feature_layer={feature_layer!r}; MoIIE takes one layer (an int).")
+    return vision_config, llm_config.text_config, feature_layer
+
+
+def checked_projector(projector, vision_config, text_config) -> dict[str, torch.Tensor]:
+    """The projector folder's `linear_1/2` tensors, their shapes checked against the tower and the LM and their
+    values finite (the checkpoints' tensors are checked as they are read)."""
+    projector_state = read_projector(projector)
+    check_projector(projector_state, vision_config.hidden_size, text_config.hidden_size, f"projector '{projector}'")
+    for key, tensor in projector_state.items():
+        check_finite(tensor, key, f"projector '{projector}'")
+    return projector_state
+
+
+def add_dense_weights(dense: DenseWeights, plan: UpcyclePlan, llm, vision, seed: int) -> torch.dtype:
+    """Expose the dense checkpoints' tensors (and the projector's, and resized embeddings) in `dense` under the
+    MoIIE's names; returns the language model's dtype as `from_pretrained` loads it."""
+    llm_config, text_config = plan.llm_config, plan.text_config
+    if plan.is_llava:
+        from transformers import LlavaForConditionalGeneration
+
+        meta = _meta(lambda: LlavaForConditionalGeneration(copy.deepcopy(llm_config)))
+        checkpoint = _lazy_checkpoint(llm, key_mapping=from_pretrained_names(meta))
+        input_dtype = checkpoint_dtype(llm_config, checkpoint)
+        dense.add_checkpoint(checkpoint, lambda name: name, input_dtype)  # LLaVA's names are MoIIE's
+        if "lm_head.weight" not in dense and text_config.tie_word_embeddings:
+            dense.add_checkpoint(
+                checkpoint,
+                lambda name: "lm_head.weight" if name == "model.language_model.embed_tokens.weight" else None,
+                input_dtype,
+            )
+    else:
+        from transformers import AutoModel, LlamaForCausalLM, Phi3ForCausalLM
+
+        lm_class = {"phi3": Phi3ForCausalLM, "llama": LlamaForCausalLM}[llm_config.model_type]
+        meta_lm = _meta(lambda: lm_class(copy.deepcopy(llm_config)))
+        lm = _lazy_checkpoint(llm, key_mapping=from_pretrained_names(meta_lm))
+        input_dtype = checkpoint_dtype(llm_config, lm)
+        dense.add_checkpoint(lm, lm_name, input_dtype)
+        if "lm_head.weight" not in dense and llm_config.tie_word_embeddings:
+            dense.add_checkpoint(
+                lm, lambda n: "lm_head.weight" if n == "model.embed_tokens.weight" else None, input_dtype
+            )
+        if plan.config.text_config.vocab_size != plan.rows:
+            resized = resized_embeddings(meta_lm, dense, len(plan.tokenizer), seed)
+            for name, tensor in resized.items():
+                dense.add_tensor(name, tensor)
+        vision_full_config = load_config(vision, require_moe=False)
+        meta_tower = _meta(lambda: AutoModel.from_config(copy.deepcopy(vision_full_config)))
+        tower = _lazy_checkpoint(vision, key_mapping=from_pretrained_names(meta_tower))
+        rename = vision_name(is_full_siglip=hasattr(meta_tower, "text_model"))
+        dense.add_checkpoint(tower, rename, checkpoint_dtype(vision_full_config, tower))
+    for key, value in (plan.projector_state or {}).items():
+        dense.add_tensor(f"model.multi_modal_projector.{key}", value)
+    return input_dtype
+
+
+def build_moiie(plan: UpcyclePlan, dense: DenseWeights, output_dtype, seed: int, random_projector: bool):
+    """The MoIIE on the meta device (routers, and a `random_projector`, replayed from `seed`) and its
+    `produce(name)` for `StreamedModel`: every expert of an MoE layer a copy of the layer's dense MLP, the rest the
+    dense tensor, all in `output_dtype`."""
+    config = plan.config
+    model_class = {"phi3": MoIIEPhi3ForCausalLM, "llama": MoIIELlamaForCausalLM}[plan.text_config.model_type]
+    torch.manual_seed(seed)
+    model, initial_value = build_on_meta(lambda: model_class(config))
+    model = model.to(output_dtype).eval()
+    model.config.name_or_path = ""
+    initialised = ("router.weight",) + (("multi_modal_projector.",) if random_projector else ())
+    planned = planned_state_dict(model)
+    sources = upcycle_sources(config, planned, dense, initialised, tied=model.state_dict().keys() - planned.keys())
+    num_experts = config.num_local_experts
+
+    def produce(name: str) -> torch.Tensor:
+        kind, keys = sources[name]
+        if kind == "init":
+            return initial_value(name).to(output_dtype)
+        tensors = [dense.get(key) for key in keys]
+        if kind == "dense":
+            return tensors[0].to(output_dtype)
+        value = torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # Llama: [gate; up] as the experts fuse
+        return value.unsqueeze(0).expand(num_experts, *value.shape).to(output_dtype).contiguous()
+
+    return model, produce
+
+
+def moiie_card(llm, vision, projector, output_dir, plan: UpcyclePlan, seed: int, dtype: str, license) -> dict:
+    """The model card's `write_model_card` keywords: how this MoIIE was upcycled, its usage."""
+    config = plan.config
+    model_name = plan.hub_model_id or Path(output_dir).name
+    return {
+        "base_model": [str(x) for x in (llm, vision) if x is not None],
+        "how_built": how_built(
+            llm,
+            vision,
+            projector,
+            plan.is_llava,
+            config,
+            seed,
+            image_token_note(plan.added_image_token, config, plan.rows),
+            dtype=None if dtype in (None, "auto") else dtype,
+        ),
+        "tags": ["moiie", plan.text_config.model_type, "siglip", "vision-language", "upcycling"],
+        "pipeline_tag": "image-text-to-text",
+        "usage": usage(model_name),
+        "model_name": model_name,
+        "license": license,
+    }
 
 
 def lm_name(name: str) -> str | None:
