@@ -223,6 +223,25 @@ def load_processor(name_or_path: str | Path):
     return None
 
 
+def load_clip_processor(name_or_path: str | Path | None, text_length: int | None = None):
+    """The `AutoProcessor` of the CLIP checkpoint `name_or_path`, its tokenizer truncating at `text_length` (the
+    model's text positions: 248 for a Long-CLIP model), or None (logged) where there is no base or it has no
+    processor: what the CLIP-MoE commands save beside the models they write."""
+    from transformers import AutoProcessor
+
+    if name_or_path is None:
+        logger.warning("No base folder is known, so the output folder gets no processor.")
+        return None
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        if text_length is not None:
+            processor.tokenizer.model_max_length = text_length
+        return processor
+    except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
+        logger.warning(f"No processor could be loaded from '{name_or_path}' ({err}); the output folder will lack one.")
+        return None
+
+
 # `from_pretrained` keywords that are not config fields (anything else in kwargs overrides the config).
 _LOADING_KWARGS = {
     "cache_dir",

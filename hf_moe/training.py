@@ -435,8 +435,6 @@ def last_complete_checkpoint(folder: str | Path, warn: bool = True) -> str | Non
 def job_already_done(job: "TrainingJob", training_args, message: str) -> bool:
     """Check `job` (a differing re-run raises `JobMismatchError`); when it already finished with its model saved,
     log `message`, push its folder if asked, and return True."""
-    from .hub import push_training_output
-
     job.check()
     if not (job.is_complete() and (job.output_dir / "config.json").is_file()):
         return False
@@ -502,8 +500,6 @@ def complete_job(trainer, job: "TrainingJob", training_args, write_outputs: Call
     the output folder."""
     from accelerate import PartialState
 
-    from .hub import push_training_output
-
     if trainer.is_world_process_zero():
         write_outputs()
         job.mark_complete(global_step=trainer.state.global_step)
@@ -511,6 +507,25 @@ def complete_job(trainer, job: "TrainingJob", training_args, write_outputs: Call
     push_training_output(job.output_dir, training_args)
     job.release()
     return job.output_dir
+
+
+def push_training_output(folder: str | Path, training_args) -> str | None:
+    """The training commands' `--push_to_hub` (TrainingArguments' flags): upload the final model in `folder` to
+    `--hub_model_id` (default: the output folder's name) from the main process only, leaving out what the run keeps
+    beside the model (its checkpoints, job record and logs). Returns the repo URL, or None when not pushing."""
+    from accelerate import PartialState
+
+    from .hub import push_to_hub
+
+    if not training_args.push_to_hub or not PartialState().is_main_process:
+        return None
+    return push_to_hub(
+        folder,
+        training_args.hub_model_id or Path(training_args.output_dir).name,
+        token=training_args.hub_token,
+        private=training_args.hub_private_repo,
+        ignore_patterns=["checkpoint-*", JOB_FILE, "runs/*"],
+    )
 
 
 def share_process_group_with_deepspeed() -> None:

@@ -38,7 +38,6 @@ from ..conversion.upcycle_clip import save_with_processor, upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..evaluation import projected_embeddings
 from ..fileio import atomic_output_dir, atomic_output_file
-from ..hub import push_training_output
 from ..loading import load_config, load_pretrained
 from ..modeling import stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
@@ -47,6 +46,7 @@ from ..training import (
     input_fingerprint,
     local_path,
     model_fingerprint,
+    push_training_output,
     result_options,
     train_from_last_checkpoint,
 )
