@@ -158,7 +158,6 @@ class VisionLanguageTestMixin(ModelTesterMixin, GenerationTesterMixin):
         pass
 
 
-@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
 class LlavaControlTest(VisionLanguageTestMixin, unittest.TestCase):
     """transformers' LLaVA (Llama decoder) through the same tester: a failure here is the tester's, not MoIIE's."""
 
@@ -167,7 +166,6 @@ class LlavaControlTest(VisionLanguageTestMixin, unittest.TestCase):
     all_generative_model_classes = (LlavaForConditionalGeneration,)
 
 
-@unittest.skipUnless(FULL, f"the control {FULL_ONLY}")
 class LlavaPhi3GenerationControlTest(GenerationTesterMixin, unittest.TestCase):
     """transformers' LLaVA over a Phi-3 decoder (MoIIE's default) through the same generation checks as
     `MoIIEPhi3Test`: a failure here is the generation tester's, not MoIIE's."""
