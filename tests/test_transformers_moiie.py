@@ -13,9 +13,9 @@ prompt-lookup decoding, left padding, the cache's format and continuing from it,
 the static cache, the streamer), with LLaVA as the control: over its Llama decoder (the full tester) and over MoIIE's
 default Phi-3 decoder (the generation checks only).
 
-Time: each class takes minutes on 2 CPU cores, so by default the suite runs MoIIEModel and the Phi-3 causal LM with the
-fp32 cases; `HF_MOE_TRANSFORMERS_TESTS=full` adds the half-precision cases, the Llama causal LM and the LLaVA controls
-(as tests/test_transformers_clip_moe.py does).
+Time: each class takes minutes on 2 CPU cores, so by default the suite runs MoIIEModel, the Phi-3 causal LM and the
+LLaVA controls with the fp32 cases; `HF_MOE_TRANSFORMERS_TESTS=full` adds the half-precision cases and the Llama causal
+LM (tests/test_moiie_llama.py covers it by default).
 """
 
 import copy
