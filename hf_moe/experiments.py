@@ -1,8 +1,11 @@
-"""What the demos and the small CPU experiments in `examples/` share: a quiet run of tiny models, a work folder, and
-mean +- sample std over seeds."""
+"""What the demos and the small CPU experiments in `examples/` share: a quiet run of tiny models, a work folder,
+mean +- sample std over seeds, and a fresh interpreter in which hf_moe cannot be imported."""
 
+import json
 import math
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +14,21 @@ from pathlib import Path
 import datasets
 import torch
 from transformers.utils import logging
+
+
+# Opens a script run in a fresh interpreter where importing hf_moe fails, as on the machine of a Hub user who has only
+# transformers: a model saved by hf-moe must then load from its folder's own code. The tests run their fresh-process
+# checks behind the same lines. `sys` stays imported for the script that follows.
+BLOCK_HF_MOE = """
+import importlib.abc, sys
+
+class NoHfMoe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hf_moe":
+            raise ImportError("hf_moe is not installed for this user")
+
+sys.meta_path.insert(0, NoHfMoe())
+"""
 
 
 @contextmanager
@@ -59,3 +77,14 @@ def format_mean_std(stats: dict, scale: float = 1.0, digits: int = 3) -> str:
     """`mean ± std` of a `mean_std` result, both times `scale` (100 for percentages)."""
     text = f"{scale * stats['mean']:.{digits}f}"
     return text + (f" ± {scale * stats['std']:.{digits}f}" if stats["std"] is not None else "")
+
+
+def run_as_hub_user(script: str, args: list, model_dir) -> dict:
+    """Run `script` after `BLOCK_HF_MOE` in a fresh interpreter, `args` its `sys.argv[1:]`, and return the JSON
+    object its last line of output holds; a `RuntimeError` with its stderr when loading `model_dir` there fails."""
+    child = subprocess.run(
+        [sys.executable, "-c", BLOCK_HF_MOE + script, *map(str, args)], capture_output=True, text=True
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"Loading {model_dir} without hf_moe failed:\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])

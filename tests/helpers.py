@@ -11,21 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Prepended to scripts run by `run_without_hf_moe`: importing hf_moe fails, as on a Hub user's machine (the demos
+# reload their models behind the same lines).
+from hf_moe.experiments import BLOCK_HF_MOE
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-# Prepended to scripts run by `run_without_hf_moe`: importing hf_moe fails, as on a Hub user's machine.
-BLOCK_HF_MOE = """
-import importlib.abc, sys
-
-class BlockHfMoe(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_moe" or name.startswith("hf_moe."):
-            raise ImportError("hf_moe is deliberately not importable here")
-
-sys.meta_path.insert(0, BlockHfMoe())
-"""
 
 
 def run_without_hf_moe(script: str, args: list[str], workdir) -> None:

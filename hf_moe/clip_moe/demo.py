@@ -21,8 +21,6 @@ hyper-parameter is set below, so that the demo's numbers do not move when a defa
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from transformers import AutoProcessor, CLIPModel
 from ..conversion import upcycle_clip
 from ..data import ImageTextCollator, load_image_text_dataset
 from ..evaluation import image_text_retrieval, zero_shot_classification
-from ..experiments import quiet_tiny_run
+from ..experiments import quiet_tiny_run, run_as_hub_user
 from ..fileio import atomic_output_file
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEModel
@@ -61,16 +59,10 @@ RESULT_FILE = "demo_result.json"
 # instead of being refused by the training jobs recorded there by the previous run.
 DEMO_OUTPUTS = ("dense-init", "dense-clip", "sparse-upcycled", "digit-captions", "mcl", "clip-moe", "held-out")
 
-# Runs in a fresh interpreter in which importing hf_moe fails: the model must load from the folder's own code.
+# Runs after experiments.BLOCK_HF_MOE, in a fresh interpreter in which importing hf_moe fails: the model must load
+# from the folder's own code.
 HUB_USER_SCRIPT = r"""
-import importlib.abc, json, sys
-
-class NoHfMoe(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hf_moe":
-            raise ImportError("hf_moe is not installed for this user")
-
-sys.meta_path.insert(0, NoHfMoe())
+import json, sys
 from transformers import AutoModel, pipeline
 
 moe_dir, prompt, names, *image_paths = sys.argv[1:]
@@ -183,14 +175,8 @@ def max_feature_difference(model, dense) -> float:
 
 
 def reload_without_hf_moe(model_dir: Path, image_paths: list[str]) -> dict:
-    child = subprocess.run(
-        [sys.executable, "-c", HUB_USER_SCRIPT, str(model_dir), PROMPT, ",".join(DIGIT_NAMES), *image_paths],
-        capture_output=True,
-        text=True,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"Loading {model_dir} without hf_moe failed:\n{child.stderr}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    args = [model_dir, PROMPT, ",".join(DIGIT_NAMES), *image_paths]
+    return run_as_hub_user(HUB_USER_SCRIPT, args, model_dir)
 
 
 def _scores(result: dict) -> str:

@@ -20,8 +20,6 @@ MoIIE with dense, vanilla and modality MoEs over 3 seeds.
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import logging
 
 from ..conversion import upcycle_moiie
-from ..experiments import quiet_tiny_run
+from ..experiments import quiet_tiny_run, run_as_hub_user
 from ..fileio import atomic_output_file
 from ..toy_data import DIGIT_NAMES, digit_images_at
 from .toy import (
@@ -60,16 +58,10 @@ NUM_SHOWN = 8
 # What the demo writes in OUTPUT_DIR; a re-run removes these first.
 DEMO_OUTPUTS = ("init", "dense-init", "dense", "parts", "data", "moiie-upcycled", "moiie-stage1", "moiie-stage2")
 
-# Runs in a fresh interpreter in which importing hf_moe fails: model and processor load from the folder's own code.
+# Runs after experiments.BLOCK_HF_MOE, in a fresh interpreter in which importing hf_moe fails: model and processor
+# load from the folder's own code.
 HUB_USER_SCRIPT = r"""
-import importlib.abc, json, sys
-
-class NoHfMoe(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hf_moe":
-            raise ImportError("hf_moe is not installed for this user")
-
-sys.meta_path.insert(0, NoHfMoe())
+import json, sys
 from PIL import Image
 from transformers import pipeline
 
@@ -238,14 +230,7 @@ def _run_demo(output_dir: Path, base_steps: int, stage1_steps: int, stage2_steps
     right = sum(answer == truth for answer, truth in zip(answers, truths))
     print(f"   {right}/{NUM_SHOWN} right")
     print("5. The same questions in a fresh Python process where hf_moe cannot be imported (as for a Hub user):")
-    child = subprocess.run(
-        [sys.executable, "-c", HUB_USER_SCRIPT, str(model_dir), question, *image_paths],
-        capture_output=True,
-        text=True,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"Loading {model_dir} without hf_moe failed:\n{child.stderr}")
-    reloaded = json.loads(child.stdout.strip().splitlines()[-1])
+    reloaded = run_as_hub_user(HUB_USER_SCRIPT, [model_dir, question, *image_paths], model_dir)
     agree = sum(a == b for a, b in zip(reloaded["answers"], answers))
     print(f"   loaded {reloaded['class']}; the same answer as in-process for {agree}/{NUM_SHOWN} digits")
     return {

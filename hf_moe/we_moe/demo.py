@@ -14,8 +14,6 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from transformers.utils import logging
 
 from ..conversion import merge_wemoe
 from ..evaluation import projected_embeddings, zero_shot_classification
-from ..experiments import quiet_tiny_run
+from ..experiments import quiet_tiny_run, run_as_hub_user
 from ..fileio import atomic_output_dir, atomic_output_file
 from ..loading import load_pretrained
 from ..merging import merge_clip_vision, vision_tower_module
@@ -39,16 +37,10 @@ logger = logging.get_logger(__name__)
 DEMO_TASKS = ("digits", "patterns")
 RESULT_FILE = "demo_result.json"
 
-# Runs in a fresh interpreter in which importing hf_moe fails: the model must load from the folder's own code.
+# Runs after experiments.BLOCK_HF_MOE, in a fresh interpreter in which importing hf_moe fails: the model must load
+# from the folder's own code.
 HUB_USER_SCRIPT = r"""
-import importlib.abc, json, sys
-
-class NoHfMoe(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hf_moe":
-            raise ImportError("hf_moe is not installed for this user")
-
-sys.meta_path.insert(0, NoHfMoe())
+import json, sys
 import torch
 from transformers import AutoModel
 
@@ -224,15 +216,10 @@ def _run(output_dir: Path, finetune_steps: int, tta_steps: int, seed: int) -> di
         in_process = wemoe.get_image_features(pixel_values=pixel_values).pooler_output
     pixels_path = output_dir / "wemoe-demo-pixels.pt"
     torch.save(pixel_values, pixels_path)
-    child = subprocess.run(
-        [sys.executable, "-c", HUB_USER_SCRIPT, str(output_dir / "wemoe-tta"), str(pixels_path)],
-        capture_output=True,
-        text=True,
-    )
-    pixels_path.unlink()
-    if child.returncode != 0:
-        raise RuntimeError(f"Loading {output_dir / 'wemoe-tta'} without hf_moe failed:\n{child.stderr}")
-    reloaded = json.loads(child.stdout.strip().splitlines()[-1])
+    try:
+        reloaded = run_as_hub_user(HUB_USER_SCRIPT, [output_dir / "wemoe-tta", pixels_path], output_dir / "wemoe-tta")
+    finally:
+        pixels_path.unlink()
     difference = (torch.tensor(reloaded["features"]) - in_process).abs().max().item()
     print(f"   loaded {reloaded['class']}; max |reloaded - in-process| image feature = {difference:.2e}")
     result = {
