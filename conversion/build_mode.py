@@ -11,6 +11,8 @@ weights from the candidate labels.
 """
 
 import json
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,21 +132,9 @@ def check_expert_records(experts: list[str], clusters: str | Path) -> None:
     expected_id = None
     by_path, by_index, unchecked = {}, {}, []
     for k, expert in enumerate(experts):
-        path = Path(expert).expanduser()
-        if path.is_dir():
-            resolved = path.resolve()
-            if resolved in by_path:
-                raise ValueError(
-                    f"Expert folder '{expert}' is given twice (as expert {by_path[resolved]} and expert {k}): pass "
-                    "each coarse cluster's own expert, in cluster order."
-                )
-            by_path[resolved] = k
-        record_path = path / JOB_FILE
-        try:
-            record = json.loads(record_path.read_text()) if record_path.is_file() else None
-        except ValueError as err:
-            raise ValueError(f"Expert '{expert}': {record_path} is not valid JSON ({err}).") from err
-        if not isinstance(record, dict) or record.get("command") != EXPERT_JOB_COMMAND:
+        check_folder_given_once(expert, k, by_path)
+        record_path, record = read_expert_record(expert)
+        if record is None:
             unchecked.append(expert)
             continue
         options = record.get("options") or {}
@@ -155,17 +145,7 @@ def check_expert_records(experts: list[str], clusters: str | Path) -> None:
                 f"{JOB_FILE} record 'expert' {index}): the same expert is given twice."
             )
         by_index[index] = expert
-        if index != k:
-            raise ValueError(
-                f"Expert '{expert}' is given as expert {k}, but {record_path} records 'expert' {index!r}: it was "
-                f"trained on coarse cluster {index!r}. Pass the EXPERTs in cluster order (expert k trained with "
-                "`--expert k`)."
-            )
-        if not record.get("complete"):
-            raise ValueError(
-                f"Expert '{expert}' is not finished: its job record {record_path} is not marked complete (re-run "
-                "its `hf-moe mode train-expert` command to finish it)."
-            )
+        check_expert_record(expert, k, record_path, record)
         recorded_id = options.get("clusters_id")
         if recorded_id is None:
             logger.warning(
@@ -186,6 +166,48 @@ def check_expert_records(experts: list[str], clusters: str | Path) -> None:
             f"{len(unchecked)} expert(s) hold no `hf-moe mode train-expert` job record ({JOB_FILE}): "
             f"{', '.join(unchecked)}. Their order, and the clusters they were trained on, cannot be checked: make sure "
             f"expert k was trained on coarse cluster k of {clusters}."
+        )
+
+
+def check_folder_given_once(expert: str, k: int, seen: dict) -> None:
+    """Refuse expert folder `expert` (given as expert `k`) when `seen` (resolved folder -> index) holds it already."""
+    path = Path(expert).expanduser()
+    if not path.is_dir():
+        return
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ValueError(
+            f"Expert folder '{expert}' is given twice (as expert {seen[resolved]} and expert {k}): pass "
+            "each coarse cluster's own expert, in cluster order."
+        )
+    seen[resolved] = k
+
+
+def read_expert_record(expert: str) -> tuple[Path, dict | None]:
+    """The path of `expert`'s job record and the record, None when it is not one of `hf-moe mode train-expert`."""
+    record_path = Path(expert).expanduser() / JOB_FILE
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    except ValueError as err:
+        raise ValueError(f"Expert '{expert}': {record_path} is not valid JSON ({err}).") from err
+    if not isinstance(record, dict) or record.get("command") != EXPERT_JOB_COMMAND:
+        return record_path, None
+    return record_path, record
+
+
+def check_expert_record(expert: str, k: int, record_path: Path, record: dict) -> None:
+    """Refuse expert `k` whose job record says it was trained as another expert, or not to completion."""
+    index = (record.get("options") or {}).get("expert")
+    if index != k:
+        raise ValueError(
+            f"Expert '{expert}' is given as expert {k}, but {record_path} records 'expert' {index!r}: it was "
+            f"trained on coarse cluster {index!r}. Pass the EXPERTs in cluster order (expert k trained with "
+            "`--expert k`)."
+        )
+    if not record.get("complete"):
+        raise ValueError(
+            f"Expert '{expert}' is not finished: its job record {record_path} is not marked complete (re-run "
+            "its `hf-moe mode train-expert` command to finish it)."
         )
 
 
@@ -259,20 +281,65 @@ def build_mode(
         model card); None when `return_model=False`.
     """
     experts = [str(expert) for expert in experts]
+    plan = check_build_mode(
+        experts,
+        clusters,
+        output_dir,
+        clustering_encoder,
+        overwrite=overwrite,
+        dtype=dtype,
+        push_to_hub=push_to_hub,
+        hub_model_id=hub_model_id,
+        ensemble_formula=ensemble_formula,
+        paper_lambda=paper_lambda,
+    )
+    with ExitStack() as opened:  # the checkpoints the build reads from, closed however it ends
+        model, produce = build_mode_model(plan, experts, dtype, opened)
+        save_model_folder(
+            StreamedModel(model, produce, max_shard_size=max_shard_size),
+            mode_processor(experts[0], plan.config),
+            output_dir,
+            overwrite=overwrite,
+            card=mode_card(experts, clusters, output_dir, plan, dtype, license),
+            inputs=[*experts, plan.config.clustering_encoder_name_or_path, clusters],
+            push_to_hub=push_to_hub,
+            hub_model_id=plan.hub_model_id,
+            hub_token=hub_token,
+            hub_private_repo=hub_private_repo,
+        )
+    logger.info(f"Saved a {len(experts)}-expert MoDE model to {output_dir}")
+    return MoDEModel.from_pretrained(output_dir).eval() if return_model else None
+
+
+@dataclass
+class BuildPlan:
+    """What `check_build_mode` found: the clusters folder's `clusters.json` and centers, the MoDE config to build
+    and the repo to push to."""
+
+    info: dict
+    centers: dict[str, torch.Tensor]
+    config: MoDEConfig
+    hub_model_id: str | None
+
+
+def check_build_mode(
+    experts: list[str], clusters, output_dir, clustering_encoder, *, overwrite, dtype, push_to_hub, hub_model_id, **mode
+) -> BuildPlan:
+    """Every check before a weight is read and anything is written: the options, the clusters folder (read once,
+    here), the output folder and Hub repo, the experts (their architectures and job records) and the clustering
+    encoder against the clusters. `mode`: `ensemble_formula` and `paper_lambda`."""
     if not experts:
         raise ValueError("build_mode needs at least one EXPERT.")
-    if ensemble_formula not in ENSEMBLE_FORMULAS:
-        raise ValueError(f"ensemble_formula must be one of {ENSEMBLE_FORMULAS}, got {ensemble_formula!r}.")
+    if mode["ensemble_formula"] not in ENSEMBLE_FORMULAS:
+        raise ValueError(f"ensemble_formula must be one of {ENSEMBLE_FORMULAS}, got {mode['ensemble_formula']!r}.")
     info, centers = read_cluster_folder(clusters)
-    clusters_json = Path(clusters) / CLUSTERS_FILE
     encoder = str(clustering_encoder or info["encoder"]["name_or_path"])
     pooling, max_length = info["encoder"]["pooling"], int(info["encoder"]["max_length"])
-    inputs = [*experts, encoder, clusters]
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
-    check_output_dir(output_dir, overwrite, inputs=inputs)
+    check_output_dir(output_dir, overwrite, inputs=[*experts, encoder, clusters])
     hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
 
-    expert_config = check_experts(experts, info["num_experts"], clusters_json)
+    expert_config = check_experts(experts, info["num_experts"], Path(clusters) / CLUSTERS_FILE)
     check_expert_records(experts, clusters)
     encoder_config, dim = clustering_encoder_config(encoder, pooling)
     if centers["fine_centers"].shape[1] != dim:
@@ -281,7 +348,6 @@ def build_mode(
             f"clustering encoder '{encoder}' ({pooling} pooling) embeds in {dim}: the clusters were made with another "
             "encoder (pass it as --clustering_encoder)."
         )
-
     config = MoDEConfig(
         expert_config=expert_config.to_dict(),
         num_experts=len(experts),
@@ -290,71 +356,74 @@ def build_mode(
         clustering_encoder_name_or_path=encoder,
         clustering_pooling=pooling,
         clustering_max_length=max_length,
-        ensemble_formula=ensemble_formula,
-        paper_lambda=paper_lambda,
+        **mode,
     )
-    expert_checkpoints = []
-    encoder_source = None
-    try:
-        for expert in experts:
-            expert_checkpoints.append(CLIPCheckpoint(expert))
-        output_dtype = resolve_dtype(dtype, expert_checkpoints[0].dtype)
-        with torch.device("meta"):
-            model = MoDEModel(config)
-        model = model.to(output_dtype).eval()
-        model.config.name_or_path = ""
-        encoder_class = CLIPTextModelWithProjection if pooling == "clip" else AutoModel
-        encoder_source = EncoderWeights(encoder, encoder_class, model.clustering_encoder)
-        specs = planned_state_dict(model)
-        produce = mode_producer(specs, expert_checkpoints, encoder_source, centers, output_dtype)
-        processor = load_processor(experts[0])
-        if pooling != "clip":
-            tokenizer = MoDETokenizer.from_pretrained(
-                experts[0],
-                clustering_tokenizer=AutoTokenizer.from_pretrained(encoder),
-                clustering_max_length=max_length,
-            )
-            processor = CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
+    return BuildPlan(info, centers, config, hub_model_id)
 
-        model_name = hub_model_id or Path(output_dir).name
-        card = {
-            "base_model": experts,
-            "how_built": mode_how_built(
-                experts, clusters, encoder, pooling, info, ensemble_formula, output_dir, dtype=dtype
-            ),
-            "tags": ["mode", "data-experts", "clip"],
-            "model_name": model_name,
-            "license": license,
-            "description": (
-                "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data "
-                "experts, each trained on one cluster of the captions, ensembled per task with weights from how "
-                "close the task's class names lie to the caption clusters."
-            ),
-            "usage": mode_usage(model_name),
-            "not_evaluated": (
-                "Not evaluated yet (`hf-moe mode report --model FOLDER --tasks TASK_DIR ...` and `hf-moe eval "
-                "zero-shot --model FOLDER` add results here)."
-            ),
-        }
-        save_model_folder(
-            StreamedModel(model, produce, max_shard_size=max_shard_size),
-            processor,
-            output_dir,
-            overwrite=overwrite,
-            card=card,
-            inputs=inputs,
-            push_to_hub=push_to_hub,
-            hub_model_id=hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
-        )
-    finally:
-        for checkpoint in expert_checkpoints:
-            checkpoint.close()
-        if encoder_source is not None:
-            encoder_source.close()
-    logger.info(f"Saved a {len(experts)}-expert MoDE model to {output_dir}")
-    return MoDEModel.from_pretrained(output_dir).eval() if return_model else None
+
+def build_mode_model(plan: BuildPlan, experts: list[str], dtype: str, opened: ExitStack):
+    """The MoDE model on the meta device and its `produce(name)` for `StreamedModel` (`mode_producer`), reading the
+    experts' and the clustering encoder's checkpoints, which `opened` closes."""
+    expert_checkpoints = []
+    for expert in experts:
+        expert_checkpoints.append(opened.enter_context(closing(CLIPCheckpoint(expert))))
+    output_dtype = resolve_dtype(dtype, expert_checkpoints[0].dtype)
+    with torch.device("meta"):
+        model = MoDEModel(plan.config)
+    model = model.to(output_dtype).eval()
+    model.config.name_or_path = ""
+    encoder = plan.config.clustering_encoder_name_or_path
+    encoder_class = CLIPTextModelWithProjection if plan.config.clustering_pooling == "clip" else AutoModel
+    encoder_source = opened.enter_context(closing(EncoderWeights(encoder, encoder_class, model.clustering_encoder)))
+    specs = planned_state_dict(model)
+    return model, mode_producer(specs, expert_checkpoints, encoder_source, plan.centers, output_dtype)
+
+
+def mode_processor(expert: str, config: MoDEConfig):
+    """The experts' image processor with a tokenizer for both the experts and the clustering encoder
+    (`MoDETokenizer`), or the expert's own CLIP processor when the clustering encoder is a CLIP."""
+    processor = load_processor(expert)
+    if config.clustering_pooling == "clip":
+        return processor
+    tokenizer = MoDETokenizer.from_pretrained(
+        expert,
+        clustering_tokenizer=AutoTokenizer.from_pretrained(config.clustering_encoder_name_or_path),
+        clustering_max_length=config.clustering_max_length,
+    )
+    return CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
+
+
+def mode_card(experts, clusters, output_dir, plan: BuildPlan, dtype, license) -> dict:
+    """The model card's `write_model_card` keywords: what MoDE is, how this one was built, its usage."""
+    config = plan.config
+    model_name = plan.hub_model_id or Path(output_dir).name
+    how_built = mode_how_built(
+        experts,
+        clusters,
+        config.clustering_encoder_name_or_path,
+        config.clustering_pooling,
+        plan.info,
+        config.ensemble_formula,
+        output_dir,
+        dtype=dtype,
+    )
+    return {
+        "base_model": experts,
+        "how_built": how_built,
+        "tags": ["mode", "data-experts", "clip"],
+        "model_name": model_name,
+        "license": license,
+        "description": (
+            "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data "
+            "experts, each trained on one cluster of the captions, ensembled per task with weights from how "
+            "close the task's class names lie to the caption clusters."
+        ),
+        "usage": mode_usage(model_name),
+        "not_evaluated": (
+            "Not evaluated yet (`hf-moe mode report --model FOLDER --tasks TASK_DIR ...` and `hf-moe eval "
+            "zero-shot --model FOLDER` add results here)."
+        ),
+    }
 
 
 class EncoderWeights:
