@@ -96,7 +96,12 @@ class Usage:
         remote = ", trust_remote_code=True"
         load_model = f"model = {self.model_class}.from_pretrained(model_id{remote if self.model_remote_code else ''})"
         if self.processor_class is None:
-            head = [f"from transformers import {self.model_class}", "", f"model_id = {model_id!r}", f"{load_model}.eval()"]
+            head = [
+                f"from transformers import {self.model_class}",
+                "",
+                f"model_id = {model_id!r}",
+                f"{load_model}.eval()",
+            ]
             return "\n".join([*head, *self.body])
         names = sorted({self.model_class, self.processor_class}) + (["pipeline"] if self.pipeline else [])
         processor_remote = remote if self.processor_remote_code else ""
@@ -189,7 +194,7 @@ def command_line(command: str, positional: Sequence = (), options: dict | None =
 
 
 def options_table(options: dict) -> str:
-    """A markdown table of a run's options (`hf_moe.training.result_options`), sorted by name, for "how it was built"."""
+    """A markdown table of a run's options (`hf_moe.training.result_options`), sorted by name: "how it was built"."""
     rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
     return f"| option | value |\n| --- | --- |\n{rows}"
 

@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from .arguments import HubArguments
+from .cards import CardSpec, Usage
 from .checkpoint_io import check_finite, check_finite_options, release_free_memory, tensor_sum
-from .fileio import check_output_dir
-from .hub import check_hub_model_id, save_model_folder
 from .loading import check_model_type, load_config, load_pretrained, load_processor
+from .publish import check_destination, refuse_hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -937,22 +938,19 @@ def open_for_merge(pretrained: str | Path, finetuned: Sequence[str | Path]):
     return opened[0], opened[1:]
 
 
-def vision_usage(model_id: str) -> str:
-    return "\n".join(
-        [
-            "import torch",
-            "from PIL import Image",
-            "from transformers import AutoImageProcessor, CLIPVisionModel",
-            "",
-            f"model_id = {model_id!r}",
-            "model = CLIPVisionModel.from_pretrained(model_id).eval()",
-            "processor = AutoImageProcessor.from_pretrained(model_id)",
-            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
-            "with torch.no_grad():",
-            '    features = model(**processor(images=image, return_tensors="pt")).pooler_output',
-            "print(features.shape)",
-        ]
-    )
+# The card snippet of a merged `CLIPVisionModel`: an ordinary transformers model, its features for an image.
+VISION_USAGE = Usage(
+    model_class="CLIPVisionModel",
+    processor_class="AutoImageProcessor",
+    model_remote_code=False,
+    processor_remote_code=False,
+    pipeline=False,
+    body=(
+        "with torch.no_grad():",
+        '    features = model(**processor(images=image, return_tensors="pt")).pooler_output',
+        "print(features.shape)",
+    ),
+)
 
 
 def merge_command_line(method: str, pretrained, finetuned, output_dir, options: dict) -> str:
@@ -982,11 +980,7 @@ def merge_clip_vision(
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     return_model: bool = True,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    license: str | None = None,
+    hub: HubArguments | None = None,
     **options,
 ):
     """Merge fine-tuned dense CLIP vision towers (CLIPModel / CLIPVisionModel; hf-moe models refused) into one.
@@ -1011,8 +1005,9 @@ def merge_clip_vision(
             "float32", "bfloat16" or "float16". The merge itself is computed in float32 per tensor.
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
-        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
-            their cards state one (`hf_moe.hub.write_model_card`).
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's, default the base models' own where their
+            cards state one). Default: no push.
         options: The method's options (`scaling`, `density`, `trim`, `aggregation`, `seed`, ...), checked by name first.
 
     Returns:
@@ -1021,12 +1016,12 @@ def merge_clip_vision(
     from .checkpoint_io import StreamedModel, resolve_dtype
 
     merge = get_merge_method(method)
+    refuse_hub_keywords(options, "merge_clip_vision")
     merge.check_options(options)
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     finetuned = list(finetuned)
     inputs = [pretrained, *finetuned]
-    check_output_dir(output_dir, overwrite, inputs=inputs)
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    hub = check_destination(output_dir, overwrite, inputs, hub)
     warn_input_mistakes(pretrained, finetuned)
 
     base, finetuned_checkpoints = open_for_merge(pretrained, finetuned)
@@ -1054,46 +1049,14 @@ def merge_clip_vision(
             tensor = base.get(name)
             return tensor.to(output_dtype) if tensor.is_floating_point() else tensor
 
-        listed = "\n".join(f"{i}. `{name}`" for i, name in enumerate(finetuned))
-        shown = {**merge.options(), **options}
-        command_options = dict(options)
-        if dtype not in (None, "auto"):
-            command_options["dtype"] = dtype
-        how_built = (
-            f"**{method}** merge ({merge.description}) of the vision towers of {len(finetuned)} fine-tuned model(s) "
-            f"of `{pretrained}`, built with `hf_moe.merging`"
-            + (" (text tower, projections and logit scale from the pretrained model)" if is_clip else "")
-            + ".\n\nFine-tuned models:\n\n"
-            + listed
-            + "\n\nOptions: "
-            + (", ".join(f"`{k}={v}`" for k, v in shown.items()) or "none")
-            + f"\n\n```bash\n{merge_command_line(method, pretrained, finetuned, output_dir, command_options)}\n```"
-        )
-        model_name = hub_model_id or Path(output_dir).name
-        card = {
-            "base_model": [str(pretrained), *map(str, finetuned)],
-            "how_built": how_built,
-            "tags": ["merge", "model-merging", method, "clip"],
-            "model_name": model_name,
-            "license": license,
-            "description": (
-                f"A dense CLIP{'' if is_clip else ' vision model'} merged from fine-tuned models by {method} with "
-                "[hf-moe](https://github.com/hf-moe/hf-moe): an ordinary transformers model, no remote code needed."
-            ),
-            "pipeline_tag": "zero-shot-image-classification" if is_clip else "image-feature-extraction",
-            "usage": None if is_clip else vision_usage(model_name),
-        }
-        save_model_folder(
+        write_model(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
-            load_processor(pretrained),
             output_dir,
+            card=merge_card(method, pretrained, finetuned, output_dir, options, dtype, is_clip),
+            processor=load_processor(pretrained),
+            hub=hub,
             overwrite=overwrite,
-            card=card,
             inputs=inputs,
-            push_to_hub=push_to_hub,
-            hub_model_id=hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
         )
         source.warn_identical()
     finally:
@@ -1101,6 +1064,37 @@ def merge_clip_vision(
             checkpoint.close()
     logger.info(f"Saved the {method} merge of {len(finetuned)} model(s) to {output_dir}")
     return base.model_class.from_pretrained(output_dir).eval() if return_model else None
+
+
+def merge_card(
+    method: str, pretrained, finetuned: list, output_dir, options: dict, dtype: str, is_clip: bool
+) -> CardSpec:
+    """The card of a merged model: the method and its options, the fine-tunes and the command line that merges them."""
+    merge = get_merge_method(method)
+    listed = "\n".join(f"{i}. `{name}`" for i, name in enumerate(finetuned))
+    shown = {**merge.options(), **options}
+    command_options = {**options, **({} if dtype in (None, "auto") else {"dtype": dtype})}
+    how_built = (
+        f"**{method}** merge ({merge.description}) of the vision towers of {len(finetuned)} fine-tuned model(s) "
+        f"of `{pretrained}`, built with `hf_moe.merging`"
+        + (" (text tower, projections and logit scale from the pretrained model)" if is_clip else "")
+        + ".\n\nFine-tuned models:\n\n"
+        + listed
+        + "\n\nOptions: "
+        + (", ".join(f"`{k}={v}`" for k, v in shown.items()) or "none")
+        + f"\n\n```bash\n{merge_command_line(method, pretrained, finetuned, output_dir, command_options)}\n```"
+    )
+    return CardSpec(
+        base_model=[str(pretrained), *map(str, finetuned)],
+        how_built=how_built,
+        tags=("merge", "model-merging", method, "clip"),
+        description=(
+            f"A dense CLIP{'' if is_clip else ' vision model'} merged from fine-tuned models by {method} with "
+            "[hf-moe](https://github.com/hf-moe/hf-moe): an ordinary transformers model, no remote code needed."
+        ),
+        pipeline_tag="zero-shot-image-classification" if is_clip else "image-feature-extraction",
+        usage=None if is_clip else VISION_USAGE,
+    )
 
 
 # --------------------------------------------------------------------------------------------- `hf-moe merge`
@@ -1237,7 +1231,7 @@ def merge_command(argv: list[str]) -> None:
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         return_model=False,
-        **vars(hub_args),
+        hub=hub_args,
         **options,
     )
     print(f"Merged {len(positional.finetuned)} model(s) by {args.method} into {args.output_dir}")

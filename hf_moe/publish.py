@@ -18,7 +18,7 @@ name; its license is `--license`, else the base models' own (`hf_moe.cards.write
 """
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from transformers.utils import logging
@@ -41,6 +41,15 @@ def check_destination(
     check_output_dir(output_dir, overwrite, inputs=inputs)
     hub = HubArguments() if hub is None else hub
     return replace(hub, hub_model_id=check_hub_model_id(output_dir, hub.push_to_hub, hub.hub_model_id))
+
+
+def refuse_hub_keywords(kwargs: dict, function: str) -> None:
+    """Refuse Hub options passed one by one to a converter whose `**kwargs` would otherwise take them for model
+    options: they go in `hub=HubArguments(...)`."""
+    misplaced = sorted(set(kwargs) & {option.name for option in fields(HubArguments)})
+    if misplaced:
+        wanted = ", ".join(f"{name}=..." for name in misplaced)
+        raise TypeError(f"{function}() takes its Hub and card options as hub=HubArguments({wanted}), not as keywords.")
 
 
 def write_model(
