@@ -9,7 +9,8 @@ Metrics go through `evaluate` with the local metric scripts in `hf_moe/metrics` 
 
     hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--class_names imagenet|cifar10|cifar100|FILE]
         [--templates auto|default|imagenet|FILE] [--output FILE]
-    hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--max_captions_per_image 5] [--output FILE]
+    hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--max_captions_per_image 5] [--k_values 1 5 10]
+        [--output FILE]
 
 `--output` defaults to `<MODEL>/eval_<task>.json` when MODEL is a local folder, else `./eval_<task>.json`. Models
 load with `trust_remote_code=False` unless `--trust_remote_code` is given (hf-moe's own models need no remote code
@@ -142,6 +143,70 @@ AUTO_TEMPLATES = "auto"
 RETRIEVAL_K: tuple[int, ...] = (1, 5, 10)
 # The COCO and Flickr30k retrieval protocols use 5 captions per image; COCO has images with 6 or 7.
 MAX_CAPTIONS_PER_IMAGE = 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options: the configuration of the evaluation functions and of `hf-moe eval` alike (one declaration of each
+# default; the functions' keyword defaults are read from these classes, tests/test_option_defaults.py checks both)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalArguments:
+    model: str = field(metadata={"help": "CLIP-like model: a local folder or Hub id."})
+    data: str = field(metadata={"help": "Image folder (imagefolder layout) to evaluate on."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file for the results (default: MODEL/eval_<task>.json for a local MODEL folder, "
+            "else ./eval_<task>.json)."
+        },
+    )
+    batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype, e.g. bfloat16 (default: as saved)."})
+    split: str | None = field(default=None, metadata={"help": "Split, when the data has several (default: test)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the model code shipped in the model folder or repo. hf-moe's own models do not need it "
+            "where hf-moe is installed; only pass it for code you trust."
+        },
+    )
+
+
+@dataclass
+class ZeroShotEvalArguments(EvalArguments):
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Class names: {', '.join(CLASS_NAME_SETS)} (shipped; class folders matched by WordNet id such "
+            "as n01440764, label id or name), or a file: one name per line in folder order, or JSON mapping "
+            "folder -> name. Default: the folder names, with ImageNet synset folders mapped to OpenAI's names."
+        },
+    )
+    templates: str = field(
+        default=AUTO_TEMPLATES,
+        metadata={
+            "help": "Prompt templates: 'auto' (OpenAI's 80 ImageNet templates with the ImageNet class names, "
+            "else 'default'), 'default' (8), 'imagenet' (OpenAI's 80) or a text file with one template per line, "
+            "'{}' standing for the class name."
+        },
+    )
+
+
+@dataclass
+class RetrievalEvalArguments(EvalArguments):
+    max_captions_per_image: int = field(
+        default=MAX_CAPTIONS_PER_IMAGE,
+        metadata={
+            "help": "Score the first N non-empty captions of each image, as the COCO / Flickr30k protocols (5); 0: all."
+        },
+    )
+    k_values: list[int] = field(
+        default_factory=lambda: list(RETRIEVAL_K),
+        metadata={"help": "The recall cut-offs k (R@k of both directions)."},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,11 +527,11 @@ def zero_shot_classification(
     model,
     processor,
     data,
-    templates: str | Sequence[str] | None = AUTO_TEMPLATES,
-    class_names=None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    split: str | None = None,
+    templates: str | Sequence[str] | None = ZeroShotEvalArguments.templates,
+    class_names=ZeroShotEvalArguments.class_names,
+    batch_size: int = ZeroShotEvalArguments.batch_size,
+    device: str | torch.device | None = ZeroShotEvalArguments.device,
+    split: str | None = ZeroShotEvalArguments.split,
     return_predictions: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -613,12 +678,12 @@ def image_text_retrieval(
     model,
     processor,
     data,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
+    batch_size: int = RetrievalEvalArguments.batch_size,
+    device: str | torch.device | None = RetrievalEvalArguments.device,
     k_values: Sequence[int] = RETRIEVAL_K,
-    split: str | None = None,
+    split: str | None = RetrievalEvalArguments.split,
     progress: bool = True,
-    max_captions_per_image: int | None = MAX_CAPTIONS_PER_IMAGE,
+    max_captions_per_image: int | None = RetrievalEvalArguments.max_captions_per_image,
 ) -> dict[str, Any]:
     """Image->text and text->image retrieval recall@k of a CLIP-like model on captioned images.
 
@@ -711,60 +776,6 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-@dataclass
-class EvalArguments:
-    model: str = field(metadata={"help": "CLIP-like model: a local folder or Hub id."})
-    data: str = field(metadata={"help": "Image folder (imagefolder layout) to evaluate on."})
-    output: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON file for the results (default: MODEL/eval_<task>.json for a local MODEL folder, "
-            "else ./eval_<task>.json)."
-        },
-    )
-    batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
-    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
-    dtype: str | None = field(default=None, metadata={"help": "Model dtype, e.g. bfloat16 (default: as saved)."})
-    split: str | None = field(default=None, metadata={"help": "Split, when the data has several (default: test)."})
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the model code shipped in the model folder or repo. hf-moe's own models do not need it "
-            "where hf-moe is installed; only pass it for code you trust."
-        },
-    )
-
-
-@dataclass
-class ZeroShotEvalArguments(EvalArguments):
-    class_names: str | None = field(
-        default=None,
-        metadata={
-            "help": f"Class names: {', '.join(CLASS_NAME_SETS)} (shipped; class folders matched by WordNet id such "
-            "as n01440764, label id or name), or a file: one name per line in folder order, or JSON mapping "
-            "folder -> name. Default: the folder names, with ImageNet synset folders mapped to OpenAI's names."
-        },
-    )
-    templates: str = field(
-        default=AUTO_TEMPLATES,
-        metadata={
-            "help": "Prompt templates: 'auto' (OpenAI's 80 ImageNet templates with the ImageNet class names, "
-            "else 'default'), 'default' (8), 'imagenet' (OpenAI's 80) or a text file with one template per line, "
-            "'{}' standing for the class name."
-        },
-    )
-
-
-@dataclass
-class RetrievalEvalArguments(EvalArguments):
-    max_captions_per_image: int = field(
-        default=MAX_CAPTIONS_PER_IMAGE,
-        metadata={
-            "help": "Score the first N non-empty captions of each image, as the COCO / Flickr30k protocols (5); 0: all."
-        },
-    )
-
-
 EVAL_TASKS = {
     "zero-shot": (ZeroShotEvalArguments, "Zero-shot classification top-1 accuracy on class sub-folders."),
     "retrieval": (RetrievalEvalArguments, "Image<->text retrieval R@1/5/10 on a captioned image folder."),
@@ -825,6 +836,8 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     else:
         if args.max_captions_per_image < 0:
             raise ValueError(f"--max_captions_per_image must be >= 0 (0: all), got {args.max_captions_per_image}.")
+        if not args.k_values or min(args.k_values) < 1:
+            raise ValueError(f"--k_values must be positive integers, got {args.k_values}.")
         captions_of(dataset, args.max_captions_per_image)
 
     model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, **load_kwargs)
@@ -848,6 +861,7 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
             dataset,
             batch_size=args.batch_size,
             device=device,
+            k_values=args.k_values,
             max_captions_per_image=args.max_captions_per_image,
         )
     options = {key: value for key, value in asdict(args).items() if key not in ("model", "data", "output")}

@@ -123,15 +123,34 @@ READERS: dict[str, Callable[[str | Path], list[CaptionedImage]]] = {
 }
 
 
+@dataclass
+class PrepareArguments:
+    """The options of `hf-moe prepare` and the keyword defaults of `prepare_captioned_folder` (declared once, here)."""
+
+    annotations: str = field(
+        metadata={"help": "The caption file: COCO captions_val2017.json, or Flickr30k results_20130124.token."}
+    )
+    images: str = field(metadata={"help": "The image folder the annotations refer to (val2017/, flickr30k-images/)."})
+    output_dir: str = field(metadata={"help": "The captioned image folder to write."})
+    skip_missing: bool = field(
+        default=False, metadata={"help": "Leave out annotated images missing from --images instead of refusing."}
+    )
+    copy_images: bool = field(
+        default=False,
+        metadata={"help": "Copy the images (default: symlink them, or hard-link them where symlinks fail)."},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
+
+
 def prepare_captioned_folder(
     dataset: str,
     annotations: str | Path,
     images: str | Path,
     output_dir: str | Path,
     *,
-    skip_missing: bool = False,
-    copy_images: bool = False,
-    overwrite: bool = False,
+    skip_missing: bool = PrepareArguments.skip_missing,
+    copy_images: bool = PrepareArguments.copy_images,
+    overwrite: bool = PrepareArguments.overwrite,
 ) -> Path:
     """Write the captioned image folder of `dataset` (`"coco"` or `"flickr30k"`) to `output_dir`, atomically.
 
@@ -200,23 +219,6 @@ def _link(source: Path, target: Path) -> None:
             raise OSError(
                 f"Could not link {source} into the output folder ({err}); pass --copy_images to copy the images."
             ) from err
-
-
-@dataclass
-class PrepareArguments:
-    annotations: str = field(
-        metadata={"help": "The caption file: COCO captions_val2017.json, or Flickr30k results_20130124.token."}
-    )
-    images: str = field(metadata={"help": "The image folder the annotations refer to (val2017/, flickr30k-images/)."})
-    output_dir: str = field(metadata={"help": "The captioned image folder to write."})
-    skip_missing: bool = field(
-        default=False, metadata={"help": "Leave out annotated images missing from --images instead of refusing."}
-    )
-    copy_images: bool = field(
-        default=False,
-        metadata={"help": "Copy the images (default: symlink them, or hard-link them where symlinks fail)."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -28,6 +28,12 @@ class UpcycleClipArguments:
     long_text: bool = field(default=False, metadata={"help": "Stretch text positions 77 -> 248 (Long-CLIP)."})
     expert_dropout: float = field(default=0.0, metadata={"help": "Dropout inside experts (0.1 for router training)."})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Balance-loss weight."})
+    text_moe_layers: list[int] | None = field(
+        default=None, metadata={"help": "Indices of the text blocks that become MoE (default: all).", "nargs": "+"}
+    )
+    vision_moe_layers: list[int] | None = field(
+        default=None, metadata={"help": "Indices of the vision blocks that become MoE (default: all).", "nargs": "+"}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the random router initialisation."})
     dtype: str = field(
         default="auto",

@@ -84,7 +84,12 @@ MCL_NOT_RESULT_OPTIONS = {"data", "feature_batch_size", "feature_shard_size", "t
 
 @torch.inference_mode()
 def extract_features(
-    model: CLIPModel, dataset, collator, output_dir: Path, batch_size: int = 256, shard_size: int = 8192
+    model: CLIPModel,
+    dataset,
+    collator,
+    output_dir: Path,
+    batch_size: int = MCLArguments.feature_batch_size,
+    shard_size: int = MCLArguments.feature_shard_size,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image and text features of every row of `dataset`, in row order.
 
@@ -126,8 +131,8 @@ def extract_features(
 def joint_cluster_labels(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
-    image_clusters: int = 3,
-    text_clusters: int = 3,
+    image_clusters: int = MCLArguments.image_clusters,
+    text_clusters: int = MCLArguments.text_clusters,
     seed=0,
     method: str = "kmeans",
 ) -> torch.Tensor:

@@ -44,6 +44,39 @@ DEFAULT_OUTPUT_NAME = "mode_report.csv"
 
 
 @dataclass
+class ReportArguments:
+    """The options of `hf-moe mode report`; `evaluate_task` reads its keyword defaults from here (declared once)."""
+
+    model: str = field(metadata={"help": "MoDE model: a folder of `hf-moe mode build` or a Hub id."})
+    tasks: list[str] = field(metadata={"help": "Class-folder image sets (as `hf-moe eval zero-shot` takes)."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": f"CSV file (default: MODEL/{DEFAULT_OUTPUT_NAME} for a local MODEL, else ./{DEFAULT_OUTPUT_NAME})."
+        },
+    )
+    task_names: list[str] | None = field(
+        default=None, metadata={"help": "The `dataset` cell of each task, in --tasks order (default: folder names)."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Class names as `hf-moe eval zero-shot --class_names` takes them: one value for every task, or "
+            "one per task in --tasks order ('folders': the folder names). Default: the folder names."
+        },
+    )
+    templates: str = field(
+        default=AUTO_TEMPLATES,
+        metadata={
+            "help": "Prompt templates, for the experts and the clustering encoder alike: 'auto', 'default', 'imagenet' "
+            "or a text file with one template per line ('{}' for the class name); see `hf-moe eval zero-shot`."
+        },
+    )
+    batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
+
+
+@dataclass
 class TaskReport:
     """One task's report row (`row`: column -> value), the task weights used for `ensemble` (`(num_experts,)`) and
     the predicted label of every image under each prediction column (`expert-k`, `all_unit`, `ensemble`)."""
@@ -58,9 +91,9 @@ def evaluate_task(
     processor,
     data,
     class_names=None,
-    templates: str | Sequence[str] | None = AUTO_TEMPLATES,
-    batch_size: int = 64,
-    device=None,
+    templates: str | Sequence[str] | None = ReportArguments.templates,
+    batch_size: int = ReportArguments.batch_size,
+    device=ReportArguments.device,
     name: str | None = None,
     progress: bool = True,
 ) -> TaskReport:
@@ -145,37 +178,6 @@ def write_report(rows: Sequence[dict], path: str | Path) -> Path:
     with atomic_output_file(path) as tmp:
         tmp.write_text(buffer.getvalue())
     return path
-
-
-@dataclass
-class ReportArguments:
-    model: str = field(metadata={"help": "MoDE model: a folder of `hf-moe mode build` or a Hub id."})
-    tasks: list[str] = field(metadata={"help": "Class-folder image sets (as `hf-moe eval zero-shot` takes)."})
-    output: str | None = field(
-        default=None,
-        metadata={
-            "help": f"CSV file (default: MODEL/{DEFAULT_OUTPUT_NAME} for a local MODEL, else ./{DEFAULT_OUTPUT_NAME})."
-        },
-    )
-    task_names: list[str] | None = field(
-        default=None, metadata={"help": "The `dataset` cell of each task, in --tasks order (default: folder names)."}
-    )
-    class_names: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Class names as `hf-moe eval zero-shot --class_names` takes them: one value for every task, or "
-            "one per task in --tasks order ('folders': the folder names). Default: the folder names."
-        },
-    )
-    templates: str = field(
-        default=AUTO_TEMPLATES,
-        metadata={
-            "help": "Prompt templates, for the experts and the clustering encoder alike: 'auto', 'default', 'imagenet' "
-            "or a text file with one template per line ('{}' for the class name); see `hf-moe eval zero-shot`."
-        },
-    )
-    batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
-    device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
 
 
 # `--class_names folders` for one task among several: that task keeps its folder names.

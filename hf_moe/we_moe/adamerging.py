@@ -25,6 +25,7 @@ any `--gradient_accumulation_steps` and number of processes (see `hf_moe.we_moe.
 
 import copy
 import json
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,10 @@ from ..merging import (
     layer_index,
     vision_tower_module,
 )
+
+
+if typing.TYPE_CHECKING:  # for the annotation only: `adamerging` imports tta's parts when it runs, as below
+    from .tta import TTATrainingArguments
 
 
 logger = logging.get_logger(__name__)
@@ -209,7 +214,7 @@ class AdaMergingScriptArguments:
         return self.pretrained
 
 
-def adamerging(script_args: AdaMergingScriptArguments, training_args) -> Path:
+def adamerging(script_args: AdaMergingScriptArguments, training_args: "TTATrainingArguments") -> Path:
     """Learn the AdaMerging coefficients of `script_args.finetuned` on the unlabeled `script_args.tasks`, and write
     the merged `CLIPModel` with the processor, a model card and the coefficients (`adamerging_coefficients.json`) to
     `training_args.output_dir`. Resumable as `hf-moe tta-wemoe` (same job record and checkpoints).

@@ -2,7 +2,7 @@
 without importing torch or transformers; each command imports its module when it runs.
 
     hf-moe merge-wemoe BASE FINETUNED [FINETUNED ...] --output_dir DIR [--init_lambda 0.3 --router_depth 2
-        --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ...]
+        --shared_router --prune_ratio 0.9 --svd_rank_fraction F --task_names NAME ... --moe_layers I ...]
         [--dtype auto|float32|bfloat16|float16] [--max_shard_size 5GB]
     hf-moe wemoe-params --model MODEL     (or MODEL alone)
 
@@ -42,6 +42,14 @@ class MergeWEMoEArguments:
     )
     batch_reduce: bool = field(
         default=False, metadata={"help": "One merge per batch (transductive); default: per-sample routing."}
+    )
+    moe_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Indices of the blocks that become WEMoE blocks (default: all); the others get the "
+            "task-arithmetic MLP.",
+            "nargs": "+",
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the router initialisation."})
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPES})
