@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging
 
+from ..arguments import HubArguments
+from ..cards import CardSpec, Usage, command_line
 from ..checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
     StreamedModel,
@@ -27,8 +29,6 @@ from ..checkpoint_io import (
     planned_state_dict,
     resolve_dtype,
 )
-from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, clip_usage_head, save_model_folder
 from ..merging import (
     CheckpointTaskVectors,
     clip_vision_kind,
@@ -39,6 +39,7 @@ from ..merging import (
 )
 from ..modeling.configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
 from ..modeling.modeling_we_moe import MLP_PARAMETER_NAMES, TASK_VECTOR_STORAGE, WEMoECLIPModel, WEMoECLIPVisionModel
+from ..publish import check_destination, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -73,11 +74,7 @@ def merge_wemoe(
     dtype: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     return_model: bool = True,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    license: str | None = None,
+    hub: HubArguments | None = None,
 ):
     """Build a WEMoE / E-WEMoE from a dense CLIPModel or CLIPVisionModel and its fine-tunes (hf-moe models refused).
 
@@ -106,8 +103,9 @@ def merge_wemoe(
             "float32", "bfloat16" or "float16". Task vectors, pruning and SVD are computed in float32 per tensor.
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
-        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
-            their cards state one (`hf_moe.hub.write_model_card`).
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's, default the base models' own where their
+            cards state one). Default: no push.
 
     The checkpoints are read one tensor at a time and the model written tensor by tensor
     (`hf_moe.checkpoint_io`): memory holds the task vectors of one MLP tensor at a time, never the models.
@@ -117,15 +115,14 @@ def merge_wemoe(
         card); None when `return_model=False`.
     """
     finetuned = list(finetuned)
-    kind, base_config, vision_config, hub_model_id = check_merge_wemoe(
+    kind, base_config, vision_config, hub = check_merge_wemoe(
         pretrained,
         finetuned,
         output_dir,
         task_names,
         overwrite=overwrite,
         dtype=dtype,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
+        hub=hub,
         init_lambda=init_lambda,
         router_depth=router_depth,
         shared_router=shared_router,
@@ -150,17 +147,14 @@ def merge_wemoe(
         model, produce = build_wemoe(
             kind, base_config, vision_config, base, source, init_lambda=init_lambda, seed=seed, dtype=dtype
         )
-        save_model_folder(
+        write_model(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
-            load_processor(pretrained),
             output_dir,
+            card=wemoe_card(pretrained, finetuned, output_dir, kind, vision_config, options),
+            processor=load_processor(pretrained),
+            hub=hub,
             overwrite=overwrite,
-            card=wemoe_card(pretrained, finetuned, output_dir, kind, vision_config, options, hub_model_id, license),
             inputs=[pretrained, *finetuned],
-            push_to_hub=push_to_hub,
-            hub_model_id=hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
         )
         source.warn_identical()
     finally:
@@ -188,14 +182,13 @@ def check_merge_wemoe(
     *,
     overwrite,
     dtype,
-    push_to_hub,
-    hub_model_id,
+    hub,
     **we_moe_options,
-) -> tuple[str, object, WEMoEVisionConfig, str | None]:
+) -> tuple[str, object, WEMoEVisionConfig, HubArguments]:
     """Every check that reads no weights, before anything is written: the options, the output folder and Hub repo,
     the inputs' configs (`we_moe_options`: the `WEMoEVisionConfig` fields the caller sets). Returns `(kind,
-    base_config, vision_config, hub_model_id)`: the `clip_vision_kind` of `pretrained`, its config, the WEMoE vision
-    config to build and the repo to push to."""
+    base_config, vision_config, hub)`: the `clip_vision_kind` of `pretrained`, its config, the WEMoE vision config
+    to build and `hub` with the repo to push to (`hf_moe.publish.check_destination`)."""
     if not finetuned:
         raise ValueError("merge_wemoe needs at least one FINETUNED model (one per task).")
     finite = ("init_lambda", "prune_ratio", "svd_rank_fraction")
@@ -212,8 +205,7 @@ def check_merge_wemoe(
         prune_ratio=0.9 if prune_ratio is None else prune_ratio,
     )
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
-    check_output_dir(output_dir, overwrite, inputs=[pretrained, *finetuned])
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    hub = check_destination(output_dir, overwrite, [pretrained, *finetuned], hub)
     warn_input_mistakes(pretrained, finetuned, task_names=task_names)
     # Configs are read and compared first (also in open_for_merge), so bad options cost no weight reading.
     kind, base_config = clip_vision_kind(pretrained)
@@ -224,7 +216,7 @@ def check_merge_wemoe(
     except Exception as err:  # @strict validation errors (not ValueErrors): name the option at fault in one line
         cause = err.__cause__ or err
         raise ValueError(f"Invalid WEMoE option: {' '.join(str(cause).split())}") from err
-    return kind, base_config, vision_config, hub_model_id
+    return kind, base_config, vision_config, hub
 
 
 def build_wemoe(kind: str, base_config, vision_config, base, source, *, init_lambda: float, seed: int, dtype: str):
@@ -254,26 +246,50 @@ def build_wemoe(kind: str, base_config, vision_config, base, source, *, init_lam
     return model, wemoe_producer(sources, base, source, merged, initial_value, vision_config, output_dtype)
 
 
-def wemoe_card(pretrained, finetuned, output_dir, kind, vision_config, options, hub_model_id, license) -> dict:
-    """The model card's `write_model_card` keywords: what a WEMoE is, how this one was built, its usage."""
-    model_name = hub_model_id or Path(output_dir).name
-    return {
-        "base_model": [str(pretrained), *map(str, finetuned)],
-        "how_built": wemoe_how_built(
-            pretrained, finetuned, vision_config.task_names, vision_config, options, output_dir
-        ),
-        "tags": ["we-moe", "e-we-moe" if vision_config.shared_router else "we-moe-router", "model-merging", "clip"],
-        "model_name": model_name,
-        "license": license,
-        "description": (
-            "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with "
-            "[hf-moe](https://github.com/hf-moe/hf-moe): the fine-tuned models' task vectors are mixed per "
-            "input by routers in every MLP (Tang et al., 2024; "
-            "E-WEMoE: Shen et al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
-        ),
-        "pipeline_tag": "zero-shot-image-classification" if kind == "CLIPModel" else "image-feature-extraction",
-        "usage": wemoe_usage(model_name) if kind == "CLIPModel" else wemoe_vision_usage(model_name),
-    }
+WEMOE_DESCRIPTION = (
+    "A weight-ensembling mixture-of-experts (WEMoE) CLIP built with [hf-moe](https://github.com/hf-moe/hf-moe): the "
+    "fine-tuned models' task vectors are mixed per input by routers in every MLP (Tang et al., 2024; E-WEMoE: Shen et "
+    "al., 2024). Train the routers on unlabeled data with `hf-moe tta-wemoe`."
+)
+# Zero-shot classification with a WEMoE CLIP, its routing weights (one mix of the tasks per image) and the pipeline.
+WEMOE_USAGE = Usage(
+    body=(
+        'labels = ["a photo of a cat", "a photo of a dog"]',
+        'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
+        "with torch.no_grad():",
+        "    outputs = model(**inputs, output_routing_weights=True)",
+        "print(dict(zip(labels, outputs.logits_per_image.softmax(dim=-1)[0].tolist())))",
+        "# Per WEMoE block, the weight of each task vector for this image:",
+        "print(outputs.routing_weights[0])",
+        "",
+        'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
+        "print(classifier(image, candidate_labels=labels))",
+    )
+)
+# A WEMoE vision tower: its image features and routing weights (its image processor is a plain CLIP one).
+WEMOE_VISION_USAGE = Usage(
+    processor_class="AutoImageProcessor",
+    processor_remote_code=False,
+    pipeline=False,
+    body=(
+        "with torch.no_grad():",
+        '    outputs = model(**processor(images=image, return_tensors="pt"), output_routing_weights=True)',
+        "print(outputs.pooler_output.shape, outputs.routing_weights[0])",
+    ),
+)
+
+
+def wemoe_card(pretrained, finetuned, output_dir, kind: str, vision_config, options: dict) -> CardSpec:
+    """The card of a merged WEMoE: what it is, how it was built (`wemoe_how_built`), its usage."""
+    clip = kind == "CLIPModel"
+    return CardSpec(
+        base_model=[str(pretrained), *map(str, finetuned)],
+        how_built=wemoe_how_built(pretrained, finetuned, vision_config.task_names, vision_config, options, output_dir),
+        tags=("we-moe", "e-we-moe" if vision_config.shared_router else "we-moe-router", "model-merging", "clip"),
+        description=WEMOE_DESCRIPTION,
+        pipeline_tag="zero-shot-image-classification" if clip else "image-feature-extraction",
+        usage=WEMOE_USAGE if clip else WEMOE_VISION_USAGE,
+    )
 
 
 def wemoe_sources(specs: dict, tower_prefix: str, base, merged_keys: set, vision_config) -> dict[str, tuple]:
@@ -387,12 +403,8 @@ def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, o
     elif vision_config.task_vector_format == "svd":
         storage = f"truncated SVD ({vision_config.svd_rank_fraction:.0%} of singular values), stored as factors"
     router = "one router shared by all blocks (E-WEMoE)" if vision_config.shared_router else "one router per block"
-    command = ["hf-moe", "merge-wemoe", str(pretrained), *map(str, finetuned), "--output_dir", str(output_dir)]
-    for key, value in options.items():
-        if value is None or value is False:
-            continue
-        command += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    command += ["--task_names", *task_names]
+    command = command_line("merge-wemoe", [pretrained, *finetuned], {"output_dir": output_dir, **options})
+    command += " " + " ".join(["--task_names", *task_names])
     return (
         f"**WEMoE merge** of {len(finetuned)} fine-tuned model(s) of `{pretrained}`: non-MLP weights by task "
         f"arithmetic (lambda = {vision_config.init_lambda}); the MLPs of blocks {vision_config.moe_layer_indices()} "
@@ -400,43 +412,10 @@ def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, o
         f"routers ({router}) initialised so every task starts at {vision_config.init_lambda} (seed "
         f"{options['seed']}); routing per sample"
         + (" averaged over the batch (batch_reduce)" if vision_config.batch_reduce else "")
-        + f". Text tower and processor from `{pretrained}`.\n\nTasks:\n\n{listed}\n\n```bash\n{' '.join(command)}\n```"
+        + f". Text tower and processor from `{pretrained}`.\n\nTasks:\n\n{listed}\n\n```bash\n{command}\n```"
     )
 
 
 def wemoe_usage(model_id: str) -> str:
-    """Zero-shot classification with a WEMoE CLIP, its routing weights (one mix of the tasks per image) and the
-    pipeline; `trust_remote_code=True` on the processor too, which reads the remote-code config."""
-    return "\n".join(
-        [
-            *clip_usage_head(model_id),
-            'labels = ["a photo of a cat", "a photo of a dog"]',
-            'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
-            "with torch.no_grad():",
-            "    outputs = model(**inputs, output_routing_weights=True)",
-            "print(dict(zip(labels, outputs.logits_per_image.softmax(dim=-1)[0].tolist())))",
-            "# Per WEMoE block, the weight of each task vector for this image:",
-            "print(outputs.routing_weights[0])",
-            "",
-            'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
-            "print(classifier(image, candidate_labels=labels))",
-        ]
-    )
-
-
-def wemoe_vision_usage(model_id: str) -> str:
-    return "\n".join(
-        [
-            "import torch",
-            "from PIL import Image",
-            "from transformers import AutoImageProcessor, AutoModel",
-            "",
-            f"model_id = {model_id!r}",
-            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
-            "processor = AutoImageProcessor.from_pretrained(model_id)",
-            'image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")',
-            "with torch.no_grad():",
-            '    outputs = model(**processor(images=image, return_tensors="pt"), output_routing_weights=True)',
-            "print(outputs.pooler_output.shape, outputs.routing_weights[0])",
-        ]
-    )
+    """The WEMoE CLIP card's snippet for `model_id` (`WEMOE_USAGE`)."""
+    return WEMOE_USAGE.code(model_id)

@@ -68,7 +68,7 @@ def merge_wemoe_command(argv: list[str]) -> None:
     parser.add_argument("pretrained", metavar="BASE", help="Pretrained CLIP (Hub id or folder).")
     parser.add_argument("finetuned", nargs="+", metavar="FINETUNED", help="Fine-tunes of BASE, one per task.")
     args, hub_args, positional = parse_command_line(parser, argv)
-    merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), **vars(hub_args), return_model=False)
+    merge_wemoe(positional.pretrained, positional.finetuned, **vars(args), hub=hub_args, return_model=False)
     print(f"Merged {len(positional.finetuned)} fine-tuned model(s) into the WEMoE model {args.output_dir}")
 
 
