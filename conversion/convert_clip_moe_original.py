@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from ..arguments import HubArguments
+from ..cards import CardSpec, command_line
 from ..checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
     LazyCheckpoint,
@@ -26,16 +28,11 @@ from ..checkpoint_io import (
     planned_state_dict,
     resolve_dtype,
 )
-from ..fileio import check_output_dir
-from ..hub import check_hub_model_id
+from ..loading import load_clip_processor
 from ..modeling import CLIPMoEModel
 from ..modeling.configuration_clip_moe import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_TEXT_LENGTH
-from .upcycle_clip import (
-    clip_moe_config_from_dense,
-    command_line,
-    load_dense_clip_config,
-    save_with_processor,
-)
+from ..publish import check_destination, write_model
+from .upcycle_clip import clip_moe_config_from_dense, load_dense_clip_config
 
 
 logger = logging.get_logger(__name__)
@@ -209,11 +206,7 @@ def convert_clip_moe_original(
     dtype: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     return_model: bool = True,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    license: str | None = None,
+    hub: HubArguments | None = None,
 ) -> CLIPMoEModel | None:
     """Convert an official CLIP-MoE `.pt` release into a CLIPMoEModel folder (safetensors + remote code + processor
     + model card). The release is memory-mapped and the output written tensor by tensor (`hf_moe.checkpoint_io`).
@@ -230,81 +223,86 @@ def convert_clip_moe_original(
             "bfloat16" or "float16".
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
-        push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
-            `hub_token` and, for a new repo, `hub_private_repo`.
-        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
-            their cards state one (`hf_moe.hub.write_model_card`).
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's, default the base model's own where its card
+            states one). Default: no push.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
-    check_output_dir(output_dir, overwrite, inputs=[checkpoint, base])
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    hub = check_destination(output_dir, overwrite, [checkpoint, base], hub)
     with open_original_checkpoint(checkpoint) as original:
-        num_experts, vision_layers, text_layers = moe_layout(original)
-        if top_k > num_experts:
-            raise ValueError(f"--top_k {top_k} is more than the {num_experts} experts of {checkpoint}.")
-        recipes = conversion_recipes(original, num_experts)
-        text_positions = recipes["text_model.embeddings.position_embedding.weight"][0][0]
-
-        dense_config = load_dense_clip_config(base)
-        config = clip_moe_config_from_dense(
-            dense_config,
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            long_text=text_positions == LONG_CLIP_TEXT_LENGTH,
-            text_moe_layers=text_layers,
-            vision_moe_layers=vision_layers,
-        )
-        config.text_config.max_position_embeddings = text_positions
-        output_dtype = resolve_dtype(dtype, checkpoint_dtype(None, original))
-        with torch.device("meta"):  # every weight comes from the release: no initialisation needed
-            model = CLIPMoEModel(config)
-        model = model.to(output_dtype).eval()
-        expected = planned_state_dict(model)
-        missing = sorted(expected.keys() - recipes.keys())
-        unexpected = sorted(recipes.keys() - expected.keys())
-        wrong_shape = [
-            f"{key}: checkpoint {tuple(recipes[key][0])} vs {base} architecture {tuple(expected[key].shape)}"
-            for key in expected.keys() & recipes.keys()
-            if recipes[key][0] != expected[key].shape
-        ]
-        if missing or unexpected or wrong_shape:
-            raise ValueError(
-                f"{checkpoint} does not fit the architecture of {base}: missing {missing[:10]}, "
-                f"unexpected {unexpected[:10]}, shape mismatches {wrong_shape[:10]}"
-            )
-
-        def produce(name: str) -> torch.Tensor:
-            _, keys, make = recipes[name]
-            return make(*(original.get(key) for key in keys)).to(output_dtype)
-
-        options = {"base": base, "top_k": top_k, **({"dtype": dtype} if dtype not in (None, "auto") else {})}
-        command = command_line("convert-clip-moe-original", [Path(checkpoint).name], options)
-        how_built = (
-            f"Converted from the official CLIP-MoE release file `{Path(checkpoint).name}` (OpenAI-CLIP naming) onto "
-            f"the architecture of `{base}`: {num_experts} experts per MoE block, top-{top_k} routing (the release "
-            f"does not record top-k; the paper uses 2), MoE blocks text {text_layers} and vision {vision_layers}, "
-            f"{text_positions} text positions.\n\n```bash\n{command}\n```"
-        )
-        card = {
-            "base_model": str(base),
-            "how_built": how_built,
-            "tags": ["clip-moe", "clip"],
-            "model_name": hub_model_id or Path(output_dir).name,
-            "license": license,
-        }
-        save_with_processor(
-            StreamedModel(model, produce, max_shard_size=max_shard_size),
-            base,
+        model, layout = build_converted(original, checkpoint, base, top_k, dtype, max_shard_size)
+        config = model.config
+        write_model(
+            model,
             output_dir,
-            overwrite,
-            card=card,
-            inputs=[checkpoint],
-            push_to_hub=push_to_hub,
-            hub_model_id=hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
+            card=converted_card(checkpoint, base, config, layout, dtype),
+            processor=load_clip_processor(base, config.text_config.max_position_embeddings),
+            hub=hub,
+            overwrite=overwrite,
+            inputs=[base, checkpoint],
         )
-    logger.info(f"Converted {checkpoint} ({num_experts} experts, top-{top_k}) to {output_dir}")
+    logger.info(f"Converted {checkpoint} ({layout[0]} experts, top-{top_k}) to {output_dir}")
     return CLIPMoEModel.from_pretrained(output_dir).eval() if return_model else None
+
+
+def build_converted(
+    original: LazyCheckpoint, checkpoint, base, top_k: int, dtype: str, max_shard_size: int | str
+) -> tuple[StreamedModel, tuple[int, list[int], list[int]]]:
+    """The CLIPMoEModel of the release on the architecture of `base`, on the meta device, each weight converted from
+    the release when it is written; and the release's layout (experts, vision and text MoE blocks). A release that
+    does not fit `base` is refused, naming the keys and shapes at fault."""
+    num_experts, vision_layers, text_layers = moe_layout(original)
+    if top_k > num_experts:
+        raise ValueError(f"--top_k {top_k} is more than the {num_experts} experts of {checkpoint}.")
+    recipes = conversion_recipes(original, num_experts)
+    text_positions = recipes["text_model.embeddings.position_embedding.weight"][0][0]
+
+    config = clip_moe_config_from_dense(
+        load_dense_clip_config(base),
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        long_text=text_positions == LONG_CLIP_TEXT_LENGTH,
+        text_moe_layers=text_layers,
+        vision_moe_layers=vision_layers,
+    )
+    config.text_config.max_position_embeddings = text_positions
+    output_dtype = resolve_dtype(dtype, checkpoint_dtype(None, original))
+    with torch.device("meta"):  # every weight comes from the release: no initialisation needed
+        model = CLIPMoEModel(config)
+    model = model.to(output_dtype).eval()
+    expected = planned_state_dict(model)
+    missing = sorted(expected.keys() - recipes.keys())
+    unexpected = sorted(recipes.keys() - expected.keys())
+    wrong_shape = [
+        f"{key}: checkpoint {tuple(recipes[key][0])} vs {base} architecture {tuple(expected[key].shape)}"
+        for key in expected.keys() & recipes.keys()
+        if recipes[key][0] != expected[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{checkpoint} does not fit the architecture of {base}: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}, shape mismatches {wrong_shape[:10]}"
+        )
+
+    def produce(name: str) -> torch.Tensor:
+        _, keys, make = recipes[name]
+        return make(*(original.get(key) for key in keys)).to(output_dtype)
+
+    return StreamedModel(model, produce, max_shard_size=max_shard_size), (num_experts, vision_layers, text_layers)
+
+
+def converted_card(checkpoint, base, config, layout: tuple[int, list[int], list[int]], dtype: str) -> CardSpec:
+    """The card of a converted release: where it came from, its layout and the command line that converts it."""
+    num_experts, vision_layers, text_layers = layout
+    top_k, text_positions = config.num_experts_per_tok, config.text_config.max_position_embeddings
+    options = {"base": base, "top_k": top_k, **({"dtype": dtype} if dtype not in (None, "auto") else {})}
+    command = command_line("convert-clip-moe-original", [Path(checkpoint).name], options)
+    how_built = (
+        f"Converted from the official CLIP-MoE release file `{Path(checkpoint).name}` (OpenAI-CLIP naming) onto "
+        f"the architecture of `{base}`: {num_experts} experts per MoE block, top-{top_k} routing (the release "
+        f"does not record top-k; the paper uses 2), MoE blocks text {text_layers} and vision {vision_layers}, "
+        f"{text_positions} text positions.\n\n```bash\n{command}\n```"
+    )
+    return CardSpec(base_model=str(base), how_built=how_built, tags=("clip-moe", "clip"))

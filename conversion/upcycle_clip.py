@@ -11,12 +11,16 @@
 """
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging
 
+from ..arguments import HubArguments
+from ..cards import CardSpec, command_line
 from ..checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
     LazyCheckpoint,
@@ -29,11 +33,10 @@ from ..checkpoint_io import (
     planned_state_dict,
     resolve_dtype,
 )
-from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, save_model_folder
-from ..loading import check_model_type, load_config
+from ..loading import check_model_type, load_clip_processor, load_config
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
+from ..publish import check_destination, refuse_hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -176,11 +179,7 @@ def upcycle_clip(
     dtype: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     return_model: bool = True,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    license: str | None = None,
+    hub: HubArguments | None = None,
     **moe_kwargs,
 ) -> CLIPMoEModel | None:
     """Upcycle one or several dense CLIP checkpoints into a CLIPMoEModel saved in `output_dir`.
@@ -206,17 +205,39 @@ def upcycle_clip(
             size with a `model.safetensors.index.json` (it does not change the memory used).
         return_model: Load the written model and return it; False returns None without reading it back (what the
             command line does: a real checkpoint need not be held in memory once written).
-        push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
-            `hub_token` and, for a new repo, `hub_private_repo` (as `TrainingArguments`).
-        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
-            their cards state one (`hf_moe.hub.write_model_card`).
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's, default the base models' own where their
+            cards state one). Default: no push.
         moe_kwargs: Further `CLIPMoEConfig` fields (`expert_dropout`, `router_aux_loss_coef`, ...) and
             per-tower `moe_layers` as `text_moe_layers` / `vision_moe_layers`.
 
     Returns:
         The upcycled model, loaded from `output_dir` (None when `return_model=False`).
     """
+    bases, num_experts = check_upcycle_options(bases, num_experts, top_k, dtype, moe_kwargs)
+    hub = check_destination(output_dir, overwrite, bases, hub)
+    with open_dense_bases(bases) as dense:
+        config = clip_moe_config_from_dense(
+            dense[0].config, num_local_experts=num_experts, num_experts_per_tok=top_k, long_text=long_text, **moe_kwargs
+        )
+        model = build_upcycled(dense, config, seed, dtype, max_shard_size)
+        write_model(
+            model,
+            output_dir,
+            card=upcycle_card(bases, config, seed, dtype, moe_kwargs),
+            processor=load_clip_processor(bases[0], config.text_config.max_position_embeddings),
+            hub=hub,
+            overwrite=overwrite,
+            inputs=bases,
+        )
+    logger.info(f"Saved a {num_experts}-expert top-{top_k} CLIP-MoE from {len(bases)} base(s) to {output_dir}")
+    return CLIPMoEModel.from_pretrained(output_dir).eval() if return_model else None
+
+
+def check_upcycle_options(bases, num_experts: int | None, top_k: int, dtype: str, moe_kwargs: dict):
+    """`upcycle_clip`'s checks that read no checkpoint: the bases as a list and the number of experts."""
     bases = [bases] if isinstance(bases, (str, Path)) else list(bases)
+    refuse_hub_keywords(moe_kwargs, "upcycle_clip")
     if not bases:
         raise ValueError("upcycle_clip needs at least one base checkpoint.")
     if len(bases) == 1 and num_experts is None:
@@ -231,9 +252,12 @@ def upcycle_clip(
         raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}.")
     check_finite_options(moe_kwargs, "upcycle-clip option")
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
-    check_output_dir(output_dir, overwrite, inputs=bases)
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    return bases, num_experts
 
+
+@contextmanager
+def open_dense_bases(bases: list) -> Iterator[list[DenseCLIP]]:
+    """The bases opened lazily (`DenseCLIP`, each named in errors), closed on exit whatever happens."""
     labels = (
         [f"base '{bases[0]}'"]
         if len(bases) == 1
@@ -243,91 +267,69 @@ def upcycle_clip(
     try:
         for base, label in zip(bases, labels):
             dense.append(DenseCLIP(base, label=label))
-    except BaseException:
+        yield dense
+    finally:
         for opened in dense:
             opened.close()
-        raise
-    try:
-        config = clip_moe_config_from_dense(
-            dense[0].config,
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            long_text=long_text,
-            **moe_kwargs,
-        )
-        problems = differing_shared_tensors(dense, [str(base) for base in bases])
-        if problems:
-            shown = "\n  ".join(problems[:20])
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ValueError(f"The bases must share every non-MLP weight, but:\n  {shown}{more}")
-        experts = dense if len(bases) > 1 else dense * num_experts
-        output_dtype = resolve_dtype(dtype, dense[0].dtype)
 
-        torch.manual_seed(seed)
-        model, initial_value = build_on_meta(lambda: CLIPMoEModel(config))
-        model = model.to(output_dtype).eval()
-        model.config.name_or_path = ""
-        sources = upcycled_sources(config, planned_state_dict(model), dense[0].specs)
 
-        def produce(name: str) -> torch.Tensor:
-            kind, key = sources[name]
-            if kind == "router":
-                return initial_value(name).to(output_dtype)
-            if kind == "experts":
-                read = {}  # sparse upcycling: one read per base, not per expert
-                for base in experts:
-                    if id(base) not in read:
-                        read[id(base)] = base.get(key)
-                return torch.stack([read[id(base)] for base in experts]).to(output_dtype)
-            tensor = dense[0].get(key)
-            if kind == "positions" and tensor.shape[0] != config.text_config.max_position_embeddings:
-                tensor = stretch_text_positions(tensor)
-            return tensor.to(output_dtype)
+def build_upcycled(
+    dense: list[DenseCLIP], config: CLIPMoEConfig, seed: int, dtype: str, max_shard_size: int | str
+) -> StreamedModel:
+    """The CLIPMoEModel of `config` on the meta device, each weight produced when it is written: expert i of every
+    block from the MLP of `dense[i]` (of the only base, for sparse upcycling), every other weight from the first
+    base (refused unless all bases share it), routers from their random initialisation under `seed`."""
+    problems = differing_shared_tensors(dense, [str(base.base) for base in dense])
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"The bases must share every non-MLP weight, but:\n  {shown}{more}")
+    experts = dense if len(dense) > 1 else dense * config.num_local_experts
+    output_dtype = resolve_dtype(dtype, dense[0].dtype)
 
-        options = {"num_experts": num_experts if len(bases) == 1 else None, "top_k": top_k, "long_text": long_text}
-        options.update({key: value for key, value in moe_kwargs.items() if key in CARD_OPTIONS})
-        if dtype not in (None, "auto"):
-            options["dtype"] = dtype
-        card = {
-            "base_model": [str(base) for base in bases],
-            "how_built": upcycle_how_built(
-                bases, config, seed, command_line("upcycle-clip", bases, options, seed=seed)
-            ),
-            "tags": ["clip-moe", "clip", "upcycling"],
-            "model_name": hub_model_id or Path(output_dir).name,
-            "license": license,
-        }
-        save_with_processor(
-            StreamedModel(model, produce, max_shard_size=max_shard_size),
-            bases[0],
-            output_dir,
-            overwrite,
-            card=card,
-            inputs=bases,
-            push_to_hub=push_to_hub,
-            hub_model_id=hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
-        )
-    finally:
-        for base in dense:
-            base.close()
-    logger.info(f"Saved a {num_experts}-expert top-{top_k} CLIP-MoE from {len(bases)} base(s) to {output_dir}")
-    return CLIPMoEModel.from_pretrained(output_dir).eval() if return_model else None
+    torch.manual_seed(seed)
+    model, initial_value = build_on_meta(lambda: CLIPMoEModel(config))
+    model = model.to(output_dtype).eval()
+    model.config.name_or_path = ""
+    sources = upcycled_sources(config, planned_state_dict(model), dense[0].specs)
+
+    def produce(name: str) -> torch.Tensor:
+        kind, key = sources[name]
+        if kind == "router":
+            return initial_value(name).to(output_dtype)
+        if kind == "experts":
+            read = {}  # sparse upcycling: one read per base, not per expert
+            for base in experts:
+                if id(base) not in read:
+                    read[id(base)] = base.get(key)
+            return torch.stack([read[id(base)] for base in experts]).to(output_dtype)
+        tensor = dense[0].get(key)
+        if kind == "positions" and tensor.shape[0] != config.text_config.max_position_embeddings:
+            tensor = stretch_text_positions(tensor)
+        return tensor.to(output_dtype)
+
+    return StreamedModel(model, produce, max_shard_size=max_shard_size)
 
 
 # `upcycle_clip` keyword arguments worth repeating in the card's command line (the rest are Python-only).
 CARD_OPTIONS = ("expert_dropout", "router_aux_loss_coef")
 
 
-def command_line(command: str, positional: list, options: dict, **more) -> str:
-    """The `hf-moe` command line that rebuilds a model, for its card (falsy flags and `None` left out)."""
-    parts = ["hf-moe", command, *map(str, positional)]
-    for key, value in {**options, **more}.items():
-        if value is None or value is False:
-            continue
-        parts += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    return " ".join(parts)
+def upcycle_card(bases: list, config: CLIPMoEConfig, seed: int, dtype: str, moe_kwargs: dict) -> CardSpec:
+    """The card of an upcycled model: its bases, the method and the command line that rebuilds it."""
+    options = {
+        "num_experts": config.num_local_experts if len(bases) == 1 else None,
+        "top_k": config.num_experts_per_tok,
+        "long_text": config.long_text,
+    }
+    options.update({key: value for key, value in moe_kwargs.items() if key in CARD_OPTIONS})
+    if dtype not in (None, "auto"):
+        options["dtype"] = dtype
+    return CardSpec(
+        base_model=[str(base) for base in bases],
+        how_built=upcycle_how_built(bases, config, seed, command_line("upcycle-clip", bases, options, seed=seed)),
+        tags=("clip-moe", "clip", "upcycling"),
+    )
 
 
 def upcycle_how_built(bases: list, config: CLIPMoEConfig, seed: int, command: str) -> str:
@@ -355,58 +357,3 @@ def upcycle_how_built(bases: list, config: CLIPMoEConfig, seed: int, command: st
         + (" (Long-CLIP stretched)" if config.long_text else "")
     )
     return f"{method}\n\n{towers}\n\n```bash\n{command}\n```"
-
-
-def save_with_processor(
-    model: CLIPMoEModel | StreamedModel,
-    base: str | Path | None,
-    output_dir: str | Path,
-    overwrite: bool,
-    *,
-    card: dict | None = None,
-    inputs: list = (),
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-) -> None:
-    """Write `model` (or a `StreamedModel`), the processor of `base` (its tokenizer truncating at the model's text
-    length) and, given `card` (`hf_moe.hub.write_model_card` keywords), a model card atomically to `output_dir`, so
-    the folder is complete for `pipeline()` and the Hub; then upload it to `hub_model_id` if `push_to_hub`.
-    `inputs`: local folders the output may not hold (see `hf_moe.fileio.check_output_dir`)."""
-    processor = None
-    if base is None:
-        logger.warning(f"No base folder is known, so {output_dir} gets no processor.")
-    else:
-        try:
-            processor = AutoProcessor.from_pretrained(base)
-            processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
-        except Exception as err:  # a bare weights folder: the model is still usable, just not through pipeline()
-            logger.warning(f"No processor could be loaded from '{base}' ({err}); the output folder will lack one.")
-    if card is not None and processor is None and card.get("usage") is None:
-        # Without a processor, neither AutoProcessor nor pipeline() can work from this folder.
-        card = {**card, "usage": model_only_usage(card.get("model_name") or Path(output_dir).name)}
-    save_model_folder(
-        model,
-        processor,
-        output_dir,
-        overwrite=overwrite,
-        card=card,
-        inputs=[base, *inputs],
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
-
-
-def model_only_usage(model_id: str) -> str:
-    return "\n".join(
-        [
-            "from transformers import AutoModel",
-            "",
-            f"model_id = {model_id!r}",
-            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
-            "# This folder has no processor: tokenize and preprocess with the base model's processor.",
-        ]
-    )

@@ -66,7 +66,7 @@ def upcycle_clip_command(argv: list[str]) -> None:
     )
     parser.add_argument("bases", nargs="+", metavar="BASE", help="Dense CLIP checkpoints (Hub ids or folders).")
     args, hub_args, positional = parse_command_line(parser, argv)
-    upcycle_clip(positional.bases, **vars(args), **vars(hub_args), return_model=False)
+    upcycle_clip(positional.bases, **vars(args), hub=hub_args, return_model=False)
     print(f"Upcycled {', '.join(positional.bases)} into {args.output_dir}")
 
 
@@ -83,7 +83,7 @@ def convert_clip_moe_original_command(argv: list[str]) -> None:
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Official CLIP-MoE .pt state dict.")
     args, hub_args, positional = parse_command_line(parser, argv)
-    convert_clip_moe_original(positional.checkpoint, **vars(args), **vars(hub_args), return_model=False)
+    convert_clip_moe_original(positional.checkpoint, **vars(args), hub=hub_args, return_model=False)
     print(f"Converted {positional.checkpoint} into {args.output_dir}")
 
 

@@ -31,11 +31,11 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers.utils import logging
 
-from ..conversion.upcycle_clip import save_with_processor
-from ..fileio import check_output_dir
-from ..hub import check_hub_model_id
-from ..loading import load_config, load_pretrained
+from ..arguments import HubArguments
+from ..cards import CardSpec
+from ..loading import load_clip_processor, load_config, load_pretrained
 from ..modeling import CLIPMoEModel
+from ..publish import check_destination, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -134,10 +134,7 @@ def merge_lora_into_folder(
     overwrite: bool = False,
     in_place: bool = False,
     dtype: torch.dtype | str | None = None,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
+    hub: HubArguments | None = None,
 ) -> CLIPMoEModel:
     """Merge LoRA adapters into their CLIP-MoE and save it as a plain `CLIPMoEModel` folder.
 
@@ -156,17 +153,40 @@ def merge_lora_into_folder(
         in_place: For a `PeftModel`: merge it in place (no copy of the model in memory; the `PeftModel` is
             unusable afterwards). By default a deep copy is merged and the `PeftModel` is left untouched.
         dtype: For an adapter folder: dtype of the saved model (merged in fp32 first); default the base's.
-        push_to_hub: Upload the written folder to `hub_model_id` (default: the name of `output_dir`), with
-            `hub_token` and, for a new repo, `hub_private_repo`.
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's). Default: no push.
 
     Returns:
         The merged `CLIPMoEModel` (also saved in `output_dir`), in eval mode.
     """
     is_folder = isinstance(peft_model_or_adapter_dir, (str, Path))
     inputs = [base_model_dir, peft_model_or_adapter_dir if is_folder else None]
-    check_output_dir(output_dir, overwrite, inputs=inputs)
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
-    if is_folder:
+    hub = check_destination(output_dir, overwrite, inputs, hub)
+    merged, base_model_dir, lora_config = merged_lora_model(peft_model_or_adapter_dir, base_model_dir, in_place, dtype)
+    card = CardSpec(
+        base_model=base_model_dir,
+        how_built=lora_how_built(lora_config, base_model_dir, peft_model_or_adapter_dir if is_folder else None),
+        tags=("clip-moe", "clip", "lora", "peft"),
+    )
+    write_model(
+        merged,
+        output_dir,
+        card=card,
+        processor=load_clip_processor(base_model_dir, merged.config.text_config.max_position_embeddings),
+        hub=hub,
+        overwrite=overwrite,
+        inputs=[base_model_dir, *inputs],
+    )
+    logger.info(f"Saved the merged CLIP-MoE to {output_dir}")
+    return merged
+
+
+def merged_lora_model(
+    peft_model_or_adapter_dir: PeftModel | str | Path, base_model_dir, in_place: bool, dtype
+) -> tuple[CLIPMoEModel, str | Path | None, LoraConfig]:
+    """The merged `CLIPMoEModel` (eval mode), the base it was merged into and the adapter's `LoraConfig`; refuses
+    anything but a CLIP-MoE, and a merge that left PEFT weights behind."""
+    if isinstance(peft_model_or_adapter_dir, (str, Path)):
         merged, base_model_dir = _merged_from_adapter_dir(Path(peft_model_or_adapter_dir), base_model_dir, dtype)
         lora_config = LoraConfig.from_pretrained(peft_model_or_adapter_dir)
     elif isinstance(peft_model_or_adapter_dir, PeftModel):
@@ -187,28 +207,7 @@ def merge_lora_into_folder(
     leftovers = [name for name in merged.state_dict() if any(part in name for part in PEFT_NAME_PARTS)]
     if leftovers:
         raise RuntimeError(f"PEFT weights survived merge_and_unload: {leftovers[:5]}")
-    merged.eval()
-
-    card = {
-        "base_model": base_model_dir,
-        "how_built": lora_how_built(lora_config, base_model_dir, peft_model_or_adapter_dir if is_folder else None),
-        "tags": ["clip-moe", "clip", "lora", "peft"],
-        "model_name": hub_model_id or Path(output_dir).name,
-    }
-    save_with_processor(
-        merged,
-        base_model_dir,
-        output_dir,
-        overwrite,
-        card=card,
-        inputs=inputs,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
-        hub_token=hub_token,
-        hub_private_repo=hub_private_repo,
-    )
-    logger.info(f"Saved the merged CLIP-MoE to {output_dir}")
-    return merged
+    return merged.eval(), base_model_dir, lora_config
 
 
 def lora_how_built(lora_config: LoraConfig | None, base_model_dir, adapter_dir) -> str:

@@ -34,13 +34,14 @@ from transformers.utils import logging
 
 from ..arguments import parse_command_line
 from ..clustering import cluster
-from ..conversion.upcycle_clip import save_with_processor, upcycle_clip
+from ..conversion.upcycle_clip import upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
 from ..evaluation import projected_embeddings
 from ..fileio import atomic_output_dir, atomic_output_file
-from ..loading import load_config, load_pretrained
+from ..loading import load_clip_processor, load_config, load_pretrained
 from ..modeling import stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
+from ..publish import write_model
 from ..training import (
     TrainingJob,
     input_fingerprint,
@@ -279,7 +280,13 @@ def save_stage0(base: str, output_dir: Path, long_text: bool, trust_remote_code:
         state_dict[key] = stretch_text_positions(state_dict[key])
         dense = CLIPModel(config)
         dense.load_state_dict(state_dict)
-    save_with_processor(dense, base, output_dir, overwrite=True)
+    save_stage(dense, base, output_dir)
+
+
+def save_stage(model: CLIPModel, base: str | Path, folder: Path) -> None:
+    """An MCL stage folder: the dense CLIP and the processor of `base`, its tokenizer at the model's text length."""
+    processor = load_clip_processor(base, model.config.text_config.max_position_embeddings)
+    write_model(model, folder, processor=processor, overwrite=True, inputs=[base])
 
 
 def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> Path:
@@ -411,7 +418,7 @@ def _train_stage(mcl_args, training_args, stage_dirs, stage, dataset, collator, 
     )
     train_from_last_checkpoint(trainer, run_dir, f"MCL stage {stage}")
     if trainer.is_world_process_zero():
-        save_with_processor(trainer.model, stage_dirs[0], stage_dirs[stage], overwrite=True)
+        save_stage(trainer.model, stage_dirs[0], stage_dirs[stage])
     PartialState().wait_for_everyone()
 
 
