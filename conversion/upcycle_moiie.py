@@ -9,9 +9,9 @@ model's. The processor's chat template is the tokenizer's own only if it renders
 `<image>`; otherwise (Phi-3's and Llama-3's own templates are text-only) the decoder's image-aware one
 (`CHAT_TEMPLATES`: the same special tokens and turn format), which the folder's tokenizer then shares.
 
-    hf-moe upcycle-moiie --llm microsoft/Phi-3-mini-4k-instruct --vision google/siglip-so400m-patch14-384 \
+    hf-moe upcycle-moiie --base microsoft/Phi-3-mini-4k-instruct --vision google/siglip-so400m-patch14-384 \
         --num_vision_experts 1 --num_shared_experts 2 --num_language_experts 1 --top_k 2 --output_dir moiie
-    hf-moe upcycle-moiie --llm my-dense-llava-phi3 --output_dir moiie      # a LlavaForConditionalGeneration folder
+    hf-moe upcycle-moiie --base my-dense-llava-phi3 --output_dir moiie     # a LlavaForConditionalGeneration folder
 """
 
 import copy
@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from ..arguments import HubArguments
+from ..cards import IMAGE_TEXT_TO_TEXT, IMAGE_TEXT_TO_TEXT_USAGE, CardSpec, command_line
 from ..checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
     LazyCheckpoint,
@@ -36,8 +38,6 @@ from ..checkpoint_io import (
     planned_state_dict,
     resolve_dtype,
 )
-from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, image_text_to_text_usage, save_model_folder
 from ..loading import check_safetensors_file, load_config
 from ..modeling import (
     MoIIEConfig,
@@ -48,6 +48,7 @@ from ..modeling import (
     num_image_tokens_of,
 )
 from ..modeling.processing_moiie import CHAT_TEMPLATES
+from ..publish import check_destination, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -259,11 +260,7 @@ def upcycle_moiie(
     dtype: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     return_model: bool = True,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    license: str | None = None,
+    hub: HubArguments | None = None,
 ) -> MoIIEForCausalLM | None:
     """Upcycle a dense Phi-3 or Llama + SigLIP (+ projector), or a dense LLaVA-style folder, into a MoIIE in
     `output_dir`.
@@ -290,9 +287,9 @@ def upcycle_moiie(
             with a `model.safetensors.index.json`.
         return_model: Load the written model and return it; False returns None without reading it back (the command
             line's choice: a real checkpoint need not be held in memory once written).
-        push_to_hub, hub_model_id, hub_token, hub_private_repo: As `TrainingArguments`.
-        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
-            their cards state one (`hf_moe.hub.write_model_card`).
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's, default the base models' own where their
+            cards state one). Default: no push.
 
     The checkpoints are read one tensor at a time and the MoIIE, built on the meta device (its routers replayed from
     `seed`), is written tensor by tensor (`hf_moe.checkpoint_io`): memory holds about one packed expert tensor, never
@@ -307,8 +304,7 @@ def upcycle_moiie(
         image_token_id=image_token_id,
         overwrite=overwrite,
         dtype=dtype,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
+        hub=hub,
         moe_layers=moe_layers,
         num_vision_experts=num_vision_experts,
         num_shared_experts=num_shared_experts,
@@ -327,17 +323,15 @@ def upcycle_moiie(
             seed,
             random_projector=(not plan.is_llava and projector is None),
         )
-        save_model_folder(
+        write_model(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
-            (None if plan.tokenizer is None else moiie_processor(plan.tokenizer, vision, config)) or _Files(llm),
             output_dir,
+            card=moiie_card(llm, vision, projector, plan, seed, dtype),
+            processor=(None if plan.tokenizer is None else moiie_processor(plan.tokenizer, vision, config))
+            or _Files(llm),
+            hub=plan.hub,
             overwrite=overwrite,
-            card=moiie_card(llm, vision, projector, output_dir, plan, seed, dtype, license),
             inputs=[llm, vision, projector],
-            push_to_hub=push_to_hub,
-            hub_model_id=plan.hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
         )
     finally:
         dense.close()
@@ -350,7 +344,7 @@ class UpcyclePlan:
     """What `check_upcycle_moiie` found, for the build and the card: the LLM's (or LLaVA's) config and its text
     config, the MoIIE config to build, the tokenizer (None: the LLM has none, or is a LLaVA folder) and whether
     `<image>` was added to it, the LM's embedding rows, the projector's tensors (None: none given) and the repo to
-    push to."""
+    push to (`hub`, as `hf_moe.publish.check_destination` fills it in)."""
 
     llm_config: object
     is_llava: bool
@@ -360,11 +354,11 @@ class UpcyclePlan:
     added_image_token: bool
     rows: int
     projector_state: dict | None
-    hub_model_id: str | None
+    hub: HubArguments
 
 
 def check_upcycle_moiie(
-    llm, vision, output_dir, *, projector, image_token_id, overwrite, dtype, push_to_hub, hub_model_id, **moe_fields
+    llm, vision, output_dir, *, projector, image_token_id, overwrite, dtype, hub, **moe_fields
 ) -> UpcyclePlan:
     """Every check before a weight is read and anything is written: the inputs' configs, the tokenizer's `<image>`,
     the MoIIE config (`moe_fields`: its MoE fields), the projector, the output folder and Hub repo."""
@@ -398,10 +392,9 @@ def check_upcycle_moiie(
         vision_feature_layer=feature_layer,
     )  # validates the MoE fields (top-k vs each router, moe_layers), naming the key
     projector_state = None if projector is None else checked_projector(projector, vision_config, text_config)
-    check_output_dir(output_dir, overwrite, inputs=[llm, vision, projector])
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    hub = check_destination(output_dir, overwrite, [llm, vision, projector], hub)
     return UpcyclePlan(
-        llm_config, is_llava, text_config, config, tokenizer, added_image_token, rows, projector_state, hub_model_id
+        llm_config, is_llava, text_config, config, tokenizer, added_image_token, rows, projector_state, hub
     )
 
 
@@ -511,28 +504,25 @@ def build_moiie(plan: UpcyclePlan, dense: DenseWeights, output_dtype, seed: int,
     return model, produce
 
 
-def moiie_card(llm, vision, projector, output_dir, plan: UpcyclePlan, seed: int, dtype: str, license) -> dict:
-    """The model card's `write_model_card` keywords: how this MoIIE was upcycled, its usage."""
-    config = plan.config
-    model_name = plan.hub_model_id or Path(output_dir).name
-    return {
-        "base_model": [str(x) for x in (llm, vision) if x is not None],
-        "how_built": how_built(
-            llm,
-            vision,
-            projector,
-            plan.is_llava,
-            config,
-            seed,
-            image_token_note(plan.added_image_token, config, plan.rows),
-            dtype=None if dtype in (None, "auto") else dtype,
-        ),
-        "tags": ["moiie", plan.text_config.model_type, "siglip", "vision-language", "upcycling"],
-        "pipeline_tag": "image-text-to-text",
-        "usage": usage(model_name),
-        "model_name": model_name,
-        "license": license,
-    }
+def moiie_card(llm, vision, projector, plan: UpcyclePlan, seed: int, dtype: str) -> CardSpec:
+    """The card of an upcycled MoIIE: how it was upcycled (`how_built`), its usage (a vision-language model's)."""
+    how = how_built(
+        llm,
+        vision,
+        projector,
+        plan.is_llava,
+        plan.config,
+        seed,
+        image_token_note(plan.added_image_token, plan.config, plan.rows),
+        dtype=None if dtype in (None, "auto") else dtype,
+    )
+    return CardSpec(
+        base_model=[str(x) for x in (llm, vision) if x is not None],
+        how_built=how,
+        tags=("moiie", plan.text_config.model_type, "siglip", "vision-language", "upcycling"),
+        pipeline_tag=IMAGE_TEXT_TO_TEXT,
+        usage=IMAGE_TEXT_TO_TEXT_USAGE,
+    )
 
 
 def lm_name(name: str) -> str | None:
@@ -723,27 +713,25 @@ def how_built(
         *([f"- {token_note}"] if token_note else []),
         "",
         "```bash",
-        command_line(llm, vision, projector, config, seed, dtype),
+        upcycle_command_line(llm, vision, projector, config, seed, dtype),
         "```",
     ]
     return "\n".join(lines)
 
 
-def command_line(llm, vision, projector, config: MoIIEConfig, seed: int, dtype: str | None = None) -> str:
-    parts = ["hf-moe upcycle-moiie", f"--llm {llm}"]
-    parts += [f"--vision {vision}"] if vision is not None else []
-    parts += [
-        f"--num_vision_experts {config.num_vision_experts}",
-        f"--num_shared_experts {config.num_shared_experts}",
-        f"--num_language_experts {config.num_language_experts}",
-        f"--top_k {config.num_experts_per_tok}",
-        f"--variant {config.variant}",
-    ]
-    parts += [f"--projector {projector}"] if projector is not None else []
-    parts += [f"--seed {seed}"] + ([f"--dtype {dtype}"] if dtype is not None else []) + ["--output_dir DIR"]
-    return " ".join(parts)
-
-
-def usage(model_id: str) -> str:
-    """The card snippet: `generate` from a chat prompt, then the image-text-to-text pipeline."""
-    return image_text_to_text_usage(model_id)
+def upcycle_command_line(llm, vision, projector, config: MoIIEConfig, seed: int, dtype: str | None = None) -> str:
+    """The `hf-moe upcycle-moiie` command that rebuilds the MoIIE, for its card."""
+    options = {
+        "llm": llm,
+        "vision": vision,
+        "num_vision_experts": config.num_vision_experts,
+        "num_shared_experts": config.num_shared_experts,
+        "num_language_experts": config.num_language_experts,
+        "top_k": config.num_experts_per_tok,
+        "variant": config.variant,
+        "projector": projector,
+        "seed": seed,
+        "dtype": dtype,
+        "output_dir": "DIR",
+    }
+    return command_line("upcycle-moiie", options=options)

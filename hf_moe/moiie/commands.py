@@ -61,7 +61,7 @@ def upcycle_moiie_command(argv: list[str]) -> None:
     args, hub_args = parse_command_line(parser, argv)
     options = vars(args)
     base, vision, output_dir = options.pop("base"), options.pop("vision"), options.pop("output_dir")
-    upcycle_moiie(base, vision, output_dir, **options, **vars(hub_args), return_model=False)
+    upcycle_moiie(base, vision, output_dir, **options, hub=hub_args, return_model=False)
     print(f"Upcycled {base} into the {args.variant} MoIIE model {output_dir}")
 
 
