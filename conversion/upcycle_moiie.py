@@ -722,7 +722,7 @@ def how_built(
 def upcycle_command_line(llm, vision, projector, config: MoIIEConfig, seed: int, dtype: str | None = None) -> str:
     """The `hf-moe upcycle-moiie` command that rebuilds the MoIIE, for its card."""
     options = {
-        "llm": llm,
+        "base": llm,
         "vision": vision,
         "num_vision_experts": config.num_vision_experts,
         "num_shared_experts": config.num_shared_experts,

@@ -169,7 +169,7 @@ def test_command_line(parts, tmp_path, capsys):
     )
     assert "vanilla MoIIE" in capsys.readouterr().out
     assert_same_logits(out, llava)
-    assert "hf-moe upcycle-moiie --llm" in (out / "README.md").read_text()
+    assert "hf-moe upcycle-moiie --base" in (out / "README.md").read_text()
 
 
 # ---- a Phi-3-like tokenizer without <image> ------------------------------------------------------------------------
