@@ -18,7 +18,6 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from test_convert_clip_moe_original import openai_naming
 from test_mode_build import write_clusters
-from test_mode_model import save_tiny_bert
 from test_moiie_train_command import run as train_moiie
 from test_moiie_training import SAMPLES
 from test_reliability_jobs import TRAINERS, _mcl, tta
@@ -31,7 +30,7 @@ from hf_moe.hub import add_eval_results, write_model_card
 from hf_moe.merging import merge_clip_vision
 from hf_moe.toy import save_toy_clip
 
-from helpers import BLOCK_HF_MOE
+from helpers import BLOCK_HF_MOE, save_tiny_bert
 
 
 # The inputs of the training runs (and the fixtures they come from), as tests/test_reliability_jobs.py makes them.
