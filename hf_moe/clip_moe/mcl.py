@@ -33,6 +33,7 @@ from transformers import AutoProcessor, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from ..arguments import parse_command_line
+from ..cards import CardSpec, options_table, write_training_card
 from ..clustering import cluster
 from ..conversion.upcycle_clip import upcycle_clip
 from ..data import ImageTextCollator, add_index_column, load_image_text_dataset
@@ -335,8 +336,6 @@ def run_mcl(mcl_args: MCLArguments, training_args: CLIPMoETrainingArguments) -> 
 
 def _build_moe(mcl_args, training_args, stage_dirs: list[Path], moe_dir: Path) -> None:
     """The CLIP-MoE of the stage checkpoints, with its model card, written atomically to `moe_dir`."""
-    from ..hub import write_model_card
-
     # upcycle_clip names the folder it writes, here the temporary one: its message gives way to one naming moe_dir.
     upcycle_logger = logging.get_logger(upcycle_clip.__module__)
     level = upcycle_logger.level
@@ -346,31 +345,28 @@ def _build_moe(mcl_args, training_args, stage_dirs: list[Path], moe_dir: Path) -
             upcycle_clip(stage_dirs, tmp, top_k=mcl_args.top_k, overwrite=True)
         finally:
             upcycle_logger.setLevel(level)
-        write_model_card(
-            tmp,
+        card = CardSpec(
             base_model=mcl_args.base,
             how_built=_how_built(mcl_args, training_args),
             tags=("clip", "clip-moe", "mcl"),
-            model_name=training_args.hub_model_id,
-            license=training_args.license,
             description=(
                 "A CLIP-MoE (Diversified Multiplet Upcycling) built with hf-moe: expert i of every block is the MLP "
                 f"of MCL stage i of {mcl_args.base}; the routers are untrained (train them with "
                 "`hf-moe train-router`)."
             ),
         )
+        write_training_card(tmp, training_args, card)
     logger.info(f"Built the {mcl_args.num_experts}-expert top-{mcl_args.top_k} CLIP-MoE of the MCL stages in {moe_dir}")
 
 
 def _how_built(mcl_args, training_args) -> str:
     options = result_options(mcl_args, training_args, exclude={"trust_remote_code"})
-    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
     return (
         f"`hf-moe mcl` (Multistage Contrastive Learning): stage 0 is `{mcl_args.base}`"
         f"{' with Long-CLIP text positions (248)' if mcl_args.long_text else ''}; each of the "
         f"{mcl_args.num_experts - 1} further stages fine-tunes a fresh copy of it (MLPs only) on batches drawn "
         f"from one accumulated ({mcl_args.image_clusters} image x {mcl_args.text_clusters} text) k-means cluster; "
-        f"expert i = stage i, top-{mcl_args.top_k} routing.\n\n| option | value |\n| --- | --- |\n{rows}"
+        f"expert i = stage i, top-{mcl_args.top_k} routing.\n\n{options_table(options)}"
     )
 
 

@@ -109,23 +109,16 @@ def train_router(script_args: RouterTrainingArguments, training_args: CLIPMoETra
 
 
 def _write_card(output_dir: Path, script_args, training_args) -> None:
-    from ..hub import write_model_card
+    from ..cards import CardSpec, options_table, write_training_card
 
     options = result_options(script_args, training_args, exclude={"trust_remote_code"})
-    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
-    write_model_card(
-        output_dir,
-        base_model=script_args.model,
-        how_built=(
-            f"`hf-moe train-router`: the routers of `{script_args.model}` trained on `{script_args.data}` (every "
-            "other weight frozen) with the CLIP contrastive loss plus the image and text balance losses "
-            f"(`--balance_loss_weights {training_args.balance_loss_weights}`).\n\n"
-            f"| option | value |\n| --- | --- |\n{rows}"
-        ),
-        tags=("clip", "clip-moe"),
-        model_name=training_args.hub_model_id,
-        license=training_args.license,
+    how_built = (
+        f"`hf-moe train-router`: the routers of `{script_args.model}` trained on `{script_args.data}` (every "
+        "other weight frozen) with the CLIP contrastive loss plus the image and text balance losses "
+        f"(`--balance_loss_weights {training_args.balance_loss_weights}`).\n\n{options_table(options)}"
     )
+    card = CardSpec(base_model=script_args.model, how_built=how_built, tags=("clip", "clip-moe"))
+    write_training_card(output_dir, training_args, card)
 
 
 def main(argv: list[str] | None = None) -> Path:

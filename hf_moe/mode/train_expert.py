@@ -189,28 +189,25 @@ def train_expert(script_args: DataExpertArguments, training_args: DataExpertTrai
 
 
 def _write_card(output_dir: Path, script_args, training_args, num_experts: int, rows, num_rows: int, steps: int):
-    from ..hub import write_model_card
+    from ..cards import CardSpec, options_table, write_training_card
 
     options = result_options(script_args, training_args, exclude={"trust_remote_code"})
-    table = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
-    write_model_card(
-        output_dir,
+    card = CardSpec(
         base_model=script_args.seed_model,
         how_built=(
             f"`hf-moe mode train-expert`: MoDE data expert {script_args.expert} of {num_experts}, the whole CLIP "
             f"`{script_args.seed_model}` trained for {steps} steps with the CLIP contrastive loss on the "
             f"{len(rows.own)} pairs of `{script_args.data}` whose fine cluster (clusters `{script_args.clusters}`) "
             f"belongs to expert {script_args.expert}, plus {len(rows.other)} pairs of the other experts (other share "
-            f"{script_args.other_share:g}), of {num_rows} pairs.\n\n| option | value |\n| --- | --- |\n{table}"
+            f"{script_args.other_share:g}), of {num_rows} pairs.\n\n{options_table(options)}"
         ),
         tags=("clip", "mode", "data-expert"),
-        model_name=training_args.hub_model_id,
-        license=training_args.license,
         description=(
             f"A CLIP data expert (MoDE: CLIP Data Experts via Clustering): expert {script_args.expert} of "
             f"{num_experts}, for `hf-moe mode build` to ensemble with the others."
         ),
     )
+    write_training_card(output_dir, training_args, card)
 
 
 def main(argv: list[str] | None = None) -> Path:

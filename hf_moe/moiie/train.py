@@ -158,10 +158,9 @@ def train_moiie(
 
 
 def _write_card(output_dir: Path, script_args, training_args, lora_args: MoIIELoraArguments) -> None:
-    from ..hub import write_model_card
+    from ..cards import IMAGE_TEXT_TO_TEXT, CardSpec, options_table, write_training_card
 
     options = result_options(script_args, training_args, lora_args, exclude={"trust_remote_code"})
-    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
     trained = {
         "pretrain": "the projector trained (stage 1), every other weight frozen",
         "finetune": "the MoE layers' experts and routers trained (stage 2, --moe_only)"
@@ -173,19 +172,17 @@ def _write_card(output_dir: Path, script_args, training_args, lora_args: MoIIELo
             f", the decoder's {lora_args.lora_target} weights through rank-{lora_args.lora_rank} LoRA adapters "
             "(merged into this model)"
         )
-    write_model_card(
-        output_dir,
-        base_model=script_args.model,
-        how_built=(
-            f"`hf-moe train-moiie --stage {training_args.stage}`: {trained} on `{script_args.data}` with the LM "
-            "loss plus the vision and language balance losses.\n\n"
-            f"| option | value |\n| --- | --- |\n{rows}"
-        ),
-        tags=("moiie", "image-text-to-text"),
-        pipeline_tag="image-text-to-text",
-        model_name=training_args.hub_model_id,
-        license=training_args.license,
+    how_built = (
+        f"`hf-moe train-moiie --stage {training_args.stage}`: {trained} on `{script_args.data}` with the LM "
+        f"loss plus the vision and language balance losses.\n\n{options_table(options)}"
     )
+    card = CardSpec(
+        base_model=script_args.model,
+        how_built=how_built,
+        tags=("moiie", IMAGE_TEXT_TO_TEXT),
+        pipeline_tag=IMAGE_TEXT_TO_TEXT,
+    )
+    write_training_card(output_dir, training_args, card)
 
 
 def main(argv: list[str] | None = None) -> Path:

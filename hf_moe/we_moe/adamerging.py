@@ -224,8 +224,8 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args: "TTATraini
     refused, naming it, before anything is written; the pretrained model given as a fine-tune, a fine-tune given
     twice and more fine-tunes than task folders are warned about."""
 
+    from ..cards import CardSpec, write_training_card
     from ..checkpoint_io import check_finite_options
-    from ..hub import write_model_card
     from ..loading import load_processor
     from ..merging import load_for_merge, task_vectors, warn_input_mistakes
     from ..training import complete_job, input_fingerprint, job_already_done, train_from_last_checkpoint
@@ -272,8 +272,7 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args: "TTATraini
         (output_dir / COEFFICIENTS_FILE).write_text(
             json.dumps({"tasks": list(class_names), "coefficients": wrapper.coefficients_by_key()}, indent=1) + "\n"
         )
-        write_model_card(
-            output_dir,
+        card = CardSpec(
             base_model=[script_args.pretrained, *script_args.finetuned],
             how_built=(
                 f"**AdaMerging** (layer-wise, granularity `{script_args.granularity}`) of the vision towers of "
@@ -283,10 +282,9 @@ def adamerging(script_args: AdaMergingScriptArguments, training_args: "TTATraini
                 f"({trainer.state.global_step} steps); the learned coefficients are in `{COEFFICIENTS_FILE}`."
             ),
             tags=("clip", "merge", "model-merging", "adamerging"),
-            model_name=training_args.hub_model_id,
-            license=training_args.license,
             description="A dense CLIP merged by AdaMerging with hf-moe: an ordinary transformers model.",
         )
+        write_training_card(output_dir, training_args, card)
 
     return complete_job(trainer, job, training_args, write_outputs)
 
