@@ -443,27 +443,22 @@ def write_heads_file(output_dir: Path, class_names: dict, templates: dict) -> No
 
 
 def _write_card(output_dir: Path, script_args, training_args, class_names: dict) -> None:
-    from ..conversion.merge_wemoe import wemoe_usage
-    from ..hub import model_name_for, write_model_card
+    from ..cards import CardSpec, options_table, write_training_card
+    from ..conversion.merge_wemoe import WEMOE_USAGE
     from ..training import result_options
 
     options = result_options(script_args, training_args, exclude={"trust_remote_code", "tasks"})
-    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(options.items()))
     tasks = ", ".join(f"`{name}` ({len(names)} classes)" for name, names in class_names.items())
-    write_model_card(
-        output_dir,
-        base_model=script_args.model,
-        how_built=(
-            f"`hf-moe tta-wemoe`: the routers of `{script_args.model}` adapted at test time on the unlabeled images "
-            f"of {tasks} (every other weight frozen), minimising the sum over tasks of the mean entropy of the "
-            "zero-shot predictions, one shuffled batch of every task per step (WEMoE, Tang et al. 2024).\n\n"
-            f"| option | value |\n| --- | --- |\n{rows}"
-        ),
-        tags=("clip", "we-moe", "model-merging"),
-        model_name=training_args.hub_model_id,
-        license=training_args.license,
-        usage=wemoe_usage(training_args.hub_model_id or model_name_for(output_dir)),
+    how_built = (
+        f"`hf-moe tta-wemoe`: the routers of `{script_args.model}` adapted at test time on the unlabeled images "
+        f"of {tasks} (every other weight frozen), minimising the sum over tasks of the mean entropy of the "
+        "zero-shot predictions, one shuffled batch of every task per step (WEMoE, Tang et al. 2024).\n\n"
+        f"{options_table(options)}"
     )
+    card = CardSpec(
+        base_model=script_args.model, how_built=how_built, tags=("clip", "we-moe", "model-merging"), usage=WEMOE_USAGE
+    )
+    write_training_card(output_dir, training_args, card)
 
 
 def main(argv: list[str] | None = None) -> Path:
