@@ -19,6 +19,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer, CLIPProcessor, CLIPTextModelWithProjection
 from transformers.utils import logging
 
+from ..arguments import HubArguments
+from ..cards import CardSpec, Usage, command_line
 from ..checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
     LazyCheckpoint,
@@ -27,14 +29,13 @@ from ..checkpoint_io import (
     planned_state_dict,
     resolve_dtype,
 )
-from ..fileio import check_output_dir
-from ..hub import check_hub_model_id, clip_usage_head, save_model_folder
 from ..loading import check_model_type, load_config, load_processor
 from ..merging import CLIPCheckpoint
 from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, read_cluster_folder
 from ..modeling.configuration_mode import ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel
 from ..modeling.tokenization_mode import MoDETokenizer
+from ..publish import check_destination, write_model
 from ..training import JOB_FILE
 
 
@@ -247,11 +248,7 @@ def build_mode(
     dtype: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     return_model: bool = True,
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-    license: str | None = None,
+    hub: HubArguments | None = None,
 ) -> MoDEModel:
     """Build a `MoDEModel` from trained CLIP data experts and the clusters of `hf-moe mode cluster`.
 
@@ -270,8 +267,9 @@ def build_mode(
             "float32", "bfloat16" or "float16".
         max_shard_size: Larger outputs are written as shards of at most this size with an index.
         return_model: Load the written model and return it; False returns None (the command line's choice).
-        license: The card's `license` (a Hub license id, e.g. "apache-2.0"); default: the base models' own, where
-            their cards state one (`hf_moe.hub.write_model_card`).
+        hub: The Hub and card options (`HubArguments`: `push_to_hub` uploads the written folder to `hub_model_id`,
+            default the name of `output_dir`; `license` is the card's, default the base models' own where their
+            cards state one). Default: no push.
 
     The experts and the clustering encoder are read one tensor at a time and the model written tensor by tensor
     (`hf_moe.checkpoint_io`); only an encoder whose checkpoint names do not map onto its model is loaded whole.
@@ -288,24 +286,20 @@ def build_mode(
         clustering_encoder,
         overwrite=overwrite,
         dtype=dtype,
-        push_to_hub=push_to_hub,
-        hub_model_id=hub_model_id,
+        hub=hub,
         ensemble_formula=ensemble_formula,
         paper_lambda=paper_lambda,
     )
     with ExitStack() as opened:  # the checkpoints the build reads from, closed however it ends
         model, produce = build_mode_model(plan, experts, dtype, opened)
-        save_model_folder(
+        write_model(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
-            mode_processor(experts[0], plan.config),
             output_dir,
+            card=mode_card(experts, clusters, output_dir, plan, dtype),
+            processor=mode_processor(experts[0], plan.config),
+            hub=plan.hub,
             overwrite=overwrite,
-            card=mode_card(experts, clusters, output_dir, plan, dtype, license),
             inputs=[*experts, plan.config.clustering_encoder_name_or_path, clusters],
-            push_to_hub=push_to_hub,
-            hub_model_id=plan.hub_model_id,
-            hub_token=hub_token,
-            hub_private_repo=hub_private_repo,
         )
     logger.info(f"Saved a {len(experts)}-expert MoDE model to {output_dir}")
     return MoDEModel.from_pretrained(output_dir).eval() if return_model else None
@@ -319,11 +313,11 @@ class BuildPlan:
     info: dict
     centers: dict[str, torch.Tensor]
     config: MoDEConfig
-    hub_model_id: str | None
+    hub: HubArguments
 
 
 def check_build_mode(
-    experts: list[str], clusters, output_dir, clustering_encoder, *, overwrite, dtype, push_to_hub, hub_model_id, **mode
+    experts: list[str], clusters, output_dir, clustering_encoder, *, overwrite, dtype, hub, **mode
 ) -> BuildPlan:
     """Every check before a weight is read and anything is written: the options, the clusters folder (read once,
     here), the output folder and Hub repo, the experts (their architectures and job records) and the clustering
@@ -336,8 +330,7 @@ def check_build_mode(
     encoder = str(clustering_encoder or info["encoder"]["name_or_path"])
     pooling, max_length = info["encoder"]["pooling"], int(info["encoder"]["max_length"])
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
-    check_output_dir(output_dir, overwrite, inputs=[*experts, encoder, clusters])
-    hub_model_id = check_hub_model_id(output_dir, push_to_hub, hub_model_id)
+    hub = check_destination(output_dir, overwrite, [*experts, encoder, clusters], hub)
 
     expert_config = check_experts(experts, info["num_experts"], Path(clusters) / CLUSTERS_FILE)
     check_expert_records(experts, clusters)
@@ -358,7 +351,7 @@ def check_build_mode(
         clustering_max_length=max_length,
         **mode,
     )
-    return BuildPlan(info, centers, config, hub_model_id)
+    return BuildPlan(info, centers, config, hub)
 
 
 def build_mode_model(plan: BuildPlan, experts: list[str], dtype: str, opened: ExitStack):
@@ -393,10 +386,37 @@ def mode_processor(expert: str, config: MoDEConfig):
     return CLIPProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
 
 
-def mode_card(experts, clusters, output_dir, plan: BuildPlan, dtype, license) -> dict:
-    """The model card's `write_model_card` keywords: what MoDE is, how this one was built, its usage."""
+MODE_DESCRIPTION = (
+    "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data experts, each "
+    "trained on one cluster of the captions, ensembled per task with weights from how close the task's class names "
+    "lie to the caption clusters."
+)
+# Zero-shot classification, where the texts of one call are the classes of one task and set the experts' weights
+# (printed), then the pipeline.
+MODE_USAGE = Usage(
+    body=(
+        "# The texts of one call are the classes of one task: their closeness to the caption clusters weighs",
+        "# the data experts, so pass all of a task's classes together.",
+        'labels = ["a photo of a cat", "a photo of a dog", "a photo of a car"]',
+        'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
+        "with torch.no_grad():",
+        "    outputs = model(**inputs)",
+        "print(dict(zip(labels, outputs.logits_per_image.softmax(dim=-1)[0].tolist())))",
+        'print("expert weights for this task:", outputs.task_weights.tolist())',
+        "",
+        'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
+        "print(classifier(image, candidate_labels=labels))",
+    )
+)
+MODE_NOT_EVALUATED = (
+    "Not evaluated yet (`hf-moe mode report --model FOLDER --tasks TASK_DIR ...` and `hf-moe eval zero-shot --model "
+    "FOLDER` add results here)."
+)
+
+
+def mode_card(experts, clusters, output_dir, plan: BuildPlan, dtype: str) -> CardSpec:
+    """The card of a built MoDE: what it is, how it was built (`mode_how_built`), its usage."""
     config = plan.config
-    model_name = plan.hub_model_id or Path(output_dir).name
     how_built = mode_how_built(
         experts,
         clusters,
@@ -407,23 +427,14 @@ def mode_card(experts, clusters, output_dir, plan: BuildPlan, dtype, license) ->
         output_dir,
         dtype=dtype,
     )
-    return {
-        "base_model": experts,
-        "how_built": how_built,
-        "tags": ["mode", "data-experts", "clip"],
-        "model_name": model_name,
-        "license": license,
-        "description": (
-            "MoDE (Ma et al., CVPR 2024), built with [hf-moe](https://github.com/hf-moe/hf-moe): CLIP data "
-            "experts, each trained on one cluster of the captions, ensembled per task with weights from how "
-            "close the task's class names lie to the caption clusters."
-        ),
-        "usage": mode_usage(model_name),
-        "not_evaluated": (
-            "Not evaluated yet (`hf-moe mode report --model FOLDER --tasks TASK_DIR ...` and `hf-moe eval "
-            "zero-shot --model FOLDER` add results here)."
-        ),
-    }
+    return CardSpec(
+        base_model=experts,
+        how_built=how_built,
+        tags=("mode", "data-experts", "clip"),
+        description=MODE_DESCRIPTION,
+        usage=MODE_USAGE,
+        not_evaluated=MODE_NOT_EVALUATED,
+    )
 
 
 class EncoderWeights:
@@ -496,37 +507,15 @@ def mode_producer(specs: dict, experts: list, encoder: EncoderWeights, centers: 
 
 def mode_how_built(experts, clusters, encoder, pooling, info, ensemble_formula, output_dir, dtype="auto") -> str:
     listed = "\n".join(f"{k}. `{expert}`" for k, expert in enumerate(experts))
-    command = ["hf-moe", "mode", "build", *experts, "--clusters", str(clusters), "--output_dir", str(output_dir)]
-    command += ["--clustering_encoder", encoder, "--ensemble_formula", ensemble_formula]
-    if dtype not in (None, "auto"):
-        command += ["--dtype", dtype]
+    options = {"clusters": clusters, "output_dir": output_dir, "clustering_encoder": encoder}
+    options.update(ensemble_formula=ensemble_formula, dtype=None if dtype in (None, "auto") else dtype)
+    command = command_line("mode build", experts, options)
     return (
         f"**MoDE** of {len(experts)} CLIP data experts over {info['num_fine_clusters']} fine caption clusters "
         f"(clustering encoder `{encoder}`, {pooling} pooling, seed {info.get('seed')}); task weights by the "
         f"{ensemble_formula} formula.\n\nExperts (expert k = coarse cluster k):\n\n{listed}\n\n"
-        f"```bash\n{' '.join(command)}\n```"
+        f"```bash\n{command}\n```"
     )
 
 
 __all__ = ["build_mode"]
-
-
-def mode_usage(model_id: str) -> str:
-    """The card snippet: zero-shot classification, where the texts of one call are the classes of one task and set
-    the experts' weights (printed), then the pipeline."""
-    return "\n".join(
-        [
-            *clip_usage_head(model_id),
-            "# The texts of one call are the classes of one task: their closeness to the caption clusters weighs",
-            "# the data experts, so pass all of a task's classes together.",
-            'labels = ["a photo of a cat", "a photo of a dog", "a photo of a car"]',
-            'inputs = processor(text=labels, images=image, return_tensors="pt", padding=True)',
-            "with torch.no_grad():",
-            "    outputs = model(**inputs)",
-            "print(dict(zip(labels, outputs.logits_per_image.softmax(dim=-1)[0].tolist())))",
-            'print("expert weights for this task:", outputs.task_weights.tolist())',
-            "",
-            'classifier = pipeline("zero-shot-image-classification", model=model_id, trust_remote_code=True)',
-            "print(classifier(image, candidate_labels=labels))",
-        ]
-    )

@@ -53,5 +53,5 @@ def main(argv: list[str] | None = None) -> None:
         help="The CLIP data experts, expert k = cluster k (checked against each `mode train-expert` job record).",
     )
     args, hub_args, positional = parse_command_line(parser, argv)
-    build_mode(positional.experts, **vars(args), **vars(hub_args), return_model=False)
+    build_mode(positional.experts, **vars(args), hub=hub_args, return_model=False)
     print(f"Built a {len(positional.experts)}-expert MoDE model in {args.output_dir}")
