@@ -7,6 +7,8 @@ from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import AutoConfig
 
+from .moe import resolve_moe_layers
+
 
 MOIIE_VARIANTS = ("moiie", "vanilla", "modality", "dense")
 VANILLA_BALANCE_LOSSES = ("all_tokens", "per_modality")
@@ -28,7 +30,9 @@ class MoIIEConfig(PreTrainedConfig):
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*): The vision tower (SigLIP vision by default).
         text_config (`dict` or `PreTrainedConfig`, *optional*): The decoder: Phi-3 (default) or Llama.
-        moe_layers (`list[int]`, *optional*): Decoder-layer indices with MoE MLPs; default the odd indices.
+        moe_layers (`int` or `list[int]`, *optional*): Which decoder layers have MoE MLPs, as in every hf-moe config
+            (`moe.resolve_moe_layers`): an `int` n, the last n layers; a list, those indices; `None`, MoIIE's
+            default, every other layer from index 1 (the odd indices). An `int` or `None` is stored as the list.
         num_vision_experts (`int`, defaults to 1): Vision-only experts per MoE layer.
         num_shared_experts (`int`, defaults to 2): Experts both modalities can reach.
         num_language_experts (`int`, defaults to 1): Language-only experts per MoE layer.
@@ -57,7 +61,7 @@ class MoIIEConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    moe_layers: list[int] | None = None
+    moe_layers: int | list[int] | None = None
     num_vision_experts: int = 1
     num_shared_experts: int = 2
     num_language_experts: int = 1
@@ -74,8 +78,10 @@ class MoIIEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.moe_layers is None:
-            self.moe_layers = list(range(1, self.text_config.num_hidden_layers, 2))
+        if not isinstance(self.moe_layers, list):
+            # Stored as the indices it resolves to (as MoIIE configs always stored them), so that config.json names
+            # the layers whatever form they were given in.
+            self.moe_layers = self.moe_layer_indices()
         if self.text_config.model_type not in MOIIE_TEXT_MODELS:
             raise ValueError(
                 f"text_config.model_type must be one of {tuple(MOIIE_TEXT_MODELS)}, "
@@ -92,6 +98,11 @@ class MoIIEConfig(PreTrainedConfig):
         if "AutoModelForCausalLM" in self.auto_map:  # ours, also in folders saved before AutoModel was mapped
             self.auto_map.setdefault("AutoModel", "modeling_moiie.MoIIEModel")
         self.validate_moe()
+
+    def moe_layer_indices(self) -> list[int]:
+        """The indices of the MoE decoder layers, resolved from `moe_layers`."""
+        num_layers = self.text_config.num_hidden_layers
+        return resolve_moe_layers(self.moe_layers, num_layers, default=list(range(1, num_layers, 2)))
 
     @property
     def num_local_experts(self) -> int:
@@ -111,10 +122,7 @@ class MoIIEConfig(PreTrainedConfig):
         for name in ("num_vision_experts", "num_shared_experts", "num_language_experts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}.")
-        num_layers = self.text_config.num_hidden_layers
-        bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"moe_layers holds decoder-layer indices {bad} outside [0, {num_layers}).")
+        self.moe_layer_indices()  # validates moe_layers (set after the config was built, too)
         if self.variant == "dense":
             return
         if self.variant == "modality":

@@ -8,6 +8,8 @@ text config, since WEMoE merges vision-only fine-tunes and takes the text tower 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
+from .moe import resolve_moe_layers
+
 
 TASK_VECTOR_FORMATS = ("dense", "pruned", "svd")
 
@@ -93,18 +95,8 @@ class WEMoEVisionConfig(CLIPVisionConfig):
         self.moe_layer_indices()  # validates moe_layers
 
     def moe_layer_indices(self) -> list[int]:
-        """The indices of the WEMoE blocks, resolved from `moe_layers`."""
-        num_layers = self.num_hidden_layers
-        if self.moe_layers is None:
-            return list(range(num_layers))
-        if isinstance(self.moe_layers, int):
-            if not 0 <= self.moe_layers <= num_layers:
-                raise ValueError(f"moe_layers={self.moe_layers} must be between 0 and num_hidden_layers={num_layers}.")
-            return list(range(num_layers - self.moe_layers, num_layers))
-        bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"moe_layers holds block indices {bad} outside [0, {num_layers}).")
-        return sorted(set(self.moe_layers))
+        """The indices of the WEMoE blocks, resolved from `moe_layers` as every hf-moe config resolves it."""
+        return resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
 
 
 def _vision_field(name: str) -> property:

@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_mode import CLUSTERING_POOLINGS, MoDEConfig
 from .model_card import KeepModelCardMixin
+from .weight_init import InitializeAsTransformersMixin
 
 
 logger = logging.get_logger(__name__)
@@ -169,7 +170,10 @@ def _set_nested_dtype(config) -> None:
             _set_nested_dtype(sub_config)
 
 
-class MoDEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
+class MoDEPreTrainedModel(KeepModelCardMixin, InitializeAsTransformersMixin, PreTrainedModel):
+    # InitializeAsTransformersMixin: CLIP's attention and MLP blocks own no parameters and initialise their Linear
+    # children from the parent; transformers' custom-code heuristic skipped them, so the experts' missing weights came
+    # back with the generic std instead of CLIP's.
     config_class = MoDEConfig
     base_model_prefix = "mode"
     input_modalities = ("image", "text")
@@ -181,14 +185,6 @@ class MoDEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
     # The fine centers place class names by euclidean distance; bfloat16 would move which center is nearest.
     _keep_in_fp32_modules_strict = ["fine_centers"]
-
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        # transformers skips, for custom code, every module whose own parameters are all loaded, assuming its
-        # `_init_weights` writes in place; CLIP's attention and MLP blocks own no parameters and initialise their
-        # Linear children from the parent, so the experts' missing weights came back with the generic std instead
-        # of CLIP's. Our `_init_weights` only uses `transformers.initialization`, which skips loaded tensors itself.
-        return False
 
     def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
         # MoDE's experts are whole CLIP models, not packed MoE experts, so no experts implementation applies; accept

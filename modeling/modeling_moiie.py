@@ -2,7 +2,8 @@
 """MoIIE: a LLaVA-shaped vision-language model (SigLIP -> MLP projector -> Phi-3) whose MoE decoder layers
 route vision tokens over vision + shared experts and language tokens over shared + language experts.
 
-Saved folders carry this file, configuration_moiie.py and moe.py, so `trust_remote_code=True` loads them anywhere.
+Saved folders carry this file, configuration_moiie.py and the sibling files they import (moe.py, weight_init.py,
+model_card.py), so `trust_remote_code=True` loads them anywhere.
 """
 
 from dataclasses import dataclass
@@ -11,8 +12,6 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3Model
@@ -24,12 +23,13 @@ from transformers.utils.output_capturing import OutputRecorder, select_hidden_st
 from .configuration_moiie import MOIIE_TEXT_MODELS, MoIIEConfig
 from .model_card import KeepModelCardMixin
 from .moe import (
-    MoEExpertsInterface,
+    MoEGatedExperts,
+    MoESparseBlock,
     MoETopKRouter,
-    initialize_weights_as_transformers_code,
     load_balancing_loss,
     note_packed_experts_stay_unquantized,
 )
+from .weight_init import InitializeAsTransformersMixin
 
 
 @dataclass
@@ -54,102 +54,92 @@ class MoIIECausalLMOutputWithPast(CausalLMOutputWithPast):
     vision_aux_loss / language_aux_loss: Mixtral balance loss over all MoE layers of the non-padding vision /
     language tokens, on the vision / language router under `"moiie"`, on the single router under `"vanilla"` with
     `"per_modality"`; None when they are not part of the loss (`"vanilla"` with `"all_tokens"`, or no router).
-    router_logits, image_hidden_states, image_outputs: as in [`MoIIEModelOutputWithPast`]."""
+    router_logits, image_hidden_states, image_outputs: as in [`MoIIEModelOutputWithPast`].
+    lm_loss: the LM loss alone (with labels), so that a trainer weighs the two terms without taking one back out.
+    vision_router_logits / language_router_logits: per MoE layer, the logits of the router that routes the vision /
+    language tokens (`"moiie"`: the vision / language router's; `"vanilla"`: the one router's, in both), as the
+    balance losses read them."""
 
     router_logits: tuple[torch.Tensor, ...] | None = None
     vision_aux_loss: torch.Tensor | None = None
     language_aux_loss: torch.Tensor | None = None
     image_hidden_states: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # after the fields above: their tuple positions stay as they were
+    # Each field added after those before it, so their tuple positions stay as they were.
+    aux_loss: torch.Tensor | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
+    lm_loss: torch.Tensor | None = None
+    vision_router_logits: tuple[torch.Tensor, ...] | None = None
+    language_router_logits: tuple[torch.Tensor, ...] | None = None
 
 
-class MoIIERouter(MoETopKRouter):
-    """Bias-free router over `num_experts` experts: fp32 softmax, top-k, renormalised (moe.py's router)."""
-
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
-        nn.Module.__init__(self)
-        self.top_k, self.num_experts, self.norm_topk_prob, self.hidden_dim = top_k, num_experts, True, hidden_size
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-
-
-# moe.py's interface: batched_mm stands in under torch.export / ONNX and for widths grouped_mm refuses.
-@use_experts_implementation(experts_interface=MoEExpertsInterface())
-class MoIIEExperts(nn.Module):
-    """Gated MLP experts (Phi-3's and Llama's MLP) packed as 3-D parameters: `down(up * act(gate))`,
-    `gate_up_proj` = [gate; up] (Phi-3's fused `gate_up_proj`, or Llama's `gate_proj` and `up_proj` stacked)."""
-
-    def __init__(self, config, num_experts: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        # (token, expert) pairs sorted by expert, then one contiguous slice per expert that received tokens: one host
-        # sync (the counts) instead of one_hot + nonzero + a torch.where per expert, and no visit to empty experts.
-        num_tokens, top_k = top_k_index.shape
-        if num_tokens == 0:
-            return torch.zeros_like(hidden_states)
-        expert_ids = top_k_index.reshape(-1)  # (num_tokens * top_k,)
-        order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        sorted_states = hidden_states[order // top_k]  # (num_tokens * top_k, hidden_dim), grouped by expert
-        outputs, start = [], 0
-        for expert_idx, count in enumerate(counts):
-            if count:
-                current = sorted_states[start : start + count]
-                gate, up = nn.functional.linear(current, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-                outputs.append(nn.functional.linear(up * self.act_fn(gate), self.down_proj[expert_idx]))
-                start += count
-        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
-        # Back to (token, k) order, then the k outputs of a token summed (deterministic, unlike index_add_ on CUDA).
-        final = torch.empty_like(weighted).index_copy_(0, order, weighted)
-        return final.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+# The routers of a MoE layer under each variant, in the order `MoIIESparseBlock.route` calls them, which is the order of
+# their logits in `router_logits` (recorded as they run); and the router that routes each modality's tokens.
+ROUTER_NAMES = {"moiie": ("vision_router", "language_router"), "vanilla": ("router",), "modality": (), "dense": ()}
+MODALITY_ROUTERS = {
+    "moiie": {"vision": "vision_router", "language": "language_router"},
+    "vanilla": {"vision": "router", "language": "router"},
+}
 
 
-class MoIIESparseBlock(nn.Module):
-    """The MoE MLP of a MoIIE decoder layer; experts ordered [vision..., shared..., language...]."""
+class MoIIESparseBlock(MoESparseBlock):
+    """The MoE MLP of a MoIIE decoder layer (moe.py's block with MoIIE's routing): gated experts ordered
+    [vision..., shared..., language...]; `"moiie"`: a vision router over the vision + shared experts and a language
+    router over the shared + language experts; `"vanilla"`: one router over all; `"modality"`: no router."""
+
+    # As the official code and transformers' Mixtral: the layer input itself is scaled, so the experts compute on the
+    # noised tokens too (not only the routers).
+    jitter_reaches_experts = True
 
     def __init__(self, config: MoIIEConfig, text_config):
-        super().__init__()
+        top_k = config.num_experts_per_tok
+        reach = {
+            "vision_router": config.num_vision_experts + config.num_shared_experts,
+            "language_router": config.num_shared_experts + config.num_language_experts,
+            "router": config.num_local_experts,
+        }
+        routers = {
+            name: MoETopKRouter(text_config, num_experts=reach[name], top_k=top_k, norm_topk_prob=True)
+            for name in ROUTER_NAMES[config.variant]
+        }
+        super().__init__(
+            config,
+            routers=routers,
+            experts=MoEGatedExperts(text_config, config.num_local_experts),
+            jitter_noise=0.0 if config.variant == "modality" else config.router_jitter_noise,
+        )
         self.variant = config.variant
         self.num_vision = config.num_vision_experts
         self.num_shared = config.num_shared_experts
-        self.jitter_noise = config.router_jitter_noise
-        hidden, top_k = text_config.hidden_size, config.num_experts_per_tok
-        if self.variant == "moiie":
-            self.vision_router = MoIIERouter(hidden, self.num_vision + self.num_shared, top_k)
-            self.language_router = MoIIERouter(hidden, self.num_shared + config.num_language_experts, top_k)
-        elif self.variant == "vanilla":
-            self.router = MoIIERouter(hidden, config.num_local_experts, top_k)
-        self.experts = MoIIEExperts(text_config, config.num_local_experts)
 
-    def forward(self, hidden_states: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        input_shape = hidden_states.shape
-        hidden_states = hidden_states.reshape(-1, input_shape[-1])
+    def route(self, hidden_states: torch.Tensor, token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         is_vision = token_type_ids.reshape(-1, 1).to(hidden_states.device) == 1
-        if self.training and self.jitter_noise > 0 and self.variant != "modality":
-            # As the official code and transformers' Mixtral: the layer input itself is scaled, so the experts
-            # compute on the noised tokens too (not only the routers). Same draw as Mixtral's on (batch, seq, hidden).
-            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
+        # (top_k_weights, top_k_index) of each router, called in ROUTER_NAMES order (see there).
+        routed = {name: self.get_submodule(name)(hidden_states)[1:] for name in ROUTER_NAMES[self.variant]}
         if self.variant == "moiie":
-            _, vision_weights, vision_index = self.vision_router(hidden_states)
-            _, language_weights, language_index = self.language_router(hidden_states)
+            (vision_weights, vision_index), (language_weights, language_index) = routed.values()
             top_k_index = torch.where(is_vision, vision_index, language_index + self.num_vision)
             top_k_weights = torch.where(is_vision, vision_weights, language_weights)
         elif self.variant == "vanilla":
-            _, top_k_weights, top_k_index = self.router(hidden_states)
+            top_k_weights, top_k_index = routed["router"]
         else:  # "modality": the first vision expert, or the first language expert
             top_k_index = torch.where(is_vision, 0, self.num_vision + self.num_shared)
             top_k_weights = torch.ones(top_k_index.shape, device=hidden_states.device)
-        hidden_states = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
-        return hidden_states.reshape(input_shape)
+        return top_k_index, top_k_weights.to(hidden_states.dtype)
+
+
+# Older name of the gated experts, which moved to moe.py.
+MoIIEExperts = MoEGatedExperts
+
+
+def modality_router_logits(variant: str, router_logits: tuple[torch.Tensor, ...] | None):
+    """`{"vision": ..., "language": ...}`: per MoE layer, the logits of the router that routes that modality's tokens,
+    split from `router_logits` (all routers of every MoE layer, as recorded) by `ROUTER_NAMES`; `None` for a variant
+    without routers or without logits."""
+    if not router_logits or variant not in MODALITY_ROUTERS:
+        return None
+    names = ROUTER_NAMES[variant]
+    by_router = {name: tuple(router_logits[i :: len(names)]) for i, name in enumerate(names)}
+    return {modality: by_router[name] for modality, name in MODALITY_ROUTERS[variant].items()}
 
 
 class MoIIEDecoderLayerMixin:
@@ -158,7 +148,7 @@ class MoIIEDecoderLayerMixin:
 
     def __init__(self, text_config, layer_idx: int, config: MoIIEConfig):
         super().__init__(text_config, layer_idx)
-        self.is_moe = config.variant != "dense" and layer_idx in config.moe_layers
+        self.is_moe = config.variant != "dense" and layer_idx in config.moe_layer_indices()
         if self.is_moe:
             self.mlp = MoIIESparseBlock(config, text_config)
 
@@ -209,10 +199,10 @@ class MoIIELlamaDecoderLayer(MoIIEDecoderLayerMixin, LlamaDecoderLayer):
 
 
 def _init_moiie_module(module, std: float):
-    if isinstance(module, MoIIEExperts):
+    if isinstance(module, MoEGatedExperts):
         init.normal_(module.gate_up_proj, std=std)
         init.normal_(module.down_proj, std=std)
-    elif isinstance(module, MoIIERouter):
+    elif isinstance(module, MoETopKRouter):
         init.normal_(module.weight, std=std)
 
 
@@ -246,14 +236,14 @@ class MoIIEPhi3TextModel(MoIIETextModelMixin, Phi3Model):
     """transformers' Phi-3 decoder with [`MoIIEPhi3DecoderLayer`]s."""
 
     decoder_layer_class = MoIIEPhi3DecoderLayer
-    _can_record_outputs = {**Phi3Model._can_record_outputs, "router_logits": OutputRecorder(MoIIERouter, index=0)}
+    _can_record_outputs = {**Phi3Model._can_record_outputs, "router_logits": OutputRecorder(MoETopKRouter, index=0)}
 
 
 class MoIIELlamaTextModel(MoIIETextModelMixin, LlamaModel):
     """transformers' Llama decoder with [`MoIIELlamaDecoderLayer`]s."""
 
     decoder_layer_class = MoIIELlamaDecoderLayer
-    _can_record_outputs = {**LlamaModel._can_record_outputs, "router_logits": OutputRecorder(MoIIERouter, index=0)}
+    _can_record_outputs = {**LlamaModel._can_record_outputs, "router_logits": OutputRecorder(MoETopKRouter, index=0)}
 
 
 TEXT_MODELS = {"phi3": MoIIEPhi3TextModel, "llama": MoIIELlamaTextModel}
@@ -272,7 +262,9 @@ class MoIIEProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
+class MoIIEPreTrainedModel(KeepModelCardMixin, InitializeAsTransformersMixin, PreTrainedModel):
+    # InitializeAsTransformersMixin: SigLIP's attention and MLP blocks own no parameters, so transformers' custom-code
+    # heuristic would leave a tower missing from a checkpoint with the generic Linear init.
     config: MoIIEConfig
     config_class = MoIIEConfig
     base_model_prefix = "model"
@@ -287,13 +279,6 @@ class MoIIEPreTrainedModel(KeepModelCardMixin, PreTrainedModel):
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         return True  # transformers looks for the experts decorator in this file's source
-
-    @torch.no_grad()
-    @init.guard_torch_init_functions()
-    def initialize_weights(self):
-        # SigLIP's attention and MLP blocks own no parameters: transformers' custom-code heuristic would leave a tower
-        # missing from a checkpoint with the generic Linear init (see the helper).
-        initialize_weights_as_transformers_code(self)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -512,17 +497,16 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
                 return None, None, torch.zeros((), device=router_logits[0].device)
             loss = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok, mask)
             return None, None, loss
+        by_modality = modality_router_logits(config.variant, router_logits)
         if config.variant == "moiie":
-            vision_logits, language_logits = router_logits[0::2], router_logits[1::2]
             vision_experts = config.num_vision_experts + config.num_shared_experts
             language_experts = config.num_shared_experts + config.num_language_experts
         else:
-            vision_logits = language_logits = router_logits
             vision_experts = language_experts = config.num_local_experts
         losses = []
         for logits, experts, mask in (
-            (vision_logits, vision_experts, vision_mask),
-            (language_logits, language_experts, language_mask),
+            (by_modality["vision"], vision_experts, vision_mask),
+            (by_modality["language"], language_experts, language_mask),
         ):
             if mask.sum() == 0:
                 losses.append(torch.zeros((), device=logits[0].device))
@@ -574,9 +558,9 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
+        loss = lm_loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+            loss = lm_loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
         vision_aux_loss = language_aux_loss = aux_loss = None
         if output_router_logits and outputs.router_logits:
             if token_type_ids is None:
@@ -586,6 +570,7 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
             )
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        by_modality = modality_router_logits(self.config.variant, outputs.router_logits) or {}
         return MoIIECausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -598,6 +583,9 @@ class MoIIEForCausalLM(MoIIEPreTrainedModel, GenerationMixin):
             language_aux_loss=language_aux_loss,
             image_hidden_states=outputs.image_hidden_states,
             image_outputs=outputs.image_outputs,
+            lm_loss=lm_loss,
+            vision_router_logits=by_modality.get("vision"),
+            language_router_logits=by_modality.get("language"),
         )
 
 

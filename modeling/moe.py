@@ -18,6 +18,8 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
 from transformers.utils import logging
 
+from .weight_init import initialize_weights_as_transformers_code  # noqa: F401  (its older home, re-exported)
+
 
 logger = logging.get_logger(__name__)
 
@@ -29,8 +31,8 @@ class MoEConfigFields:
     Args:
         num_local_experts (`int`, defaults to 4): Experts per MoE layer.
         num_experts_per_tok (`int`, defaults to 2): Experts each token is routed to (top-k).
-        moe_layers (`int` or `list[int]`, *optional*): Which blocks are MoE. `None`: all of them (the
-            CLIP-MoE paper); an `int` n: the last n blocks; a list: those block indices.
+        moe_layers (`int` or `list[int]`, *optional*): Which blocks are MoE (`resolve_moe_layers`). `None`: all of
+            them (the CLIP-MoE paper); an `int` n: the last n blocks; a list: those block indices.
         norm_topk_prob (`bool`, defaults to `True`): Renormalise the k routing weights to sum to 1.
         router_jitter_noise (`float`, defaults to 0.0): Multiplicative uniform noise on the router input,
             in training only.
@@ -63,55 +65,49 @@ class MoEConfigFields:
 
     def moe_layer_indices(self) -> list[int]:
         """The indices of the MoE blocks, resolved from `moe_layers`."""
-        num_layers = self.num_hidden_layers
-        if self.moe_layers is None:
-            return list(range(num_layers))
-        if isinstance(self.moe_layers, int):
-            if not 0 <= self.moe_layers <= num_layers:
-                raise ValueError(f"moe_layers={self.moe_layers} must be between 0 and num_hidden_layers={num_layers}.")
-            return list(range(num_layers - self.moe_layers, num_layers))
-        bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(f"moe_layers holds block indices {bad} outside [0, {num_layers}).")
-        return sorted(set(self.moe_layers))
+        return resolve_moe_layers(self.moe_layers, self.num_hidden_layers)
 
 
-def initialize_weights_as_transformers_code(model: nn.Module) -> None:
-    """`PreTrainedModel.initialize_weights` as transformers runs it for its own models: every module (sub-models with
-    their own `_init_weights`) after its children, skipping what is flagged `_is_hf_initialized` (loaded weights).
-
-    transformers runs it differently for code outside its package (ours): a module whose own parameters are all
-    flagged counts as initialised. Containers without parameters of their own (CLIP's attention and MLP) then count
-    as done before their `_init_weights` ran, and CLIP initialises their projections from there: fresh models and
-    weights missing from a checkpoint got the generic N(0, 0.02) instead of CLIP's init. Our `_init_weights` only
-    write through `transformers.initialization`, which honours the per-tensor flags, so the heuristic is not needed.
-    Call it from an `initialize_weights` override decorated as transformers' own is.
-    """
-    from transformers import PreTrainedModel
-
-    def visit(module: nn.Module, initialize) -> None:
-        for child in module.children():
-            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
-        initialize(module, is_custom_code=False)
-
-    visit(model, model._initialize_weights)
+def resolve_moe_layers(
+    moe_layers: int | list[int] | None, num_layers: int, default: list[int] | None = None
+) -> list[int]:
+    """Which of `num_layers` blocks are MoE, as `moe_layers` means it in every hf-moe config: `None`, the family's
+    default (`default`; all blocks when not given, as CLIP-MoE and WEMoE have it); an `int` n, the last n blocks; a
+    list, those block indices. Sorted, without repeats; raises a `ValueError` naming `moe_layers` when out of range."""
+    if moe_layers is None:
+        return list(range(num_layers)) if default is None else sorted(set(default))
+    if isinstance(moe_layers, int):
+        if not 0 <= moe_layers <= num_layers:
+            raise ValueError(f"moe_layers={moe_layers} must be between 0 and num_hidden_layers={num_layers}.")
+        return list(range(num_layers - moe_layers, num_layers))
+    bad = [i for i in moe_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"moe_layers holds block indices {bad} outside [0, {num_layers}).")
+    return sorted(set(moe_layers))
 
 
 MOE_FIELD_NAMES = [name for name in MoEConfigFields.__dataclass_fields__ if name != "moe_layers"]
 
 
 class MoETopKRouter(nn.Module):
-    """Bias-free linear router: fp32 softmax over all experts, top-k, optional renormalisation."""
+    """Bias-free linear router: fp32 softmax over all experts, top-k, optional renormalisation.
 
-    def __init__(self, config):
+    Sizes come from `config` (`hidden_size`, `num_local_experts`, `num_experts_per_tok`, `norm_topk_prob`); a family
+    whose routers each reach a subset of the experts (MoIIE's vision and language routers) gives `num_experts`,
+    `top_k` and `norm_topk_prob` for each, and `config` then only needs `hidden_size`.
+    """
+
+    def __init__(
+        self, config, num_experts: int | None = None, top_k: int | None = None, norm_topk_prob: bool | None = None
+    ):
         super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok if top_k is None else top_k
+        self.num_experts = config.num_local_experts if num_experts is None else num_experts
         if not 1 <= self.top_k <= self.num_experts:  # also reached by from_pretrained(..., num_experts_per_tok=k)
             raise ValueError(
                 f"num_experts_per_tok={self.top_k} must be between 1 and num_local_experts={self.num_experts}."
             )
-        self.norm_topk_prob = config.norm_topk_prob
+        self.norm_topk_prob = config.norm_topk_prob if norm_topk_prob is None else norm_topk_prob
         self.hidden_dim = config.hidden_size
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
 
@@ -172,8 +168,44 @@ class MoEExpertsInterface(ExpertsInterface):
         return forward
 
 
+class MoEExperts(nn.Module):
+    """The eager dispatch every hf-moe packed-experts class shares; a subclass holds the packed weights, computes one
+    expert on the tokens routed to it (`expert_forward`) and is decorated with `use_experts_implementation`, whose
+    `batched_mm` / `grouped_mm` replace this forward when asked for.
+
+    `forward(hidden_states (num_tokens, hidden), top_k_index (num_tokens, top_k), top_k_weights (num_tokens, top_k))`.
+    """
+
+    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # (token, choice) pairs sorted by expert, then one contiguous slice per expert that received tokens: one host
+        # sync (the counts) instead of one_hot + nonzero + a torch.where per expert, and no visit to empty experts.
+        num_tokens, top_k = top_k_index.shape
+        if num_tokens == 0:
+            return torch.zeros_like(hidden_states)
+        expert_ids = top_k_index.reshape(-1)  # (num_tokens * top_k,)
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        sorted_states = hidden_states[order // top_k]  # (num_tokens * top_k, hidden_dim), grouped by expert
+        outputs, start = [], 0
+        for expert_idx, count in enumerate(counts):
+            if count:
+                outputs.append(self.expert_forward(expert_idx, sorted_states[start : start + count]))
+                start += count
+        # Weighted in the weights' dtype (fp32 from our routers), then rounded once to the activations' dtype.
+        weighted = (torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]).to(hidden_states.dtype)
+        # Back to (token, choice) order, then the k outputs of a token summed in that order: deterministic, unlike
+        # index_add_ on CUDA.
+        final = torch.empty_like(weighted).index_copy_(0, order, weighted)
+        return final.view(num_tokens, top_k, -1).sum(dim=1)
+
+
 @use_experts_implementation(has_gate=False, has_bias=True, experts_interface=MoEExpertsInterface())
-class MoEMLPExperts(nn.Module):
+class MoEMLPExperts(MoEExperts):
     """Non-gated two-layer MLP experts with biases (the CLIP / ViT MLP), packed as 3-D parameters.
 
     Quantization: bitsandbytes (`load_in_4bit` / `load_in_8bit`) replaces `nn.Linear` layers only, so these packed
@@ -192,22 +224,33 @@ class MoEMLPExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
         self.act_fn = ActivationWithDropout(config.hidden_act, getattr(config, "expert_dropout", 0.0))
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, top_k, T)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            current = F.linear(hidden_states[token_idx], self.up_proj[expert_idx], self.up_proj_bias[expert_idx])
-            current = self.act_fn(current)
-            current = F.linear(current, self.down_proj[expert_idx], self.down_proj_bias[expert_idx])
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
-        return final_hidden_states
+    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.linear(hidden_states, self.up_proj[expert_idx], self.up_proj_bias[expert_idx])
+        hidden_states = self.act_fn(hidden_states)
+        return F.linear(hidden_states, self.down_proj[expert_idx], self.down_proj_bias[expert_idx])
+
+
+@use_experts_implementation(experts_interface=MoEExpertsInterface())
+class MoEGatedExperts(MoEExperts):
+    """Gated MLP experts (Phi-3's, Llama's, Mixtral's MLP) packed as 3-D parameters in transformers' Mixtral layout:
+    `down(up * act(gate))`, `gate_up_proj` = [gate; up] `(num_experts, 2 * intermediate, hidden)`.
+
+    `num_experts` defaults to `config.num_local_experts`; a family whose decoder config has no MoE fields (MoIIE's
+    Phi-3 / Llama text config) gives it. Quantization: as `MoEMLPExperts`.
+    """
+
+    def __init__(self, config, num_experts: int | None = None):
+        super().__init__()
+        self.num_experts = config.num_local_experts if num_experts is None else num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def expert_forward(self, expert_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(hidden_states, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        return F.linear(up * self.act_fn(gate), self.down_proj[expert_idx])
 
 
 def note_packed_experts_stay_unquantized(model: nn.Module) -> None:
@@ -244,24 +287,48 @@ def note_packed_experts_stay_unquantized(model: nn.Module) -> None:
 
 
 class MoESparseBlock(nn.Module):
-    """Route every token to its top-k experts and sum their weighted outputs."""
+    """Route every token to its top-k experts and sum their weighted outputs.
 
-    def __init__(self, config, experts_class: type[nn.Module] = MoEMLPExperts):
+    By default one `MoETopKRouter` over `experts_class(config)`. A family with other routing (MoIIE's per-modality
+    routers) passes its `routers` (registered under their names, in this order) and `experts`, and overrides `route`,
+    which gets the arguments given to `forward` after the hidden states.
+    """
+
+    # Switch-Transformer jitter (False) perturbs the routing decision only; Mixtral's (True) scales the layer input
+    # itself, so the experts compute on the noised tokens too.
+    jitter_reaches_experts = False
+
+    def __init__(
+        self,
+        config,
+        experts_class: type[nn.Module] = MoEMLPExperts,
+        *,
+        routers: dict[str, nn.Module] | None = None,
+        experts: nn.Module | None = None,
+        jitter_noise: float | None = None,
+    ):
         super().__init__()
-        self.jitter_noise = config.router_jitter_noise
-        self.router = MoETopKRouter(config)
-        self.experts = experts_class(config)
+        self.jitter_noise = config.router_jitter_noise if jitter_noise is None else jitter_noise
+        for name, router in (routers if routers is not None else {"router": MoETopKRouter(config)}).items():
+            self.add_module(name, router)
+        self.experts = experts if experts is not None else experts_class(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(top_k_index, top_k_weights)`, each `(num_tokens, top_k)`, for `hidden_states` `(num_tokens, hidden)`."""
+        _, top_k_weights, top_k_index = self.router(hidden_states)
+        return top_k_index, top_k_weights
+
+    def forward(self, hidden_states: torch.Tensor, *routing_args, **routing_kwargs) -> torch.Tensor:
         input_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, input_shape[-1])  # (num_tokens, hidden)
         router_input = hidden_states
         if self.training and self.jitter_noise > 0:
-            # Switch-Transformer jitter: perturbs the routing decision only, not what the experts see.
             router_input = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        _, top_k_weights, top_k_index = self.router(router_input)
+            if self.jitter_reaches_experts:
+                hidden_states = router_input
+        top_k_index, top_k_weights = self.route(router_input, *routing_args, **routing_kwargs)
         hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
         return hidden_states.reshape(input_shape)
 
@@ -334,12 +401,15 @@ def expert_load(
 __all__ = [
     "MOE_FIELD_NAMES",
     "MoEConfigFields",
+    "MoEExperts",
     "MoEExpertsInterface",
+    "MoEGatedExperts",
     "MoEMLPExperts",
     "MoESparseBlock",
     "MoETopKRouter",
     "expert_load",
     "initialize_weights_as_transformers_code",
     "load_balancing_loss",
+    "resolve_moe_layers",
     "router_z_loss",
 ]

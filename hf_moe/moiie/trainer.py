@@ -163,9 +163,15 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs, output_router_logits=True, **kwargs)
         config = self.accelerator.unwrap_model(model).config
-        # The model returns LM loss + the weighted balance losses; each takes its own scale (module docstring).
-        balance = self._balance_term(config, outputs)
-        lm_loss = outputs.loss if balance is None else outputs.loss - balance.to(outputs.loss.device)
+        if getattr(outputs, "lm_loss", None) is None and outputs.loss is not None:
+            raise ValueError(
+                f"The model's output ({type(outputs).__name__}) carries no lm_loss: its code predates hf-moe's "
+                "MoIIE output with the LM loss apart, as a folder's own modeling_moiie.py loaded with "
+                "trust_remote_code=True may. Load it without trust_remote_code, so that hf-moe's code runs."
+            )
+        # The LM loss and the weighted balance losses, each with its own scale (module docstring).
+        lm_loss = outputs.lm_loss
+        balance = None if outputs.aux_loss is None else config.router_aux_loss_coef * outputs.aux_loss
         token_scale = per_token_scale(self, num_items_in_batch)
         loss = token_scale * lm_loss
         if balance is not None:
@@ -178,34 +184,22 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
             self._record("vision_aux_loss", outputs.vision_aux_loss)
             self._record("language_aux_loss", outputs.language_aux_loss)
             if self.args.log_expert_load != "none" and outputs.router_logits:
-                self._record_expert_load(config, outputs.router_logits, inputs)
+                self._record_expert_load(config, outputs, inputs)
         return (loss, outputs) if return_outputs else loss
 
-    @staticmethod
-    def _balance_term(config, outputs) -> torch.Tensor | None:
-        """The weighted balance losses the model added to its loss (None without router logits): `aux_loss` when the
-        model outputs one total, else the vision and language balance losses, times `router_aux_loss_coef`."""
-        total = getattr(outputs, "aux_loss", None)
-        if total is None:
-            parts = [part for part in (outputs.vision_aux_loss, outputs.language_aux_loss) if part is not None]
-            if not parts:
-                return None
-            total = sum(parts[1:], parts[0])
-        return config.router_aux_loss_coef * total
-
-    def _record_expert_load(self, config, router_logits, inputs) -> None:
-        """Each modality's share of routing slots per global expert, `(num_moe_layers, num_local_experts)`."""
+    def _record_expert_load(self, config, outputs, inputs) -> None:
+        """Each modality's share of routing slots per global expert, `(num_moe_layers, num_local_experts)`, from the
+        logits of the router that routes that modality's tokens (`vision_router_logits` / `language_router_logits`)."""
         token_type_ids = inputs["token_type_ids"]
         valid = inputs.get("attention_mask", torch.ones_like(token_type_ids)).bool()
         masks = {"vision": valid & (token_type_ids == 1), "language": valid & (token_type_ids != 1)}
         num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
-        if config.variant == "moiie":
+        routers = {"vision": (outputs.vision_router_logits, 0), "language": (outputs.language_router_logits, 0)}
+        widths = dict.fromkeys(masks, num_experts)
+        if config.variant == "moiie":  # each router reaches a slice of the experts [vision..., shared..., language...]
             num_vision, num_shared = config.num_vision_experts, config.num_shared_experts
-            routers = {"vision": (router_logits[0::2], 0), "language": (router_logits[1::2], num_vision)}
+            routers["language"] = (outputs.language_router_logits, num_vision)
             widths = {"vision": num_vision + num_shared, "language": num_shared + config.num_language_experts}
-        else:
-            routers = {modality: (router_logits, 0) for modality in masks}
-            widths = dict.fromkeys(masks, num_experts)
         for modality, mask in masks.items():
             logits, offset = routers[modality]
             loads = expert_load(logits, top_k, mask.to(logits[0].device)).detach()
@@ -216,7 +210,7 @@ class MoIIETrainer(RecordedMetricsMixin, Trainer):
             self._record(f"expert_load/{modality}", full, weight=mask.any().to(full))
 
     def _logged_metrics(self) -> dict[str, float]:
-        layers = list(self.accelerator.unwrap_model(self.model).config.moe_layers)
+        layers = self.accelerator.unwrap_model(self.model).config.moe_layer_indices()
         metrics = {}
         for name, (mean, seen) in self._pop_recorded().items():
             if not name.startswith("expert_load/"):
