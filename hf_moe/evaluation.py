@@ -9,6 +9,7 @@ Metrics go through `evaluate` with the local metric scripts in `hf_moe/metrics` 
 
     hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--class_names imagenet|cifar10|cifar100|FILE]
         [--templates auto|default|imagenet|FILE] [--output FILE]
+    hf-moe eval zero-shot --model TTA_OUTPUT --data TASK_FOLDER --task TASK   (the heads tta-wemoe adapted with)
     hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--max_captions_per_image 5] [--k_values 1 5 10]
         [--output FILE]
 
@@ -143,6 +144,40 @@ AUTO_TEMPLATES = "auto"
 RETRIEVAL_K: tuple[int, ...] = (1, 5, 10)
 # The COCO and Flickr30k retrieval protocols use 5 captions per image; COCO has images with 6 or 7.
 MAX_CAPTIONS_PER_IMAGE = 5
+# {task: {"class_names": [...], "templates": [...]}}: the zero-shot heads a model was adapted with (tta-wemoe).
+ZERO_SHOT_HEADS_FILE = "zero_shot_heads.json"
+
+
+def write_zero_shot_heads(folder: str | os.PathLike, class_names: dict, templates: dict) -> Path:
+    """Write `{task: {"class_names", "templates"}}` to `folder/zero_shot_heads.json`: what a model's zero-shot heads
+    were built from, read back by `read_zero_shot_heads` (`hf-moe eval zero-shot --task`)."""
+    heads = {
+        task: {"class_names": list(names), "templates": list(templates[task])} for task, names in class_names.items()
+    }
+    path = Path(folder) / ZERO_SHOT_HEADS_FILE
+    path.write_text(json.dumps(heads, indent=1) + "\n")
+    return path
+
+
+def read_zero_shot_heads(folder: str | os.PathLike, task: str) -> tuple[list[str], list[str]]:
+    """The class names and templates of `task` in `folder/zero_shot_heads.json`; an error naming the file otherwise."""
+    path = Path(folder).expanduser() / ZERO_SHOT_HEADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--task {task}: '{path}' does not exist (hf-moe tta-wemoe writes it in the folder of the model it adapts; "
+            "--task needs that local folder as --model)."
+        )
+    try:
+        heads = json.loads(path.read_text(encoding="utf-8"))
+        entry = heads.get(task) if isinstance(heads, dict) else None
+    except ValueError as err:
+        raise ValueError(f"'{path}' is not valid JSON: {err}") from err
+    if entry is None:
+        known = sorted(heads) if isinstance(heads, dict) else []
+        raise ValueError(f"--task '{task}' is not a task of '{path}', which holds {known}.")
+    if not isinstance(entry, dict) or not entry.get("class_names") or not entry.get("templates"):
+        raise ValueError(f"'{path}': task '{task}' needs non-empty 'class_names' and 'templates' lists.")
+    return list(entry["class_names"]), list(entry["templates"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,6 +226,13 @@ class ZeroShotEvalArguments(EvalArguments):
             "help": "Prompt templates: 'auto' (OpenAI's 80 ImageNet templates with the ImageNet class names, "
             "else 'default'), 'default' (8), 'imagenet' (OpenAI's 80) or a text file with one template per line, "
             "'{}' standing for the class name."
+        },
+    )
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A task of MODEL/{ZERO_SHOT_HEADS_FILE} (hf-moe tta-wemoe writes it): evaluate with the class "
+            "names and templates MODEL was adapted with on that task, instead of --class_names / --templates."
         },
     )
 
@@ -831,8 +873,18 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     # The data and the options that depend on it are checked before the (possibly large) model is loaded.
     dataset = load_image_dataset(args.data, args.split)
     if task == "zero-shot":
-        templates = templates_option(args.templates)
-        dataset_class_names(dataset, args.class_names, args.data)
+        class_names = args.class_names
+        if args.task is not None:
+            if args.class_names is not None or args.templates != AUTO_TEMPLATES:
+                raise ValueError(
+                    f"--task takes the class names and templates from MODEL/{ZERO_SHOT_HEADS_FILE}; give --task, or "
+                    "--class_names / --templates, not both."
+                )
+            class_names, templates = read_zero_shot_heads(args.model, args.task)
+            resolve_templates(templates)
+        else:
+            templates = templates_option(args.templates)
+        dataset_class_names(dataset, class_names, args.data)
     else:
         if args.max_captions_per_image < 0:
             raise ValueError(f"--max_captions_per_image must be >= 0 (0: all), got {args.max_captions_per_image}.")
@@ -850,7 +902,7 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
             processor,
             dataset,
             templates=templates,
-            class_names=args.class_names,
+            class_names=class_names,
             batch_size=args.batch_size,
             device=device,
         )
@@ -868,6 +920,8 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     options["device"] = device
     if task == "zero-shot" and not isinstance(templates, str):
         options["templates"] = templates
+    if task == "zero-shot" and args.task is not None:
+        options["class_names"] = class_names
     results = {"task": task, "model": args.model, "data": args.data, **metrics, "options": options}
     output = Path(args.output) if args.output else default_output_path(args.model, task)
     write_results(results, output)

@@ -464,3 +464,28 @@ def test_evaluate_command_class_names_and_remote_code_flag(
         )
     assert trust_remote_code == [False, True]
     capsys.readouterr()
+
+
+def test_evaluate_command_task_reads_the_heads_a_model_was_adapted_with(varied_clip_dir, class_folders, tmp_path):
+    from hf_moe.evaluation import ZERO_SHOT_HEADS_FILE, write_zero_shot_heads
+
+    model_dir = shutil.copytree(varied_clip_dir, tmp_path / "adapted")
+    names = [f"handwritten {name}" for name in DIGIT_NAMES]
+    templates = ["a scan of the digit {}.", "{}, written by hand."]
+    write_zero_shot_heads(model_dir, {"digits": names, "other": ["a", "b"]}, {"digits": templates, "other": ["{}"]})
+    model, processor = load(model_dir)
+    expected = zero_shot_classification(
+        model, processor, class_folders, templates=templates, class_names=names, progress=False
+    )
+    argv = ["zero-shot", "--model", str(model_dir), "--data", str(class_folders), "--output", str(tmp_path / "o.json")]
+    results = evaluate_command(argv + ["--task", "digits"])
+    assert results["top1_accuracy"] == pytest.approx(expected["top1_accuracy"]) and results["num_templates"] == 2
+    assert results["options"]["templates"] == templates and results["options"]["class_names"] == names
+
+    with pytest.raises(ValueError, match=r"--task 'svhn' is not a task of .*\['digits', 'other'\]"):
+        evaluate_command(argv + ["--task", "svhn"])
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_command(argv + ["--task", "digits", "--templates", "default"])
+    (model_dir / ZERO_SHOT_HEADS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="tta-wemoe writes it"):
+        evaluate_command(argv + ["--task", "digits"])

@@ -92,7 +92,9 @@ def merge_method_options() -> dict:
 SPECS = {
     "eval": NoFunction("dispatches to `eval zero-shot` / `eval retrieval`"),
     "eval zero-shot": KeywordFunction(
-        "hf_moe.evaluation:zero_shot_classification", cli_only=EVAL_CLI_ONLY, function_only=ZERO_SHOT_FUNCTION_ONLY
+        "hf_moe.evaluation:zero_shot_classification",
+        cli_only={**EVAL_CLI_ONLY, "task": "the command reads that task's class_names and templates from MODEL"},
+        function_only=ZERO_SHOT_FUNCTION_ONLY,
     ),
     "eval retrieval": KeywordFunction(
         "hf_moe.evaluation:image_text_retrieval", cli_only=EVAL_CLI_ONLY, function_only=EVAL_FUNCTION_ONLY

@@ -354,3 +354,45 @@ def test_tta_wemoe_refuses_a_model_without_routers_writing_nothing(toy_clip_dir,
     assert main(["tta-wemoe", "--model", str(toy_clip_dir), "--tasks", *tasks, "--output_dir", str(out)]) == 1
     assert "matches --trainable_parameters ['router']" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---- the merge's task names --------------------------------------------------------------------------------------
+
+
+def test_task_folders_are_named_by_the_task_names_the_wemoe_stores(tmp_path, caplog):
+    from hf_moe.we_moe.tta import task_names
+
+    folders = [str(tmp_path / "SVHN"), str(tmp_path / "dtd")]
+    assert task_names(folders) == ["SVHN", "dtd"]  # no stored names: the folders'
+    assert task_names(folders, stored=["dtd", "mnist", "svhn"]) == ["svhn", "dtd"]  # spelt as the model stores them
+    assert task_names(folders, ["mnist", "dtd"], stored=["dtd", "mnist", "svhn"]) == ["mnist", "dtd"]
+    # Folders none of whose names the model stores, as many as its tasks: its tasks in the merge's order, warned.
+    others = [str(tmp_path / "digits_a"), str(tmp_path / "digits_b")]
+    with caplog.at_level("WARNING"):
+        assert task_names(others, stored=["a", "b"]) == ["a", "b"]
+    assert "['a', 'b']" in caplog.text and "['digits_a', 'digits_b']" in caplog.text
+    # A name the model does not store, among ones it does (or named explicitly): refused, naming the folder.
+    with pytest.raises(ValueError, match=r"'.*digits_b' is task 'digits_b'.*\['digits_a', 'other'\].*digits_b'\]"):
+        task_names(others, stored=["digits_a", "other"])
+    with pytest.raises(ValueError, match="which the model does not store"):
+        task_names(others, ["x", "y"], stored=["a", "b"])
+    with pytest.raises(ValueError, match="one name per --tasks folder"):
+        task_names(others, ["a"], stored=["a", "b"])
+
+
+def test_tta_wemoe_refuses_task_folders_the_merge_does_not_name_writing_nothing(
+    toy_clip_dir, finetuned_dirs, task_dirs, tmp_path, capsys
+):
+    from hf_moe.conversion import merge_wemoe
+
+    wemoe = tmp_path / "wemoe"
+    merge_wemoe(toy_clip_dir, finetuned_dirs, wemoe, task_names=["digits_a", "svhn"], return_model=False)
+    out = tmp_path / "out"
+    assert tta(wemoe, task_dirs, out, "--max_steps", "1") == 1
+    error = capsys.readouterr().err
+    assert f"Task folder '{task_dirs[1]}' is task 'digits_b'" in error
+    assert "['digits_a', 'svhn']" in error and "['digits_a', 'digits_b']" in error
+    assert not out.exists()
+    # Named by --task_names as the model stores them, the same folders adapt, under the model's names.
+    assert tta(wemoe, task_dirs, out, "--max_steps", "1", "--task_names", "digits_a", "svhn") == 0
+    assert sorted(json.loads((out / HEADS_FILE).read_text())) == ["digits_a", "svhn"]

@@ -34,7 +34,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..arguments import CardArguments, parse_command_line
-from ..evaluation import EvalMode, class_embeddings, projected_embeddings
+from ..evaluation import ZERO_SHOT_HEADS_FILE, EvalMode, class_embeddings, projected_embeddings, write_zero_shot_heads
 from ..training import RecordedMetricsMixin, complete_job, freeze_all_but, job_already_done, train_from_last_checkpoint
 
 
@@ -42,7 +42,11 @@ logger = logging.get_logger(__name__)
 
 ENTROPY_EPS = 1e-8
 INPUTS_KEY = "task_pixel_values"
-HEADS_FILE = "zero_shot_heads.json"
+# Written with the adapted model: the class names and templates of each task's head, which `hf-moe eval zero-shot
+# --task` reads back to evaluate a task as it was adapted. A re-run does not read it: it is written only once the job
+# completes (a finished job returns before any head is needed), and a resumed one rebuilds the same heads from the
+# recorded options, the fingerprinted task folders and the frozen text tower.
+HEADS_FILE = ZERO_SHOT_HEADS_FILE
 
 # CLIP's zero-shot templates of the WEMoE paper's eight tasks (CLIP repository, data/prompts.md; the task-arithmetic
 # and WEMoE code use the same), by task-folder name (lowercase, letters and digits only).
@@ -297,7 +301,16 @@ class TTAScriptArguments:
             "help": "Prompt templates as hf-moe eval zero-shot takes them ('default', 'imagenet' or a file), one for "
             "every task or one per task. 'auto': CLIP's templates of a task whose folder is named like one of the "
             "paper's eight (mnist, svhn, eurosat, gtsrb, dtd, resisc45, sun397, cars), else as hf-moe eval zero-shot "
-            f"'auto'. The class names and templates used are written to OUTPUT_DIR/{HEADS_FILE}."
+            f"'auto'. The class names and templates used are written to OUTPUT_DIR/{HEADS_FILE} (read by hf-moe eval "
+            "zero-shot --task)."
+        },
+    )
+    task_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The task of each --tasks folder, by the names the WEMoE stores (merge-wemoe --task_names); "
+            "default: the folders' names, matched to the stored ones.",
+            "nargs": "+",
         },
     )
     split: str | None = field(default=None, metadata={"help": "Split, when a task folder has several."})
@@ -309,13 +322,65 @@ class TTAScriptArguments:
 TTA_NOT_RESULT_OPTIONS = {"tasks", "trust_remote_code"}
 
 
-def task_names(task_dirs: list[str]) -> list[str]:
-    """Each task's name: its folder's name (must be unique)."""
-    names = [Path(task).expanduser().resolve().name for task in task_dirs]
+def _name_key(name: str) -> str:
+    return "".join(char for char in name.lower() if char.isalnum())
+
+
+def _only(values: list):
+    return values[0] if len(values) == 1 else None
+
+
+def stored_task_names(model: str, trust_remote_code: bool = False) -> list[str] | None:
+    """The task names `model` stores (a WEMoE's `task_names`: `merge-wemoe --task_names`, by default the fine-tunes'
+    folder names, in the order of its task vectors), or None for a model without them (a dense CLIP)."""
+    from ..loading import load_config
+
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    names = getattr(getattr(config, "vision_config", None) or config, "task_names", None)
+    return list(names) if names else None
+
+
+def task_names(task_dirs: list[str], names: list[str] | None = None, stored: list[str] | None = None) -> list[str]:
+    """Each task's name: `names` (one per folder) or its folder's name, unique.
+
+    The contract with the merge, when the model stores its task names (`stored`): every task is one of them. A
+    name equal to a stored one, or equal up to case and punctuation (`SVHN`, `svhn`), is that task, spelt as stored;
+    folders none of whose names the model stores, as many as its tasks and not named by `names`, are its tasks in
+    the merge's order (warned, naming both lists: per-sample routing does not depend on the names, only the heads'
+    labels do). Anything else (a name the model does not store) is refused, naming the folder and both lists,
+    before anything is read or written."""
+    folders = [Path(task).expanduser().resolve().name for task in task_dirs]
+    named = names is not None
+    if named and len(names) != len(task_dirs):
+        raise ValueError(f"--task_names takes one name per --tasks folder: got {len(names)} for {len(task_dirs)}.")
+    names = list(folders if names is None else names)
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"Task folders must have distinct names; {duplicates} appear more than once.")
-    return names
+    if not stored:
+        return names
+    by_key: dict[str, list[str]] = {}
+    for name in stored:
+        by_key.setdefault(_name_key(name), []).append(name)
+    # Up to case and punctuation only where that names one stored task.
+    matched = [name if name in stored else _only(by_key.get(_name_key(name), [])) for name in names]
+    if not named and not any(matched) and len(names) == len(stored):
+        logger.warning(
+            f"The model's tasks are {stored}, the task folders are named {names}: taking the folders as its tasks in "
+            "the merge's order (name them with --task_names to say which is which)."
+        )
+        return list(stored)
+    for name, match, folder in zip(names, matched, task_dirs):
+        if match is None:
+            raise ValueError(
+                f"Task folder '{folder}' is task '{name}', which the model does not store: its tasks are {stored} "
+                f"(merge-wemoe --task_names), the task folders give {names}. Name each folder's task with --task_names "
+                "(one of the model's, per --tasks folder) or rename the folder."
+            )
+    repeated = sorted({name for name in matched if matched.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Several task folders ({names}) are the model's task(s) {repeated}; give each task once.")
+    return matched
 
 
 def _per_task(values: list | None, count: int, option: str) -> list:
@@ -328,8 +393,9 @@ def _per_task(values: list | None, count: int, option: str) -> list:
     return list(values)
 
 
-def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
-    """{task: dataset}, {task: class names}, {task: templates} of `script_args.tasks` (validated).
+def load_tasks(script_args: TTAScriptArguments, names: list[str] | None = None) -> tuple[dict, dict, dict]:
+    """{task: dataset}, {task: class names}, {task: templates} of `script_args.tasks` (validated), named `names`
+    (default: `task_names` of the folders and `script_args.task_names`, unchecked against a model).
 
     Images that cannot be decoded are skipped, counted and logged (a warning per task naming a few of the files),
     as the image-text commands skip them; a task left without images, or whose folder has no class labels, is
@@ -339,7 +405,8 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
 
     if not script_args.tasks:
         raise ValueError("--tasks needs at least one class-folder image set.")
-    names = task_names(script_args.tasks)
+    if names is None:
+        names = task_names(script_args.tasks, getattr(script_args, "task_names", None))
     class_options = _per_task(script_args.class_names, len(names), "--class_names")
     template_options = _per_task(script_args.templates, len(names), "--templates")
     datasets, class_names, templates = {}, {}, {}
@@ -349,7 +416,10 @@ def load_tasks(script_args: TTAScriptArguments) -> tuple[dict, dict, dict]:
         datasets[name], report = drop_unreadable_images(dataset, name=f"task '{name}'")
         if report.num_rows and not report.num_kept:
             raise ValueError(f"Task '{name}': no image of {folder} can be read ({report.summary()}).")
-        known = clip_task_templates(name) if template in (None, "auto") and class_set is None else None
+        # CLIP's templates by the folder's name (the task's, where --task_names or the model names it otherwise).
+        known = None
+        if template in (None, "auto") and class_set is None:
+            known = clip_task_templates(Path(folder).expanduser().resolve().name) or clip_task_templates(name)
         templates[name] = known or resolve_templates(templates_option(template), class_set)
     return datasets, class_names, templates
 
@@ -365,7 +435,12 @@ def check_trainable(model, patterns: list[str], name: str) -> None:
         )
 
 
-def tta_job(script_args: TTAScriptArguments, training_args: TrainingArguments, command: str = "tta-wemoe"):
+def tta_job(
+    script_args: TTAScriptArguments,
+    training_args: TrainingArguments,
+    command: str = "tta-wemoe",
+    names: list[str] | None = None,
+):
     from ..training import (
         TrainingJob,
         input_fingerprint,
@@ -376,7 +451,7 @@ def tta_job(script_args: TTAScriptArguments, training_args: TrainingArguments, c
 
     options = result_options(script_args, training_args, exclude=TTA_NOT_RESULT_OPTIONS)
     options["model"] = local_path(script_args.model)
-    options["task_names"] = task_names(script_args.tasks)
+    options["task_names"] = names or task_names(script_args.tasks, getattr(script_args, "task_names", None))
     inputs = {"model": model_fingerprint(script_args.model)}
     for name, task in zip(options["task_names"], script_args.tasks):
         inputs[f"task:{name}"] = input_fingerprint(task)
@@ -395,13 +470,16 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
 
     output_dir = Path(training_args.output_dir)
     check_model_path(script_args.model)
-    job = tta_job(script_args, training_args)
+    # The tasks are the merge's: named as the model stores them, checked before anything is read or written.
+    stored = stored_task_names(script_args.model, script_args.trust_remote_code)
+    names = task_names(script_args.tasks, script_args.task_names, stored)
+    job = tta_job(script_args, training_args, names=names)
     if job_already_done(
         job, training_args, f"Test-time adaptation in {output_dir} is already complete; nothing to do."
     ):
         return output_dir
 
-    datasets, class_names, templates = load_tasks(script_args)
+    datasets, class_names, templates = load_tasks(script_args, names)
     model = load_pretrained(script_args.model, AutoModel, trust_remote_code=script_args.trust_remote_code)
     if not hasattr(model, "get_image_features") or not hasattr(model, "logit_scale"):
         raise ValueError(
@@ -435,11 +513,9 @@ def tta_wemoe(script_args: TTAScriptArguments, training_args: TTATrainingArgumen
 
 
 def write_heads_file(output_dir: Path, class_names: dict, templates: dict) -> None:
-    """{task: {"class_names", "templates"}} of the zero-shot heads, for evaluating each task as it was adapted."""
-    import json
-
-    heads = {task: {"class_names": names, "templates": list(templates[task])} for task, names in class_names.items()}
-    (Path(output_dir) / HEADS_FILE).write_text(json.dumps(heads, indent=1) + "\n")
+    """{task: {"class_names", "templates"}} of the zero-shot heads, for evaluating each task as it was adapted
+    (`hf-moe eval zero-shot --task`)."""
+    write_zero_shot_heads(output_dir, class_names, templates)
 
 
 def _write_card(output_dir: Path, script_args, training_args, class_names: dict) -> None:
