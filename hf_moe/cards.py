@@ -167,21 +167,6 @@ def default_usage_for(pipeline_tag: str | None) -> Usage:
     return ZERO_SHOT_USAGE if pipeline_tag == ZERO_SHOT else Usage(body=CLASSIFY)
 
 
-def default_usage(model_id: str, pipeline_tag: str | None = ZERO_SHOT) -> str:
-    """The snippet `write_model_card` writes when given no `usage`, for `model_id`."""
-    return default_usage_for(pipeline_tag).code(model_id)
-
-
-def image_text_to_text_usage(model_id: str) -> str:
-    return IMAGE_TEXT_TO_TEXT_USAGE.code(model_id)
-
-
-def clip_usage_head(model_id: str) -> list[str]:
-    """The opening lines of every CLIP-like snippet; kept for callers that build a snippet by hand (a `Usage` with
-    the lines after these is the way now)."""
-    return Usage().code(model_id).splitlines()
-
-
 def command_line(command: str, positional: Sequence = (), options: dict | None = None, **more) -> str:
     """The `hf-moe` command line that rebuilds a model, for its card: `hf-moe COMMAND POSITIONAL... --key value`
     (`True` as a bare flag; `None` and `False` left out)."""

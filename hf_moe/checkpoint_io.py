@@ -14,7 +14,7 @@ memory instead of the dense models and their MoE copy (mergekit's lazy loading, 
    what `PreTrainedModel.save_pretrained` writes (config, generation config, remote-code files, tied weights left
    out), but the safetensors shards are written tensor by tensor (`write_safetensors_shards`): memory never holds
    more than the tensor being written (plus what producing it reads), whatever the shard size.
-   `hf_moe.hub.save_model_folder` takes a `StreamedModel` as it takes a model.
+   `hf_moe.publish.write_model` takes a `StreamedModel` as it takes a model.
 
     torch.manual_seed(seed)
     model, initial_value = build_on_meta(lambda: CLIPMoEModel(config))
@@ -23,7 +23,7 @@ memory instead of the dense models and their MoE copy (mergekit's lazy loading, 
     with LazyCheckpoint("openai/clip-vit-large-patch14") as dense:
         def produce(name):  # called once per output tensor, in the order of `planned_state_dict(model)`
             return routers[name] if name in routers else dense.get(name)
-        save_model_folder(StreamedModel(model, produce), processor, output_dir)
+        write_model(StreamedModel(model, produce), output_dir, processor=processor)
 """
 
 import json
@@ -772,7 +772,7 @@ class StreamedModel:
 
     `save_pretrained(folder)` writes what `model.save_pretrained(folder)` would for a model holding those tensors
     (config.json with `dtype`, `architectures` and `auto_map`, generation config, the remote-code files), with the
-    weights streamed by `write_safetensors_shards`. `hf_moe.hub.save_model_folder` takes it in place of a model.
+    weights streamed by `write_safetensors_shards`. `hf_moe.publish.write_model` takes it in place of a model.
     """
 
     def __init__(

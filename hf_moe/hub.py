@@ -1,8 +1,8 @@
 """Hub uploads of the folders hf-moe writes: `push_to_hub` (one line naming the saved folder and the `hf upload`
 command when an upload fails) and `check_hub_model_id`, which checks the repo before any work.
 
-Cards are built in `hf_moe.cards` and folders written by `hf_moe.publish.write_model` (atomic save, processor, card,
-then this module's push); the card names are re-exported here for older callers.
+Cards are built in `hf_moe.cards` and model folders written by `hf_moe.publish.write_model` (atomic save,
+processor, card, then this module's push); the card names are re-exported here for older callers.
 """
 
 import shlex
@@ -21,9 +21,6 @@ from .cards import (  # noqa: F401  (the card API, which lived here before `hf_m
     Usage,
     add_eval_results,
     base_model_of,
-    clip_usage_head,
-    default_usage,
-    image_text_to_text_usage,
     license_of,
     model_name_for,
     write_model_card,
@@ -103,35 +100,3 @@ def check_hub_model_id(output_dir: str | Path, push_to_hub: bool, hub_model_id: 
     except HFValidationError as err:
         raise ValueError(f"--hub_model_id '{hub_model_id}' is not a valid Hub repo id: {err}") from err
     return hub_model_id
-
-
-def save_model_folder(
-    model,
-    processor,
-    output_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    card: dict | None = None,
-    inputs=(),
-    push_to_hub: bool = False,
-    hub_model_id: str | None = None,
-    hub_token: str | None = None,
-    hub_private_repo: bool | None = None,
-) -> None:
-    """The older form of `hf_moe.publish.write_model` (the card as `CardSpec` keywords, the Hub options one by one),
-    for the converters not yet moved to it."""
-    from .arguments import HubArguments
-    from .publish import write_model
-
-    hub = HubArguments(
-        push_to_hub=push_to_hub, hub_model_id=hub_model_id, hub_token=hub_token, hub_private_repo=hub_private_repo
-    )
-    write_model(
-        model,
-        output_dir,
-        processor=processor,
-        card=None if card is None else CardSpec(**card),
-        hub=hub,
-        overwrite=overwrite,
-        inputs=inputs,
-    )

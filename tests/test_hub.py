@@ -2,6 +2,7 @@
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,59 @@ def test_card_base_model_names_hub_ids_never_local_folders(tmp_path):
     assert card.data.base_model == "openai/clip-vit-base-patch32"
     card = write_model_card(out, base_model=str(bare), how_built="x")
     assert card.data.base_model is None
+
+
+def _imported_modules(path) -> set[str]:
+    """Every module `path` imports, at module level or inside functions, as `hf_moe.X` for relative imports."""
+    import ast
+
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "hf_moe." * (node.level == 1) + (node.module or "")
+            modules.update([base] + [f"{base}.{alias.name}".replace("..", ".") for alias in node.names])
+    return modules
+
+
+def test_hub_cards_and_publish_never_import_training():
+    """The Hub, card and write layer sits below the training commands: training may push through hub, never the
+    reverse (they imported each other, function-level imports included)."""
+    package = Path(hf_moe.hub.__file__).parent
+    for name in ("hub", "cards", "publish"):
+        imported = _imported_modules(package / f"{name}.py")
+        assert not {module for module in imported if module.startswith("hf_moe.training")}, name
+
+
+def test_converters_take_hub_options_as_one_argument(toy_clip_dir, tmp_path):
+    """Hub options given one by one are refused, naming `hub=`, before anything is written (upcycle_clip's
+    **moe_kwargs would otherwise pass them to the config; merge_clip_vision's **options to the merge method)."""
+    from hf_moe.arguments import HubArguments
+    from hf_moe.merging import merge_clip_vision
+
+    output = tmp_path / "out"
+    with pytest.raises(TypeError, match=r"hub=HubArguments\(push_to_hub=\.\.\.\)"):
+        upcycle_clip(toy_clip_dir, output, num_experts=2, push_to_hub=True)
+    with pytest.raises(TypeError, match=r"hub=HubArguments\(hub_model_id=\.\.\., license=\.\.\.\)"):
+        merge_clip_vision("average", toy_clip_dir, [toy_clip_dir], output, license="mit", hub_model_id="me/x")
+    assert not output.exists()
+
+    upcycle_clip(toy_clip_dir, output, num_experts=2, return_model=False, hub=HubArguments(license="mit"))
+    assert ModelCard.load(output / "README.md").data.license == "mit"
+
+
+def test_a_merge_without_a_processor_gets_a_snippet_that_loads_the_model_alone(toy_clip_dir, tmp_path):
+    from hf_moe.merging import merge_clip_vision
+    from hf_moe.toy import save_toy_clip
+
+    bare = [tmp_path / "pretrained", tmp_path / "finetuned"]
+    for source, folder in zip([toy_clip_dir, save_toy_clip(tmp_path / "toy1", seed=1)], bare):
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(Path(source) / name, folder / name)
+    merge_clip_vision("average", bare[0], bare[1:], tmp_path / "merged", return_model=False)
+
+    code = usage_code(tmp_path / "merged" / "README.md")
+    assert "AutoProcessor" not in code and "has no processor" in code
+    run_usage(tmp_path / "merged" / "README.md", tmp_path / "merged")
