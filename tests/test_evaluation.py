@@ -489,3 +489,13 @@ def test_evaluate_command_task_reads_the_heads_a_model_was_adapted_with(varied_c
     (model_dir / ZERO_SHOT_HEADS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="tta-wemoe writes it"):
         evaluate_command(argv + ["--task", "digits"])
+
+
+def test_evaluate_command_retrieval_k_values(varied_clip_dir, caption_folder, tmp_path):
+    argv = ["retrieval", "--model", str(varied_clip_dir), "--data", str(caption_folder)]
+    results = evaluate_command(argv + ["--output", str(tmp_path / "r.json"), "--k_values", "2", "1"])
+    assert sorted(key for key in results if "_R@" in key) == [
+        "image_to_text_R@1", "image_to_text_R@2", "text_to_image_R@1", "text_to_image_R@2",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--k_values must be positive"):
+        evaluate_command(argv + ["--k_values", "0"])

@@ -312,3 +312,30 @@ def test_keyword_defaults_are_read_from_the_options_dataclasses():
     assert defaults(image_text_retrieval)["batch_size"] == RetrievalEvalArguments.batch_size
     assert defaults(evaluate_task)["templates"] == ReportArguments.templates
     assert defaults(prepare_captioned_folder)["copy_images"] == PrepareArguments.copy_images
+
+
+@pytest.mark.parametrize(
+    "command, function, argv, expected",
+    [
+        (
+            "merge-wemoe",
+            "merge_wemoe",
+            ["BASE", "FT", "--output_dir", "OUT", "--moe_layers", "1", "3"],
+            {"moe_layers": [1, 3]},
+        ),
+        (
+            "upcycle-clip",
+            "upcycle_clip",
+            ["BASE", "--output_dir", "OUT", "--num_experts", "2", "--text_moe_layers", "0", "--vision_moe_layers", "1"],
+            {"text_moe_layers": [0], "vision_moe_layers": [1]},
+        ),
+    ],
+)
+def test_the_added_options_reach_the_function(command, function, argv, expected):
+    """The options the CLI lacked are passed on to the converter (the converter itself is stood in for)."""
+    import hf_moe.conversion
+
+    with mock.patch.object(hf_moe.conversion, function) as converter:
+        cli.COMMANDS[command][0](argv)
+    kwargs = converter.call_args.kwargs
+    assert {name: kwargs.get(name) for name in expected} == expected
