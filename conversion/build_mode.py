@@ -31,7 +31,7 @@ from ..checkpoint_io import (
 )
 from ..loading import check_model_type, load_config, load_processor
 from ..merging import CLIPCheckpoint
-from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, read_cluster_folder
+from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, load_cluster_folder
 from ..modeling.configuration_mode import ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel
 from ..modeling.tokenization_mode import MoDETokenizer
@@ -123,14 +123,14 @@ def check_experts(experts: list[str], num_experts: int, clusters_json: Path):
     return configs[0]
 
 
-def check_expert_records(experts: list[str], clusters: str | Path) -> None:
+def check_expert_records(experts: list[str], clusters: str | Path, expected_id: str | None = None) -> None:
     """Refuse experts that would end up mismatched to their clusters, from the job record `hf-moe mode train-expert`
     leaves in each expert's folder: expert k must have been trained as `--expert k`, on these clusters (their
-    `clusters_id`), to completion; and no expert may be given twice.
+    `clusters_id`, `expected_id` when the caller has read them already), to completion; and no expert may be given
+    twice.
 
     An expert without such a record (a CLIP trained elsewhere, a Hub id) cannot be checked: it is accepted with a
     warning, since `check_experts` already matched the number of experts to the clusters'."""
-    expected_id = None
     by_path, by_index, unchecked = {}, {}, []
     for k, expert in enumerate(experts):
         check_folder_given_once(expert, k, by_path)
@@ -326,14 +326,15 @@ def check_build_mode(
         raise ValueError("build_mode needs at least one EXPERT.")
     if mode["ensemble_formula"] not in ENSEMBLE_FORMULAS:
         raise ValueError(f"ensemble_formula must be one of {ENSEMBLE_FORMULAS}, got {mode['ensemble_formula']!r}.")
-    info, centers = read_cluster_folder(clusters)
+    folder = load_cluster_folder(clusters)
+    info, centers = folder.info, folder.centers
     encoder = str(clustering_encoder or info["encoder"]["name_or_path"])
     pooling, max_length = info["encoder"]["pooling"], int(info["encoder"]["max_length"])
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     hub = check_destination(output_dir, overwrite, [*experts, encoder, clusters], hub)
 
     expert_config = check_experts(experts, info["num_experts"], Path(clusters) / CLUSTERS_FILE)
-    check_expert_records(experts, clusters)
+    check_expert_records(experts, clusters, folder.id)
     encoder_config, dim = clustering_encoder_config(encoder, pooling)
     if centers["fine_centers"].shape[1] != dim:
         raise ValueError(

@@ -121,6 +121,23 @@ def test_experts_without_a_job_record_are_accepted_with_a_warning(parts, recorde
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_build_checks_the_records_against_the_clusters_it_read_once(parts, recorded_experts, tmp_path, monkeypatch):
+    """Issue 16: the clusters folder is read once; the experts' recorded `clusters_id` is compared with the
+    fingerprint of the very bytes the model is built from, not with a second reading of the folder."""
+    import sys
+
+    from hf_moe.mode.cluster_files import load_cluster_folder
+
+    assert load_cluster_folder(parts["clusters"]).id == clusters_id(parts["clusters"])
+
+    def read_again(clusters):
+        raise AssertionError(f"{clusters} was read a second time")
+
+    monkeypatch.setattr(sys.modules["hf_moe.conversion.build_mode"], "clusters_id", read_again)
+    build_mode(recorded_experts, parts["clusters"], tmp_path / "out", return_model=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_a_trained_expert_next_to_its_seed_differs_in_dtype_only_and_builds(parts, tmp_path):
     # The seed is saved without a dtype on its towers; an expert loaded and saved by transformers records float32
     # on them: no architecture difference.

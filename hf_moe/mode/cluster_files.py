@@ -11,10 +11,11 @@ files checked) and `clusters_id` (their content fingerprint). `hf-moe mode clust
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 
 from ..loading import check_safetensors_file
 from ..modeling.configuration_mode import CLUSTERING_POOLINGS
@@ -28,6 +29,22 @@ def read_cluster_folder(clusters: str | Path) -> tuple[dict, dict[str, torch.Ten
     """`clusters.json` and the tensors of `centers.safetensors` of a `hf-moe mode cluster` folder (what
     `cluster_pairs` writes), their keys and shapes checked (not yet against the experts or the encoder), each error
     naming the file and key. `hf-moe mode train-expert` and `hf-moe mode build` read the clusters through it."""
+    folder = load_cluster_folder(clusters)
+    return folder.info, folder.centers
+
+
+@dataclass(frozen=True)
+class ClusterFolder:
+    """A `hf-moe mode cluster` folder read once: `clusters.json` (`info`), the tensors of `centers.safetensors` and
+    the `clusters_id` of exactly these bytes (a check against it cannot see other files than the ones used)."""
+
+    info: dict
+    centers: dict[str, torch.Tensor]
+    id: str
+
+
+def load_cluster_folder(clusters: str | Path) -> ClusterFolder:
+    """`read_cluster_folder` with the folder's `clusters_id`, each file read once."""
     folder = Path(clusters)
     info_path, centers_path = folder / CLUSTERS_FILE, folder / CENTERS_FILE
     for path in (info_path, centers_path):
@@ -45,11 +62,11 @@ def read_cluster_folder(clusters: str | Path) -> tuple[dict, dict[str, torch.Ten
             f"{info_path}: 'encoder.pooling' is {info['encoder']['pooling']!r}, not one of {CLUSTERING_POOLINGS}."
         )
     check_safetensors_file(centers_path)
-    with safe_open(centers_path, framework="pt") as file:
-        missing = {"fine_centers", "fine_to_coarse"} - set(file.keys())
-        if missing:
-            raise ValueError(f"{centers_path} has no tensor(s) {sorted(missing)}.")
-        centers = {key: file.get_tensor(key) for key in file.keys()}
+    data = centers_path.read_bytes()
+    centers = safetensors.torch.load(data)
+    missing = {"fine_centers", "fine_to_coarse"} - set(centers)
+    if missing:
+        raise ValueError(f"{centers_path} has no tensor(s) {sorted(missing)}.")
     m, n = info["num_fine_clusters"], info["num_experts"]
     fine, fine_to_coarse = centers["fine_centers"], centers["fine_to_coarse"]
     if fine.dim() != 2 or fine.shape[0] != m:
@@ -64,7 +81,7 @@ def read_cluster_folder(clusters: str | Path) -> tuple[dict, dict[str, torch.Ten
         raise ValueError(
             f"{centers_path}: 'fine_to_coarse' holds {sorted(set(bad.tolist()))}, outside the {n} experts [0, {n})."
         )
-    return info, centers
+    return ClusterFolder(info, centers, _fingerprint(data, info))
 
 
 def clusters_id(clusters: str | Path) -> str:
@@ -76,11 +93,12 @@ def clusters_id(clusters: str | Path) -> str:
     `hf-moe mode train-expert` records it in each expert's job record; `hf-moe mode build` compares it with the
     clusters it is given."""
     folder = Path(clusters)
-    digest = hashlib.sha256()
-    with (folder / CENTERS_FILE).open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    info = json.loads((folder / CLUSTERS_FILE).read_text())
+    return _fingerprint((folder / CENTERS_FILE).read_bytes(), json.loads((folder / CLUSTERS_FILE).read_text()))
+
+
+def _fingerprint(centers: bytes, info: dict) -> str:
+    """`clusters_id` from the bytes of `centers.safetensors` and the parsed `clusters.json`."""
+    digest = hashlib.sha256(centers)
     counts = {key: info.get(key) for key in ("num_fine_clusters", "num_experts", "num_pairs", "expert_sizes")}
     digest.update(json.dumps(counts, sort_keys=True).encode())
     return digest.hexdigest()[:32]
