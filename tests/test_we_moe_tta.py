@@ -396,3 +396,18 @@ def test_tta_wemoe_refuses_task_folders_the_merge_does_not_name_writing_nothing(
     # Named by --task_names as the model stores them, the same folders adapt, under the model's names.
     assert tta(wemoe, task_dirs, out, "--max_steps", "1", "--task_names", "digits_a", "svhn") == 0
     assert sorted(json.loads((out / HEADS_FILE).read_text())) == ["digits_a", "svhn"]
+
+
+def test_task_folders_of_the_same_name_are_named_by_task_names(tmp_path):
+    from hf_moe.we_moe.tta import task_names
+
+    folders = [str(tmp_path / task / "test") for task in ("svhn", "stanford-cars")]
+    with pytest.raises(ValueError, match="distinct names.*--task_names svhn mnist"):
+        task_names(folders)
+    assert task_names(folders, ["svhn", "stanford-cars"]) == ["svhn", "stanford-cars"]
+    for task in ("svhn", "stanford-cars"):
+        save_digit_class_folders(tmp_path / task / "test", 4)
+    args = TTAScriptArguments(model="unused", tasks=folders, task_names=["svhn", "stanford-cars"])
+    _, _, templates = load_tasks(args)
+    # CLIP's templates of the paper's tasks by the task's name where the folder's is no task's.
+    assert templates["svhn"] == ('a photo of the number: "{}".',) and len(templates["stanford-cars"]) == 8

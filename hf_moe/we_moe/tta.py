@@ -356,7 +356,11 @@ def task_names(task_dirs: list[str], names: list[str] | None = None, stored: lis
     names = list(folders if names is None else names)
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"Task folders must have distinct names; {duplicates} appear more than once.")
+        given = "--task_names" if named else "Task folders"
+        raise ValueError(
+            f"{given} must have distinct names; {duplicates} appear more than once (folders such as "
+            "svhn/test and mnist/test are named by --task_names svhn mnist)."
+        )
     if not stored:
         return names
     by_key: dict[str, list[str]] = {}
