@@ -1,10 +1,13 @@
 # Copyright 2026 The hf-moe authors. Licensed under the Apache License, Version 2.0.
-"""The model code of hf-moe. Each family is one `configuration_*.py` + `modeling_*.py` pair sharing `moe.py`;
-saved models carry exactly those files, so they load with `trust_remote_code=True` where hf_moe is absent.
+"""The model code of hf-moe. Each family is one `configuration_*.py` + `modeling_*.py` pair; the pairs share
+`moe.py` (routers, packed experts, sparse block, balance losses), `clip_towers.py` (CLIP-MoE's and WEMoE's CLIP
+scaffolding), `weight_init.py` and `model_card.py`. Saved models carry their pair and the shared files it imports
+(transformers copies a model file's relative imports), so they load with `trust_remote_code=True` where hf_moe is
+absent.
 
 Importing this package registers every family with transformers' Auto classes, so that in a process that
 imported it `AutoModel.from_pretrained(folder)` works without `trust_remote_code`. (This file is the
-package's, not the Hub's: only the flat `configuration_*` / `modeling_*` / `moe.py` files travel.)
+package's, not the Hub's: only the flat `configuration_*` / `modeling_*` files and the shared files they import travel.)
 """
 
 from transformers import (
@@ -17,6 +20,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from . import clip_towers
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .configuration_mode import MoDEConfig
 from .configuration_moiie import MoIIEConfig

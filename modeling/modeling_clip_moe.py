@@ -18,33 +18,33 @@ from transformers.models.clip.modeling_clip import (
     CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
-    CLIPModel,
     CLIPOutput,
-    CLIPPreTrainedModel,
     CLIPTextEmbeddings,
     CLIPTextModel,
     CLIPTextModelOutput,
     CLIPTextModelWithProjection,
-    CLIPVisionEmbeddings,
-    CLIPVisionModel,
     CLIPVisionModelOutput,
-    CLIPVisionModelWithProjection,
 )
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder
 
+from .clip_towers import (
+    CLIPFamilyModel,
+    CLIPFamilyPreTrainedModel,
+    CLIPFamilyVisionModel,
+    CLIPFamilyVisionModelWithProjection,
+    init_like_clip_mlp,
+)
 from .configuration_clip_moe import (
     LONG_CLIP_KEPT_POSITIONS,
     CLIPMoEConfig,
     CLIPMoETextConfig,
     CLIPMoEVisionConfig,
 )
-from .model_card import KeepModelCardMixin
 from .moe import (
     MoEMLPExperts,
     MoESparseBlock,
     MoETopKRouter,
-    initialize_weights_as_transformers_code,
     load_balancing_loss,
     note_packed_experts_stay_unquantized,
     router_z_loss,
@@ -143,7 +143,7 @@ class CLIPMoEEncoder(CLIPEncoder):
         self.gradient_checkpointing = False
 
 
-class CLIPMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
+class CLIPMoEPreTrainedModel(CLIPFamilyPreTrainedModel):
     config: CLIPMoEConfig
     config_class = CLIPMoEConfig
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPMoEEncoderLayer", "CLIPVisionEmbeddings"]
@@ -163,28 +163,13 @@ class CLIPMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
         note_packed_experts_stay_unquantized(self)
 
     @torch.no_grad()
-    @init.guard_torch_init_functions()
-    def initialize_weights(self):
-        initialize_weights_as_transformers_code(self)
-
-    @torch.no_grad()
     def _init_weights(self, module):
-        # CLIP's own modules (projections of the joint and *WithProjection models included, as these subclass
-        # transformers' classes) are initialised by CLIPPreTrainedModel.
-        super()._init_weights(module)
+        super()._init_weights(module)  # CLIP's own modules and logit_scale
         factor = self.config.initializer_factor
-        if isinstance(module, CLIPModel):
-            # transformers' CLIP sets it in __init__ only: a checkpoint without it would keep uninitialised memory.
-            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
         if isinstance(module, MoEMLPExperts):
             # Each expert initialised like transformers' CLIPMLP.
-            config = module.config
-            init.normal_(module.up_proj, std=(2 * config.hidden_size) ** -0.5 * factor)
-            init.normal_(
-                module.down_proj, std=config.hidden_size**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
-            )
-            init.zeros_(module.up_proj_bias)
-            init.zeros_(module.down_proj_bias)
+            experts = (module.up_proj, module.up_proj_bias, module.down_proj, module.down_proj_bias)
+            init_like_clip_mlp(module.config, factor, *experts)
         elif isinstance(module, MoETopKRouter):
             init.normal_(module.weight, std=0.02 * factor)
 
@@ -238,7 +223,7 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel, CLIPTextModel):
         return CLIPMoEModelOutputWithPooling(**outputs)
 
 
-class CLIPMoEVisionModel(CLIPMoEPreTrainedModel, CLIPVisionModel):
+class CLIPMoEVisionModel(CLIPMoEPreTrainedModel, CLIPFamilyVisionModel):
     """The CLIP-MoE vision tower without projection: transformers' `CLIPVisionModel` with MoE MLPs.
 
     `from_pretrained` also takes a folder holding a whole `CLIPMoEModel` and loads its vision tower, as
@@ -249,28 +234,11 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel, CLIPVisionModel):
     config_class = CLIPMoEVisionConfig
     # Where this tower lives in the joint model: a joint checkpoint's `vision_model.*` keys lose the prefix on load.
     base_model_prefix = "vision_model"
-
-    def __init__(self, config: CLIPMoEVisionConfig):
-        # Not `CLIPVisionModel.__init__`, which builds a dense encoder: the same modules under the same names.
-        super(CLIPVisionModel, self).__init__(config)
-        self.embeddings = CLIPVisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = CLIPMoEEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False, **kwargs
-    ) -> CLIPMoEModelOutputWithPooling:
-        # transformers' forward, re-wrapped so that `router_logits` is a field (see CLIPMoETextModel.forward).
-        outputs = super().forward(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
-        )
-        return CLIPMoEModelOutputWithPooling(**outputs)
+    encoder_class = CLIPMoEEncoder
+    output_class = CLIPMoEModelOutputWithPooling
 
 
-class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
+class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPFamilyModel):
     """CLIP with mixture-of-experts MLPs in both towers: transformers' `CLIPModel` (its `get_text_features`,
     `get_image_features` and contrastive forward) plus the router logits and losses.
 
@@ -284,18 +252,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
     >>> probs = model(**inputs).logits_per_image.softmax(dim=-1)
     ```"""
 
-    def __init__(self, config: CLIPMoEConfig):
-        # Not `CLIPModel.__init__`, which builds dense towers: the same modules under the same names.
-        super(CLIPModel, self).__init__(config)
-        self.projection_dim = config.projection_dim
-        self.text_embed_dim = config.text_config.hidden_size
-        self.vision_embed_dim = config.vision_config.hidden_size
-        self.text_model = CLIPMoETextModel._from_config(config.text_config)
-        self.vision_model = CLIPMoEVisionModel._from_config(config.vision_config)
-        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
-        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
-        self.post_init()
+    text_model_class = CLIPMoETextModel
+    vision_model_class = CLIPMoEVisionModel
 
     @can_return_tuple
     def forward(
@@ -317,15 +275,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
         """
         if output_router_logits is not None:
             kwargs["output_router_logits"] = output_router_logits
-        outputs = super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            return_loss=return_loss,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-            **kwargs,
+        outputs = self.clip_forward(
+            input_ids, pixel_values, attention_mask, position_ids, return_loss, interpolate_pos_encoding, **kwargs
         )
         # CLIPOutput has no fields for the router outputs: they are added here from the towers' outputs.
         vision_logits = outputs.vision_model_output.router_logits
@@ -382,7 +333,7 @@ class CLIPMoETextModelWithProjection(CLIPMoEPreTrainedModel, CLIPTextModelWithPr
         )
 
 
-class CLIPMoEVisionModelWithProjection(CLIPMoEPreTrainedModel, CLIPVisionModelWithProjection):
+class CLIPMoEVisionModelWithProjection(CLIPMoEPreTrainedModel, CLIPFamilyVisionModelWithProjection):
     """CLIP-MoE vision tower with its projection (transformers' `CLIPVisionModelWithProjection` with MoE MLPs).
 
     `from_pretrained` also takes a folder holding a whole `CLIPMoEModel` (vision tower and `visual_projection`).
@@ -390,13 +341,7 @@ class CLIPMoEVisionModelWithProjection(CLIPMoEPreTrainedModel, CLIPVisionModelWi
 
     config: CLIPMoEVisionConfig
     config_class = CLIPMoEVisionConfig
-
-    def __init__(self, config: CLIPMoEVisionConfig):
-        # Not `CLIPVisionModelWithProjection.__init__`, which builds a dense tower.
-        super(CLIPVisionModelWithProjection, self).__init__(config)
-        self.vision_model = CLIPMoEVisionModel._from_config(config)
-        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        self.post_init()
+    vision_model_class = CLIPMoEVisionModel
 
     @can_return_tuple
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs) -> CLIPMoEVisionModelOutput:
@@ -415,7 +360,8 @@ class CLIPMoEVisionModelWithProjection(CLIPMoEPreTrainedModel, CLIPVisionModelWi
         )
 
 
-# Saved folders carry this file, moe.py and the configuration, so `trust_remote_code=True` loads them anywhere.
+# Saved folders carry this file, the configuration and the sibling files they import (moe.py, clip_towers.py, ...),
+# so `trust_remote_code=True` loads them anywhere.
 CLIPMoEConfig.register_for_auto_class()
 CLIPMoETextConfig.register_for_auto_class()
 CLIPMoEVisionConfig.register_for_auto_class()

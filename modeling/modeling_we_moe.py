@@ -21,21 +21,21 @@ from transformers.models.clip.modeling_clip import (
     CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
-    CLIPModel,
     CLIPOutput,
-    CLIPPreTrainedModel,
     CLIPTextModel,
-    CLIPVisionEmbeddings,
-    CLIPVisionModel,
     CLIPVisionModelOutput,
-    CLIPVisionModelWithProjection,
 )
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import OutputRecorder
 
+from .clip_towers import (
+    CLIPFamilyModel,
+    CLIPFamilyPreTrainedModel,
+    CLIPFamilyVisionModel,
+    CLIPFamilyVisionModelWithProjection,
+    init_like_clip_mlp,
+)
 from .configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
-from .model_card import KeepModelCardMixin
-from .moe import initialize_weights_as_transformers_code
 
 
 logger = logging.get_logger(__name__)
@@ -479,7 +479,7 @@ class WEMoEEncoder(CLIPEncoder):
         self.gradient_checkpointing = False
 
 
-class WEMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
+class WEMoEPreTrainedModel(CLIPFamilyPreTrainedModel):
     config: WEMoEConfig
     config_class = WEMoEConfig
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "WEMoEEncoderLayer", "CLIPVisionEmbeddings"]
@@ -504,11 +504,6 @@ class WEMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
         return super()._check_and_adjust_experts_implementation(experts_implementation)
 
     @torch.no_grad()
-    @init.guard_torch_init_functions()
-    def initialize_weights(self):
-        initialize_weights_as_transformers_code(self)
-
-    @torch.no_grad()
     def _init_weights(self, module):
         if hasattr(module, "router_bias_init"):
             # A router layer (METHODS.md): weight ~ N(0, 0.01); the output layer's bias init_lambda, so every task
@@ -517,21 +512,11 @@ class WEMoEPreTrainedModel(KeepModelCardMixin, CLIPPreTrainedModel):
             init.normal_(module.weight, std=0.01)
             init.constant_(module.bias, module.router_bias_init)
             return
-        # CLIP's own modules are initialised by CLIPPreTrainedModel.
-        super()._init_weights(module)
-        factor = self.config.initializer_factor
-        if isinstance(module, CLIPModel):
-            # transformers' CLIP sets it in __init__ only: a checkpoint without it would keep uninitialised memory.
-            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        super()._init_weights(module)  # CLIP's own modules and logit_scale
         if isinstance(module, WEMoEMLP):
             # The pretrained MLP like transformers' CLIPMLP; zero task vectors make a fresh model the dense CLIP.
-            config = module.config
-            init.normal_(module.fc1.weight, std=(2 * config.hidden_size) ** -0.5 * factor)
-            init.normal_(
-                module.fc2.weight, std=config.hidden_size**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
-            )
-            init.zeros_(module.fc1.bias)
-            init.zeros_(module.fc2.bias)
+            mlp = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
+            init_like_clip_mlp(module.config, self.config.initializer_factor, *mlp)
         elif isinstance(module, (DenseTaskVectors, SVDTaskVectors, PrunedTaskVectors)):
             for param in module.parameters(recurse=False):
                 init.zeros_(param)
@@ -556,7 +541,7 @@ def _load_tower_task_vectors(tower, pretrained_mlps, task_vectors):
         )
 
 
-class WEMoECLIPVisionModel(WEMoEPreTrainedModel, CLIPVisionModel):
+class WEMoECLIPVisionModel(WEMoEPreTrainedModel, CLIPFamilyVisionModel):
     """The WEMoE vision tower without projection: transformers' `CLIPVisionModel` with WEMoE MLPs.
 
     `from_pretrained` also takes a folder holding a whole `WEMoECLIPModel` and loads its vision tower.
@@ -566,15 +551,8 @@ class WEMoECLIPVisionModel(WEMoEPreTrainedModel, CLIPVisionModel):
     config_class = WEMoEVisionConfig
     main_input_name = "pixel_values"
     base_model_prefix = "vision_model"
-
-    def __init__(self, config: WEMoEVisionConfig):
-        # Not `CLIPVisionModel.__init__`, which builds a dense encoder: the same modules under the same names.
-        super(CLIPVisionModel, self).__init__(config)
-        self.embeddings = CLIPVisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = WEMoEEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
+    encoder_class = WEMoEEncoder
+    output_class = WEMoEModelOutputWithPooling
 
     def load_task_vectors(
         self, pretrained_mlps: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]
@@ -584,30 +562,14 @@ class WEMoECLIPVisionModel(WEMoEPreTrainedModel, CLIPVisionModel):
         stored in `config.task_vector_format` (pruned / SVD-compressed here)."""
         _load_tower_task_vectors(self, pretrained_mlps, task_vectors)
 
-    @can_return_tuple
-    def forward(
-        self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False, **kwargs
-    ) -> WEMoEModelOutputWithPooling:
-        # transformers' forward, re-wrapped so that `routing_weights` is always a field of the output.
-        outputs = super().forward(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
-        )
-        return WEMoEModelOutputWithPooling(**outputs)
 
-
-class WEMoECLIPVisionModelWithProjection(WEMoEPreTrainedModel, CLIPVisionModelWithProjection):
+class WEMoECLIPVisionModelWithProjection(WEMoEPreTrainedModel, CLIPFamilyVisionModelWithProjection):
     """WEMoE vision tower with its projection (transformers' `CLIPVisionModelWithProjection` with WEMoE MLPs)."""
 
     config: WEMoEVisionConfig
     config_class = WEMoEVisionConfig
     main_input_name = "pixel_values"
-
-    def __init__(self, config: WEMoEVisionConfig):
-        # Not `CLIPVisionModelWithProjection.__init__`, which builds a dense tower.
-        super(CLIPVisionModelWithProjection, self).__init__(config)
-        self.vision_model = WEMoECLIPVisionModel._from_config(config)
-        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        self.post_init()
+    vision_model_class = WEMoECLIPVisionModel
 
     def load_task_vectors(
         self, pretrained_mlps: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]
@@ -631,7 +593,7 @@ class WEMoECLIPVisionModelWithProjection(WEMoEPreTrainedModel, CLIPVisionModelWi
         )
 
 
-class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPModel):
+class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPFamilyModel):
     """CLIP with a WEMoE vision tower and the pretrained CLIP text tower: transformers' `CLIPModel` (its
     `get_text_features`, `get_image_features`, zero-shot classification) plus the routing weights.
 
@@ -643,20 +605,11 @@ class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPModel):
     >>> classifier(image, candidate_labels=["a photo of a cat", "a photo of a dog"])
     ```"""
 
-    def __init__(self, config: WEMoEConfig):
-        # Not `CLIPModel.__init__`, which builds a dense vision tower: the same modules under the same names.
-        super(CLIPModel, self).__init__(config)
-        self.projection_dim = config.projection_dim
-        self.text_embed_dim = config.text_config.hidden_size
-        self.vision_embed_dim = config.vision_config.hidden_size
-        # The text tower is transformers' CLIP, without experts: an experts implementation asked for the joint model
-        # (which WEMoE accepts and ignores) must not reach it, where `grouped_mm` would be refused.
-        self.text_model = CLIPTextModel._from_config(config.text_config, experts_implementation=None)
-        self.vision_model = WEMoECLIPVisionModel._from_config(config.vision_config)
-        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
-        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
-        self.post_init()
+    # The text tower is transformers' CLIP, without experts: an experts implementation asked for the joint model
+    # (which WEMoE accepts and ignores) must not reach it, where `grouped_mm` would be refused.
+    text_model_class = CLIPTextModel
+    text_model_kwargs = {"experts_implementation": None}
+    vision_model_class = WEMoECLIPVisionModel
 
     def load_task_vectors(
         self, pretrained_mlps: dict[str, torch.Tensor], task_vectors: list[dict[str, torch.Tensor]]
@@ -683,20 +636,14 @@ class WEMoECLIPModel(WEMoEPreTrainedModel, CLIPModel):
         if output_routing_weights is not None:
             # Reaches both towers; the plain CLIP text tower records nothing for it.
             kwargs["output_routing_weights"] = output_routing_weights
-        outputs = super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            return_loss=return_loss,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-            **kwargs,
+        outputs = self.clip_forward(
+            input_ids, pixel_values, attention_mask, position_ids, return_loss, interpolate_pos_encoding, **kwargs
         )
         return WEMoEOutput(**outputs, routing_weights=outputs.vision_model_output.routing_weights)
 
 
-# Saved folders carry this file and the configuration, so `trust_remote_code=True` loads them anywhere.
+# Saved folders carry this file, the configuration and the sibling files they import (clip_towers.py, ...), so
+# `trust_remote_code=True` loads them anywhere.
 WEMoEConfig.register_for_auto_class()
 WEMoEVisionConfig.register_for_auto_class()
 WEMoECLIPModel.register_for_auto_class("AutoModel")

@@ -7,18 +7,17 @@ import json
 
 import pytest
 import torch
+from test_moiie_model import batch, tiny_config, tiny_model
+from test_moiie_training import data, trainer_for  # noqa: F401  (data: a fixture)
 
 from hf_moe.modeling import (
     CLIPMoEVisionConfig,
     MoDEPreTrainedModel,
     MoIIEConfig,
     WEMoEVisionConfig,
+    moe,
 )
-from hf_moe.modeling import moe
 from hf_moe.modeling.modeling_moiie import MoIIESparseBlock
-
-from test_moiie_model import batch, tiny_config, tiny_model
-from test_moiie_training import data, trainer_for  # noqa: F401  (data: a fixture)
 
 
 @pytest.mark.parametrize("variant", ["moiie", "vanilla", "modality"])
@@ -47,7 +46,8 @@ def test_moiie_block_is_moe_py_block_with_its_router_and_gated_experts(variant):
 def test_router_takes_sizes_and_checks_them():
     sizes = type("Sizes", (), {"hidden_size": 8})()
     router = moe.MoETopKRouter(sizes, num_experts=3, top_k=2, norm_topk_prob=False)
-    assert (router.num_experts, router.top_k, router.norm_topk_prob, tuple(router.weight.shape)) == (3, 2, False, (3, 8))
+    assert (router.num_experts, router.top_k, router.norm_topk_prob) == (3, 2, False)
+    assert tuple(router.weight.shape) == (3, 8)
     with pytest.raises(ValueError, match="num_experts_per_tok=4"):
         moe.MoETopKRouter(sizes, num_experts=3, top_k=4, norm_topk_prob=True)
 
@@ -160,3 +160,42 @@ def test_mode_initialises_through_the_shared_helper_without_moe_py():
 
     source = Path(modeling_mode.__file__).read_text()
     assert "from .moe import" not in source and "from .weight_init import" in source
+
+
+def test_clip_moe_and_we_moe_share_the_clip_scaffolding_and_save_it(tmp_path):
+    from hf_moe.modeling import (
+        CLIPMoEConfig,
+        CLIPMoEModel,
+        CLIPMoEPreTrainedModel,
+        CLIPMoEVisionModel,
+        CLIPMoEVisionModelWithProjection,
+        WEMoECLIPModel,
+        WEMoECLIPVisionModel,
+        WEMoECLIPVisionModelWithProjection,
+        WEMoEConfig,
+        WEMoEPreTrainedModel,
+        clip_towers,
+    )
+
+    shared = [
+        (CLIPMoEVisionModel, WEMoECLIPVisionModel, clip_towers.CLIPFamilyVisionModel),
+        (
+            CLIPMoEVisionModelWithProjection,
+            WEMoECLIPVisionModelWithProjection,
+            clip_towers.CLIPFamilyVisionModelWithProjection,
+        ),
+        (CLIPMoEModel, WEMoECLIPModel, clip_towers.CLIPFamilyModel),
+    ]
+    for clip_moe, we_moe, base in shared:
+        assert issubclass(clip_moe, base) and issubclass(we_moe, base)
+        assert "__init__" not in vars(clip_moe) and "__init__" not in vars(we_moe)  # one constructor, the base's
+    for family in (CLIPMoEPreTrainedModel, WEMoEPreTrainedModel):
+        assert issubclass(family, clip_towers.CLIPFamilyPreTrainedModel)
+    towers = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    text, vision = {**towers, "vocab_size": 50}, {**towers, "image_size": 16, "patch_size": 8}
+    for name, model in (
+        ("clip_moe", CLIPMoEModel(CLIPMoEConfig(text_config=text, vision_config=vision, num_local_experts=2))),
+        ("we_moe", WEMoECLIPModel(WEMoEConfig(text_config=text, vision_config=vision, num_tasks=2))),
+    ):
+        model.save_pretrained(tmp_path / name)
+        assert (tmp_path / name / "clip_towers.py").is_file(), name  # travels with the folder (remote code)
