@@ -115,32 +115,19 @@ def merge_wemoe(
         card); None when `return_model=False`.
     """
     finetuned = list(finetuned)
-    kind, base_config, vision_config, hub = check_merge_wemoe(
-        pretrained,
-        finetuned,
-        output_dir,
-        task_names,
-        overwrite=overwrite,
-        dtype=dtype,
-        hub=hub,
+    # The options as the command line names them, in its order (the card's command line repeats them).
+    options = dict(
         init_lambda=init_lambda,
         router_depth=router_depth,
         shared_router=shared_router,
         prune_ratio=prune_ratio,
         svd_rank_fraction=svd_rank_fraction,
         batch_reduce=batch_reduce,
-        moe_layers=moe_layers,
     )
-    options = {
-        "init_lambda": init_lambda,
-        "router_depth": router_depth,
-        "shared_router": shared_router,
-        "prune_ratio": prune_ratio,
-        "svd_rank_fraction": svd_rank_fraction,
-        "batch_reduce": batch_reduce,
-        "seed": seed,
-        **({} if dtype in (None, "auto") else {"dtype": dtype}),
-    }
+    kind, base_config, vision_config, hub = check_merge_wemoe(
+        pretrained, finetuned, output_dir, task_names, {**options, "moe_layers": moe_layers}, overwrite, dtype, hub
+    )
+    options.update(seed=seed, **({} if dtype in (None, "auto") else {"dtype": dtype}))
     base, finetuned_checkpoints = open_for_merge(pretrained, finetuned)
     try:
         source = CheckpointTaskVectors(base, finetuned_checkpoints)
@@ -175,15 +162,7 @@ def default_task_names(finetuned: list) -> list[str]:
 
 
 def check_merge_wemoe(
-    pretrained,
-    finetuned: list,
-    output_dir,
-    task_names,
-    *,
-    overwrite,
-    dtype,
-    hub,
-    **we_moe_options,
+    pretrained, finetuned: list, output_dir, task_names, we_moe_options: dict, overwrite: bool, dtype: str, hub
 ) -> tuple[str, object, WEMoEVisionConfig, HubArguments]:
     """Every check that reads no weights, before anything is written: the options, the output folder and Hub repo,
     the inputs' configs (`we_moe_options`: the `WEMoEVisionConfig` fields the caller sets). Returns `(kind,
