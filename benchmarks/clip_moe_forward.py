@@ -31,6 +31,11 @@ One JSON object goes to stdout, progress to stderr:
     python benchmarks/clip_moe_forward.py                                  # tiny, CPU-friendly (~1 min)
     python benchmarks/clip_moe_forward.py --shape vit-l-14                 # bf16, batch 256, on CUDA
     python benchmarks/clip_moe_forward.py --shape vit-b-32 --top_k 1 --iters 20
+    python benchmarks/clip_moe_forward.py --threads 1                      # a busy shared CPU: see below
+
+On a CPU whose cores other processes share, give the workers one thread each (`--threads 1`): two threads that wait
+on each other while the other core is busy make a pass many times slower, and by different factors for different
+variants.
 
 `batched_mm` gathers one full expert weight matrix per (token, expert) pair, so it runs out of memory at
 ViT batch sizes on a GPU; it is meant for few-token decoding and is recorded as an error there.
@@ -267,6 +272,8 @@ def measure(args) -> dict:
     """In a worker: build variant `args._worker`, time its forward passes and read its peak memory; an exception
     (e.g. CUDA out of memory for batched_mm at ViT batch sizes, an unsupported kernel or dtype) becomes `error`."""
     name, shape = args._worker, selected_shape(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[shape.dtype]
     pixel_values = random_images(shape, shape.batch_size, device, dtype)
     try:
@@ -372,6 +379,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in every worker (default: torch's)")
     parser.add_argument("--_worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.iters < 1 or args.rounds < 1:
@@ -402,7 +410,7 @@ def main(argv=None):
     dense_flops = vision_flops_per_image(shape)
     moe_flops = vision_flops_per_image(shape, args.num_experts, args.top_k)
     report = {
-        **report_header("clip_moe_forward.py", argv, device),
+        **report_header("clip_moe_forward.py", argv, device, args.threads),
         "shape": {
             "name": args.shape,
             **asdict(shape),
