@@ -393,8 +393,3 @@ def wemoe_how_built(pretrained, finetuned, task_names, vision_config, options, o
         + (" averaged over the batch (batch_reduce)" if vision_config.batch_reduce else "")
         + f". Text tower and processor from `{pretrained}`.\n\nTasks:\n\n{listed}\n\n```bash\n{command}\n```"
     )
-
-
-def wemoe_usage(model_id: str) -> str:
-    """The WEMoE CLIP card's snippet for `model_id` (`WEMOE_USAGE`)."""
-    return WEMOE_USAGE.code(model_id)
