@@ -116,7 +116,8 @@ class MoIIESparseBlock(MoESparseBlock):
         # (top_k_weights, top_k_index) of each router, called in ROUTER_NAMES order (see there).
         routed = {name: self.get_submodule(name)(hidden_states)[1:] for name in ROUTER_NAMES[self.variant]}
         if self.variant == "moiie":
-            (vision_weights, vision_index), (language_weights, language_index) = routed.values()
+            vision_weights, vision_index = routed["vision_router"]
+            language_weights, language_index = routed["language_router"]
             top_k_index = torch.where(is_vision, vision_index, language_index + self.num_vision)
             top_k_weights = torch.where(is_vision, vision_weights, language_weights)
         elif self.variant == "vanilla":

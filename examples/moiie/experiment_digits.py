@@ -96,15 +96,13 @@ def routing_shares(model, processor, indices) -> dict[str, list[list[float]]]:
     # every question kind once per image, so the language tokens of all three prompts are counted
     kinds = [kind for kind in IMAGE_QUESTIONS for _ in images]
     inputs = question_inputs(processor, images * len(IMAGE_QUESTIONS), kinds)
-    router_logits = model.eval()(**inputs, output_router_logits=True).router_logits
+    outputs = model.eval()(**inputs, output_router_logits=True)
     valid = inputs["attention_mask"].bool()
     masks = {"vision": valid & (inputs["token_type_ids"] == 1), "language": valid & (inputs["token_type_ids"] == 0)}
-    # MoIIE's router logits alternate vision router / language router per layer; the language router's
-    # experts start after the vision-only ones (experts are packed [vision..., shared..., language...]).
-    if config.variant == "moiie":
-        routers = {"vision": (router_logits[0::2], 0), "language": (router_logits[1::2], config.num_vision_experts)}
-    else:
-        routers = {modality: (router_logits, 0) for modality in masks}
+    # Each modality's router logits (the output names them); under "moiie" the language router's experts start
+    # after the vision-only ones (experts are packed [vision..., shared..., language...]).
+    offsets = {"vision": 0, "language": config.num_vision_experts if config.variant == "moiie" else 0}
+    routers = {modality: (getattr(outputs, f"{modality}_router_logits"), offsets[modality]) for modality in masks}
     shares = {}
     for modality, (logits, offset) in routers.items():
         loads = expert_load(logits, config.num_experts_per_tok, masks[modality])
