@@ -59,7 +59,7 @@ builtins.input = no_prompt
 results = []
 for job in jobs:
     if job.get("hf_moe"):  # the jobs that use hf_moe come last: from here on it is importable
-        sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != "BlockHfMoe"]
+        sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != "NoHfMoe"]
     os.chdir(job["cwd"])
     prompts.clear()
     error, start = None, time.perf_counter()
