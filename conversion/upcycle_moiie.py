@@ -296,15 +296,7 @@ def upcycle_moiie(
     the dense model or the MoIIE, so the full Phi-3-mini + SigLIP-so400m MoIIE (~16 GB in bf16) upcycles in far less
     memory than its size.
     """
-    plan = check_upcycle_moiie(
-        llm,
-        vision,
-        output_dir,
-        projector=projector,
-        image_token_id=image_token_id,
-        overwrite=overwrite,
-        dtype=dtype,
-        hub=hub,
+    moe_fields = dict(
         moe_layers=moe_layers,
         num_vision_experts=num_vision_experts,
         num_shared_experts=num_shared_experts,
@@ -312,17 +304,13 @@ def upcycle_moiie(
         num_experts_per_tok=top_k,
         variant=variant,
     )
+    plan = check_upcycle_moiie(llm, vision, output_dir, projector, image_token_id, moe_fields, overwrite, dtype, hub)
     config = plan.config
     dense = DenseWeights()
     try:
-        input_dtype = add_dense_weights(dense, plan, llm, vision, seed)
-        model, produce = build_moiie(
-            plan,
-            dense,
-            resolve_dtype(dtype, input_dtype),
-            seed,
-            random_projector=(not plan.is_llava and projector is None),
-        )
+        output_dtype = resolve_dtype(dtype, add_dense_weights(dense, plan, llm, vision, seed))
+        random_projector = not plan.is_llava and projector is None
+        model, produce = build_moiie(plan, dense, output_dtype, seed, random_projector)
         write_model(
             StreamedModel(model, produce, max_shard_size=max_shard_size),
             output_dir,
@@ -358,7 +346,7 @@ class UpcyclePlan:
 
 
 def check_upcycle_moiie(
-    llm, vision, output_dir, *, projector, image_token_id, overwrite, dtype, hub, **moe_fields
+    llm, vision, output_dir, projector, image_token_id, moe_fields: dict, overwrite: bool, dtype: str, hub
 ) -> UpcyclePlan:
     """Every check before a weight is read and anything is written: the inputs' configs, the tokenizer's `<image>`,
     the MoIIE config (`moe_fields`: its MoE fields), the projector, the output folder and Hub repo."""
