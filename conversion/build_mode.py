@@ -35,7 +35,7 @@ from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, load_
 from ..modeling.configuration_mode import ENSEMBLE_FORMULAS, MoDEConfig
 from ..modeling.modeling_mode import MoDEModel
 from ..modeling.tokenization_mode import MoDETokenizer
-from ..publish import check_destination, write_model
+from ..publish import check_destination, hub_keywords, write_model
 from ..training import JOB_FILE
 
 
@@ -236,6 +236,7 @@ def clustering_encoder_config(encoder: str, pooling: str):
     return config, config.hidden_size
 
 
+@hub_keywords
 def build_mode(
     experts: list[str | Path],
     clusters: str | Path,

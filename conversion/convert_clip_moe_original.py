@@ -31,7 +31,7 @@ from ..checkpoint_io import (
 from ..loading import load_clip_processor
 from ..modeling import CLIPMoEModel
 from ..modeling.configuration_clip_moe import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_TEXT_LENGTH
-from ..publish import check_destination, write_model
+from ..publish import check_destination, hub_keywords, write_model
 from .upcycle_clip import clip_moe_config_from_dense, load_dense_clip_config
 
 
@@ -197,6 +197,7 @@ def _text_positions_recipe(original, shape) -> Recipe:
     return positions, ["positional_embedding", "positional_embedding_res"], _merge_positions
 
 
+@hub_keywords
 def convert_clip_moe_original(
     checkpoint: str | Path,
     base: str | Path,

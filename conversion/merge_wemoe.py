@@ -39,7 +39,7 @@ from ..merging import (
 )
 from ..modeling.configuration_we_moe import WEMoEConfig, WEMoEVisionConfig
 from ..modeling.modeling_we_moe import MLP_PARAMETER_NAMES, TASK_VECTOR_STORAGE, WEMoECLIPModel, WEMoECLIPVisionModel
-from ..publish import check_destination, write_model
+from ..publish import check_destination, hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -56,6 +56,7 @@ def we_moe_vision_config(vision_config, **we_moe_fields) -> WEMoEVisionConfig:
     return WEMoEVisionConfig(**fields, **we_moe_fields)
 
 
+@hub_keywords
 def merge_wemoe(
     pretrained: str | Path,
     finetuned: list[str | Path],

@@ -36,7 +36,7 @@ from ..checkpoint_io import (
 from ..loading import check_model_type, load_clip_processor, load_config
 from ..modeling import CLIPMoEConfig, CLIPMoEModel, stretch_text_positions
 from ..modeling.configuration_clip_moe import CLIP_TEXT_LENGTH, LONG_CLIP_TEXT_LENGTH
-from ..publish import check_destination, refuse_hub_keywords, write_model
+from ..publish import check_destination, hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -168,6 +168,7 @@ def upcycled_sources(config: CLIPMoEConfig, specs: dict, dense_specs: dict) -> d
     return sources
 
 
+@hub_keywords
 def upcycle_clip(
     bases: list[str | Path] | str | Path,
     output_dir: str | Path,
@@ -237,7 +238,6 @@ def upcycle_clip(
 def check_upcycle_options(bases, num_experts: int | None, top_k: int, dtype: str, moe_kwargs: dict):
     """`upcycle_clip`'s checks that read no checkpoint: the bases as a list and the number of experts."""
     bases = [bases] if isinstance(bases, (str, Path)) else list(bases)
-    refuse_hub_keywords(moe_kwargs, "upcycle_clip")
     if not bases:
         raise ValueError("upcycle_clip needs at least one base checkpoint.")
     if len(bases) == 1 and num_experts is None:

@@ -48,7 +48,7 @@ from ..modeling import (
     num_image_tokens_of,
 )
 from ..modeling.processing_moiie import CHAT_TEMPLATES
-from ..publish import check_destination, write_model
+from ..publish import check_destination, hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -242,6 +242,7 @@ def _meta(build):
         return build()
 
 
+@hub_keywords
 def upcycle_moiie(
     llm: str | Path,
     vision: str | Path | None,

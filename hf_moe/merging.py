@@ -43,7 +43,7 @@ from .arguments import HubArguments
 from .cards import CardSpec, Usage
 from .checkpoint_io import check_finite, check_finite_options, release_free_memory, tensor_sum
 from .loading import check_model_type, load_config, load_pretrained, load_processor
-from .publish import check_destination, refuse_hub_keywords, write_model
+from .publish import check_destination, hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -970,6 +970,7 @@ def merge_command_line(method: str, pretrained, finetuned, output_dir, options: 
     return " ".join(parts)
 
 
+@hub_keywords
 def merge_clip_vision(
     method: str,
     pretrained: str | Path,
@@ -1016,7 +1017,6 @@ def merge_clip_vision(
     from .checkpoint_io import StreamedModel, resolve_dtype
 
     merge = get_merge_method(method)
-    refuse_hub_keywords(options, "merge_clip_vision")
     merge.check_options(options)
     resolve_dtype(dtype, torch.float32)  # an unknown name is refused before any work
     finetuned = list(finetuned)

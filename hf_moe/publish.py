@@ -17,6 +17,8 @@ Its command passes the parsed `HubArguments` (`--push_to_hub`, `--hub_model_id`,
 name; its license is `--license`, else the base models' own (`hf_moe.cards.write_card`).
 """
 
+import functools
+import warnings
 from collections.abc import Iterable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -43,13 +45,32 @@ def check_destination(
     return replace(hub, hub_model_id=check_hub_model_id(output_dir, hub.push_to_hub, hub.hub_model_id))
 
 
-def refuse_hub_keywords(kwargs: dict, function: str) -> None:
-    """Refuse Hub options passed one by one to a converter whose `**kwargs` would otherwise take them for model
-    options: they go in `hub=HubArguments(...)`."""
-    misplaced = sorted(set(kwargs) & {option.name for option in fields(HubArguments)})
-    if misplaced:
-        wanted = ", ".join(f"{name}=..." for name in misplaced)
-        raise TypeError(f"{function}() takes its Hub and card options as hub=HubArguments({wanted}), not as keywords.")
+def hub_keywords(function):
+    """Decorator keeping a converter's older call form: the Hub and card options passed one by one
+    (`push_to_hub=True, hub_model_id=..., license=...`, as before `hub=` existed) are gathered into
+    `hub=HubArguments(...)` with a FutureWarning. Without it, a converter taking `**kwargs` (upcycle_clip's model
+    options, merge_clip_vision's method options) would pass them on as something else."""
+    names = {option.name for option in fields(HubArguments)}
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in sorted(names & kwargs.keys())}
+        if given:
+            if kwargs.get("hub") is not None:
+                raise TypeError(
+                    f"{function.__name__}() got Hub options both in hub= and as keywords ({', '.join(given)})."
+                )
+            spelled = ", ".join(f"{name}=..." for name in given)
+            warnings.warn(
+                f"{function.__name__}(): pass the Hub and card options as hub=HubArguments({spelled}) (from "
+                "hf_moe.arguments); the keywords one by one will stop working in a later release.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            kwargs["hub"] = HubArguments(**given)
+        return function(*args, **kwargs)
+
+    return wrapper
 
 
 def write_model(

@@ -1,5 +1,6 @@
 """Model cards of every written model (content, a usage snippet that runs) and a mocked upload of the real folder."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -201,21 +202,28 @@ def test_hub_cards_and_publish_never_import_training():
         assert not {module for module in imported if module.startswith("hf_moe.training")}, name
 
 
-def test_converters_take_hub_options_as_one_argument(toy_clip_dir, tmp_path):
-    """Hub options given one by one are refused, naming `hub=`, before anything is written (upcycle_clip's
-    **moe_kwargs would otherwise pass them to the config; merge_clip_vision's **options to the merge method)."""
+def test_converters_take_hub_options_as_one_argument_and_the_older_keywords_with_a_warning(toy_clip_dir, tmp_path):
+    """`hub=HubArguments(...)` carries the Hub and card options. The older keywords one by one still work, with a
+    FutureWarning, and reach the card, not the model config (upcycle_clip's **moe_kwargs) nor the merge method
+    (merge_clip_vision's **options)."""
     from hf_moe.arguments import HubArguments
     from hf_moe.merging import merge_clip_vision
 
-    output = tmp_path / "out"
-    with pytest.raises(TypeError, match=r"hub=HubArguments\(push_to_hub=\.\.\.\)"):
-        upcycle_clip(toy_clip_dir, output, num_experts=2, push_to_hub=True)
-    with pytest.raises(TypeError, match=r"hub=HubArguments\(hub_model_id=\.\.\., license=\.\.\.\)"):
-        merge_clip_vision("average", toy_clip_dir, [toy_clip_dir], output, license="mit", hub_model_id="me/x")
-    assert not output.exists()
-
-    upcycle_clip(toy_clip_dir, output, num_experts=2, return_model=False, hub=HubArguments(license="mit"))
-    assert ModelCard.load(output / "README.md").data.license == "mit"
+    upcycle_clip(toy_clip_dir, tmp_path / "new", num_experts=2, return_model=False, hub=HubArguments(license="mit"))
+    assert ModelCard.load(tmp_path / "new" / "README.md").data.license == "mit"
+    with pytest.warns(FutureWarning, match=r"hub=HubArguments\(license=\.\.\.\)"):
+        upcycle_clip(toy_clip_dir, tmp_path / "old", num_experts=2, return_model=False, license="mit")
+    assert ModelCard.load(tmp_path / "old" / "README.md").data.license == "mit"
+    assert "license" not in json.loads((tmp_path / "old" / "config.json").read_text())
+    with pytest.warns(FutureWarning, match=r"hub=HubArguments\(hub_model_id=\.\.\., license=\.\.\.\)"):
+        merge_clip_vision(
+            "average", toy_clip_dir, [toy_clip_dir], tmp_path / "merged", license="mit", hub_model_id="me/merged"
+        )
+    card = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert card.data.license == "mit" and "me/merged" in card.text
+    with pytest.raises(TypeError, match="both in hub= and as keywords"):
+        upcycle_clip(toy_clip_dir, tmp_path / "both", num_experts=2, hub=HubArguments(), license="mit")
+    assert not (tmp_path / "both").exists()
 
 
 def test_a_merge_without_a_processor_gets_a_snippet_that_loads_the_model_alone(toy_clip_dir, tmp_path):

@@ -35,7 +35,7 @@ from ..arguments import HubArguments
 from ..cards import CardSpec
 from ..loading import load_clip_processor, load_config, load_pretrained
 from ..modeling import CLIPMoEModel
-from ..publish import check_destination, write_model
+from ..publish import check_destination, hub_keywords, write_model
 
 
 logger = logging.get_logger(__name__)
@@ -127,6 +127,7 @@ def _merged_from_adapter_dir(adapter_dir: Path, base_model_dir, dtype) -> tuple[
     return (merged.to(dtype) if dtype is not None else merged), base_model_dir
 
 
+@hub_keywords
 def merge_lora_into_folder(
     peft_model_or_adapter_dir: PeftModel | str | Path,
     base_model_dir: str | Path | None,
