@@ -338,9 +338,12 @@ class GenerationTesterMixin:
             model.generation_config.num_assistant_tokens = 2
             model.generation_config.num_assistant_tokens_schedule = "constant"
             with torch.no_grad():
+                # The image token banned, as in the greedy assisted test: an assistant restarts from the prompt with
+                # its image, and a sampled image token would be one placeholder too many (LLaVA raises on it too).
                 output_assisted = model.generate(
-                    **self._assisted_kwargs(do_sample=True), assistant_model=model, **inputs_dict
-                )
+                    **self._assisted_kwargs(do_sample=True), assistant_model=model, **inputs_dict,
+                    **self._get_logits_processor_kwargs(do_sample=True, config=model.config),
+                )  # fmt: skip
             self._check_outputs(output_assisted, config, use_cache=True)
 
     def test_prompt_lookup_decoding_matches_greedy_search(self):
@@ -573,7 +576,7 @@ class GenerationTesterMixin:
             model = model_class(config).eval()
             generation_kwargs = {
                 "max_new_tokens": 10, "do_sample": False, "assistant_model": model, "return_dict_in_generate": True,
-                "output_scores": True,
+                "output_scores": True, **self._get_logits_processor_kwargs(config=model.config),
             }  # fmt: skip
             with torch.no_grad():
                 with_all_logits = model.generate(**generation_kwargs, **inputs_dict, logits_to_keep=0)
