@@ -29,7 +29,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 from transformers.testing_utils import is_flaky
-from transformers_suite import FULL, FULL_ONLY, CLIPTrainingSkips, import_common
+from transformers_suite import FULL, FULL_ONLY, CLIPJointSkips, CLIPTrainingSkips, import_common
 
 from hf_moe.modeling import (
     CLIPMoEConfig,
@@ -255,7 +255,7 @@ class TextTests(CLIPFamilyTests):
                 self.assertEqual(result.text_embeds.shape, (tester.batch_size, tester.projection_dim))
 
 
-class JointTests(CLIPFamilyTests):
+class JointTests(CLIPJointSkips, CLIPFamilyTests):
     config_class = text_config_class = vision_config_class = None
     text_extra = vision_extra = None
     additional_model_inputs = ["pixel_values"]
@@ -274,22 +274,6 @@ class JointTests(CLIPFamilyTests):
 
     def test_config(self):
         self.config_tester.run_common_tests()
-
-    @unittest.skip(reason="Hidden_states is tested in individual model tests")
-    def test_hidden_states_output(self):
-        pass
-
-    @unittest.skip(reason="Inputs_embeds is tested in individual model tests")
-    def test_inputs_embeds(self):
-        pass
-
-    @unittest.skip(reason="Retain_grad is tested in individual model tests")
-    def test_retain_grad_hidden_states_attentions(self):
-        pass
-
-    @unittest.skip(reason="CLIPModel does not have input/output embeddings")
-    def test_model_get_set_embeddings(self):
-        pass
 
     def test_model_shapes(self):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()

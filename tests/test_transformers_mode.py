@@ -23,7 +23,7 @@ import unittest
 import numpy as np
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from transformers_suite import FULL, FULL_ONLY, CLIPTrainingSkips, import_common
+from transformers_suite import FULL, FULL_ONLY, CLIPJointSkips, CLIPTrainingSkips, import_common
 
 from hf_moe.modeling import MoDEConfig, MoDEModel
 
@@ -102,7 +102,7 @@ class CLIPJointTester:
         return self.get_config(), inputs
 
 
-class JointTests(CLIPTrainingSkips, ModelTesterMixin):
+class JointTests(CLIPJointSkips, CLIPTrainingSkips, ModelTesterMixin):
     """transformers' CLIPModelTest settings and skips (each with transformers' reason)."""
 
     mode = False
@@ -135,22 +135,6 @@ class JointTests(CLIPTrainingSkips, ModelTesterMixin):
             self.assertEqual(result.logits_per_image.shape, (batch, batch))
             self.assertEqual(result.logits_per_text.shape, (batch, batch))
             self.assertEqual(result.loss.shape, ())
-
-    @unittest.skip(reason="Hidden_states is tested in individual model tests")
-    def test_hidden_states_output(self):
-        pass
-
-    @unittest.skip(reason="Inputs_embeds is tested in individual model tests")
-    def test_inputs_embeds(self):
-        pass
-
-    @unittest.skip(reason="Retain_grad is tested in individual model tests")
-    def test_retain_grad_hidden_states_attentions(self):
-        pass
-
-    @unittest.skip(reason="CLIPModel does not have input/output embeddings")
-    def test_model_get_set_embeddings(self):
-        pass
 
     def test_sdpa_can_dispatch_on_flash(self):
         self.skipTest(reason="CLIP text tower has two attention masks: `causal_attention_mask` and `attention_mask`")

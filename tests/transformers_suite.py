@@ -58,6 +58,26 @@ class CLIPTrainingSkips:
         pass
 
 
+class CLIPJointSkips:
+    """The tests transformers' joint CLIPModel tester skips, with its reasons: put before `ModelTesterMixin`."""
+
+    @unittest.skip(reason="Hidden_states is tested in individual model tests")
+    def test_hidden_states_output(self):
+        pass
+
+    @unittest.skip(reason="Inputs_embeds is tested in individual model tests")
+    def test_inputs_embeds(self):
+        pass
+
+    @unittest.skip(reason="Retain_grad is tested in individual model tests")
+    def test_retain_grad_hidden_states_attentions(self):
+        pass
+
+    @unittest.skip(reason="CLIPModel does not have input/output embeddings")
+    def test_model_get_set_embeddings(self):
+        pass
+
+
 PACKAGE = "transformers_sdist_tests"
 STAND_INS = {
     # module path inside the tests package -> our stand-in file
