@@ -37,13 +37,15 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
+        "analysis": ["matplotlib>=3.7"],  # hf-moe analyze-routing's figures
         "bench": ["faiss-cpu>=1.8", "scikit-learn>=1.3"],
         "deepspeed": ["deepspeed>=0.16"],
-        "demo": ["scikit-learn>=1.3"],
+        "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         "test": [
             "pytest>=8",
             "parameterized>=0.9",
             "scikit-learn>=1.3",
+            "matplotlib>=3.7",
             "deepspeed>=0.19,<0.20",
             "onnx>=1.17",
             "onnxscript>=0.3",

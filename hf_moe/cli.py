@@ -77,12 +77,76 @@ def prepare_command(argv: list[str]) -> None:
     prepare_main(argv)
 
 
+# hf-moe family (hf_moe.loading.HF_MOE_MODEL_TYPES' values) -> its package, whose `routing.analyze_routing` runs
+# `hf-moe analyze-routing` on that family's models.
+ROUTING_FAMILIES = {"CLIP-MoE": "clip_moe", "WEMoE": "we_moe", "MoIIE": "moiie", "MoDE": "mode"}
+
+
+def routing_module(model_type: str | None, model: str = ""):
+    """The `hf_moe.<family>.routing` module that analyses a `model_type` model; a ValueError naming the model_type
+    and the families for a dense or unknown one, or when the family's analysis is not installed."""
+    import importlib
+
+    from .loading import HF_MOE_MODEL_TYPES
+
+    family = HF_MOE_MODEL_TYPES.get(model_type)
+    if family not in ROUTING_FAMILIES:
+        families = ", ".join(
+            f"{name} ({', '.join(t for t, f in HF_MOE_MODEL_TYPES.items() if f == name)})" for name in ROUTING_FAMILIES
+        )
+        raise ValueError(
+            f"'{model}' is a '{model_type}' model, which has no routing to analyse: hf-moe analyze-routing takes an "
+            f"hf-moe MoE model of one of the families {families}."
+        )
+    name = f"hf_moe.{ROUTING_FAMILIES[family]}.routing"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        raise ValueError(
+            f"'{model}' is a {family} model ('{model_type}'), whose routing analysis ({name}) is not available in "
+            "this version of hf-moe."
+        ) from None
+
+
+def analyze_routing_command(argv: list[str]) -> None:
+    from transformers import HfArgumentParser
+
+    from .arguments import parse_command_line
+    from .routing_report import RoutingArguments, check_routing_output_dir, write_routing_report
+
+    parser = HfArgumentParser(
+        RoutingArguments,
+        prog="hf-moe analyze-routing",
+        description="Which experts a model uses, for which inputs: runs an hf-moe MoE model (CLIP-MoE, WEMoE, MoIIE, "
+        "MoDE) on DATA and writes OUTPUT_DIR/routing.json (every plotted number), PNG figures and routing.md (a "
+        "short report embedding them). Works on CPU and GPU (--device).",
+    )
+    (args,) = parse_command_line(parser, argv)
+    check_routing_output_dir(args)  # before any model is loaded
+    from .loading import load_config
+
+    config = load_config(args.model, trust_remote_code=args.trust_remote_code)
+    module = routing_module(getattr(config, "model_type", None), args.model)
+    report = module.analyze_routing(args)
+    output_dir = write_routing_report(report, args.output_dir, overwrite=args.overwrite_output_dir)
+    print(
+        f"Wrote the routing analysis of {args.model} to {output_dir} (routing.md, routing.json, "
+        f"{len(report.figures)} figures)"
+    )
+
+
 SHARED_COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "eval": (eval_command, "Zero-shot classification or image-text retrieval evaluation (eval zero-shot|retrieval)."),
     "prepare": (prepare_command, "Turn official COCO / Flickr30k annotations into captioned image folders."),
     "merge": (
         merge_command,
         "Merge fine-tuned CLIP vision towers (average, task_arithmetic, ties, dare_linear, dare_ties) into one model.",
+    ),
+    "analyze-routing": (
+        analyze_routing_command,
+        "Which experts a MoE model uses for which inputs: routing.json, figures and routing.md (every family).",
     ),
     "demo": (demo_command, "Every family's demo on built-in data (CLIP-MoE, WEMoE, MoIIE, MoDE), offline, on a CPU."),
 }
