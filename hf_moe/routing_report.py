@@ -177,6 +177,46 @@ def check_routing_output_dir(args: RoutingArguments) -> Path:
     return check_output_dir(args.output_dir, args.overwrite_output_dir, inputs=[args.model, args.data])
 
 
+def first_per_group(groups: list, max_samples: int | None) -> list[int]:
+    """The indices of the first `max_samples` items of each group (`groups[i]`: item i's group), in order; all of
+    them when `max_samples` is None (`--max_samples`: per class / task)."""
+    if max_samples is None:
+        return list(range(len(groups)))
+    if max_samples < 1:
+        raise ValueError(f"--max_samples must be at least 1, got {max_samples}.")
+    seen: dict = {}
+    kept = []
+    for index, group in enumerate(groups):
+        if seen.get(group, 0) < max_samples:
+            seen[group] = seen.get(group, 0) + 1
+            kept.append(index)
+    return kept
+
+
+def rgb_images(images: list) -> list:
+    """PIL RGB images from a batch of a datasets `image` column (PIL images, paths or {"bytes"/"path"} rows)."""
+    import io
+
+    from PIL import Image
+
+    result = []
+    for image in images:
+        if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+            image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+        elif isinstance(image, (str, os.PathLike)):
+            image = Image.open(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"Cannot read an image from a {type(image).__name__}.")
+        result.append(image if image.mode == "RGB" else image.convert("RGB"))
+    return result
+
+
+def batch_ranges(count: int, batch_size: int) -> list[range]:
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
 def balance_ratio(shares: list[float]) -> float:
     """max / min of the experts' shares (1 = perfectly balanced; inf when an expert gets nothing)."""
     low, high = min(shares), max(shares)
@@ -418,6 +458,7 @@ __all__ = [
     "Spread",
     "StackedBars",
     "balance_ratio",
+    "batch_ranges",
     "check_report",
     "draw_figure",
     "report_json",
