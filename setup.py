@@ -22,7 +22,7 @@ setup(
         "hf_moe.metrics",
         "hf_moe.class_names",
     ],
-    package_data={"hf_moe.metrics": ["*/*.py"], "hf_moe.class_names": ["*.json"]},
+    package_data={"hf_moe": ["suites/*.yaml"], "hf_moe.metrics": ["*/*.py"], "hf_moe.class_names": ["*.json"]},
     package_dir={"hf_moe": "hf_moe", "hf_moe.modeling": "modeling", "hf_moe.conversion": "conversion"},
     install_requires=[
         "torch>=2.6",
