@@ -29,6 +29,7 @@ from ..checkpoint_io import (
     planned_state_dict,
     resolve_dtype,
 )
+from ..evaluation import DEFAULT_TEMPLATES
 from ..loading import check_model_type, load_config, load_processor
 from ..merging import CLIPCheckpoint
 from ..mode.cluster_files import CENTERS_FILE, CLUSTERS_FILE, clusters_id, load_cluster_folder
@@ -351,6 +352,9 @@ def check_build_mode(
         clustering_encoder_name_or_path=encoder,
         clustering_pooling=pooling,
         clustering_max_length=max_length,
+        # The zero-shot pipeline averages each class name over these for the task weights, as the released code
+        # and `hf-moe eval` (whose default templates these are) do.
+        task_templates=list(DEFAULT_TEMPLATES),
         **mode,
     )
     return BuildPlan(info, centers, config, hub)

@@ -41,6 +41,10 @@ class MoDEConfig(PreTrainedConfig):
         logit_scale_init_value (`float`, defaults to 2.6592): Initial log of the ONE logit scale of the ensemble
             (as in CLIP): the released code ensembles the experts' cosine similarities; the scale turns the sum
             into CLIP-like logits (it changes no argmax). `build_mode` sets it to the log of the experts' mean scale.
+        task_templates (`list[str]`, *optional*): The prompt templates (one `{}` each) every class name is averaged
+            over for the task weights when a caller gives class names without templates: the zero-shot pipeline
+            (`pipeline_mode.py`; its `task_templates` argument overrides them). `build_mode` writes the 8 templates
+            `hf-moe eval` uses by default; `None`: the pipeline's `hypothesis_template` alone.
     """
 
     model_type = "mode"
@@ -59,6 +63,7 @@ class MoDEConfig(PreTrainedConfig):
     ensemble_formula: str = "released"
     paper_lambda: float | int = 0.2
     logit_scale_init_value: float | int = 2.6592
+    task_templates: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -70,6 +75,17 @@ class MoDEConfig(PreTrainedConfig):
                 "AutoConfig": "configuration_mode.MoDEConfig",
                 "AutoModel": "modeling_mode.MoDEModel",
                 "AutoModelForZeroShotImageClassification": "modeling_mode.MoDEModel",
+            }
+        if not getattr(self, "custom_pipelines", None):
+            # pipeline("zero-shot-image-classification", trust_remote_code=True) then computes the task weights as
+            # the released code does (class names averaged over templates); the file travels with modeling_mode.py.
+            self.custom_pipelines = {
+                "zero-shot-image-classification": {
+                    "impl": "pipeline_mode.MoDEZeroShotImageClassificationPipeline",
+                    "pt": ["AutoModelForZeroShotImageClassification"],
+                    "tf": [],
+                    "type": "multimodal",
+                }
             }
 
     def validate_mode(self):
@@ -91,6 +107,13 @@ class MoDEConfig(PreTrainedConfig):
             raise ValueError(f"ensemble_formula must be one of {ENSEMBLE_FORMULAS}, got {self.ensemble_formula!r}.")
         if self.paper_lambda <= 0:
             raise ValueError(f"paper_lambda must be positive, got {self.paper_lambda}.")
+        if self.task_templates is not None and (
+            not self.task_templates
+            or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.task_templates)
+        ):
+            raise ValueError(
+                f"task_templates must be a non-empty list of templates with '{{}}' exactly once, got {self.task_templates!r}."
+            )
 
     @property
     def clustering_dim(self) -> int:

@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoProcessor, CLIPModel, pipeline
 
 from ..conversion import build_mode
 from ..data import ImageTextCollator, load_image_text_dataset
-from ..evaluation import zero_shot_classification
+from ..evaluation import class_task_weights, zero_shot_classification
 from ..experiments import quiet_tiny_run
 from ..fileio import atomic_output_file
 from ..loading import load_pretrained
@@ -180,7 +180,10 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
     dataset = digit_classification_dataset(HELD_OUT_DIGITS)
     images, labels = list(dataset["image"]), list(dataset["label"])
     classifier = pipeline("zero-shot-image-classification", model=str(mode_dir), trust_remote_code=True)
-    outputs = classifier(images, candidate_labels=DIGIT_NAMES, hypothesis_template=PROMPT, batch_size=64)
+    # The task's templates ([PROMPT], as the report row below) give the pipeline's task weights.
+    outputs = classifier(
+        images, candidate_labels=DIGIT_NAMES, hypothesis_template=PROMPT, task_templates=[PROMPT], batch_size=64
+    )
     pipeline_predictions = [DIGIT_NAMES.index(output[0]["label"]) for output in outputs]
 
     model = AutoModel.from_pretrained(mode_dir, trust_remote_code=True).eval()
@@ -188,7 +191,9 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
     with torch.no_grad():
         texts = [PROMPT.format(name) for name in DIGIT_NAMES]
         inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        model_predictions = model(**inputs).logits_per_image.argmax(dim=-1).tolist()
+        # The same weights as the pipeline's: the class names averaged over the task's templates (hf-moe eval's).
+        task_weights = class_task_weights(model, processor.tokenizer, DIGIT_NAMES, [PROMPT], progress=False)
+        model_predictions = model(**inputs, task_weights=task_weights).logits_per_image.argmax(dim=-1).tolist()
     # `hf-moe mode report`'s row: each expert, their uniform mean and the task-adaptive ensemble, same prompt.
     report = evaluate_task(model, processor, dataset, DIGIT_NAMES, [PROMPT], name="digits", progress=False)
     scores = {
