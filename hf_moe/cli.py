@@ -114,7 +114,7 @@ def analyze_routing_command(argv: list[str]) -> None:
     from transformers import HfArgumentParser
 
     from .arguments import parse_command_line
-    from .routing_report import RoutingArguments, check_routing_output_dir, write_routing_report
+    from .routing_report import RoutingArguments, check_matplotlib, check_routing_output_dir, write_routing_report
 
     parser = HfArgumentParser(
         RoutingArguments,
@@ -124,7 +124,8 @@ def analyze_routing_command(argv: list[str]) -> None:
         "short report embedding them). Works on CPU and GPU (--device).",
     )
     (args,) = parse_command_line(parser, argv)
-    check_routing_output_dir(args)  # before any model is loaded
+    check_matplotlib()  # before any model is loaded
+    check_routing_output_dir(args)
     from .loading import load_config
 
     config = load_config(args.model, trust_remote_code=args.trust_remote_code)

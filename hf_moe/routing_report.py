@@ -295,7 +295,19 @@ def report_markdown(report: RoutingReport) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def check_matplotlib() -> None:
+    """Refuse at once, before any model is loaded, when matplotlib (the `analysis` extra) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise OSError(
+            "hf-moe analyze-routing draws its figures with matplotlib, which is not installed: "
+            "pip install 'hf-moe[analysis]' (or pip install matplotlib)."
+        )
+
+
 def _pyplot():
+    check_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # headless: no display needed, never opens a window
@@ -312,7 +324,7 @@ def _wrap(title: str, width: int = 70) -> str:
 
 def _draw_heatmap(plt, figure: Heatmap):
     rows, columns = len(figure.row_labels), len(figure.column_labels)
-    width = min(4 + 0.55 * columns, 24)
+    width = min(max(6.5, 4 + 0.55 * columns), 24)
     height = min(2.5 + 0.4 * rows, 24)
     fig, ax = plt.subplots(figsize=(width, height))
     values = [[math.nan if value is None else float(value) for value in row] for row in figure.matrix]
@@ -395,7 +407,8 @@ def draw_figure(figure, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     fig, ax = _DRAW[_figure_kind(figure)](plt, figure)
     try:
-        ax.set_title(_wrap(figure.title), fontsize=10)
+        # About 9 characters of a 10-point title per inch: wrapped to the figure's width, never cut off.
+        ax.set_title(_wrap(figure.title, max(30, int(fig.get_figwidth() * 9))), fontsize=10)
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=100, metadata={"Title": figure.title, "Software": "hf-moe analyze-routing"})
     finally:

@@ -10,7 +10,9 @@
 4. dense vs CLIP-MoE on the 297 held-out digits: zero-shot accuracy and caption retrieval R@1;
 5. reload the trained folder with `trust_remote_code=True` in a process where hf_moe is not importable,
    the way a Hub user would, and classify the held-out digits through `pipeline("zero-shot-image-classification")`:
-   it must predict what the in-process model predicts.
+   it must predict what the in-process model predicts;
+6. which experts the trained CLIP-MoE uses for the held-out digits and their captions (`hf-moe analyze-routing`):
+   OUTPUT_DIR/routing/routing.md and its figures.
 
     hf-moe demo [--output_dir outputs/demo]
 
@@ -34,6 +36,7 @@ from ..experiments import quiet_tiny_run, run_as_hub_user
 from ..fileio import atomic_output_file
 from ..loading import load_config, load_pretrained
 from ..modeling import CLIPMoEModel
+from ..routing_report import RoutingArguments, write_routing_report
 from ..toy import save_toy_clip
 from ..toy_data import (
     DIGIT_NAMES,
@@ -45,6 +48,7 @@ from ..toy_data import (
     save_described_digit_folder,
 )
 from .mcl import MCLArguments, run_mcl
+from .routing import analyze_routing
 from .train_router import RouterTrainingArguments, train_router
 from .trainer import CLIPMoERouterTrainingArguments, CLIPMoETrainer, CLIPMoETrainingArguments, MCLTrainingArguments
 
@@ -57,7 +61,17 @@ PROMPT = "a handwritten digit {}"
 RESULT_FILE = "demo_result.json"
 # What the demo writes in OUTPUT_DIR; a re-run removes these (and only these) first, so that it starts afresh
 # instead of being refused by the training jobs recorded there by the previous run.
-DEMO_OUTPUTS = ("dense-init", "dense-clip", "sparse-upcycled", "digit-captions", "mcl", "clip-moe", "held-out")
+DEMO_OUTPUTS = (
+    "dense-init",
+    "dense-clip",
+    "sparse-upcycled",
+    "digit-captions",
+    "mcl",
+    "clip-moe",
+    "held-out",
+    "held-out-captions",
+    "routing",
+)
 
 # Runs after experiments.BLOCK_HF_MOE, in a fresh interpreter in which importing hf_moe fails: the model must load
 # from the folder's own code.
@@ -179,6 +193,18 @@ def reload_without_hf_moe(model_dir: Path, image_paths: list[str]) -> dict:
     return run_as_hub_user(HUB_USER_SCRIPT, args, model_dir)
 
 
+def write_demo_routing(moe_dir: Path, output_dir: Path, seed: int = 0) -> Path:
+    """`hf-moe analyze-routing` on the held-out digits with their captions (both towers, per digit class): writes
+    OUTPUT_DIR/routing (routing.md, routing.json, the figures)."""
+    data_dir = save_described_digit_folder(output_dir / "held-out-captions", HELD_OUT_DIGITS, seed=seed)
+    routing_dir = output_dir / "routing"
+    args = RoutingArguments(
+        model=str(moe_dir), data=str(data_dir), output_dir=str(routing_dir), batch_size=64, device="cpu"
+    )
+    write_routing_report(analyze_routing(args, progress=False), routing_dir, overwrite=True)
+    return routing_dir
+
+
 def _scores(result: dict) -> str:
     return (
         f"zero-shot {result['zero_shot_accuracy']:.3f}, R@1 image->text {result['image_to_text_R@1']:.3f}, "
@@ -281,6 +307,10 @@ def _run(output_dir: Path, pretrain_steps: int, seed: int) -> dict:
     print(f"   true:      {' '.join(map(str, labels[:20]))} ...")
     print(f"   predicted: {' '.join(map(str, reloaded['predictions'][:20]))} ...")
     print(f"   accuracy {reloaded_accuracy:.3f}; the same prediction as in-process for {agree}/{len(labels)} digits")
+
+    routing_dir = write_demo_routing(moe_dir, output_dir, seed)
+    print(f"6. Which experts route the held-out digits and their captions (hf-moe analyze-routing): {routing_dir}")
+    print(f"   figures: {', '.join(sorted(path.name for path in routing_dir.glob('*.png')))}")
     return {
         "untrained_zero_shot_accuracy": untrained["zero_shot_accuracy"],
         "dense": {key: value for key, value in dense_scores.items() if key != "predictions"},
@@ -293,4 +323,5 @@ def _run(output_dir: Path, pretrain_steps: int, seed: int) -> dict:
         "in_process_predictions": moe_scores["predictions"],
         "labels": labels,
         "model_dir": str(moe_dir),
+        "routing_dir": str(routing_dir),
     }

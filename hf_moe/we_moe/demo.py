@@ -6,7 +6,8 @@
 2. the fine-tunes merged by task arithmetic and into a WEMoE with the converter users run on the Hub experts;
 3. the routers adapted at test time (entropy of the zero-shot predictions on unlabeled test images);
 4. per-task zero-shot accuracy of each model, and each sample's routing weights before and after;
-5. the adapted WEMoE saved and reloaded with `trust_remote_code=True` in a process where hf_moe cannot be imported.
+5. the adapted WEMoE saved and reloaded with `trust_remote_code=True` in a process where hf_moe cannot be imported;
+6. its routing of every held-out image (`hf-moe analyze-routing`): OUTPUT_DIR/routing/routing.md and its figures.
 
     hf-moe demo --family we_moe [--output_dir outputs/demo]      (writes OUTPUT_DIR/wemoe)
 """
@@ -27,8 +28,10 @@ from ..experiments import quiet_tiny_run, run_as_hub_user
 from ..fileio import atomic_output_dir, atomic_output_file
 from ..loading import load_pretrained
 from ..merging import merge_clip_vision, vision_tower_module
-from ..task_data import build_tasks
+from ..routing_report import RoutingArguments, write_routing_report
+from ..task_data import build_tasks, save_task_folders
 from ..toy import save_toy_clip
+from .routing import analyze_routing
 from .tta import TaskBatches, TTATrainer, TTATrainingArguments, zero_shot_heads
 
 
@@ -148,6 +151,20 @@ def routing_weights(model, pixel_values) -> list[list[float]]:
     return model.vision_model(pixel_values=pixel_values, output_routing_weights=True).routing_weights[-1].tolist()
 
 
+def write_demo_routing(model_dir: Path, tasks, output_dir: Path) -> Path:
+    """`hf-moe analyze-routing` of `model_dir` on every task's held-out images (one task folder each, named as the
+    model's tasks): writes OUTPUT_DIR/routing (routing.md, routing.json, the figures)."""
+    data_dir = output_dir / "held-out-tasks"
+    for name, task in tasks.items():
+        save_task_folders(task, data_dir / name, "test")
+    routing_dir = output_dir / "routing"
+    args = RoutingArguments(
+        model=str(model_dir), data=str(data_dir), output_dir=str(routing_dir), batch_size=64, device="cpu"
+    )
+    write_routing_report(analyze_routing(args, progress=False), routing_dir, overwrite=True)
+    return routing_dir
+
+
 def run(output_dir: Path, finetune_steps: int = 200, tta_steps: int = 60, seed: int = 0) -> dict:
     """Run the WEMoE demo in `output_dir` (its sub-folders are recreated) and return its numbers."""
     started = time.perf_counter()
@@ -164,7 +181,8 @@ def run(output_dir: Path, finetune_steps: int = 200, tta_steps: int = 60, seed: 
 
 
 def _run(output_dir: Path, finetune_steps: int, tta_steps: int, seed: int) -> dict:
-    for name in ("pretrained", *(f"finetuned-{task}" for task in DEMO_TASKS), "task-arithmetic", "wemoe", "wemoe-tta"):
+    outputs = ("pretrained", *(f"finetuned-{task}" for task in DEMO_TASKS), "task-arithmetic", "wemoe", "wemoe-tta")
+    for name in (*outputs, "held-out-tasks", "routing"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     tasks = build_tasks(DEMO_TASKS, train_per_class=48, test_per_class=24, seed=seed)
@@ -222,6 +240,15 @@ def _run(output_dir: Path, finetune_steps: int, tta_steps: int, seed: int) -> di
         pixels_path.unlink()
     difference = (torch.tensor(reloaded["features"]) - in_process).abs().max().item()
     print(f"   loaded {reloaded['class']}; max |reloaded - in-process| image feature = {difference:.2e}")
+
+    routing_dir = write_demo_routing(output_dir / "wemoe-tta", tasks, output_dir)
+    routing = json.loads((routing_dir / "routing.json").read_text())["numbers"]
+    print(f"6. The adapted WEMoE's routing of every held-out image (hf-moe analyze-routing): {routing_dir}")
+    own, separation = routing["own_task_accuracy"]["all_blocks"], routing["nearest_centroid_accuracy"]
+    print(
+        f"   own task's vector largest (weights averaged over blocks) for {own:.0%} of the images; nearest-centroid "
+        f"separation {separation:.0%}"
+    )
     result = {
         "tasks": list(DEMO_TASKS),
         "num_test_images": {name: len(task.labels("test")) for name, task in tasks.items()},
@@ -229,5 +256,7 @@ def _run(output_dir: Path, finetune_steps: int, tta_steps: int, seed: int) -> di
         "routing_weights_last_block": routing,
         "reloaded_class": reloaded["class"],
         "reload_max_difference": difference,
+        "routing_dir": str(routing_dir),
+        "routing_own_task_accuracy": routing["own_task_accuracy"]["all_blocks"],
     }
     return result
