@@ -325,7 +325,7 @@ def _metrics_table(
     eval_results: Iterable[EvalResult], untyped: dict | None = None, not_evaluated: str = EVAL_HINT
 ) -> str:
     rows = [
-        f"| {result.task_type} | {result.dataset_name} | {result.metric_name or result.metric_type} | "
+        f"| {result.task_type} | {_dataset_cell(result)} | {result.metric_name or result.metric_type} | "
         f"{_format(result.metric_value)} |"
         for result in eval_results
     ]
@@ -341,18 +341,39 @@ def _format(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _eval_results(metrics: dict, task: str, dataset: str) -> list[EvalResult]:
+def _eval_results(
+    metrics: dict,
+    task: str,
+    dataset: str,
+    dataset_id: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    metric_names: dict | None = None,
+) -> list[EvalResult]:
+    # model-index: `dataset.type` is the Hub id where there is one (the Hub links it), else the local name.
     return [
         EvalResult(
             task_type=task,
-            dataset_type=dataset,
+            dataset_type=dataset_id or dataset,
             dataset_name=dataset,
+            dataset_config=dataset_config,
+            dataset_split=dataset_split,
             metric_type=name,
-            metric_name=name,
+            metric_name=(metric_names or {}).get(name, name),
             metric_value=float(value) if isinstance(value, (int, float)) else value,
         )
         for name, value in metrics.items()
     ]
+
+
+def _result_key(result: EvalResult) -> tuple:
+    """What a new result replaces: the same task, dataset (config, split) and metric."""
+    return (result.task_type, result.dataset_name, result.dataset_config, result.dataset_split, result.metric_type)
+
+
+def _dataset_cell(result: EvalResult) -> str:
+    details = ", ".join(part for part in (result.dataset_config, result.dataset_split) if part)
+    return f"{result.dataset_name} ({details})" if details else result.dataset_name
 
 
 def write_card(folder: str | Path, card: CardSpec) -> ModelCard:
@@ -416,11 +437,25 @@ def write_training_card(output_dir: str | Path, training_args, card: CardSpec) -
     return write_card(output_dir, card.replace(model_name=training_args.hub_model_id, license=training_args.license))
 
 
-def add_eval_results(folder: str | Path, metrics: dict, *, task: str, dataset: str) -> ModelCard | None:
+def add_eval_results(
+    folder: str | Path,
+    metrics: dict,
+    *,
+    task: str,
+    dataset: str,
+    dataset_id: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    metric_names: dict | None = None,
+) -> ModelCard | None:
     """Merge `metrics` (`{metric: value}`) measured on `dataset` for `task` into the card of the local model
-    folder `folder`: card-data `eval_results` (replacing earlier values of the same task/dataset/metric) and
-    the evaluation table in the body. Only float scores are recorded (counts such as `num_images` are not
-    results). A no-op (logged) when `folder` is not a local folder with a card."""
+    folder `folder`: card-data `eval_results` (the model-index; replacing earlier values of the same task, dataset,
+    config, split and metric) and the evaluation table in the body. Only float scores are recorded (counts such as
+    `num_images` are not results). A no-op (logged) when `folder` is not a local folder with a card.
+
+    `dataset` is the name shown (a Hub id, or a local folder's name); `dataset_id` the Hub dataset id, recorded as
+    the model-index `dataset.type` (default: `dataset`); `dataset_config` / `dataset_split` its `config` / `split`;
+    `metric_names` display names per metric key (`{"mean_per_class_accuracy": "Mean per-class accuracy"}`)."""
     card_path = Path(folder) / "README.md"
     if not card_path.is_file():
         logger.info(f"'{folder}' is not a local model folder with a model card; the results are not recorded there.")
@@ -429,9 +464,9 @@ def add_eval_results(folder: str | Path, metrics: dict, *, task: str, dataset: s
     if not metrics:
         return None
     card = ModelCard.load(card_path)
-    new = _eval_results(metrics, task, dataset)
-    replaced = {(r.task_type, r.dataset_name, r.metric_type) for r in new}
-    kept = [r for r in card.data.eval_results or [] if (r.task_type, r.dataset_name, r.metric_type) not in replaced]
+    new = _eval_results(metrics, task, dataset, dataset_id, dataset_config, dataset_split, metric_names)
+    replaced = {_result_key(r) for r in new}
+    kept = [r for r in card.data.eval_results or [] if _result_key(r) not in replaced]
     card.data.eval_results = kept + new
     if not card.data.model_name:  # the Hub requires a model name beside eval_results
         card.data.model_name = model_name_for(folder)

@@ -34,6 +34,7 @@ from transformers.utils import logging
 
 from .arguments import parse_command_line
 from .class_names import CLASS_NAME_SETS, resolve_class_names
+from .eval_data import load_eval_dataset
 from .fileio import atomic_output_file
 from .metrics import load_metric
 
@@ -189,7 +190,13 @@ def read_zero_shot_heads(folder: str | os.PathLike, task: str) -> tuple[list[str
 @dataclass
 class EvalArguments:
     model: str = field(metadata={"help": "CLIP-like model: a local folder or Hub id."})
-    data: str = field(metadata={"help": "Image folder (imagefolder layout) to evaluate on."})
+    data: str = field(
+        metadata={
+            "help": "The data: a Hub dataset id (e.g. tanganke/dtd), a save_to_disk folder, parquet file(s) (a file, "
+            "a glob such as 'data/test-*.parquet', or a folder of them: a dataset repository), or an image folder "
+            "(class sub-folders; images + metadata.jsonl captions for retrieval)."
+        }
+    )
     output: str | None = field(
         default=None,
         metadata={
@@ -200,7 +207,17 @@ class EvalArguments:
     batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     dtype: str | None = field(default=None, metadata={"help": "Model dtype, e.g. bfloat16 (default: as saved)."})
-    split: str | None = field(default=None, metadata={"help": "Split, when the data has several (default: test)."})
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Split, when the data has several (default: test, else validation, else the only one)."},
+    )
+    dataset_config: str | None = field(
+        default=None,
+        metadata={"help": "Dataset configuration (Hub ids and dataset repositories), e.g. cropped_digits."},
+    )
+    image_column: str | None = field(
+        default=None, metadata={"help": "The data's image column (default: image, else img)."}
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={
@@ -212,6 +229,13 @@ class EvalArguments:
 
 @dataclass
 class ZeroShotEvalArguments(EvalArguments):
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "The data's class-id column (default: label), e.g. fine_label for CIFAR-100; a ClassLabel gives "
+            "the class names."
+        },
+    )
     class_names: str | None = field(
         default=None,
         metadata={
@@ -239,6 +263,13 @@ class ZeroShotEvalArguments(EvalArguments):
 
 @dataclass
 class RetrievalEvalArguments(EvalArguments):
+    caption_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "The data's caption column: a caption or a list of captions per image (default: text, else "
+            "caption, else captions)."
+        },
+    )
     max_captions_per_image: int = field(
         default=MAX_CAPTIONS_PER_IMAGE,
         metadata={
@@ -257,37 +288,10 @@ class RetrievalEvalArguments(EvalArguments):
 
 
 def load_image_dataset(data, split: str | None = None):
-    """A `datasets.Dataset` from an image folder path (datasets' `imagefolder` builder), a `DatasetDict` or a
-    `Dataset`. With several splits, `split` picks one (default: `test`, else `validation`, else the only one)."""
-    import datasets
-
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"Data folder '{data}' does not exist.")
-        from .data import quiet_local_loading
-
-        with quiet_local_loading():
-            data = datasets.load_dataset("imagefolder", data_dir=str(path))
-    if isinstance(data, datasets.DatasetDict):
-        if split is None:
-            if len(data) == 1:
-                split = next(iter(data))
-            else:
-                split = next((name for name in ("test", "validation") if name in data), None)
-                if split is None:
-                    raise ValueError(f"The data has splits {list(data)}; choose one with split=... (--split).")
-        if split not in data:
-            raise ValueError(f"The data has no split '{split}'; it has {list(data)}.")
-        data = data[split]
-    elif split is not None and isinstance(data, datasets.Dataset) and data.split is not None:
-        if str(data.split) != split:
-            raise ValueError(f"split='{split}' was asked for but the Dataset given is split '{data.split}'.")
-    if not isinstance(data, datasets.Dataset):
-        raise TypeError(f"data must be a folder path, a datasets.Dataset or a DatasetDict, not {type(data).__name__}.")
-    if "image" not in data.column_names:
-        raise ValueError(f"The data has no 'image' column (columns: {data.column_names}).")
-    return data
+    """A `datasets.Dataset` with an `image` column from any source `hf_moe.eval_data.load_eval_dataset` reads (an
+    image folder, a `DatasetDict` / `Dataset`, a save_to_disk folder, parquet files, a dataset repository or a Hub
+    id). With several splits, `split` picks one (default: `test`, else `validation`, else the only one)."""
+    return load_eval_dataset(data, split)
 
 
 def _to_pil(image) -> Image.Image:
@@ -417,23 +421,34 @@ _CLUSTERING_KEYS = ("input_ids", "attention_mask", "clustering_input_ids", "clus
 
 
 @torch.inference_mode()
-def class_task_weights(model, tokenizer, class_names, templates, batch_size: int = 64, device=None, progress=True):
-    """A task-weighted ensemble's expert weights `(num_experts,)` for a task: every class name under every template
-    embedded with its clustering encoder, the embeddings template-averaged (`model.task_weights` on
-    `(classes, templates, D)`), as the released MoDE report weighs the experts."""
-    texts = [template.format(name) for name in class_names for template in templates]
+def clustering_embeddings_of(model, tokenizer, texts, batch_size: int = 64, device=None, progress=True) -> torch.Tensor:
+    """A task-weighted ensemble's clustering embeddings `(len(texts), D)` (float32, unnormalised, on the device of
+    its fine centers) of `texts`, batched through `model.clustering_embeddings` with the model's tokenizer."""
     max_length = text_max_length(model.experts[0], tokenizer)
     device = torch.device(device) if device is not None else model.device
     chunks = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="Clustering embeddings", unit="batch", disable=not progress):
         tokens = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         inputs = {key: tokens[key].to(device) for key in _CLUSTERING_KEYS if key in tokens}
         chunks.append(model.clustering_embeddings(**inputs).float())
-    embeddings = torch.cat(chunks).reshape(len(class_names), len(templates), -1)
-    return model.task_weights(embeddings.to(model.fine_centers.device)).float().cpu()
+    return torch.cat(chunks).to(model.fine_centers.device)
+
+
+@torch.inference_mode()
+def class_task_weights(model, tokenizer, class_names, templates, batch_size: int = 64, device=None, progress=True):
+    """A task-weighted ensemble's expert weights `(num_experts,)` for a task: every class name under every template
+    embedded with its clustering encoder, the embeddings template-averaged (`model.task_weights` on
+    `(classes, templates, D)`), as the released MoDE report weighs the experts."""
+    texts = [template.format(name) for name in class_names for template in templates]
+    embeddings = clustering_embeddings_of(model, tokenizer, texts, batch_size, device, progress)
+    return model.task_weights(embeddings.reshape(len(class_names), len(templates), -1)).float().cpu()
 
 
 def ensemble_cosines(model, processor, dataset, class_names, templates, batch_size=64, device=None, progress=True):
@@ -576,14 +591,19 @@ def zero_shot_classification(
     split: str | None = ZeroShotEvalArguments.split,
     return_predictions: bool = False,
     progress: bool = True,
+    dataset_config: str | None = ZeroShotEvalArguments.dataset_config,
+    image_column: str | None = ZeroShotEvalArguments.image_column,
+    label_column: str | None = ZeroShotEvalArguments.label_column,
 ) -> dict[str, Any]:
-    """Zero-shot top-1 accuracy of a CLIP-like model on labelled images.
+    """Zero-shot top-1 and mean per-class accuracy of a CLIP-like model on labelled images.
 
     Args:
         model: A CLIP-like model (`get_image_features` / `get_text_features`).
         processor: Its processor (a tokenizer and an image processor, e.g. `AutoProcessor.from_pretrained`).
         data: An image folder with one sub-folder per class (datasets' `imagefolder`; class names are the
-            folder names, `_` read as a space), or a `datasets.Dataset` / `DatasetDict` with `image` and `label`.
+            folder names, `_` read as a space), a `datasets.Dataset` / `DatasetDict` with `image` and `label`, or
+            any source `hf_moe.eval_data.load_eval_dataset` reads (a Hub id, save_to_disk folder, parquet files);
+            other column names: canonicalise with `load_eval_dataset(..., image_column=, label_column=)` first.
         templates: Prompt templates with `{}` for the class name: `"auto"` (the default: OpenAI's 80
             `IMAGENET_TEMPLATES` with OpenAI's ImageNet class names, else `DEFAULT_TEMPLATES`), `"default"`,
             `"imagenet"`, a single template or a sequence of them.
@@ -595,13 +615,19 @@ def zero_shot_classification(
         split: Split to use when `data` has several (default `test`, else `validation`).
         return_predictions: Also return the predicted label id of every image (`predictions`).
         progress: Show tqdm progress bars.
+        dataset_config, image_column, label_column: For `data` a Hub id or dataset repository: its configuration;
+            the source columns of the images and class ids (see `hf_moe.eval_data.load_eval_dataset`).
 
     Returns:
-        `{"top1_accuracy", "num_images", "num_classes", "num_templates"}` (+ `predictions`), and for a
+        `{"top1_accuracy", "mean_per_class_accuracy", "num_images", "num_classes", "num_templates"}` (+
+        `predictions`; `mean_per_class_accuracy`: the recall of each class present in the data, averaged over those
+        classes, = scikit-learn's `balanced_accuracy_score`), and for a
         task-weighted ensemble (MoDE) the `task_weights` of the class names, one per expert.
     """
     check_batch_size(batch_size)
-    dataset = load_image_dataset(data, split)
+    dataset = load_eval_dataset(
+        data, split, config=dataset_config, image_column=image_column, label_column=label_column, task="zero-shot"
+    )
     source = data if isinstance(data, (str, os.PathLike)) else None
     names, class_name_set = dataset_class_names(dataset, class_names, source)
     templates = resolve_templates(templates, class_name_set)
@@ -621,8 +647,11 @@ def zero_shot_classification(
     # Cosine similarity; the logit scale does not change the argmax.
     predictions = similarities.argmax(dim=-1).tolist() if len(references) else []
     accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    # The official metric of FGVC-Aircraft, Oxford-IIIT Pets, Caltech-101 and Flowers-102 (balanced accuracy).
+    per_class = load_metric("mean_per_class_accuracy").compute(predictions=predictions, references=references)
     results = {
         "top1_accuracy": float(accuracy),
+        "mean_per_class_accuracy": float(per_class["mean_per_class_accuracy"]),
         "num_images": len(references),
         "num_classes": len(names),
         "num_templates": len(templates),
@@ -716,6 +745,52 @@ def _top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int =
     return ranked
 
 
+@dataclass
+class RetrievalEmbeddings:
+    """What retrieval ranks with: image->text scores are `image_queries @ text_candidates.T` `(images, captions)`,
+    text->image scores `text_queries @ image_candidates.T` `(captions, images)`.
+
+    For a CLIP-like model the queries and candidates are its normalised embeddings. For a task-weighted ensemble
+    (MoDE) they are every expert's normalised embeddings side by side `(rows, experts * dim)`, one side scaled by
+    the expert weights, so that each product is the ensemble's `sum_k w_k cos_k` (the model's forward up to its
+    logit scale): image->text weighs with `corpus_weights`, the task weights of the whole caption corpus as one
+    task's texts (the model's forward without `per_query_weights`); text->image with `query_weights`, each caption
+    its own one-text task (`per_query_weights=True`)."""
+
+    image_queries: torch.Tensor
+    text_candidates: torch.Tensor
+    text_queries: torch.Tensor
+    image_candidates: torch.Tensor
+    corpus_weights: torch.Tensor | None = None  # (num_experts,)
+    query_weights: torch.Tensor | None = None  # (captions, num_experts)
+
+
+def retrieval_embeddings(model, processor, dataset, captions, batch_size=64, device=None, progress=True):
+    """The `RetrievalEmbeddings` of the `image` column of `dataset` and of `captions`. The model must be in eval
+    mode and on `device` (see `EvalMode`)."""
+    if not is_task_weighted_ensemble(model):
+        images = encode_images(model, processor, dataset, batch_size, device, progress)
+        texts = encode_texts(model, processor, captions, batch_size, device, progress)
+        return RetrievalEmbeddings(images, texts, texts, images)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    images = encode_images(ExpertsAsOne(model), processor, dataset, batch_size, device, progress)  # (N, E, P)
+    texts = torch.stack(
+        [encode_texts(expert, processor, captions, batch_size, device, progress) for expert in model.experts], dim=1
+    )  # (T, E, P)
+    with torch.inference_mode():
+        clustering = clustering_embeddings_of(model, tokenizer, captions, batch_size, device, progress)
+        corpus_weights = model.task_weights(clustering).float().cpu()
+        query_weights = model.per_query_task_weights(clustering).float().cpu()
+    return RetrievalEmbeddings(
+        image_queries=(images * corpus_weights[None, :, None]).flatten(1),
+        text_candidates=texts.flatten(1),
+        text_queries=(texts * query_weights[:, :, None]).flatten(1),
+        image_candidates=images.flatten(1),
+        corpus_weights=corpus_weights,
+        query_weights=query_weights,
+    )
+
+
 def image_text_retrieval(
     model,
     processor,
@@ -726,6 +801,9 @@ def image_text_retrieval(
     split: str | None = RetrievalEvalArguments.split,
     progress: bool = True,
     max_captions_per_image: int | None = RetrievalEvalArguments.max_captions_per_image,
+    dataset_config: str | None = RetrievalEvalArguments.dataset_config,
+    image_column: str | None = RetrievalEvalArguments.image_column,
+    caption_column: str | None = RetrievalEvalArguments.caption_column,
 ) -> dict[str, Any]:
     """Image->text and text->image retrieval recall@k of a CLIP-like model on captioned images.
 
@@ -735,6 +813,11 @@ def image_text_retrieval(
 
     Empty captions are left out and images left without a caption are skipped; both are counted in the results
     (`num_skipped_captions`, `num_skipped_images`) and logged with the image files.
+
+    A task-weighted ensemble of experts (MoDE) ranks as its forward scores (METHODS.md: the paper's retrieval):
+    image->text with one set of expert weights, those of the caption corpus as one task's texts; text->image with
+    each caption's own weights (`per_query_weights`); see `RetrievalEmbeddings`. Its results add `task_weights`,
+    the image->text weights.
 
     Args:
         model, processor: As for `zero_shot_classification`.
@@ -747,26 +830,20 @@ def image_text_retrieval(
         progress: Show tqdm progress bars.
         max_captions_per_image: Score the first N non-empty captions of each image (default 5, as the COCO and
             Flickr30k protocols); `None` or 0: all.
+        dataset_config, image_column, caption_column: For `data` a Hub id or dataset repository: its
+            configuration; the source columns of the images and captions (see `hf_moe.eval_data.load_eval_dataset`).
 
     Returns:
         `{"image_to_text_R@1", ..., "text_to_image_R@1", ..., "num_images", "num_texts", "num_skipped_images",
-        "num_skipped_captions"}`.
+        "num_skipped_captions"}` (+ `task_weights` for MoDE).
     """
     check_batch_size(batch_size)
-    if is_task_weighted_ensemble(model):
-        # Its weights come from the texts of one task; a caption corpus is no task, and image->text and text->image
-        # need different weights (one set for the corpus, one per query), which the features alone do not give.
-        raise ValueError(
-            f"image_text_retrieval scores CLIP-like models by their features; {type(model).__name__} ensembles its "
-            "experts with task weights from the texts, so retrieval goes through its forward: "
-            "`model(input_ids, pixel_values, clustering_input_ids=..., per_query_weights=True)` for text->image "
-            "(each caption its own task), without `per_query_weights` for image->text over the captions. "
-            "`hf-moe eval zero-shot` takes it."
-        )
     k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1:
         raise ValueError(f"k_values must be positive integers, got {k_values}.")
-    dataset = load_image_dataset(data, split)
+    dataset = load_eval_dataset(
+        data, split, config=dataset_config, image_column=image_column, caption_column=caption_column, task="retrieval"
+    )
     flat = captions_of(dataset, max_captions_per_image)
     _report_skipped_captions(dataset, flat)
     if not flat.images:
@@ -774,13 +851,12 @@ def image_text_retrieval(
     image_captions, caption_image = flat.image_captions, flat.caption_image
     scored = dataset.select(flat.images) if flat.skipped_images else dataset
     with EvalMode(model, device):
-        images = encode_images(model, processor, scored, batch_size, device, progress)
-        texts = encode_texts(model, processor, flat.captions, batch_size, device, progress)
+        embeddings = retrieval_embeddings(model, processor, scored, flat.captions, batch_size, device, progress)
     recall = load_metric("recall_at_k")
     results: dict[str, Any] = {}
     directions = {
-        "image_to_text": (images, texts, image_captions),
-        "text_to_image": (texts, images, [[image] for image in caption_image]),
+        "image_to_text": (embeddings.image_queries, embeddings.text_candidates, image_captions),
+        "text_to_image": (embeddings.text_queries, embeddings.image_candidates, [[image] for image in caption_image]),
     }
     for direction, (queries, candidates, relevant) in directions.items():
         ranked = _top_k(queries, candidates, k_values[-1]) if len(relevant) else []
@@ -790,6 +866,8 @@ def image_text_retrieval(
     results["num_texts"] = len(flat.captions)
     results["num_skipped_images"] = len(flat.skipped_images)
     results["num_skipped_captions"] = flat.skipped_captions
+    if embeddings.corpus_weights is not None:  # the image->text weights; text->image has one set per caption
+        results["task_weights"] = [round(float(weight), 6) for weight in embeddings.corpus_weights]
     return results
 
 
@@ -818,9 +896,11 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+SUITE_TASK = "suite"
 EVAL_TASKS = {
-    "zero-shot": (ZeroShotEvalArguments, "Zero-shot classification top-1 accuracy on class sub-folders."),
-    "retrieval": (RetrievalEvalArguments, "Image<->text retrieval R@1/5/10 on a captioned image folder."),
+    "zero-shot": (ZeroShotEvalArguments, "Zero-shot classification top-1 and mean per-class accuracy."),
+    "retrieval": (RetrievalEvalArguments, "Image<->text retrieval R@1/5/10 on captioned images."),
+    SUITE_TASK: (None, "Several tasks of a suite YAML in one call (hf-moe eval suite --help)."),
 }
 
 
@@ -846,16 +926,17 @@ def templates_option(value: str) -> str | list[str]:
 
 def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     """`hf-moe eval {zero-shot,retrieval} --model M --data DATA [...]`: evaluate, print the results JSON, write it
-    to `--output`, and return it (None for `--help` / no task)."""
-    from transformers import AutoProcessor, HfArgumentParser
-
-    from .loading import load_pretrained
+    to `--output`, and return it (None for `--help` / no task). `hf-moe eval suite ...` and `hf-moe eval --suite
+    ...` run a suite (`hf_moe.eval_suites.suite_command`)."""
+    from transformers import HfArgumentParser
 
     tasks = "\n".join(f"  {name:<12}{help_text}" for name, (_, help_text) in EVAL_TASKS.items())
     usage = f"usage: hf-moe eval TASK --model MODEL --data DATA [options]\n\ntasks:\n{tasks}"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return None
+    if argv[0] == SUITE_TASK or argv[0] == "--suite" or argv[0].startswith("--suite="):
+        return _suite_command(argv[1:] if argv[0] == SUITE_TASK else argv)
     task = argv[0]
     if task not in EVAL_TASKS:
         raise ValueError(f"Unknown evaluation task '{task}'; choose one of {', '.join(EVAL_TASKS)}.")
@@ -864,64 +945,121 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     (args,) = parse_command_line(parser, argv[1:])
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
-    load_kwargs: dict[str, Any] = {}
-    if args.dtype is not None:
-        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-            raise ValueError(f"--dtype '{args.dtype}' is not a torch dtype (e.g. float32, bfloat16, float16).")
-        load_kwargs["dtype"] = getattr(torch, args.dtype)
-
+    dtype = _dtype_option(args.dtype)
     # The data and the options that depend on it are checked before the (possibly large) model is loaded.
-    dataset = load_image_dataset(args.data, args.split)
-    if task == "zero-shot":
-        class_names = args.class_names
-        if args.task is not None:
-            if args.class_names is not None or args.templates != AUTO_TEMPLATES:
-                raise ValueError(
-                    f"--task takes the class names and templates from MODEL/{ZERO_SHOT_HEADS_FILE}; give --task, or "
-                    "--class_names / --templates, not both."
-                )
-            class_names, templates = read_zero_shot_heads(args.model, args.task)
-            resolve_templates(templates)
-        else:
-            templates = templates_option(args.templates)
-        dataset_class_names(dataset, class_names, args.data)
-    else:
+    prepared = _check_data(task, args)
+    model, processor, device = _load_model(args, dtype)
+    metrics = _run_task(task, model, processor, prepared, args, device)
+    return _record_results(task, args, prepared, metrics, device)
+
+
+def _suite_command(argv: list[str]):
+    try:
+        from .eval_suites import suite_command
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.eval_suites":
+            raise
+        message = "hf-moe eval suite needs hf_moe.eval_suites, which this hf-moe install does not have."
+        if not argv or "-h" in argv or "--help" in argv:
+            print(message)
+            return None
+        raise ValueError(message) from err
+    return suite_command(argv)
+
+
+def _dtype_option(value: str | None) -> torch.dtype | None:
+    if value is None:
+        return None
+    if not isinstance(getattr(torch, value, None), torch.dtype):
+        raise ValueError(f"--dtype '{value}' is not a torch dtype (e.g. float32, bfloat16, float16).")
+    return getattr(torch, value)
+
+
+@dataclass
+class _PreparedData:
+    """The checked data of one `hf-moe eval` call, and for zero-shot its class names and templates."""
+
+    dataset: Any
+    class_names: Any = None
+    templates: Any = None
+
+
+def _check_data(task: str, args) -> _PreparedData:
+    """Load the data (any source `load_eval_dataset` reads, columns named by the options) and check what the task
+    reads from it, with the options that depend on it; nothing is loaded but the data."""
+    dataset = load_eval_dataset(
+        args.data,
+        args.split,
+        config=args.dataset_config,
+        image_column=args.image_column,
+        label_column=getattr(args, "label_column", None),
+        caption_column=getattr(args, "caption_column", None),
+        task=task,
+    )
+    if task == "retrieval":
         if args.max_captions_per_image < 0:
             raise ValueError(f"--max_captions_per_image must be >= 0 (0: all), got {args.max_captions_per_image}.")
         if not args.k_values or min(args.k_values) < 1:
             raise ValueError(f"--k_values must be positive integers, got {args.k_values}.")
         captions_of(dataset, args.max_captions_per_image)
+        return _PreparedData(dataset)
+    class_names = args.class_names
+    if args.task is not None:
+        if args.class_names is not None or args.templates != AUTO_TEMPLATES:
+            raise ValueError(
+                f"--task takes the class names and templates from MODEL/{ZERO_SHOT_HEADS_FILE}; give --task, or "
+                "--class_names / --templates, not both."
+            )
+        class_names, templates = read_zero_shot_heads(args.model, args.task)
+        resolve_templates(templates)
+    else:
+        templates = templates_option(args.templates)
+    dataset_class_names(dataset, class_names, args.data)
+    return _PreparedData(dataset, class_names, templates)
 
+
+def _load_model(args, dtype: torch.dtype | None):
+    from transformers import AutoProcessor
+
+    from .loading import load_pretrained
+
+    load_kwargs = {"dtype": dtype} if dtype is not None else {}
     model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, **load_kwargs)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model, processor, device
 
+
+def _run_task(task: str, model, processor, prepared: _PreparedData, args, device) -> dict[str, Any]:
     if task == "zero-shot":
-        metrics = zero_shot_classification(
+        return zero_shot_classification(
             model,
             processor,
-            dataset,
-            templates=templates,
-            class_names=class_names,
+            prepared.dataset,
+            templates=prepared.templates,
+            class_names=prepared.class_names,
             batch_size=args.batch_size,
             device=device,
         )
-    else:
-        metrics = image_text_retrieval(
-            model,
-            processor,
-            dataset,
-            batch_size=args.batch_size,
-            device=device,
-            k_values=args.k_values,
-            max_captions_per_image=args.max_captions_per_image,
-        )
+    return image_text_retrieval(
+        model,
+        processor,
+        prepared.dataset,
+        batch_size=args.batch_size,
+        device=device,
+        k_values=args.k_values,
+        max_captions_per_image=args.max_captions_per_image,
+    )
+
+
+def _record_results(task: str, args, prepared: _PreparedData, metrics: dict, device) -> dict[str, Any]:
+    """Write the results JSON, record the scores in a local model folder's card, print them; return them."""
     options = {key: value for key, value in asdict(args).items() if key not in ("model", "data", "output")}
     options["device"] = device
-    if task == "zero-shot" and not isinstance(templates, str):
-        options["templates"] = templates
+    if task == "zero-shot" and not isinstance(prepared.templates, str):
+        options["templates"] = prepared.templates
     if task == "zero-shot" and args.task is not None:
-        options["class_names"] = class_names
+        options["class_names"] = prepared.class_names
     results = {"task": task, "model": args.model, "data": args.data, **metrics, "options": options}
     output = Path(args.output) if args.output else default_output_path(args.model, task)
     write_results(results, output)
@@ -929,7 +1067,23 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
         from .hub import add_eval_results
 
         task_type = "zero-shot-image-classification" if task == "zero-shot" else "image-text-retrieval"
-        add_eval_results(args.model, metrics, task=task_type, dataset=Path(args.data).name)
+        dataset = card_dataset(args.data, args.dataset_config, args.split, prepared.dataset)
+        add_eval_results(args.model, metrics, task=task_type, **dataset)
     print(json.dumps(results, indent=2, default=_json_default))
     print(f"Wrote {output}", file=sys.stderr)
     return results
+
+
+def card_dataset(data, config: str | None = None, split: str | None = None, dataset=None) -> dict[str, Any]:
+    """The dataset keywords of `hf_moe.cards.add_eval_results` for `data`: a Hub id is recorded as itself
+    (`dataset` and `dataset_id`) with its config and split (the one loaded when none was asked for); local data by
+    its folder or file name, as before, with the config and split asked for."""
+    from .eval_data import is_hub_id
+
+    if isinstance(data, (str, os.PathLike)) and is_hub_id(os.fspath(data)):
+        if split is None and getattr(dataset, "split", None) is not None:
+            split = str(dataset.split)
+        name = os.fspath(data)
+        return {"dataset": name, "dataset_id": name, "dataset_config": config, "dataset_split": split}
+    name = Path(data).name if isinstance(data, (str, os.PathLike)) else "data"
+    return {"dataset": name, "dataset_config": config, "dataset_split": split}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 METRICS_DIR = Path(__file__).resolve().parent
-METRIC_NAMES = ("accuracy", "recall_at_k")
+METRIC_NAMES = ("accuracy", "mean_per_class_accuracy", "recall_at_k")
 
 
 def metric_path(name: str) -> Path:

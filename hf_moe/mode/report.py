@@ -1,18 +1,25 @@
 """`hf-moe mode report`: the zero-shot report of a MoDE model, as the released code writes it (MetaCLIP
-mode/post_report_ensemble.py, METHODS.md section 2): per task, every expert's top-1 accuracy, the best of them
+mode/post_report_ensemble.py, METHODS.md section 2): per task, every expert's accuracy, the best of them
 (`expert-max`, an oracle), the uniform mean of the experts' cosine logits (`all_unit`) and MoDE's task-adaptive
 ensemble (`ensemble`), then a last row `average` over the tasks.
+
+Each task is scored by its official metric, as the released `post_expert_eval.py` / `clipeval/eval_zeroshot.py`
+do: mean per-class accuracy for FGVC-Aircraft, Oxford-IIIT Pets, Caltech-101 and Flowers-102 (recognised by the
+task name: `fgvc_aircraft`, `FGVCAircraft`, `oxford_pets`, `caltech-101`, `flowers102`, ...), top-1 otherwise
+(`--metric` overrides); the last column, `metric`, names it per row.
 
     hf-moe mode report --model OUT --tasks TASK_DIR [TASK_DIR ...] [--output report.csv] [--task_names ...]
         [--class_names NAMES [NAMES ...]] [--templates auto|default|imagenet|FILE] [--batch_size 64]
 
 Each task is a class-folder image set (as `hf-moe eval zero-shot` takes). Every image is encoded once by every
 expert; all columns reuse those features. The expert columns are what `hf-moe eval zero-shot` gives for that expert
-CLIP alone; accuracies are fractions in [0, 1] (the `top1_accuracy` of `hf-moe eval`), not the released percents.
+CLIP alone; accuracies are fractions in [0, 1] (the `top1_accuracy` / `mean_per_class_accuracy` of `hf-moe eval`),
+not the released percents.
 """
 
 import csv
 import io
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +48,29 @@ logger = logging.get_logger(__name__)
 MODE_MODEL_TYPE = "mode"
 AVERAGE_ROW = "average"
 DEFAULT_OUTPUT_NAME = "mode_report.csv"
+TOP1 = "top1_accuracy"
+MEAN_PER_CLASS = "mean_per_class_accuracy"
+METRICS = {"top1": TOP1, "mean_per_class": MEAN_PER_CLASS}
+AUTO_METRIC = "auto"
+# The datasets the official protocol scores by mean per-class accuracy (MetaCLIP mode/post_expert_eval.py:
+# ['FGVCAircraft', 'OxfordPets', 'Caltech101', 'Flowers102'], the CLIP paper's table 9), as task names normalised
+# by `_normalised_name`: full names matched anywhere in the name, short ones only as the whole name.
+MEAN_PER_CLASS_NAMES = ("fgvcaircraft", "oxfordpets", "oxfordiiitpet", "caltech101", "flowers102")
+MEAN_PER_CLASS_SHORT_NAMES = ("aircraft", "pets", "pet", "flowers", "caltech")
+
+
+def _normalised_name(name: str) -> str:
+    """`tanganke/FGVC_Aircraft-test` -> `fgvcaircrafttest`: the last path part, lower case, letters and digits."""
+    return re.sub(r"[^a-z0-9]", "", str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower())
+
+
+def official_metric(name: str) -> str:
+    """The metric the official report uses for the task `name`: `mean_per_class_accuracy` for FGVC-Aircraft,
+    Oxford-IIIT Pets, Caltech-101 and Flowers-102, else `top1_accuracy`."""
+    normalised = _normalised_name(name)
+    if any(full in normalised for full in MEAN_PER_CLASS_NAMES) or normalised in MEAN_PER_CLASS_SHORT_NAMES:
+        return MEAN_PER_CLASS
+    return TOP1
 
 
 @dataclass
@@ -72,6 +102,14 @@ class ReportArguments:
             "or a text file with one template per line ('{}' for the class name); see `hf-moe eval zero-shot`."
         },
     )
+    metric: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"The metric of each task: {AUTO_METRIC} (the official one: mean per-class accuracy for "
+            "FGVC-Aircraft, Oxford-IIIT Pets, Caltech-101 and Flowers-102 by task name, else top-1), top1 or "
+            "mean_per_class; one value for every task, or one per task in --tasks order. Default: auto."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Images or texts per forward pass."})
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
 
@@ -96,6 +134,7 @@ def evaluate_task(
     device=ReportArguments.device,
     name: str | None = None,
     progress: bool = True,
+    metric: str | None = None,
 ) -> TaskReport:
     """The report row of one zero-shot task for a `MoDEModel`.
 
@@ -108,6 +147,8 @@ def evaluate_task(
         device: Move the model there first; default: leave it where it is.
         name: The `dataset` cell (default: the folder name of `data`).
         progress: Show tqdm progress bars.
+        metric: `top1_accuracy` or `mean_per_class_accuracy` (or `top1` / `mean_per_class`); default: the task's
+            official metric by its name (`official_metric`). The row's `metric` cell names it.
     """
     check_batch_size(batch_size)
     dataset = load_image_dataset(data)
@@ -116,6 +157,8 @@ def evaluate_task(
     references = torch.tensor([int(label) for label in dataset.select_columns(["label"])[:]["label"]])
     if len(references) == 0:
         raise ValueError(f"Task '{name or data}' has no images.")
+    dataset_name = name if name is not None else (Path(data).name if isinstance(data, (str, Path)) else "data")
+    metric = _metric_option(metric, dataset_name)
     with EvalMode(model, device):
         # Shared with `hf-moe eval zero-shot`, whose accuracy on a MoDE model is this report's `ensemble` column.
         cosines, weights = ensemble_cosines(model, processor, dataset, names, templates, batch_size, device, progress)
@@ -124,29 +167,45 @@ def evaluate_task(
     # The released code ensembles the experts' cosine logits: their mean, and their sum weighted by the task weights.
     predictions["all_unit"] = cosines.mean(dim=0).argmax(dim=-1).tolist()
     predictions["ensemble"] = (weights[:, None, None] * cosines).sum(dim=0).argmax(dim=-1).tolist()
-    accuracy = load_metric("accuracy")
+    scorer = load_metric("accuracy" if metric == TOP1 else MEAN_PER_CLASS)
+    key = "accuracy" if metric == TOP1 else MEAN_PER_CLASS
     scores = {
-        column: float(accuracy.compute(predictions=predicted, references=references.tolist())["accuracy"])
+        column: float(scorer.compute(predictions=predicted, references=references.tolist())[key])
         for column, predicted in predictions.items()
     }
     experts = [scores[f"expert-{k}"] for k in range(num_experts)]
     row = {
-        "dataset": name if name is not None else (Path(data).name if isinstance(data, (str, Path)) else "data"),
+        "dataset": dataset_name,
         "num_classes": len(names),
         **{f"expert-{k}": score for k, score in enumerate(experts)},
         "expert-max": max(experts),
         "all_unit": scores["all_unit"],
         "ensemble": scores["ensemble"],
+        "metric": metric,
     }
     logger.info(f"{row['dataset']}: task weights {[round(w, 4) for w in weights.tolist()]}")
     return TaskReport(row=row, task_weights=weights, predictions=predictions)
 
 
+def _metric_option(metric: str | None, name: str) -> str:
+    if metric is None or metric == AUTO_METRIC:
+        return official_metric(name)
+    metric = METRICS.get(metric, metric)
+    if metric not in METRICS.values():
+        raise ValueError(f"Unknown metric {metric!r} for task '{name}'; choose {AUTO_METRIC}, {', '.join(METRICS)}.")
+    return metric
+
+
 def average_row(rows: Sequence[dict]) -> dict:
     """The last row of the report: the mean of every numeric column over the tasks (num_classes included, as the
-    released report has it)."""
-    columns = [column for column in rows[0] if column != "dataset"]
-    return {"dataset": AVERAGE_ROW, **{column: sum(row[column] for row in rows) / len(rows) for column in columns}}
+    released report has it); its `metric` cell is the tasks' metric, or `mixed` (the mean of what each row reports,
+    as the released average)."""
+    columns = [column for column in rows[0] if column not in ("dataset", "metric")]
+    average = {"dataset": AVERAGE_ROW, **{column: sum(row[column] for row in rows) / len(rows) for column in columns}}
+    if "metric" in rows[0]:
+        metrics = {row["metric"] for row in rows}
+        average["metric"] = metrics.pop() if len(metrics) == 1 else "mixed"
+    return average
 
 
 def _cell(value) -> str:
@@ -163,7 +222,7 @@ def format_table(rows: Sequence[dict]) -> str:
         padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return "| " + " | ".join(padded) + " |"
 
-    numeric = [column != "dataset" for column in columns]
+    numeric = [column not in ("dataset", "metric") for column in columns]
     rule = "|" + "|".join("-" * (w + 1) + (":" if num else "-") for w, num in zip(widths, numeric)) + "|"
     return "\n".join([line(columns, [False] * len(columns)), rule, *(line(values, numeric) for values in cells)])
 
@@ -237,6 +296,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for value in _per_task(args.class_names, len(args.tasks), "--class_names")
     ]
     templates = templates_option(args.templates)
+    metrics = [
+        _metric_option(value, name) for value, name in zip(_per_task(args.metric, len(args.tasks), "--metric"), names)
+    ]
 
     # Every task, its class names and the model type are checked before the model is loaded and anything written.
     tasks = [_load_task(folder, names_option) for folder, names_option in zip(args.tasks, class_names)]
@@ -265,8 +327,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             batch_size=args.batch_size,
             device=device,
             name=name,
+            metric=metric,
         ).row
-        for (dataset, _), names_option, name in zip(tasks, class_names, names)
+        for (dataset, _), names_option, name, metric in zip(tasks, class_names, names, metrics)
     ]
     rows.append(average_row(rows))
     write_report(rows, output)
@@ -274,7 +337,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from ..hub import add_eval_results
 
         for row in rows[:-1]:
-            metrics = {f"{column}_top1_accuracy": value for column, value in row.items() if isinstance(value, float)}
+            metrics = {f"{column}_{row['metric']}": value for column, value in row.items() if isinstance(value, float)}
             add_eval_results(args.model, metrics, task="zero-shot-image-classification", dataset=row["dataset"])
     print(format_table(rows))
     print(f"Wrote {output}", file=sys.stderr)
