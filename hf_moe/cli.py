@@ -181,7 +181,7 @@ def version() -> str:
 
 
 # Sub-commands one level below `eval` and `prepare` (their modules import torch, so they are named here).
-EVAL_TASKS = ("zero-shot", "retrieval")
+EVAL_TASKS = ("zero-shot", "retrieval", "suite")
 PREPARE_DATASETS = ("coco", "flickr30k")
 HELP_CACHE = Path(__file__).with_name("cli_help.py")
 HELP_WIDTH = 100
