@@ -8,7 +8,9 @@
    the others;
 4. `hf-moe mode build`: one `MoDEModel` folder; the held-out digits classified through
    `pipeline("zero-shot-image-classification", model=OUT, trust_remote_code=True)`, whose predictions must be the
-   model's own argmax; per-expert, uniform and task-adaptive ensemble accuracy and the task weights are printed.
+   model's own argmax; per-expert, uniform and task-adaptive ensemble accuracy and the task weights are printed;
+5. `hf-moe analyze-routing` of the built model: its task weights on five digit tasks (experts x tasks), its fine
+   clusters and pairs per expert (OUTPUT_DIR/mode-routing/report: routing.md, routing.json, the figures).
 
     hf-moe demo --family mode [--output_dir outputs/demo]
 
@@ -34,7 +36,9 @@ from ..loading import load_pretrained
 from ..toy import save_toy_clip
 from ..toy_data import (
     DIGIT_NAMES,
+    INK_WORDS,
     NUM_DIGITS,
+    WIDTH_WORDS,
     described_digit_words,
     digit_classification_dataset,
     save_described_digit_folder,
@@ -53,6 +57,15 @@ DEMO_OUTPUTS = ("mode-seed-init", "mode-seed-clip", "mode-captions", "mode-clust
 MODEL_DIR = DEMO_OUTPUTS[-1]
 HELD_OUT_DIGITS = range(1500, NUM_DIGITS)
 PROMPT = "a handwritten digit {}"
+# `hf-moe analyze-routing` of the built model: its task weights on these tasks (class names and templates).
+ROUTING_DIR = "mode-routing"
+ROUTING_TASKS = {
+    "digits": {"class_names": list(DIGIT_NAMES), "templates": [PROMPT]},
+    "digits 0-4": {"class_names": list(DIGIT_NAMES[:5]), "templates": [PROMPT]},
+    "digits 5-9": {"class_names": list(DIGIT_NAMES[5:]), "templates": [PROMPT]},
+    "ink": {"class_names": list(INK_WORDS), "templates": ["a {} digit"]},
+    "width": {"class_names": list(WIDTH_WORDS), "templates": ["a {} digit"]},
+}
 
 
 def training_arguments(output_dir: str | Path, **fields) -> DataExpertTrainingArguments:
@@ -215,7 +228,9 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
     print(f"     uniform ensemble:         {scores['all_unit']:.3f}")
     print(f"     task-adaptive ensemble:   {scores['ensemble']:.3f}  (task weights {weights})")
     print(f"     pipeline:                 {pipeline_accuracy:.3f}  (= the model's argmax for {agree}/{len(labels)})")
+    routing_dir = analyze_demo_routing(mode_dir, clusters_dir, output_dir / ROUTING_DIR)
     return {
+        "routing_dir": str(routing_dir),
         "seed_accuracy": seed_accuracy,
         **scores,
         "pairs_per_expert": info["expert_sizes"],
@@ -225,3 +240,27 @@ def _run(output_dir: Path, seed_steps: int, expert_steps: int, train_digits: ran
         "labels": labels,
         "model_dir": str(mode_dir),
     }
+
+
+def analyze_demo_routing(mode_dir: Path, clusters_dir: Path, routing_dir: Path) -> Path:
+    """`hf-moe analyze-routing` of the built model on `ROUTING_TASKS` (written to `routing_dir/tasks.json`, the
+    report to `routing_dir/report`) with its clusters; prints where the report went and the task weights."""
+    from ..routing_report import RoutingArguments, write_routing_report
+    from .routing import analyze_routing
+
+    shutil.rmtree(routing_dir, ignore_errors=True)
+    routing_dir.mkdir(parents=True)
+    tasks = routing_dir / "tasks.json"
+    tasks.write_text(json.dumps(ROUTING_TASKS, indent=1) + "\n")
+    args = RoutingArguments(
+        model=str(mode_dir), data=str(tasks), output_dir=str(routing_dir / "report"), clusters=str(clusters_dir)
+    )
+    report = analyze_routing(args, progress=False)
+    write_routing_report(report, routing_dir / "report")
+    weights = "; ".join(
+        f"{task} " + "/".join(f"{w:.2f}" for w in numbers["task_weights"])
+        for task, numbers in report.numbers["tasks"].items()
+    )
+    print(f"5. hf-moe analyze-routing -> {routing_dir / 'report' / 'routing.md'}")
+    print(f"   task weights (expert 0/1): {weights}")
+    return routing_dir / "report"

@@ -9,7 +9,10 @@
 4. the accuracy of each kind of question on the 297 held-out digits, and the answers of
    `pipeline("image-text-to-text", trust_remote_code=True)` on the saved folder to "what digit is this ?" about the
    first held-out digits, each next to the truth;
-5. the same questions answered in a fresh Python process where hf_moe cannot be imported (as for a Hub user).
+5. the same questions answered in a fresh Python process where hf_moe cannot be imported (as for a Hub user);
+6. `hf-moe analyze-routing` of the trained model on held-out digit questions and text-only questions
+   (OUTPUT_DIR/moiie/moiie-routing: routing.md, routing.json and the figures of each expert's share of the vision and
+   language tokens per MoE layer).
 
     hf-moe demo --family moiie [--output_dir outputs/demo]      (writes OUTPUT_DIR/moiie)
 
@@ -57,6 +60,10 @@ DEMO_STEPS = {"base": 250, "stage1": 50, "stage2": 150}
 NUM_SHOWN = 8
 # What the demo writes in OUTPUT_DIR; a re-run removes these first.
 DEMO_OUTPUTS = ("init", "dense-init", "dense", "parts", "data", "moiie-upcycled", "moiie-stage1", "moiie-stage2")
+# `hf-moe analyze-routing` of the trained model, on held-out digit questions and text-only questions.
+ROUTING_DIR = "moiie-routing"
+ROUTING_DIGITS = range(1500, 1564)
+ROUTING_TEXT_ONLY_PER_KIND = 32
 
 # Runs after experiments.BLOCK_HF_MOE, in a fresh interpreter in which importing hf_moe fails: model and processor
 # load from the folder's own code.
@@ -233,6 +240,7 @@ def _run_demo(output_dir: Path, base_steps: int, stage1_steps: int, stage2_steps
     reloaded = run_as_hub_user(HUB_USER_SCRIPT, [model_dir, question, *image_paths], model_dir)
     agree = sum(a == b for a, b in zip(reloaded["answers"], answers))
     print(f"   loaded {reloaded['class']}; the same answer as in-process for {agree}/{NUM_SHOWN} digits")
+    routing_dir = analyze_demo_routing(model_dir, data, images, output_dir / ROUTING_DIR)
     return {
         "model_dir": str(model_dir),
         "steps": {"base": base_steps, "stage1": stage1_steps, "stage2": stage2_steps},
@@ -244,4 +252,36 @@ def _run_demo(output_dir: Path, base_steps: int, stage1_steps: int, stage2_steps
         "answers": answers,
         "reloaded_answers": reloaded["answers"],
         "reloaded_class": reloaded["class"],
+        "routing_dir": str(routing_dir),
     }
+
+
+def analyze_demo_routing(model_dir: Path, data: Path, images: Path, routing_dir: Path) -> Path:
+    """`hf-moe analyze-routing` of the trained MoIIE on held-out digit questions (every kind) and text-only
+    questions; prints where the report went and the last MoE layer's shares."""
+    from ..routing_report import RoutingArguments, write_routing_report
+    from .routing import analyze_routing
+
+    questions = save_digit_questions(
+        data / "routing.json",
+        images,
+        ROUTING_DIGITS,
+        list(IMAGE_QUESTIONS),
+        IMAGE_SIZE,
+        text_only_per_kind=ROUTING_TEXT_ONLY_PER_KIND,
+    )
+    args = RoutingArguments(
+        model=str(model_dir), data=str(questions), image_folder=str(images), output_dir=str(routing_dir), batch_size=64
+    )
+    report = analyze_routing(args, progress=False)
+    write_routing_report(report, routing_dir, overwrite=True)
+    last = report.numbers["layers"][-1]
+    shares = ", ".join(
+        f"{modality} tokens " + " / ".join(f"{share:.2f}" for share in last[f"{modality}_share"])
+        for modality in ("vision", "language")
+    )
+    print(
+        f"6. hf-moe analyze-routing on {report.num_samples} held-out questions -> {routing_dir / 'routing.md'}\n"
+        f"   layer {last['layer']}, each expert's share ({' / '.join(report.numbers['expert_groups'])}): {shares}"
+    )
+    return routing_dir
