@@ -6,6 +6,7 @@ figure's title, routing.md embeds every figure; bad data and a clusters folder o
 one-line error naming the file, and nothing is written."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +22,11 @@ from transformers import BertModel, BertTokenizer
 from hf_moe.cli import main
 from hf_moe.evaluation import DEFAULT_TEMPLATES
 from hf_moe.mode.build import main as build_main
+from hf_moe.mode.routing import read_tasks
 from hf_moe.modeling import MoDEModel
 from hf_moe.modeling.modeling_moiie import MoIIESparseBlock
 from hf_moe.moiie.data import MoIIECollator, load_conversations
+from hf_moe.moiie.routing import layer_expert_counts
 from hf_moe.task_data import build_task, save_task_folders
 from hf_moe.toy import save_toy_clip
 
@@ -153,6 +156,33 @@ def test_moiie_routing_json_is_what_the_model_routes(moiie_inputs, tmp_path, var
         assert any(layer["vision_choices"][3] > 0 or layer["language_choices"][0] > 0 for layer in numbers["layers"])
 
 
+@pytest.mark.parametrize(
+    "variant, vision, language",
+    [
+        # vision router over [E0 vision-only, E1, E2 shared], language router over [E1, E2, E3 language-only]
+        ("moiie", [1, 2, 1, 0], [0, 0, 1, 1]),
+        # one router over all four experts, for both modalities
+        ("vanilla", [1, 2, 1, 0], [0, 1, 0, 1]),
+        # no router: the first vision expert, the first language expert
+        ("modality", [2, 0, 0, 0], [0, 0, 0, 1]),
+    ],
+)
+def test_layer_counts_follow_each_variants_routing_and_skip_padding(variant, vision, language):
+    config = SimpleNamespace(
+        variant=variant, num_vision_experts=1, num_shared_experts=2, num_language_experts=1, num_local_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    token_type_ids = torch.tensor([[1, 1, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 0]])  # the last token is padding: its strong logits must not count
+    if variant == "moiie":
+        vision_logits = torch.tensor([[3.0, 2, 1], [1, 2, 3], [0, 0, 0], [9, 9, 0]])
+        language_logits = torch.tensor([[0.0, 0, 0], [0, 0, 0], [1, 3, 2], [9, 9, 0]])
+    else:
+        vision_logits = language_logits = torch.tensor([[3.0, 2, 1, 0], [1, 2, 3, 0], [0, 1, 0, 2], [9, 9, 0, 0]])
+    counts = layer_expert_counts(config, vision_logits, language_logits, token_type_ids, attention_mask)
+    assert counts["vision"].tolist() == vision and counts["language"].tolist() == language
+
+
 def test_moiie_bad_conversation_json_is_refused_naming_it(moiie_inputs, tmp_path, capsys):
     root, folders = moiie_inputs
     bad = tmp_path / "bad.json"
@@ -260,6 +290,30 @@ def test_mode_class_names_file_single_folder_and_no_clusters(mode_inputs, tmp_pa
     # without --clusters: no pairs figure, and routing.md says how to get it
     assert "mode_pairs_per_expert" not in report["figures"] and numbers["pairs_per_expert"] is None
     assert "--clusters" in (out / "routing.md").read_text()
+
+
+def test_mode_tasks_from_task_folders_split_folders_and_json(tmp_path):
+    for task, classes in (("cars", ["audi", "bmw_m3"]), ("pets", ["cat", "dog"])):
+        for split in ("train", "test") if task == "cars" else ("",):
+            for name in classes:
+                folder = tmp_path / "tasks" / task / split / name
+                folder.mkdir(parents=True)
+                Image.new("RGB", (4, 4)).save(folder / "0.png")
+    tasks = read_tasks(tmp_path / "tasks")
+    assert {task: spec["class_names"] for task, spec in tasks.items()} == {
+        "cars": ["audi", "bmw m3"],  # the test split's class folders, '_' read as a space (as hf-moe eval reads them)
+        "pets": ["cat", "dog"],
+    }
+    assert list(read_tasks(tmp_path / "tasks" / "pets")) == ["pets"]  # one class folder: one task
+    assert read_tasks(tmp_path / "tasks" / "cars", split="train")["cars"]["class_names"] == ["audi", "bmw m3"]
+
+    bad = tmp_path / "bad.json"
+    for content in ('{"cars": ["audi"', '{"cars": []}', '["audi", "bmw"]', '{"cars": {"names": ["a"]}}'):
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=str(bad)):
+            read_tasks(tmp_path / "tasks", class_names=bad)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_tasks(tmp_path / "missing")
 
 
 def test_mode_clusters_of_another_model_are_refused_naming_the_file(mode_inputs, tmp_path, capsys):

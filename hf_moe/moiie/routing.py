@@ -189,14 +189,15 @@ def load_routing_data(args: RoutingArguments, processor):
     if len(dataset) == 0:
         raise ValueError(f"'{args.data}' holds no samples.")
     collator = MoIIECollator(processor)
+    sizes: dict[str, tuple[int, int]] = {}
     for row in dataset:
         problem = turn_problem(row["conversations"])
         if problem is not None:
             raise ValueError(f"{_where(args.data, row['id'], problem[0])}: {problem[1]}.")
-        tokens = [
-            collator.tokens_for_size(*check_image(path, _where(args.data, row["id"], "image")))
-            for path in row["images"]
-        ]
+        for path in row["images"]:
+            if path not in sizes:  # an image shared by several samples is checked once
+                sizes[path] = check_image(path, _where(args.data, row["id"], "image"))
+        tokens = [collator.tokens_for_size(*sizes[path]) for path in row["images"]]
         try:
             collator.check(row, tokens)
         except ValueError as err:
