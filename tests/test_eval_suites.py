@@ -198,3 +198,144 @@ def test_format_table():
     lines = format_table(rows).splitlines()
     assert lines[0].split() == ["task", "metric", "score", "images"]
     assert lines[2].split() == ["a", "top1", "0.5000", "10"] and lines[3].split() == ["bb", "mean_per_class", "0.2500", "7"]
+
+
+# ---------------------------------------------------------------- a two-task suite end to end
+
+
+@pytest.fixture(scope="module")
+def suite_model(tmp_path_factory):
+    """A toy CLIP-MoE with a model card, its weights scaled up so that predictions spread over several classes."""
+    import torch
+    from transformers import AutoProcessor, CLIPModel
+
+    from hf_moe.conversion import upcycle_clip
+    from hf_moe.toy import save_toy_clip, toy_clip_config
+
+    root = tmp_path_factory.mktemp("suite_model")
+    torch.manual_seed(0)
+    config = toy_clip_config()
+    for sub_config in (config, config.text_config, config.vision_config):
+        sub_config.initializer_factor = 3.0
+    CLIPModel(config).eval().save_pretrained(root / "clip")
+    AutoProcessor.from_pretrained(save_toy_clip(root / "toy", seed=0)).save_pretrained(root / "clip")
+    upcycle_clip(root / "clip", root / "moe", num_experts=4, top_k=2, seed=0)
+    return root / "moe"
+
+
+@pytest.fixture(scope="module")
+def suite_data(tmp_path_factory):
+    """A save_to_disk folder (columns img / digit, a ClassLabel) and a parquet file (image / label, a ClassLabel), and
+    a two-task suite naming them by paths relative to the suite file."""
+    import datasets
+
+    from hf_moe.toy_data import DIGIT_NAMES, digit_images
+
+    root = tmp_path_factory.mktemp("suite_data")
+    labels_feature = datasets.ClassLabel(names=list(DIGIT_NAMES))
+    images, labels = digit_images(30, offset=0)
+    features = datasets.Features({"img": datasets.Image(), "digit": labels_feature})
+    datasets.Dataset.from_dict({"img": images, "digit": labels}, features=features).save_to_disk(root / "disk")
+    images, labels = digit_images(24, offset=500)
+    features = datasets.Features({"image": datasets.Image(), "label": labels_feature})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(root / "digits.parquet")
+    templates = ["a photo of the number {}.", "a handwritten {}."]
+    (root / "templates.txt").write_text("\n".join(templates) + "\n")
+    suite = {
+        "name": "two",
+        "description": "two local tasks",
+        "tasks": [
+            {"name": "disk_top1", "data": "disk", "image_column": "img", "label_column": "digit",
+             "class_names": "feature", "templates": templates, "metric": "top1", "source": "made here"},
+            {"name": "parquet_mpc", "data": "digits.parquet", "split": "test", "class_names": list(DIGIT_NAMES),
+             "templates": "default", "metric": "mean_per_class", "source": "made here"},
+        ],
+    }  # fmt: skip
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
+    return root
+
+
+def single_task(model, data, output, *options):
+    from hf_moe.evaluation import evaluate_command
+
+    return evaluate_command(["zero-shot", "--model", str(model), "--data", str(data), "--output", str(output), *options])
+
+
+def test_two_task_suite_equals_single_task_evaluations(suite_model, suite_data, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from hf_moe.eval_suites import suite_command
+
+    model = tmp_path / "model"
+    shutil.copytree(suite_model, model)
+    disk = single_task(model, suite_data / "disk", tmp_path / "a.json", "--image_column", "img", "--label_column",
+                       "digit", "--templates", str(suite_data / "templates.txt"))  # fmt: skip
+    parquet = single_task(model, suite_data / "digits.parquet", tmp_path / "b.json", "--split", "test", "--templates",
+                          "default")  # fmt: skip
+    capsys.readouterr()
+
+    results = suite_command(["--model", str(model), "--suite", str(suite_data / "suite.yaml")])
+    table = capsys.readouterr().out
+    expected = {"disk_top1": disk["top1_accuracy"], "parquet_mpc": parquet["mean_per_class_accuracy"]}
+    assert 0 < expected["disk_top1"] < 1  # the toy model's predictions spread over several classes
+
+    # JSON (beside the model by default) and the returned results
+    written = json.loads((model / "eval_suite_two.json").read_text())
+    assert written["table"] == results["table"]
+    assert [row["task"] for row in written["table"]] == ["disk_top1", "parquet_mpc"]
+    assert [row["metric"] for row in written["table"]] == ["top1", "mean_per_class"]
+    assert {row["task"]: row["score"] for row in written["table"]} == expected
+    assert [row["num_images"] for row in written["table"]] == [30, 24]
+    for entry, single in zip(written["tasks"], (disk, parquet)):
+        for key in ("top1_accuracy", "mean_per_class_accuracy", "num_images", "num_classes", "num_templates"):
+            assert entry["metrics"][key] == single[key], (entry["name"], key)
+    # CSV
+    with open(model / "eval_suite_two.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["task"], row["metric"], float(row["score"]), int(row["num_images"])) for row in rows] == [
+        ("disk_top1", "top1", expected["disk_top1"], 30),
+        ("parquet_mpc", "mean_per_class", expected["parquet_mpc"], 24),
+    ]
+    # One printed table
+    lines = table.strip().splitlines()
+    assert lines[0].split() == ["task", "metric", "score", "images"]
+    assert lines[2].split() == ["disk_top1", "top1", f"{expected['disk_top1']:.4f}", "30"]
+    assert lines[3].split() == ["parquet_mpc", "mean_per_class", f"{expected['parquet_mpc']:.4f}", "24"]
+    # Model card: every float metric of each task in the model-index, named by the task, with its split
+    card = ModelCard.load(model / "README.md")
+    entries = {(r.dataset_name, r.metric_type): r for r in card.data.eval_results}
+    for entry in written["tasks"]:
+        for key in ("top1_accuracy", "mean_per_class_accuracy"):
+            result = entries[(entry["name"], key)]
+            assert result.metric_value == pytest.approx(entry["metrics"][key])
+            assert result.task_type == "zero-shot-image-classification"
+            assert result.dataset_split == entry["split"]
+    assert entries[("parquet_mpc", "mean_per_class_accuracy")].dataset_split == "test"
+
+    # --tasks and --output_dir
+    out = tmp_path / "out"
+    only = suite_command(["--model", str(model), "--suite", str(suite_data / "suite.yaml"), "--tasks", "parquet_mpc",
+                          "--output_dir", str(out)])  # fmt: skip
+    assert [row["task"] for row in only["table"]] == ["parquet_mpc"]
+    assert json.loads((out / "eval_suite_two.json").read_text())["table"] == only["table"]
+
+
+def test_data_and_class_names_are_checked_before_the_model_loads(suite_data, tmp_path):
+    from hf_moe.eval_suites import suite_command
+
+    suite = yaml.safe_load((suite_data / "suite.yaml").read_text())
+    suite["tasks"][1]["class_names"] = ["zero", "one", "two"]
+    path = tmp_path / "bad.yaml"
+    for task in suite["tasks"]:
+        task["data"] = str(suite_data / task["data"])
+    path.write_text(yaml.safe_dump(suite))
+    missing_model = tmp_path / "no-model-here"
+    with pytest.raises(SuiteError, match=r"task 'parquet_mpc': key 'class_names': 3 class names, .* 10 classes"):
+        suite_command(["--model", str(missing_model), "--suite", str(path)])
+    suite["tasks"][1]["class_names"] = "feature"
+    suite["tasks"][0]["label_column"] = "no_such_column"
+    path.write_text(yaml.safe_dump(suite))
+    with pytest.raises(SuiteError, match=r"task 'disk_top1': key 'data'.*no_such_column"):
+        suite_command(["--model", str(missing_model), "--suite", str(path)])
+    with pytest.raises(SuiteError, match=r"--tasks nope: no such task"):
+        suite_command(["--model", str(missing_model), "--suite", str(suite_data / "suite.yaml"), "--tasks", "nope"])
