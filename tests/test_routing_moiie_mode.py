@@ -79,10 +79,11 @@ def moiie_inputs(tmp_path_factory):
     (root / "data" / "data.json").write_text(json.dumps(SAMPLES * 2))
     processor = toy_processor()
     folders = {}
-    for variant in ("moiie", "vanilla"):
+    for variant in ("moiie", "vanilla", "modality", "dense"):
         model = toy_model(processor)
-        model.config.variant = variant
-        if variant == "vanilla":  # one router over all experts
+        if variant != "moiie":  # vanilla: one router over all experts; modality: none; dense: no experts
+            model.config.variant = variant
+            torch.manual_seed(0)
             model = type(model)(model.config)
         model.save_pretrained(root / variant)
         processor.save_pretrained(root / variant)
@@ -123,7 +124,7 @@ def recorded_choices(model_dir, data, image_folder):
     return counts
 
 
-@pytest.mark.parametrize("variant", ["moiie", "vanilla"])
+@pytest.mark.parametrize("variant", ["moiie", "vanilla", "modality"])
 def test_moiie_routing_json_is_what_the_model_routes(moiie_inputs, tmp_path, variant):
     root, folders = moiie_inputs
     data, images = root / "data" / "data.json", root / "images"
@@ -147,6 +148,8 @@ def test_moiie_routing_json_is_what_the_model_routes(moiie_inputs, tmp_path, var
         assert layer["vision_tokens"] == 2 * 2 * 4  # 2 images per copy of SAMPLES, 4 tokens each
         if variant == "moiie":  # vision tokens never reach the language expert, language tokens never the vision one
             assert layer["vision_choices"][3] == 0 and layer["language_choices"][0] == 0
+        if variant == "modality":  # vision tokens: the vision-only expert; language tokens: the language-only one
+            assert layer["vision_choices"] == [16, 0, 0, 0] and layer["language_choices"][:3] == [0, 0, 0]
         bars = report["figures"][f"moiie_layer_{layer['layer']}_modality_share"]
         assert bars["series"] == {"vision tokens": layer["vision_share"], "language tokens": layer["language_share"]}
         assert bars["category_groups"] == ["vision-only", "shared", "shared", "language-only"]
@@ -196,6 +199,13 @@ def test_moiie_bad_conversation_json_is_refused_naming_it(moiie_inputs, tmp_path
     assert analyze("--model", folders["moiie"], "--data", unknown_role, "--output_dir", tmp_path / "out") == 1
     error = error_line(capsys)
     assert str(unknown_role) in error and "'x'" in error and "robot" in error
+    assert not (tmp_path / "out").exists()
+
+    assert (
+        analyze("--model", folders["dense"], "--data", root / "data" / "data.json", "--output_dir", tmp_path / "out")
+        == 1
+    )
+    assert "'dense' MoIIE" in error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
