@@ -263,7 +263,7 @@ def analyze_demo_routing(model_dir: Path, data: Path, images: Path, routing_dir:
     from .routing import analyze_routing
 
     questions = save_digit_questions(
-        data / "routing.json",
+        data / "routing_questions.json",
         images,
         ROUTING_DIGITS,
         list(IMAGE_QUESTIONS),
