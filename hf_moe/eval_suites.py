@@ -501,10 +501,10 @@ class SuiteEvalArguments:
     )
 
 
-def run_suite(args: SuiteEvalArguments, progress: bool = True) -> dict[str, Any]:
+def run_suite(args: SuiteEvalArguments) -> dict[str, Any]:
     """Read the suite, check every selected task's data before loading the model, evaluate, and return the results
     (`{"suite", "suite_file", "model", "tasks": [...], "table": [...], "options"}`); writes nothing."""
-    return _run_suite(args, progress)[0]
+    return _run_suite(args)[0]
 
 
 def _run_suite(args: SuiteEvalArguments, progress: bool = True) -> tuple[dict[str, Any], list[SuiteTask]]:

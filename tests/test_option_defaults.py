@@ -99,6 +99,7 @@ SPECS = {
     "eval retrieval": KeywordFunction(
         "hf_moe.evaluation:image_text_retrieval", cli_only=EVAL_CLI_ONLY, function_only=EVAL_FUNCTION_ONLY
     ),
+    "eval suite": DataclassFunction("hf_moe.eval_suites:run_suite"),
     "prepare": NoFunction("dispatches to `prepare coco` / `prepare flickr30k`"),
     "prepare coco": KeywordFunction(
         "hf_moe.prepare:prepare_captioned_folder", function_only={"dataset": "the sub-command: coco"}
