@@ -128,7 +128,9 @@ class Suite:
         known = [task.name for task in self.tasks]
         unknown = [name for name in names if name not in known]
         if unknown:
-            raise SuiteError(f"{self.path}: --tasks {', '.join(unknown)}: no such task; the suite has {', '.join(known)}.")
+            raise SuiteError(
+                f"{self.path}: --tasks {', '.join(unknown)}: no such task; the suite has {', '.join(known)}."
+            )
         return [task for task in self.tasks if task.name in set(names)]
 
 
@@ -323,7 +325,9 @@ def resolve_task_class_names(task: SuiteTask, dataset, suite_file: Path | None =
 
     where = f"{suite_file}: task '{task.name}'" if suite_file else f"task '{task.name}'"
     if "label" not in dataset.column_names:
-        raise SuiteError(f"{where}: key 'label_column': the data has no label column (columns: {dataset.column_names}).")
+        raise SuiteError(
+            f"{where}: key 'label_column': the data has no label column (columns: {dataset.column_names})."
+        )
     feature = dataset.features["label"]
     feature_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     if task.class_names == FEATURE_CLASS_NAMES:
@@ -377,7 +381,7 @@ def prepare_tasks(tasks: Sequence[SuiteTask], suite_file: Path | None = None) ->
 
 
 def evaluate_task(model, processor, prepared: PreparedTask, batch_size: int = 64, device=None, progress=True) -> dict:
-    """The task's metrics, from `zero_shot_classification` / `image_text_retrieval` exactly as `hf-moe eval` gets them."""
+    """The task's metrics from `zero_shot_classification` / `image_text_retrieval`, as `hf-moe eval` gets them."""
     from .evaluation import image_text_retrieval, zero_shot_classification
 
     task = prepared.task
@@ -446,7 +450,9 @@ def write_suite_outputs(results: dict, output_dir: str | os.PathLike, name: str)
     writer = csv.DictWriter(buffer, fieldnames=["task", "metric", "score", "num_images"], lineterminator="\n")
     writer.writeheader()
     for row in results["table"]:
-        writer.writerow({key: (repr(row[key]) if isinstance(row[key], float) else row[key]) for key in writer.fieldnames})
+        writer.writerow(
+            {key: (repr(row[key]) if isinstance(row[key], float) else row[key]) for key in writer.fieldnames}
+        )
     with atomic_output_file(json_path) as tmp:
         tmp.write_text(text)
     with atomic_output_file(csv_path) as tmp:
@@ -565,7 +571,8 @@ def suite_command(argv: list[str]) -> dict[str, Any] | None:
     parser = HfArgumentParser(
         SuiteEvalArguments,
         prog="hf-moe eval suite",
-        description=f"Evaluate a suite of zero-shot and retrieval tasks. Shipped suites: {', '.join(available_suites())}.",
+        description="Evaluate a suite of zero-shot and retrieval tasks. "
+        f"Shipped suites: {', '.join(available_suites())}.",
     )
     (args,) = parse_command_line(parser, argv)
     results, tasks = _run_suite(args)

@@ -108,11 +108,11 @@ class MoDEConfig(PreTrainedConfig):
         if self.paper_lambda <= 0:
             raise ValueError(f"paper_lambda must be positive, got {self.paper_lambda}.")
         if self.task_templates is not None and (
-            not self.task_templates
-            or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.task_templates)
+            not self.task_templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.task_templates)
         ):
             raise ValueError(
-                f"task_templates must be a non-empty list of templates with '{{}}' exactly once, got {self.task_templates!r}."
+                "task_templates must be a non-empty list of templates with '{}' exactly once, "
+                f"got {self.task_templates!r}."
             )
 
     @property

@@ -71,7 +71,16 @@ def test_shipped_suite_parses_with_sources_counts_and_templates(name):
 
 def test_ta8_entries_follow_fusion_bench_and_clip():
     tasks = {task.name: task for task in read_suite("ta8").tasks}
-    assert [task for task in tasks] == ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    assert [task for task in tasks] == [
+        "sun397",
+        "stanford_cars",
+        "resisc45",
+        "eurosat",
+        "svhn",
+        "gtsrb",
+        "mnist",
+        "dtd",
+    ]
     assert all(task.split == "test" and task.metric == "top1" for task in tasks.values())
     assert tasks["svhn"].data == "ufldl-stanford/svhn" and tasks["svhn"].config == "cropped_digits"
     # EuroSAT: CLIP's descriptive names in the dataset's (alphabetical folder) order, not prompts.md's order.
@@ -197,7 +206,12 @@ def test_format_table():
             {"task": "bb", "metric": "mean_per_class", "score": 0.25, "num_images": 7}]  # fmt: skip
     lines = format_table(rows).splitlines()
     assert lines[0].split() == ["task", "metric", "score", "images"]
-    assert lines[2].split() == ["a", "top1", "0.5000", "10"] and lines[3].split() == ["bb", "mean_per_class", "0.2500", "7"]
+    assert lines[2].split() == ["a", "top1", "0.5000", "10"] and lines[3].split() == [
+        "bb",
+        "mean_per_class",
+        "0.2500",
+        "7",
+    ]
 
 
 # ---------------------------------------------------------------- a two-task suite end to end
@@ -238,7 +252,9 @@ def suite_data(tmp_path_factory):
     datasets.Dataset.from_dict({"img": images, "digit": labels}, features=features).save_to_disk(root / "disk")
     images, labels = digit_images(24, offset=500)
     features = datasets.Features({"image": datasets.Image(), "label": labels_feature})
-    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(root / "digits.parquet")
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+        root / "digits.parquet"
+    )
     templates = ["a photo of the number {}.", "a handwritten {}."]
     (root / "templates.txt").write_text("\n".join(templates) + "\n")
     suite = {
@@ -258,7 +274,9 @@ def suite_data(tmp_path_factory):
 def single_task(model, data, output, *options):
     from hf_moe.evaluation import evaluate_command
 
-    return evaluate_command(["zero-shot", "--model", str(model), "--data", str(data), "--output", str(output), *options])
+    return evaluate_command(
+        ["zero-shot", "--model", str(model), "--data", str(data), "--output", str(output), *options]
+    )
 
 
 def test_two_task_suite_equals_single_task_evaluations(suite_model, suite_data, tmp_path, capsys):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_mode_build import write_clusters
 from transformers import AutoModel, AutoTokenizer, BertModel, BertTokenizer, CLIPProcessor, pipeline
 
 from hf_moe.conversion import build_mode
@@ -16,7 +17,6 @@ from hf_moe.modeling import clustering_text_embeddings
 from hf_moe.toy import save_toy_clip
 
 from helpers import run_without_hf_moe, save_tiny_bert
-from test_mode_build import write_clusters
 
 
 LABELS = ["cat", "dog", "car"]
@@ -76,7 +76,9 @@ FRESH_PROCESS = """
         "weights_default": classifier.task_weights(labels, hypothesis_template=hypothesis).tolist(),
         "weights_given": classifier.task_weights(labels, templates, hypothesis).tolist(),
         "rows_default": classifier(image, candidate_labels=labels, hypothesis_template=hypothesis),
-        "rows_given": classifier(image, candidate_labels=labels, hypothesis_template=hypothesis, task_templates=templates),
+        "rows_given": classifier(
+            image, candidate_labels=labels, hypothesis_template=hypothesis, task_templates=templates
+        ),
         "rows_batched": classifier([image, image], candidate_labels=labels, hypothesis_template=hypothesis,
                                    task_templates=templates, batch_size=2),
     }
@@ -131,3 +133,15 @@ def test_without_configured_templates_the_hypothesis_template_alone_gives_the_we
     torch.testing.assert_close(weights, class_task_weights(model, tokenizer, LABELS, [HYPOTHESIS], progress=False))
     with pytest.raises(ValueError, match="exactly once"):
         classifier(Image.new("RGB", (40, 40)), candidate_labels=LABELS, task_templates=["no placeholder"])
+
+
+def test_config_refuses_templates_without_one_placeholder():
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    from hf_moe.modeling import MoDEConfig
+
+    assert MoDEConfig(task_templates=["a {}."]).task_templates == ["a {}."]
+    assert MoDEConfig().custom_pipelines["zero-shot-image-classification"]["impl"].startswith("pipeline_mode.")
+    for bad in (["no placeholder"], ["{} and {}"], []):
+        with pytest.raises((ValueError, StrictDataclassClassValidationError), match="task_templates"):
+            MoDEConfig(task_templates=bad)
