@@ -10,6 +10,7 @@ TRANSFORMERS_VERSION = "5.25.0"
 HELP = {
     "eval": (
         "usage: hf-moe eval TASK --model MODEL --data DATA [options]\n"
+        "       hf-moe eval --suite NAME_OR_FILE.yaml --model MODEL [options]   (= hf-moe eval suite)\n"
         "\n"
         "tasks:\n"
         "  zero-shot   Zero-shot classification top-1 and mean per-class accuracy.\n"

@@ -9,9 +9,16 @@ Metrics go through `evaluate` with the local metric scripts in `hf_moe/metrics` 
 
     hf-moe eval zero-shot --model MODEL --data CLASS_FOLDERS [--class_names imagenet|cifar10|cifar100|FILE]
         [--templates auto|default|imagenet|FILE] [--output FILE]
+    hf-moe eval zero-shot --model MODEL --data uoft-cs/cifar100 --split test --image_column img \\
+        --label_column fine_label   (a Hub id; the ClassLabel's names are the class names)
     hf-moe eval zero-shot --model TTA_OUTPUT --data TASK_FOLDER --task TASK   (the heads tta-wemoe adapted with)
     hf-moe eval retrieval --model MODEL --data CAPTIONED_FOLDER [--max_captions_per_image 5] [--k_values 1 5 10]
         [--output FILE]
+    hf-moe eval suite --model MODEL --suite ta8   (hf_moe.eval_suites)
+
+`--data` is any source `hf_moe.eval_data.load_eval_dataset` reads: a Hub dataset id (with `--dataset_config`,
+`--split`), a `save_to_disk` folder, parquet files (a file, a glob, a folder) or an image folder; `--image_column`,
+`--label_column`, `--caption_column` name the source columns. Zero-shot reports top-1 and mean per-class accuracy.
 
 `--output` defaults to `<MODEL>/eval_<task>.json` when MODEL is a local folder, else `./eval_<task>.json`. Models
 load with `trust_remote_code=False` unless `--trust_remote_code` is given (hf-moe's own models need no remote code
@@ -931,7 +938,11 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     from transformers import HfArgumentParser
 
     tasks = "\n".join(f"  {name:<12}{help_text}" for name, (_, help_text) in EVAL_TASKS.items())
-    usage = f"usage: hf-moe eval TASK --model MODEL --data DATA [options]\n\ntasks:\n{tasks}"
+    usage = (
+        "usage: hf-moe eval TASK --model MODEL --data DATA [options]\n"
+        "       hf-moe eval --suite NAME_OR_FILE.yaml --model MODEL [options]   (= hf-moe eval suite)\n\n"
+        f"tasks:\n{tasks}"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return None
