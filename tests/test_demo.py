@@ -48,4 +48,8 @@ def test_demo_trains_upcycles_and_reloads(tmp_path, capsys):
     router = "vision_model.encoder.layers.0.mlp.router.weight"
     assert not torch.equal(moe[router], untrained_routers[router])
     assert "The trained CLIP-MoE folder is" in printed
+    # The demo writes its routing analysis (hf-moe analyze-routing) of the trained CLIP-MoE, both towers.
+    routing = json.loads((output_dir / "routing" / "routing.json").read_text())
+    assert set(routing["numbers"]["towers"]) == {"vision", "text"} and routing["num_samples"] == 297
+    assert (output_dir / "routing" / "clip_moe_vision_expert_share.png").is_file()
     assert_readme_shows("clip_moe", printed)  # the README's figures are this run's

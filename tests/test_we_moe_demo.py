@@ -32,6 +32,12 @@ def test_wemoe_demo_merges_routes_and_reloads(tmp_path, capsys):
     assert result["reloaded_class"].startswith("transformers_modules.") and "WEMoECLIPModel" in result["reloaded_class"]
     assert result["reload_max_difference"] <= 1e-6
     assert "loaded transformers_modules." in printed
+    # The demo writes its routing analysis (hf-moe analyze-routing) of the adapted WEMoE.
+    routing = json.loads((tmp_path / "wemoe" / "routing" / "routing.json").read_text())
+    assert (
+        routing["numbers"]["data_tasks"] == sorted(DEMO_TASKS)
+        and (tmp_path / "wemoe" / "routing" / "we_moe_task_routing.png").is_file()
+    )
     assert_readme_shows("we_moe", printed)  # the README's figures are this run's
 
 

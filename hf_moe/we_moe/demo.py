@@ -242,9 +242,9 @@ def _run(output_dir: Path, finetune_steps: int, tta_steps: int, seed: int) -> di
     print(f"   loaded {reloaded['class']}; max |reloaded - in-process| image feature = {difference:.2e}")
 
     routing_dir = write_demo_routing(output_dir / "wemoe-tta", tasks, output_dir)
-    routing = json.loads((routing_dir / "routing.json").read_text())["numbers"]
+    analysis = json.loads((routing_dir / "routing.json").read_text())["numbers"]
     print(f"6. The adapted WEMoE's routing of every held-out image (hf-moe analyze-routing): {routing_dir}")
-    own, separation = routing["own_task_accuracy"]["all_blocks"], routing["nearest_centroid_accuracy"]
+    own, separation = analysis["own_task_accuracy"]["all_blocks"], analysis["nearest_centroid_accuracy"]
     print(
         f"   own task's vector largest (weights averaged over blocks) for {own:.0%} of the images; nearest-centroid "
         f"separation {separation:.0%}"
@@ -257,6 +257,6 @@ def _run(output_dir: Path, finetune_steps: int, tta_steps: int, seed: int) -> di
         "reloaded_class": reloaded["class"],
         "reload_max_difference": difference,
         "routing_dir": str(routing_dir),
-        "routing_own_task_accuracy": routing["own_task_accuracy"]["all_blocks"],
+        "routing_own_task_accuracy": own,
     }
     return result
