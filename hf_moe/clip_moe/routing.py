@@ -171,7 +171,8 @@ def route(model, model_type: str, processor, dataset, towers, batch_size: int, d
         batch = dataset.select_columns(columns)[rows.start : rows.stop]
         if "vision" in towers:
             cfg = _tower_config(config, "vision")
-            pixels = processor.image_processor(images=rgb_images(batch["image"]), return_tensors="pt")["pixel_values"]
+            image_processor = getattr(processor, "image_processor", processor)  # a vision tower's folder: no tokenizer
+            pixels = image_processor(images=rgb_images(batch["image"]), return_tensors="pt")["pixel_values"]
             pixels = pixels.to(device=device, dtype=dtype)
             output = _tower_module(model, model_type, "vision")(pixel_values=pixels, output_router_logits=True)
             counts["vision"].append(
@@ -277,7 +278,7 @@ def routing_figures(numbers: dict, model_name: str, blocks: list[int] | None, co
 
 def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingReport:
     """Route `args.data` through the CLIP-MoE `args.model` and return the report (see the module docstring)."""
-    from ..loading import check_model_type, load_config, load_pretrained
+    from ..loading import check_model_type, load_config, load_pretrained, load_processor
 
     dataset = load_routing_data(args.data, args.split)  # before the model: a wrong path fails at once
     labels, class_names = data_labels(dataset)
@@ -313,8 +314,10 @@ def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingRep
 
     try:
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except Exception as err:
-        raise OSError(f"'{args.model}' has no processor to prepare the images and captions: {err}") from err
+    except Exception:
+        processor = load_processor(args.model)  # a vision tower saved with its image processor only
+    if processor is None:
+        raise OSError(f"'{args.model}' has no processor (image processor / tokenizer) to prepare the data.")
     counts, caption_rows = route(model, model_type, processor, dataset, towers, args.batch_size, device, progress)
     numbers = routing_numbers(config, counts, labels, class_names, caption_rows)
     name = Path(args.model).name or args.model
