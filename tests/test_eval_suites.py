@@ -61,6 +61,7 @@ def test_shipped_suite_parses_with_sources_counts_and_templates(name):
     assert {task: class_count(zero_shot[task]) for task in zero_shot} == EXPECTED_CLASSES[name]
     for task, entry in zip(suite.tasks, raw["tasks"]):
         assert isinstance(entry.get("source"), str) and len(entry["source"]) > 40, task.name
+        assert "{" not in entry["source"], f"{task.name}: an unfilled placeholder in its source"
         assert not task.local, f"{task.name}: a shipped suite names Hub datasets"
         if task.task == "zero-shot":
             templates = TEMPLATE_SETS[task.templates] if isinstance(task.templates, str) else task.templates
