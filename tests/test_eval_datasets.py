@@ -252,6 +252,8 @@ def test_mean_per_class_accuracy_is_balanced_accuracy_on_a_skewed_set(models, da
 
 
 def test_a_hub_id_config_and_split_reach_load_dataset_and_the_card(models, data, tmp_path, monkeypatch):
+    # A local dataset repository goes through the same `datasets.load_dataset` call a Hub id does (default split).
+    assert load_eval_dataset(str(data.root / "repo"), config="shapes")["label"] == data.test["label"]
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, **kwargs):
@@ -261,6 +263,10 @@ def test_a_hub_id_config_and_split_reach_load_dataset_and_the_card(models, data,
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     dataset = load_eval_dataset("someone/shapes", "test", config="cfg", image_column="picture")
     assert calls == [("someone/shapes", "cfg", "test")] and dataset["label"] == data.test["label"]
+    # No split asked for: the split names are read first (nothing downloaded), then test > validation > the only one.
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, name=None, **kwargs: ["train", "test"])
+    load_eval_dataset("someone/shapes", image_column="picture")
+    assert calls[-1] == ("someone/shapes", None, "test")
 
     folder = tmp_path / "clip"
     shutil.copytree(models["clip"], folder)
@@ -412,24 +418,30 @@ def test_official_metric_by_dataset_name(name, metric):
 def test_mode_report_scores_each_task_by_its_official_metric(models, data, tmp_path):
     folder = models["mode"]
     tasks = tmp_path / "tasks"
-    for name in ("flowers102", "shapes"):  # the report reads class folders: the same images twice
-        for index, (image, label) in enumerate(zip(data.test["image"], data.test["label"])):
-            (tasks / name / data.names[label]).mkdir(parents=True, exist_ok=True)
-            image.save(tasks / name / data.names[label] / f"{index}.png")
+    # The report reads class folders: the same skewed images (all of class 0, one of each other class) twice.
+    labels = data.test["label"]
+    skewed = [i for i, label in enumerate(labels) if label == 0] + [labels.index(k) for k in range(1, len(data.names))]
+    for name in ("flowers102", "shapes"):
+        for index in skewed:
+            (tasks / name / data.names[labels[index]]).mkdir(parents=True, exist_ok=True)
+            data.test[index]["image"].save(tasks / name / data.names[labels[index]] / f"{index}.png")
     argv = ["--model", str(folder), "--tasks", str(tasks / "flowers102"), str(tasks / "shapes")]
     rows = report_main([*argv, "--templates", str(data.template), "--output", str(tmp_path / "report.csv")])
     assert [row["metric"] for row in rows] == ["mean_per_class_accuracy", "top1_accuracy", "mixed"]
     model, processor = load_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
     report = evaluate_task(model, processor, tasks / "shapes", templates=[TEMPLATE], progress=False)
     labels = load_eval_dataset(tasks / "shapes")["label"]
-    predicted = report.predictions["ensemble"]
-    assert rows[0]["ensemble"] == pytest.approx(balanced_accuracy_score(labels, predicted))
-    assert rows[1]["ensemble"] == pytest.approx(float(np.mean(np.array(predicted) == np.array(labels))))
+    for column, predicted in report.predictions.items():  # expert-k, all_unit, ensemble
+        assert rows[0][column] == pytest.approx(balanced_accuracy_score(labels, predicted)), column
+        assert rows[1][column] == pytest.approx(float(np.mean(np.array(predicted) == np.array(labels)))), column
+    assert any(rows[0][column] != pytest.approx(rows[1][column]) for column in report.predictions)  # the skew shows
     assert "metric" in (tmp_path / "report.csv").read_text().splitlines()[0]
     overridden = report_main([*argv, "--templates", str(data.template), "--metric", "top1",
                               "--output", str(tmp_path / "top1.csv")])  # fmt: skip
     assert [row["metric"] for row in overridden] == ["top1_accuracy"] * 3
-    assert overridden[0]["ensemble"] == rows[1]["ensemble"]
+    assert {key: value for key, value in overridden[0].items() if key != "dataset"} == {
+        key: value for key, value in rows[1].items() if key != "dataset"
+    }
     card = (folder / "README.md").read_text()
     assert "ensemble_mean_per_class_accuracy" in card and "flowers102" in card
 
