@@ -110,6 +110,10 @@ SPECS = {
     "merge": KeywordFunction(
         "hf_moe.merging:merge_clip_vision", function_only=RETURN_MODEL, var_keyword=f"{__name__}:merge_method_options"
     ),
+    "analyze-routing": NoFunction(
+        "dispatches by the model's model_type to its family's analyze_routing(args), which takes the whole "
+        "RoutingArguments the CLI parses"
+    ),
     "demo": NoFunction("runs each family's demo(output_dir); --family picks one"),
     "upcycle-clip": KeywordFunction(
         "hf_moe.conversion:upcycle_clip", function_only=RETURN_MODEL, var_keyword=f"{__name__}:clip_moe_fields"
