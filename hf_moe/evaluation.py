@@ -946,8 +946,10 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return None
-    if argv[0] == SUITE_TASK or argv[0] == "--suite" or argv[0].startswith("--suite="):
-        return _suite_command(argv[1:] if argv[0] == SUITE_TASK else argv)
+    if argv[0] == SUITE_TASK:
+        return _suite_command(argv[1:])
+    if argv[0].startswith("-") and any(arg == "--suite" or arg.startswith("--suite=") for arg in argv):
+        return _suite_command(argv)  # `hf-moe eval --suite X ...`: no task word, the options in any order
     task = argv[0]
     if task not in EVAL_TASKS:
         raise ValueError(f"Unknown evaluation task '{task}'; choose one of {', '.join(EVAL_TASKS)}.")

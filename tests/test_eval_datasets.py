@@ -453,7 +453,12 @@ def test_eval_suite_dispatches_to_the_suite_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "hf_moe.eval_suites", fake)
     assert evaluate_command(["suite", "--model", "m", "--suite", "ta8"]) == {"ok": True}
     assert evaluate_command(["--suite", "ta8", "--model", "m"]) == {"ok": True}
-    assert seen == [["--model", "m", "--suite", "ta8"], ["--suite", "ta8", "--model", "m"]]
+    assert evaluate_command(["--model", "m", "--suite=ta8"]) == {"ok": True}
+    assert seen == [
+        ["--model", "m", "--suite", "ta8"],
+        ["--suite", "ta8", "--model", "m"],
+        ["--model", "m", "--suite=ta8"],
+    ]
     monkeypatch.setitem(sys.modules, "hf_moe.eval_suites", None)  # an install without it
     with pytest.raises(ValueError, match="needs hf_moe.eval_suites"):
         evaluate_command(["suite", "--model", "m", "--suite", "ta8"])
