@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_mode import CLUSTERING_POOLINGS, MoDEConfig
 from .model_card import KeepModelCardMixin
+
 # Imported so that a saved folder carries pipeline_mode.py (transformers copies a model file's relative imports), which
 # the config's `custom_pipelines` names for pipeline("zero-shot-image-classification", trust_remote_code=True).
 from .pipeline_mode import MoDEZeroShotImageClassificationPipeline  # noqa: F401
