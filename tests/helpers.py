@@ -83,6 +83,23 @@ def save_tiny_bert(folder, seed: int = 0, hidden_size: int = 16):
     return folder
 
 
+def save_vision_finetunes(base, root, seeds=(1, 2), scale: float = 0.05) -> list[Path]:
+    """Stand-ins for fine-tunes of the CLIP at `base`: its vision tower moved by small random task vectors (one per
+    seed), saved as `root/ft<seed>`."""
+    from transformers import CLIPModel
+
+    folders = []
+    for seed in seeds:
+        model = CLIPModel.from_pretrained(base)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.vision_model.parameters():
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+        model.save_pretrained(Path(root) / f"ft{seed}")
+        folders.append(Path(root) / f"ft{seed}")
+    return folders
+
+
 def load_script(path, name: str | None = None):
     """Import an example or benchmark script (`path` relative to the repository root) as a module, without running
     its `__main__` block."""

@@ -31,6 +31,8 @@ from hf_moe.fileio import (
 from hf_moe.toy_data import save_digit_caption_folder, save_digit_class_folders
 from hf_moe.training import JOB_FILE, JobMismatchError, TrainingJob, input_fingerprint
 
+from helpers import save_vision_finetunes
+
 
 FLAGS = ["--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
 
@@ -285,21 +287,12 @@ def _mcl(ctx, out):
 @pytest.fixture(scope="module")
 def trainer_inputs(toy_clip_dir, upcycled_dir, captions, task_dirs, tmp_path_factory):
     from test_moiie_training import SAMPLES, toy_model, toy_processor
-    from transformers import CLIPModel
 
     from hf_moe.data import load_image_text_dataset
     from hf_moe.mode.data import dataset_pair_keys
 
     root = tmp_path_factory.mktemp("jobs-trainers")
-    finetuned = []
-    for seed in (1, 2):
-        model = CLIPModel.from_pretrained(toy_clip_dir)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in model.vision_model.parameters():
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        model.save_pretrained(root / f"ft{seed}")
-        finetuned.append(root / f"ft{seed}")
+    finetuned = save_vision_finetunes(toy_clip_dir, root)
     # MoDE clusters as `hf-moe mode cluster` writes them: fine cluster = digit % 4, expert = fine % 2.
     dataset = load_image_text_dataset(captions)
     fine = torch.tensor(dataset["label"]) % 4

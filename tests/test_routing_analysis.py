@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoProcessor
 
 from hf_moe.cli import main
 from hf_moe.evaluation import load_image_dataset
 from hf_moe.loading import load_pretrained
 from hf_moe.routing_report import Heatmap, RoutingReport, Spread, StackedBars, write_routing_report
 from hf_moe.toy_data import save_digit_caption_folder, save_digit_class_folders
+
+from helpers import save_vision_finetunes
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +32,7 @@ def wemoe_dir(toy_clip_dir, tmp_path_factory):
     from hf_moe.conversion import merge_wemoe
 
     root = tmp_path_factory.mktemp("routing-wemoe")
-    finetuned = []
-    for seed in (1, 2):
-        model = CLIPModel.from_pretrained(toy_clip_dir)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in model.vision_model.parameters():
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        model.save_pretrained(root / f"ft{seed}")
-        finetuned.append(root / f"ft{seed}")
+    finetuned = save_vision_finetunes(toy_clip_dir, root)
     model = merge_wemoe(toy_clip_dir, finetuned, root / "merged", task_names=["digits_a", "digits_b"])
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

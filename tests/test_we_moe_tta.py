@@ -26,6 +26,8 @@ from hf_moe.we_moe.tta import (
     zero_shot_heads,
 )
 
+from helpers import save_vision_finetunes
+
 
 STAND_IN = [r"post_layernorm"]  # a dense CLIP has no router: its final vision LayerNorm stands in for one
 FLAGS = ["--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
@@ -205,16 +207,7 @@ def test_tta_wemoe_resumes_from_the_last_complete_checkpoint(toy_clip_dir, task_
 def finetuned_dirs(toy_clip_dir, tmp_path_factory):
     """Two "fine-tunes" of the toy CLIP: its vision tower moved by small random task vectors."""
     root = tmp_path_factory.mktemp("adamerging")
-    folders = []
-    for seed in (1, 2):
-        model = CLIPModel.from_pretrained(toy_clip_dir)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in model.vision_model.parameters():
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        model.save_pretrained(root / f"ft{seed}")
-        folders.append(root / f"ft{seed}")
-    return folders
+    return save_vision_finetunes(toy_clip_dir, root)
 
 
 def adamerging_wrapper(toy_clip_dir, finetuned_dirs, **kwargs):
