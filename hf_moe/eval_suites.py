@@ -433,14 +433,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _json_default(value):
-    from .evaluation import _json_default as default
-
-    return default(value)
-
-
 def write_suite_outputs(results: dict, output_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Write `eval_suite_<name>.json` (everything) and `.csv` (the table rows) to `output_dir`, each atomically."""
+    from .evaluation import _json_default
     from .fileio import atomic_output_file
 
     output_dir = Path(output_dir).expanduser()
@@ -514,24 +509,16 @@ def run_suite(args: SuiteEvalArguments) -> dict[str, Any]:
 
 
 def _run_suite(args: SuiteEvalArguments, progress: bool = True) -> tuple[dict[str, Any], list[SuiteTask]]:
-    import torch
-    from transformers import AutoProcessor
-
-    from .loading import load_pretrained
+    from .evaluation import load_eval_model
+    from .loading import dtype_option
 
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
-    load_kwargs: dict[str, Any] = {}
-    if args.dtype is not None:
-        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-            raise ValueError(f"--dtype '{args.dtype}' is not a torch dtype (e.g. float32, bfloat16, float16).")
-        load_kwargs["dtype"] = getattr(torch, args.dtype)
+    dtype_option(args.dtype)  # an unknown --dtype is refused before any data is read
     suite = read_suite(args.suite)
     prepared = prepare_tasks(suite.select(args.tasks), suite.path)
 
-    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, **load_kwargs)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor, device = load_eval_model(args)
     tasks, rows = [], []
     for item in prepared:
         task = item.task

@@ -43,6 +43,7 @@ from .arguments import parse_command_line
 from .class_names import CLASS_NAME_SETS, resolve_class_names
 from .eval_data import load_eval_dataset
 from .fileio import atomic_output_file
+from .loading import device_option, dtype_option
 from .metrics import load_metric
 
 
@@ -301,7 +302,8 @@ def load_image_dataset(data, split: str | None = None):
     return load_eval_dataset(data, split)
 
 
-def _to_pil(image) -> Image.Image:
+def to_rgb_image(image) -> Image.Image:
+    """An RGB PIL image from a datasets `image` value: a PIL image, a path, or a `{"bytes"/"path"}` row."""
     if isinstance(image, Image.Image):
         pil = image
     elif isinstance(image, (str, os.PathLike)):
@@ -317,7 +319,7 @@ def _to_pil(image) -> Image.Image:
 
 def _image_batches(dataset, batch_size: int) -> Iterator[list[Image.Image]]:
     for batch in dataset.select_columns(["image"]).iter(batch_size=batch_size):
-        yield [_to_pil(image) for image in batch["image"]]
+        yield [to_rgb_image(image) for image in batch["image"]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -958,34 +960,18 @@ def evaluate_command(argv: list[str]) -> dict[str, Any] | None:
     (args,) = parse_command_line(parser, argv[1:])
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}.")
-    dtype = _dtype_option(args.dtype)
+    dtype_option(args.dtype)  # an unknown --dtype is refused before anything is read
     # The data and the options that depend on it are checked before the (possibly large) model is loaded.
     prepared = _check_data(task, args)
-    model, processor, device = _load_model(args, dtype)
+    model, processor, device = load_eval_model(args)
     metrics = _run_task(task, model, processor, prepared, args, device)
     return _record_results(task, args, prepared, metrics, device)
 
 
 def _suite_command(argv: list[str]):
-    try:
-        from .eval_suites import suite_command
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.eval_suites":
-            raise
-        message = "hf-moe eval suite needs hf_moe.eval_suites, which this hf-moe install does not have."
-        if not argv or "-h" in argv or "--help" in argv:
-            print(message)
-            return None
-        raise ValueError(message) from err
+    from .eval_suites import suite_command
+
     return suite_command(argv)
-
-
-def _dtype_option(value: str | None) -> torch.dtype | None:
-    if value is None:
-        return None
-    if not isinstance(getattr(torch, value, None), torch.dtype):
-        raise ValueError(f"--dtype '{value}' is not a torch dtype (e.g. float32, bfloat16, float16).")
-    return getattr(torch, value)
 
 
 @dataclass
@@ -1031,16 +1017,16 @@ def _check_data(task: str, args) -> _PreparedData:
     return _PreparedData(dataset, class_names, templates)
 
 
-def _load_model(args, dtype: torch.dtype | None):
+def load_eval_model(args):
+    """The model (in `--dtype`), its processor and the device of an evaluation command's options (`model`, `dtype`,
+    `device`, `trust_remote_code`)."""
     from transformers import AutoProcessor
 
     from .loading import load_pretrained
 
-    load_kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, **load_kwargs)
+    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, dtype=dtype_option(args.dtype))
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model, processor, device
+    return model, processor, device_option(args.device)
 
 
 def _run_task(task: str, model, processor, prepared: _PreparedData, args, device) -> dict[str, Any]:

@@ -160,6 +160,28 @@ def load_config(name_or_path: str | Path, *, trust_remote_code: bool = False, re
     return config
 
 
+def dtype_option(name: str | None):
+    """A `--dtype` value for `from_pretrained(dtype=...)`: `None` or "auto" give "auto" (the saved dtype, as
+    transformers loads by default), a name the torch dtype of that name; anything else is refused by name."""
+    if name in (None, "auto"):
+        return "auto"
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"--dtype '{name}' is not a torch dtype (e.g. float32, bfloat16, float16).")
+    return dtype
+
+
+def device_option(device: str | None) -> str:
+    """A `--device` value: the device given, or cuda where available, else cpu."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_pretrained(
     name_or_path: str | Path,
     auto_class=None,

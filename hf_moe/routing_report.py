@@ -143,27 +143,6 @@ class RoutingArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | None) -> str:
-    """`device`, or cuda when available else cpu (imports torch)."""
-    import torch
-
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str | None):
-    """A torch dtype for `from_pretrained(dtype=...)`, or "auto"."""
-    import torch
-
-    if dtype in (None, "auto"):
-        return "auto"
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"--dtype must be float32, bfloat16, float16 or auto, not '{dtype}'.") from None
-
-
 def check_routing_output_dir(args: RoutingArguments) -> Path:
     """Refuse a non-empty output folder (without --overwrite_output_dir), or one that holds the model or the data,
     before any model is loaded."""
@@ -191,24 +170,6 @@ def first_per_group(groups: list, max_samples: int | None) -> list[int]:
             seen[group] = seen.get(group, 0) + 1
             kept.append(index)
     return kept
-
-
-def rgb_images(images: list) -> list:
-    """PIL RGB images from a batch of a datasets `image` column (PIL images, paths or {"bytes"/"path"} rows)."""
-    import io
-
-    from PIL import Image
-
-    result = []
-    for image in images:
-        if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
-            image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-        elif isinstance(image, (str, os.PathLike)):
-            image = Image.open(image)
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"Cannot read an image from a {type(image).__name__}.")
-        result.append(image if image.mode == "RGB" else image.convert("RGB"))
-    return result
 
 
 def batch_ranges(count: int, batch_size: int) -> list[range]:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..evaluation import to_rgb_image
+from ..loading import device_option, dtype_option
 from ..routing_report import (
     Heatmap,
     RoutingArguments,
@@ -29,9 +31,6 @@ from ..routing_report import (
     batch_ranges,
     first_per_group,
     format_ratio,
-    resolve_device,
-    resolve_dtype,
-    rgb_images,
 )
 
 
@@ -172,8 +171,8 @@ def route(model, model_type: str, processor, dataset, towers, batch_size: int, d
         if "vision" in towers:
             cfg = _tower_config(config, "vision")
             image_processor = getattr(processor, "image_processor", processor)  # a vision tower's folder: no tokenizer
-            pixels = image_processor(images=rgb_images(batch["image"]), return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(device=device, dtype=dtype)
+            images = [to_rgb_image(image) for image in batch["image"]]
+            pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device=device, dtype=dtype)
             output = _tower_module(model, model_type, "vision")(pixel_values=pixels, output_router_logits=True)
             counts["vision"].append(
                 selection_counts(output.router_logits, cfg.num_experts_per_tok, cfg.num_local_experts, len(rows))
@@ -305,9 +304,9 @@ def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingRep
             f"'{args.model}' is a CLIP-MoE text tower alone; its routing needs captions, and '{args.data}' has no "
             f"'text' column (columns: {dataset.column_names})."
         )
-    device = resolve_device(args.device)
+    device = device_option(args.device)
     model = load_pretrained(
-        args.model, config=config, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code
+        args.model, config=config, dtype=dtype_option(args.dtype), trust_remote_code=args.trust_remote_code
     )
     model = model.to(device).eval()
     from transformers import AutoProcessor

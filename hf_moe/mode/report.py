@@ -40,6 +40,7 @@ from ..evaluation import (
     templates_option,
 )
 from ..fileio import atomic_output_file
+from ..loading import device_option
 from ..metrics import load_metric
 
 
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     model = load_pretrained(args.model, config=config)
     processor = AutoProcessor.from_pretrained(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_option(args.device)
     rows = [
         evaluate_task(
             model,

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..routing_report import Heatmap, RoutingArguments, RoutingReport, StackedBars, resolve_device, resolve_dtype
+from ..loading import device_option, dtype_option
+from ..routing_report import Heatmap, RoutingArguments, RoutingReport, StackedBars
 
 
 MODE_MODEL_TYPE = "mode"
@@ -257,8 +258,8 @@ def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingRep
         raise ValueError(f"'{args.data}' holds no task.")
     folder = check_clusters_fit_config(args.clusters, config, args.model) if args.clusters else None
 
-    device = resolve_device(args.device)
-    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, dtype=resolve_dtype(args.dtype))
+    device = device_option(args.device)
+    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, dtype=dtype_option(args.dtype))
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     pairs = None

@@ -17,7 +17,8 @@ vision-only / shared / language-only experts marked, and one heatmap of every la
 
 import torch
 
-from ..routing_report import Heatmap, RoutingArguments, RoutingReport, StackedBars, resolve_device, resolve_dtype
+from ..loading import device_option, dtype_option
+from ..routing_report import Heatmap, RoutingArguments, RoutingReport, StackedBars
 
 
 MODALITIES = ("vision", "language")
@@ -240,13 +241,13 @@ def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingRep
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     # The data is checked before the (possibly large) model is loaded.
     dataset, collator = load_routing_data(args, processor)
-    device = resolve_device(args.device)
+    device = device_option(args.device)
     model = load_pretrained(
         args.model,
         AutoModelForCausalLM,
         config=config,
         trust_remote_code=args.trust_remote_code,
-        dtype=resolve_dtype(args.dtype),
+        dtype=dtype_option(args.dtype),
     )
     model.to(device).eval()
     totals = route_conversations(model, collator, dataset, args.batch_size, device, progress)

@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..evaluation import to_rgb_image
+from ..loading import device_option, dtype_option
 from ..routing_report import (
     Heatmap,
     RoutingArguments,
@@ -32,9 +34,6 @@ from ..routing_report import (
     Spread,
     batch_ranges,
     first_per_group,
-    resolve_device,
-    resolve_dtype,
-    rgb_images,
 )
 
 
@@ -155,7 +154,7 @@ def route(model, image_processor, datasets: dict, batch_size: int, device, progr
     jobs = [(dataset, rows) for dataset in datasets.values() for rows in batch_ranges(len(dataset), batch_size)]
     parts = []
     for dataset, rows in tqdm(jobs, desc="Routing", unit="batch", disable=not progress):
-        images = rgb_images(dataset.select_columns(["image"])[rows.start : rows.stop]["image"])
+        images = [to_rgb_image(image) for image in dataset.select_columns(["image"])[rows.start : rows.stop]["image"]]
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device=device, dtype=dtype)
         output = vision(pixel_values=pixels, output_routing_weights=True)
         parts.append(stack_routing_weights(output.routing_weights))
@@ -272,9 +271,9 @@ def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingRep
     vision_config = _vision_config(config)
     stored = list(vision_config.task_names) if vision_config.task_names else None
     vectors = stored or [f"task {i}" for i in range(vision_config.num_tasks)]
-    device = resolve_device(args.device)
+    device = device_option(args.device)
     model = load_pretrained(
-        args.model, config=config, dtype=resolve_dtype(args.dtype), trust_remote_code=args.trust_remote_code
+        args.model, config=config, dtype=dtype_option(args.dtype), trust_remote_code=args.trust_remote_code
     )
     model = model.to(device).eval()
     processor = load_processor(args.model)

@@ -149,11 +149,11 @@ class TaskBatches(Dataset):
         return rows
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        from ..evaluation import _to_pil
+        from ..evaluation import to_rgb_image
 
         batches = {}
         for position, (name, dataset) in enumerate(self.tasks.items()):
-            images = [_to_pil(image) for image in dataset.select(self.indices(position, item))["image"]]
+            images = [to_rgb_image(image) for image in dataset.select(self.indices(position, item))["image"]]
             batches[name] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {INPUTS_KEY: batches}
 
