@@ -263,6 +263,8 @@ def cached_help(argv: list[str]) -> str | None:
     except Exception:  # no cache (or transformers missing): the command builds its help itself
         return None
     paths = [f"{argv[0]} {argv[1]}"] if len(argv) > 1 else []  # `mode train-expert`, `eval zero-shot`, ...
+    if argv[0] == "eval" and any(arg == "--suite" or arg.startswith("--suite=") for arg in argv):
+        paths.insert(0, "eval suite")  # `hf-moe eval --suite X --help` is `hf-moe eval suite`'s help
     for path in [*paths, argv[0]]:
         if path in HELP:
             return HELP[path]

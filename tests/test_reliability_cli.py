@@ -80,6 +80,16 @@ def test_help_prints_the_cache_without_importing_torch():
     assert "--learning_rate" in report["help"]["train-router"]  # TrainingArguments' options are there too
 
 
+def test_eval_with_suite_option_prints_the_suite_help(capsys):
+    """`hf-moe eval --suite X --help` is `hf-moe eval suite --help` (the suite's options, not eval's task list)."""
+    from hf_moe.cli import main
+    from hf_moe.cli_help import HELP
+
+    for argv in (["eval", "--suite", "ta8", "--help"], ["eval", "--model", "m", "--suite=ta8", "-h"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().out == HELP["eval suite"]
+
+
 # --- --model / --base -------------------------------------------------------------------------------------------
 
 # Every command's flag for the model it trains or evaluates (--model) or the dense model it starts from (--base),
