@@ -84,39 +84,39 @@ class MoDEZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipelin
     ):
         inputs = super().preprocess(image, candidate_labels, hypothesis_template, timeout, tokenizer_kwargs)
         templates = self.task_templates(hypothesis_template, task_templates)
-        # Wrapped in a list, as the base class wraps its text inputs, so that batching passes the dict through whole.
-        inputs["task_weight_inputs"] = [
-            {
-                "tokens": self.task_weight_tokens(candidate_labels, templates),
-                "num_classes": len(candidate_labels),
-                "num_templates": len(templates),
-            }
-        ]
+        # Wrapped in a list, as the base class wraps its text inputs, so that batching passes the task through whole.
+        inputs["task"] = [{"candidate_labels": tuple(candidate_labels), "templates": tuple(templates)}]
         return inputs
 
-    def weights_from_tokens(self, tokens: dict, num_classes: int, num_templates: int):
-        """The task weights `(num_experts,)` from `task_weight_tokens`: the template-averaged class embeddings
-        (`MoDEModel.task_weights` on `(classes, templates, D)`)."""
-        embeddings = self.model.clustering_embeddings(**tokens).float().reshape(num_classes, num_templates, -1)
-        return self.model.task_weights(embeddings.to(self.model.fine_centers.device))
+    def weights_of_task(self, candidate_labels, templates):
+        """The task weights `(num_experts,)` of the labels under the templates: the template-averaged class
+        embeddings (`MoDEModel.task_weights` on `(classes, templates, D)`). Within a call the task's weights are kept,
+        so that a call on many images embeds its labels x templates once, not once per image."""
+        key = (tuple(candidate_labels), tuple(templates))
+        if getattr(self, "_task_weights", (None, None))[0] != key:
+            tokens = self.task_weight_tokens(candidate_labels, templates)
+            tokens = {name: value.to(self.model.device) for name, value in tokens.items()}
+            embeddings = self.model.clustering_embeddings(**tokens).float()
+            embeddings = embeddings.reshape(len(candidate_labels), len(templates), -1)
+            self._task_weights = (key, self.model.task_weights(embeddings.to(self.model.fine_centers.device)))
+        return self._task_weights[1]
+
+    def __call__(self, image, candidate_labels=None, **kwargs):
+        self._task_weights = (None, None)  # weights are kept within a call only: the model may change between calls
+        return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
 
     def task_weights(self, candidate_labels, task_templates=None, hypothesis_template="This is a photo of {}."):
         """The expert weights this pipeline uses for `candidate_labels` (same defaults as a call)."""
-        templates = self.task_templates(hypothesis_template, task_templates)
-        tokens = self.task_weight_tokens(candidate_labels, templates)
         with torch.inference_mode():
-            tokens = {key: value.to(self.model.device) for key, value in tokens.items()}
-            return self.weights_from_tokens(tokens, len(candidate_labels), len(templates))
+            return self.weights_of_task(candidate_labels, self.task_templates(hypothesis_template, task_templates))
 
     def _forward(self, model_inputs):
-        wrapped = model_inputs.pop("task_weight_inputs")
-        weight_inputs = wrapped[0] if isinstance(wrapped[0], dict) else wrapped[0][0]  # batched: one per image
+        wrapped = model_inputs.pop("task")
+        task = wrapped[0] if isinstance(wrapped[0], dict) else wrapped[0][0]  # batched: one per image
         candidate_labels = model_inputs.pop("candidate_labels")
         text_inputs = model_inputs.pop("text_inputs")
         text_inputs = text_inputs[0] if isinstance(text_inputs[0], UserDict) else text_inputs[0][0]
-        task_weights = self.weights_from_tokens(
-            weight_inputs["tokens"], weight_inputs["num_classes"], weight_inputs["num_templates"]
-        )
+        task_weights = self.weights_of_task(task["candidate_labels"], task["templates"])
         # The experts score the hypothesis texts; MoDEModel's own weights from them are replaced by the task's.
         text_inputs = {key: value for key, value in text_inputs.items() if not key.startswith("clustering_")}
         outputs = self.model(**text_inputs, **model_inputs, task_weights=task_weights)

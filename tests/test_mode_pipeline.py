@@ -145,3 +145,22 @@ def test_config_refuses_templates_without_one_placeholder():
     for bad in (["no placeholder"], ["{} and {}"], []):
         with pytest.raises((ValueError, StrictDataclassClassValidationError), match="task_templates"):
             MoDEConfig(task_templates=bad)
+
+
+def test_a_call_on_many_images_embeds_its_labels_once(mode_folder):
+    """The task weights depend on the labels and templates only: a call on several images runs the clustering encoder
+    on the labels x templates once (not once per image), and the next call computes them afresh."""
+    classifier = pipeline("zero-shot-image-classification", model=str(mode_folder), trust_remote_code=True)
+    calls = []
+    encode = classifier.model.clustering_embeddings
+    classifier.model.clustering_embeddings = lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs)
+    images = [Image.new("RGB", (40, 40), color) for color in ("red", "green", "blue")]
+    for batch_size in (1, 2):
+        calls.clear()
+        rows = classifier(images, candidate_labels=LABELS, task_templates=TEMPLATES, batch_size=batch_size)
+        assert len(rows) == 3 and len(calls) == 1
+    weights = classifier.task_weights(LABELS, TEMPLATES)
+    tokenizer = AutoTokenizer.from_pretrained(mode_folder, trust_remote_code=True)
+    torch.testing.assert_close(
+        weights, class_task_weights(classifier.model, tokenizer, LABELS, TEMPLATES, progress=False), atol=1e-6, rtol=0
+    )
