@@ -96,13 +96,11 @@ def balance_ratios(shares: torch.Tensor) -> list[float]:
 
 
 def load_routing_data(data: str, split: str | None = None):
-    """The dataset (`image`, optional `label`, optional `text`) `hf-moe eval` reads from `data`."""
-    from .. import evaluation
+    """The dataset (`image`, optional `label`, optional `text`) `hf-moe eval` reads from `data`: image folders, Hub
+    ids, save_to_disk folders, parquet files."""
+    from ..eval_data import load_eval_dataset
 
-    loader = getattr(evaluation, "load_eval_dataset", None)  # Hub ids, save_to_disk, parquet (where available)
-    if loader is not None:
-        return loader(data, split)
-    return evaluation.load_image_dataset(data, split)
+    return load_eval_dataset(data, split)
 
 
 def data_labels(dataset) -> tuple[list[int] | None, list[str] | None]:
