@@ -84,7 +84,7 @@ ROUTING_FAMILIES = {"CLIP-MoE": "clip_moe", "WEMoE": "we_moe", "MoIIE": "moiie",
 
 def routing_module(model_type: str | None, model: str = ""):
     """The `hf_moe.<family>.routing` module that analyses a `model_type` model; a ValueError naming the model_type
-    and the families for a dense or unknown one, or when the family's analysis is not installed."""
+    and the families for a dense or unknown one."""
     import importlib
 
     from .loading import HF_MOE_MODEL_TYPES
@@ -98,16 +98,7 @@ def routing_module(model_type: str | None, model: str = ""):
             f"'{model}' is a '{model_type}' model, which has no routing to analyse: hf-moe analyze-routing takes an "
             f"hf-moe MoE model of one of the families {families}."
         )
-    name = f"hf_moe.{ROUTING_FAMILIES[family]}.routing"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        raise ValueError(
-            f"'{model}' is a {family} model ('{model_type}'), whose routing analysis ({name}) is not available in "
-            "this version of hf-moe."
-        ) from None
+    return importlib.import_module(f"hf_moe.{ROUTING_FAMILIES[family]}.routing")
 
 
 def analyze_routing_command(argv: list[str]) -> None:
