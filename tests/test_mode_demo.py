@@ -2,6 +2,7 @@
 itself does, per-expert and ensemble accuracies, task weights that form a distribution."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,10 @@ def test_demo_writes_its_folders_and_result(demo):
     assert result["model_dir"] == str(output_dir / MODEL_DIR)
     assert json.loads((output_dir / RESULT_FILE).read_text()) == result
     assert sum(result["pairs_per_expert"]) == 300
+    # The demo writes its routing analysis (hf-moe analyze-routing) of the built model, with its clusters.
+    routing = json.loads((Path(result["routing_dir"]) / "routing.json").read_text())
+    assert routing["numbers"]["pairs_per_expert"] == result["pairs_per_expert"]
+    assert (Path(result["routing_dir"]) / "mode_task_weights.png").is_file()
 
 
 def test_pipeline_predicts_the_models_argmax(demo):

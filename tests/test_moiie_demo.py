@@ -4,6 +4,7 @@ chance, the image-text-to-text pipeline names most of the digits it is shown, an
 be imported gives the same answers."""
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -20,6 +21,10 @@ def test_demo_upcycles_trains_answers_and_reloads(tmp_path, capsys):
     assert main(["demo", "--family", "moiie", "--output-dir", str(tmp_path)]) == 0
     output_dir = tmp_path / "moiie"
     result = json.loads((output_dir / RESULT_FILE).read_text())
+
+    # The demo writes its routing analysis (hf-moe analyze-routing) of the trained model: every MoE layer of it.
+    routing = json.loads((Path(result["routing_dir"]) / "routing.json").read_text())
+    assert routing["model"] == str(output_dir / "moiie-stage2") and routing["numbers"]["layers"]
 
     model_dir = output_dir / "moiie-stage2"
     for name in ("config.json", "model.safetensors", "modeling_moiie.py", "processing_moiie.py", "README.md"):
