@@ -323,3 +323,69 @@ def test_missing_data_and_non_empty_output_are_refused_writing_nothing(upcycled_
     assert main(argv) == 1
     assert "--overwrite_output_dir" in capsys.readouterr().err
     assert [path.name for path in occupied.iterdir()] == ["keep.txt"]
+
+
+# ---- bfloat16 ----------------------------------------------------------------------------------------------------
+
+
+def test_clip_moe_bfloat16_routing_is_the_bf16_models_own(upcycled_dir, tmp_path):
+    """--dtype bfloat16: the shares are those of the model loaded in bf16, image by image (bf16 pixels, bf16 router
+    logits, softmax and top-k as the router computes them)."""
+    data = save_digit_class_folders(tmp_path / "classes", 10)
+    out_dir = tmp_path / "out"
+    argv = ["analyze-routing", "--model", str(upcycled_dir), "--data", str(data), "--output_dir", str(out_dir)]
+    assert main([*argv, "--dtype", "bfloat16", "--batch_size", "1", "--device", "cpu"]) == 0
+    out = json.loads((out_dir / "routing.json").read_text())
+    vision = out["numbers"]["towers"]["vision"]
+
+    model = load_pretrained(upcycled_dir, dtype=torch.bfloat16).eval()
+    processor = AutoProcessor.from_pretrained(upcycled_dir)
+    dataset = load_image_dataset(str(data))
+    assert next(model.vision_model.parameters()).dtype == torch.bfloat16
+    cfg = model.config.vision_config
+    totals = np.zeros((len(cfg.moe_layer_indices()), cfg.num_local_experts))
+    for row in range(len(dataset)):
+        pixels = processor.image_processor(images=dataset[row]["image"].convert("RGB"), return_tensors="pt")
+        with torch.no_grad():
+            logits = model.vision_model(
+                pixel_values=pixels["pixel_values"].to(torch.bfloat16), output_router_logits=True
+            ).router_logits
+        for block, block_logits in enumerate(logits):
+            keep = np.ones(block_logits.shape[0])
+            totals[block] += _numpy_counts(
+                block_logits.float().numpy().astype(np.float64), cfg.num_experts_per_tok, keep
+            )
+    np.testing.assert_allclose(vision["expert_shares"], totals / totals.sum(axis=1, keepdims=True), atol=1e-9)
+    np.testing.assert_allclose(np.sum(vision["expert_shares"], axis=1), 1.0, atol=1e-9)
+    check_figures(out, out_dir)
+
+
+def test_wemoe_bfloat16_routing_is_the_bf16_models_own(wemoe_dir, task_root, tmp_path):
+    """--dtype bfloat16: the mean weights are those of the model loaded in bf16, image by image, and within bf16
+    precision of the fp32 run's."""
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        out_dir = tmp_path / dtype
+        argv = ["analyze-routing", "--model", str(wemoe_dir), "--data", str(task_root), "--output_dir", str(out_dir)]
+        assert main([*argv, "--dtype", dtype, "--batch_size", "1", "--device", "cpu"]) == 0
+        runs[dtype] = json.loads((out_dir / "routing.json").read_text())
+    numbers = runs["bfloat16"]["numbers"]
+
+    model = load_pretrained(wemoe_dir, dtype=torch.bfloat16).eval()
+    assert next(model.vision_model.parameters()).dtype == torch.bfloat16
+    processor = AutoProcessor.from_pretrained(wemoe_dir)
+    for task_index, task in enumerate(numbers["data_tasks"]):
+        dataset = load_image_dataset(str(task_root / task))
+        samples = []
+        for row in range(len(dataset)):
+            pixels = processor.image_processor(images=dataset[row]["image"].convert("RGB"), return_tensors="pt")
+            with torch.no_grad():
+                weights = model.vision_model(
+                    pixel_values=pixels["pixel_values"].to(torch.bfloat16), output_routing_weights=True
+                ).routing_weights
+            samples.append(np.stack([block[0].float().numpy() for block in weights]).astype(np.float64))
+        means = np.mean(samples, axis=0)  # (blocks, task vectors)
+        np.testing.assert_allclose(np.asarray(numbers["mean_weights"])[:, task_index], means, atol=1e-9)
+    np.testing.assert_allclose(
+        numbers["mean_weights"], runs["float32"]["numbers"]["mean_weights"], atol=5e-2, rtol=5e-2
+    )

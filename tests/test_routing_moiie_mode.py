@@ -92,12 +92,13 @@ def moiie_inputs(tmp_path_factory):
 
 
 @torch.no_grad()
-def recorded_choices(model_dir, data, image_folder):
+def recorded_choices(model_dir, data, image_folder, dtype=None):
     """Per MoE layer and modality, how many top-k choices of the samples' tokens went to each expert: the
-    `top_k_index` each MoE block's `route` returns while the model runs on one sample at a time (no padding)."""
+    `top_k_index` each MoE block's `route` returns while the model runs on one sample at a time (no padding), the
+    model loaded in `dtype` (default: as saved)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").eval()
     collator = MoIIECollator(toy_processor())
     dataset = load_conversations(data, image_folder)
     blocks = [module for module in model.modules() if isinstance(module, MoIIESparseBlock)]
@@ -118,7 +119,10 @@ def recorded_choices(model_dir, data, image_folder):
                 return top_k_index, weights
 
             block.route = route
-        model(**{key: value for key, value in batch.items() if key != "labels"})
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        if dtype is not None and "pixel_values" in inputs:  # text-only samples have none
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        model(**inputs)
         for block in blocks:
             del block.route
     return counts
@@ -157,6 +161,23 @@ def test_moiie_routing_json_is_what_the_model_routes(moiie_inputs, tmp_path, var
     assert heatmap["matrix"] == [layer[f"{m}_share"] for layer in numbers["layers"] for m in ("vision", "language")]
     if variant == "vanilla":  # one router: vision tokens may reach every expert
         assert any(layer["vision_choices"][3] > 0 or layer["language_choices"][0] > 0 for layer in numbers["layers"])
+
+
+def test_moiie_bfloat16_routing_is_what_the_bf16_model_routes(moiie_inputs, tmp_path):
+    """--dtype bfloat16 (bf16 pixels into a bf16 vision tower and decoder): the choices are those the model loaded in
+    bf16 makes, sample by sample, and each modality's shares sum to 1."""
+    root, folders = moiie_inputs
+    data, images = root / "data" / "data.json", root / "images"
+    out = tmp_path / "out"
+    code = analyze("--model", folders["moiie"], "--data", data, "--image_folder", images, "--output_dir", out,
+                   "--batch_size", 1, "--device", "cpu", "--dtype", "bfloat16")  # fmt: skip
+    assert code == 0
+    numbers = check_figures(out)["numbers"]
+    expected = recorded_choices(folders["moiie"], data, images, dtype=torch.bfloat16)
+    for layer, counts in zip(numbers["layers"], expected, strict=True):
+        for modality in ("vision", "language"):
+            assert layer[f"{modality}_choices"] == counts[modality].tolist()
+            assert sum(layer[f"{modality}_share"]) == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -216,9 +237,9 @@ def test_moiie_bad_conversation_json_is_refused_naming_it(moiie_inputs, tmp_path
 TASKS = ("shapes", "patterns")  # task k's class names are the fine centers of expert k
 
 
-def bert_embeddings(bert, class_names, templates):
+def bert_embeddings(bert, class_names, templates, dtype=None):
     """`(classes, templates, D)` BERT pooler embeddings of the class prompts, computed here without MoDE's code."""
-    tokenizer, encoder = BertTokenizer.from_pretrained(bert), BertModel.from_pretrained(bert).eval()
+    tokenizer, encoder = BertTokenizer.from_pretrained(bert), BertModel.from_pretrained(bert, dtype=dtype).eval()
     texts = [template.format(name) for name in class_names for template in templates]
     with torch.no_grad():
         pooled = encoder(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
@@ -300,6 +321,26 @@ def test_mode_class_names_file_single_folder_and_no_clusters(mode_inputs, tmp_pa
     # without --clusters: no pairs figure, and routing.md says how to get it
     assert "mode_pairs_per_expert" not in report["figures"] and numbers["pairs_per_expert"] is None
     assert "--clusters" in (out / "routing.md").read_text()
+
+
+def test_mode_bfloat16_task_weights_are_the_bf16_models_own(mode_inputs, tmp_path):
+    root, bert, tasks, clusters, mode = mode_inputs
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        out = tmp_path / dtype
+        assert analyze("--model", mode, "--data", root / "tasks", "--clusters", clusters, "--output_dir", out,
+                       "--dtype", dtype, "--device", "cpu") == 0  # fmt: skip
+        runs[dtype] = check_figures(out)["numbers"]
+    assert runs["bfloat16"]["pairs_per_expert"] == runs["float32"]["pairs_per_expert"] == [5, 2]
+    for name in TASKS:
+        weights = runs["bfloat16"]["tasks"][name]["task_weights"]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+        model = MoDEModel.from_pretrained(mode, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            expected = model.task_weights(
+                bert_embeddings(bert, tasks[name].class_names, DEFAULT_TEMPLATES, torch.bfloat16)
+            )
+        assert weights == pytest.approx(expected.float().tolist(), abs=1e-6)
 
 
 def test_mode_tasks_from_task_folders_split_folders_and_json(tmp_path):
