@@ -16,7 +16,7 @@ from hf_moe.loading import load_pretrained
 from hf_moe.routing_report import Heatmap, RoutingReport, Spread, StackedBars, write_routing_report
 from hf_moe.toy_data import save_digit_caption_folder, save_digit_class_folders
 
-from helpers import save_vision_finetunes
+from helpers import load_script, save_vision_finetunes
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +389,26 @@ def test_wemoe_bfloat16_routing_is_the_bf16_models_own(wemoe_dir, task_root, tmp
     np.testing.assert_allclose(
         numbers["mean_weights"], runs["float32"]["numbers"]["mean_weights"], atol=5e-2, rtol=5e-2
     )
+
+
+# ---- benchmarks/routing_analysis.py ----------------------------------------------------------------------------
+
+
+def test_routing_benchmark_runs_the_command_and_checks_its_json(tmp_path, capsys):
+    """Smoke test of the benchmark at the tiny shape (one case, one dtype): the command runs in its own process and
+    the report holds its measurement and a passing check; the check flags a share row that does not sum to 1."""
+    bench = load_script("benchmarks/routing_analysis.py", "routing_analysis_benchmark")
+    bench.main(["--shape", "tiny", "--cases", "wemoe_b32_8", "--dtypes", "float32", "--samples", "4",
+                "--skip_baseline", "--work_dir", str(tmp_path / "work"),
+                "--conversion_work_dir", str(tmp_path / "conversion")])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    run = report["cases"]["wemoe_b32_8"]["float32"]
+    assert report["all_ok"] and run["ok"] and run["returncode"] == 0, run
+    assert run["num_samples"] == 4 and run["peak_rss_bytes"] > 0 and run["samples_per_s"] > 0
+    assert run["arrays_checked"]["mean_weights"] == [2, 2, 8]  # blocks x data tasks x task vectors
+    assert "we_moe_task_routing.png" in run["figures"]
+
+    checker = bench.Checker()
+    checker.array("shares", [[0.5, 0.5], [0.5, 0.4]], [2, 2], sums_to_one=True)
+    checker.array("weights", [[1.0, 2.0]], [2, 2])
+    assert len(checker.problems) == 2 and "sums to 1" in checker.problems[0] and "shape" in checker.problems[1]
