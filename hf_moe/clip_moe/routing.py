@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..evaluation import to_rgb_image
+from ..evaluation import load_image_dataset, to_rgb_image
 from ..loading import device_option, dtype_option
 from ..routing_report import (
     Heatmap,
@@ -93,14 +93,6 @@ def balance_ratios(shares: torch.Tensor) -> list[float]:
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def load_routing_data(data: str, split: str | None = None):
-    """The dataset (`image`, optional `label`, optional `text`) `hf-moe eval` reads from `data`: image folders, Hub
-    ids, save_to_disk folders, parquet files."""
-    from ..eval_data import load_eval_dataset
-
-    return load_eval_dataset(data, split)
 
 
 def data_labels(dataset) -> tuple[list[int] | None, list[str] | None]:
@@ -277,7 +269,8 @@ def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingRep
     """Route `args.data` through the CLIP-MoE `args.model` and return the report (see the module docstring)."""
     from ..loading import check_model_type, load_config, load_pretrained, load_processor
 
-    dataset = load_routing_data(args.data, args.split)  # before the model: a wrong path fails at once
+    # What `hf-moe eval` reads (image / class folders, Hub ids, save_to_disk, parquet), before the model loads.
+    dataset = load_image_dataset(args.data, args.split)
     labels, class_names = data_labels(dataset)
     keep = first_per_group(labels if labels is not None else [0] * len(dataset), args.max_samples)
     if len(keep) != len(dataset):

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..evaluation import to_rgb_image
+from ..evaluation import load_image_dataset, to_rgb_image
 from ..loading import device_option, dtype_option
 from ..routing_report import (
     Heatmap,
@@ -254,7 +254,6 @@ def _separation_text(numbers: dict) -> str:
 
 def analyze_routing(args: RoutingArguments, progress: bool = True) -> RoutingReport:
     """Route the images of `args.data` through the WEMoE `args.model` and return the report (module docstring)."""
-    from ..evaluation import load_image_dataset
     from ..loading import check_model_type, load_config, load_pretrained, load_processor
 
     folders = task_folders(args.data)  # before the model: a wrong path fails at once
