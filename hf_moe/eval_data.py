@@ -79,9 +79,8 @@ def load_eval_dataset(
     if task is not None and task not in TASK_COLUMNS:
         raise ValueError(f"task must be one of {list(TASK_COLUMNS)} or None, got {task!r}.")
     where = _describe(data)
-    dataset, split = _load(data, split, config, where)
     # An image folder's missing labels / captions are explained by `hf_moe.evaluation` in terms of its layout.
-    image_folder = isinstance(data, (str, os.PathLike)) and _is_image_folder(Path(os.fspath(data)).expanduser())
+    dataset, split, image_folder = _load(data, split, config, where)
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(
             f"data must be a path, a Hub dataset id, a datasets.Dataset or a DatasetDict, not {type(dataset).__name__}."
@@ -184,9 +183,9 @@ def _describe(data) -> str:
 
 
 def _load(data, split, config, where):
-    """`(dataset or DatasetDict, split)` read from `data`, one split picked."""
+    """`(dataset, split, whether data is an image folder)` read from `data`, one split picked."""
     if isinstance(data, (list, tuple)):
-        return _load_files([Path(path).expanduser() for path in data], split, config, where)
+        return *_load_files([Path(path).expanduser() for path in data], split, config, where), False
     if isinstance(data, (str, os.PathLike)):
         text = os.fspath(data)
         path = Path(text).expanduser()
@@ -194,19 +193,19 @@ def _load(data, split, config, where):
             files = sorted(Path(found) for found in glob.glob(str(path)))
             if not files:
                 raise FileNotFoundError(f"{where}: no file matches the pattern.")
-            return _load_files(files, split, config, where)
+            return *_load_files(files, split, config, where), False
         if path.is_file():
-            return _load_files([path], split, config, where)
+            return *_load_files([path], split, config, where), False
         if path.is_dir():
             return _load_folder(path, split, config, where)
         if _looks_local(text):
             raise FileNotFoundError(f"{where} does not exist (no such file or folder).")
-        return _load_hub(text, split, config, where)
+        return *_load_repository(text, split, config, where, hub=True), False
     if config is not None:
         raise ValueError(
             f"config={config!r} applies to Hub ids and dataset repositories, not to a {type(data).__name__}."
         )
-    return _pick_split(data, split, where)
+    return *_pick_split(data, split, where), False
 
 
 def is_hub_id(data) -> bool:
@@ -254,6 +253,8 @@ def _load_files(files: list[Path], split, config, where):
 
 
 def _load_folder(path: Path, split, config, where):
+    """`(dataset, split, whether the folder is an image folder)` of a save_to_disk folder, a dataset repository
+    or an image folder."""
     import datasets
 
     from .data import quiet_local_loading
@@ -261,17 +262,13 @@ def _load_folder(path: Path, split, config, where):
     if _is_saved_dataset(path):
         if config is not None:
             raise ValueError(f"{where} is a save_to_disk folder: --dataset_config applies to Hub ids and repositories.")
-        return _pick_split(datasets.load_from_disk(str(path)), split, where)
+        return *_pick_split(datasets.load_from_disk(str(path)), split, where), False
     if _is_dataset_repository(path):
-        return _load_repository(str(path), split, config, where)
+        return *_load_repository(str(path), split, config, where), False
     if config is not None:
         raise ValueError(f"{where} is an image folder: --dataset_config applies to Hub ids and dataset repositories.")
     with quiet_local_loading():
-        return _pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, where)
-
-
-def _is_image_folder(path: Path) -> bool:
-    return path.is_dir() and not _is_saved_dataset(path) and not _is_dataset_repository(path)
+        return *_pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, where), True
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -293,10 +290,6 @@ def _is_dataset_repository(path: Path) -> bool:
         for found in path.rglob("*")
         if found.is_file()
     )
-
-
-def _load_hub(name: str, split, config, where):
-    return _load_repository(name, split, config, where, hub=True)
 
 
 def _load_repository(name: str, split, config, where, hub: bool = False):
